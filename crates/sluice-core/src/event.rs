@@ -1,0 +1,233 @@
+//! History events. An execution's history is an append-only list of these; its state is a pure
+//! fold of them. Persisted as JSON with a `type` tag: renaming a variant or a field breaks stored
+//! histories, and the fixtures test in `tests/` catches it.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ErrorInfo;
+
+/// Version of the persisted event format, stored with every history.
+pub const EVENT_FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Event {
+    /// Position in the history, from 1, without gaps.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch when the event was recorded.
+    pub at_ms: i64,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// Which execution started a child, and from which step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ParentRef {
+    pub workflow_id: String,
+    pub run_id: String,
+    pub step: String,
+}
+
+/// What kind of work a scheduled task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Done by an external worker polling the queue.
+    Worker,
+    /// An HTTP request made by the engine itself.
+    Http,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    // Events that arrive from outside `decide`.
+    ExecutionStarted {
+        workflow: String,
+        version: String,
+        workflow_id: String,
+        run_id: String,
+        input: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<ParentRef>,
+        /// The run this one continues, for `continue_as_new`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        continued_from: Option<String>,
+    },
+    TaskCompleted {
+        step: String,
+        attempt: u32,
+        output: Value,
+    },
+    TaskFailed {
+        step: String,
+        attempt: u32,
+        error: ErrorInfo,
+        retryable: bool,
+    },
+    TimerFired {
+        step: String,
+    },
+    SignalReceived {
+        name: String,
+        payload: Value,
+    },
+    ChildCompleted {
+        step: String,
+        attempt: u32,
+        output: Value,
+    },
+    ChildFailed {
+        step: String,
+        attempt: u32,
+        error: ErrorInfo,
+    },
+    ExecutionPaused,
+    ExecutionResumed,
+    ExecutionCancelled {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    ExecutionRedriven,
+
+    // Events produced by `decide`.
+    TaskScheduled {
+        step: String,
+        attempt: u32,
+        task: TaskKind,
+        /// Queue for worker tasks; empty for engine-run tasks.
+        queue: String,
+        input: Value,
+        /// Wait this long before the task becomes visible (retry backoff).
+        delay_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        schedule_to_start_ms: Option<u64>,
+        start_to_close_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat_ms: Option<u64>,
+    },
+    StepStarted {
+        step: String,
+    },
+    StepSkipped {
+        step: String,
+    },
+    StepCompleted {
+        step: String,
+        output: Value,
+    },
+    StepFailed {
+        step: String,
+        error: ErrorInfo,
+    },
+    BranchChosen {
+        step: String,
+        branch: usize,
+    },
+    MapStarted {
+        step: String,
+        items: Vec<Value>,
+    },
+    MapIterationStarted {
+        step: String,
+        index: usize,
+    },
+    TimerStarted {
+        step: String,
+        duration_ms: u64,
+    },
+    SignalWaitStarted {
+        step: String,
+        signal: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    SignalConsumed {
+        step: String,
+        signal_seq: u64,
+    },
+    ChildStarted {
+        step: String,
+        attempt: u32,
+        workflow: String,
+        workflow_id: String,
+        input: Value,
+    },
+    ExecutionCompleted {
+        output: Value,
+    },
+    ExecutionFailed {
+        error: ErrorInfo,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<String>,
+        /// Whether the failure parks the execution in the dead-letter queue.
+        dead_letter: bool,
+    },
+    ExecutionContinuedAsNew {
+        input: Value,
+    },
+}
+
+impl EventKind {
+    /// Whether `decide` produces this event (as opposed to the world delivering it).
+    pub fn is_decision(&self) -> bool {
+        !matches!(
+            self,
+            Self::ExecutionStarted { .. }
+                | Self::TaskCompleted { .. }
+                | Self::TaskFailed { .. }
+                | Self::TimerFired { .. }
+                | Self::SignalReceived { .. }
+                | Self::ChildCompleted { .. }
+                | Self::ChildFailed { .. }
+                | Self::ExecutionPaused
+                | Self::ExecutionResumed
+                | Self::ExecutionCancelled { .. }
+                | Self::ExecutionRedriven
+        )
+    }
+
+    /// Whether this event ends the run.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Self::ExecutionCompleted { .. }
+                | Self::ExecutionFailed { .. }
+                | Self::ExecutionContinuedAsNew { .. }
+                | Self::ExecutionCancelled { .. }
+        )
+    }
+
+    /// The snake_case name of the variant, as stored in the `type` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::ExecutionStarted { .. } => "execution_started",
+            Self::TaskCompleted { .. } => "task_completed",
+            Self::TaskFailed { .. } => "task_failed",
+            Self::TimerFired { .. } => "timer_fired",
+            Self::SignalReceived { .. } => "signal_received",
+            Self::ChildCompleted { .. } => "child_completed",
+            Self::ChildFailed { .. } => "child_failed",
+            Self::ExecutionPaused => "execution_paused",
+            Self::ExecutionResumed => "execution_resumed",
+            Self::ExecutionCancelled { .. } => "execution_cancelled",
+            Self::ExecutionRedriven => "execution_redriven",
+            Self::TaskScheduled { .. } => "task_scheduled",
+            Self::StepStarted { .. } => "step_started",
+            Self::StepSkipped { .. } => "step_skipped",
+            Self::StepCompleted { .. } => "step_completed",
+            Self::StepFailed { .. } => "step_failed",
+            Self::BranchChosen { .. } => "branch_chosen",
+            Self::MapStarted { .. } => "map_started",
+            Self::MapIterationStarted { .. } => "map_iteration_started",
+            Self::TimerStarted { .. } => "timer_started",
+            Self::SignalWaitStarted { .. } => "signal_wait_started",
+            Self::SignalConsumed { .. } => "signal_consumed",
+            Self::ChildStarted { .. } => "child_started",
+            Self::ExecutionCompleted { .. } => "execution_completed",
+            Self::ExecutionFailed { .. } => "execution_failed",
+            Self::ExecutionContinuedAsNew { .. } => "execution_continued_as_new",
+        }
+    }
+}
