@@ -1,1 +1,71 @@
-//! placeholder
+//! The storage boundary of Sluice: the `Store` trait family every backend implements, the one
+//! `StoreError` they return, the rows they persist, and the conformance suite (`store_suite!`)
+//! that each backend instantiates so that all of them behave the same.
+//!
+//! Architecture invariant: every call names its tenant; a backend never returns rows of another
+//! tenant. Backends store what they are given: ids and timestamps are made by the engine.
+
+mod rows;
+pub mod suite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use rows::*;
+
+/// A boxed future, so that `Store` can be used as `Arc<dyn Store>`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// An execution with this workflow id is already running; carries its run id.
+    #[error("an execution with this workflow id is already running (run {0})")]
+    AlreadyRunning(String),
+    /// Optimistic concurrency: the history moved on since it was read.
+    #[error("history conflict: {0}")]
+    Conflict(String),
+    /// The database cannot be reached or written; retry later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage error: {0}")]
+    Internal(String),
+}
+
+/// Persistence of workflows, executions, histories, tasks and timers.
+///
+/// `commit` is the only write path of the engine: one `Batch` is applied atomically and is
+/// durable (fsynced) when the future resolves `Ok`. Backends may group concurrent batches into
+/// one transaction, but a failing batch must not fail the others.
+pub trait Store: Send + Sync + 'static {
+    fn commit(&self, batch: Batch) -> BoxFuture<'_, Result<()>>;
+
+    /// Stores a workflow version. Returns false when that exact version already existed.
+    fn put_workflow(&self, tenant: &str, version: WorkflowVersion) -> BoxFuture<'_, Result<bool>>;
+    /// A version by hash, or the latest version when `version` is `None`.
+    fn get_workflow(&self, tenant: &str, name: &str, version: Option<&str>)
+        -> BoxFuture<'_, Result<Option<WorkflowVersion>>>;
+    /// One summary per workflow name, ordered by name.
+    fn list_workflows(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<WorkflowSummary>>>;
+    /// Every version of a workflow, newest first.
+    fn list_versions(&self, tenant: &str, name: &str) -> BoxFuture<'_, Result<Vec<WorkflowVersion>>>;
+
+    /// A run by id, or the latest run of `workflow_id` when `run_id` is `None`.
+    fn get_execution(&self, tenant: &str, workflow_id: &str, run_id: Option<&str>)
+        -> BoxFuture<'_, Result<Option<ExecutionRow>>>;
+    fn get_run(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<Option<ExecutionRow>>>;
+    /// Newest first, filtered, with keyset pagination.
+    fn list_executions(&self, tenant: &str, filter: ExecutionFilter) -> BoxFuture<'_, Result<Page<ExecutionRow>>>;
+    /// Events of a run with `seq > after`, at most `limit`, in order.
+    fn history(&self, tenant: &str, run_id: &str, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<sluice_core::Event>>>;
+
+    /// Every pending task, for rebuilding queues at start.
+    fn load_tasks(&self) -> BoxFuture<'_, Result<Vec<TaskRow>>>;
+    /// Every pending timer, for rebuilding the timer wheel at start.
+    fn load_timers(&self) -> BoxFuture<'_, Result<Vec<TimerRow>>>;
+
+    /// Whether the database answers.
+    fn ping(&self) -> BoxFuture<'_, Result<()>>;
+}
