@@ -196,9 +196,10 @@ impl Decider<'_> {
             Ok(v) => v,
             Err(e) => return self.fail_step(key, expr_error("input", &e)),
         };
-        let mut workflow_id = format!("{}/{key}", self.st.workflow_id);
+        // Child ids stay within the workflow id alphabet: `parent.step`, `parent.map-3.step`.
+        let mut workflow_id = format!("{}.{}", self.st.workflow_id, key.replace('/', ".").replace('[', "-").replace(']', ""));
         if attempt > 1 {
-            workflow_id.push_str(&format!("#{attempt}"));
+            workflow_id.push_str(&format!(".attempt-{attempt}"));
         }
         self.emit(EventKind::ChildStarted {
             step: key.to_string(),

@@ -27,6 +27,13 @@ pub struct ParentRef {
     pub workflow_id: String,
     pub run_id: String,
     pub step: String,
+    /// Attempt of the parent's child step that started this execution.
+    #[serde(default = "one")]
+    pub attempt: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// What kind of work a scheduled task is.

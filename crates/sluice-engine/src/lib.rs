@@ -1,1 +1,577 @@
-//! placeholder
+//! The Sluice runtime. It owns the in-memory side of running executions (a cache of their
+//! folded state, task queues, timers), feeds events to `sluice_core::decide`, commits the
+//! resulting events and side effects through the `Store` as one atomic batch, and only then
+//! makes the side effects visible (tasks to workers, timers armed, results to waiters).
+//!
+//! Architecture invariant: nothing leaves the engine before the batch that records it is durable.
+
+mod clock;
+mod error;
+mod http;
+mod tasks;
+mod txn;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as SyncMutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use sluice_core::event::EventKind;
+use sluice_core::{ErrorInfo, ExecState, Expr, WorkflowDef};
+use sluice_store::{ExecutionFilter, ExecutionRow, Page, Store, TaskRow, WorkflowVersion};
+use tokio::sync::{Mutex, Notify};
+use tokio::task::JoinHandle;
+
+pub use clock::now_ms;
+pub use error::Error;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Longest a long-poll may wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// How often timeouts of running tasks are checked.
+    pub reap_interval: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { reap_interval: Duration::from_millis(200) }
+    }
+}
+
+/// A task as handed to a worker.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskInfo {
+    pub task_token: String,
+    pub queue: String,
+    pub workflow_id: String,
+    pub run_id: String,
+    pub step: String,
+    pub attempt: u32,
+    pub input: Value,
+    pub idempotency_key: String,
+    pub start_to_close_timeout_ms: u64,
+    pub heartbeat_timeout_ms: Option<u64>,
+}
+
+impl From<&TaskRow> for TaskInfo {
+    fn from(t: &TaskRow) -> Self {
+        Self {
+            task_token: t.id.clone(),
+            queue: t.queue.clone(),
+            workflow_id: t.workflow_id.clone(),
+            run_id: t.run_id.clone(),
+            step: t.step.clone(),
+            attempt: t.attempt,
+            input: t.input.clone(),
+            idempotency_key: t.id.clone(),
+            start_to_close_timeout_ms: t.start_to_close_ms,
+            heartbeat_timeout_ms: t.heartbeat_ms,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Published {
+    pub name: String,
+    pub version: String,
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StartRequest {
+    pub workflow: String,
+    pub version: Option<String>,
+    pub workflow_id: Option<String>,
+    pub input: Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Started {
+    pub workflow_id: String,
+    pub run_id: String,
+    pub status: &'static str,
+    pub created: bool,
+}
+
+/// Counters the server exports as metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub executions_started: std::sync::atomic::AtomicU64,
+    pub executions_completed: std::sync::atomic::AtomicU64,
+    pub executions_failed: std::sync::atomic::AtomicU64,
+    pub tasks_completed: std::sync::atomic::AtomicU64,
+    pub tasks_failed: std::sync::atomic::AtomicU64,
+    pub commits_failed: std::sync::atomic::AtomicU64,
+}
+
+/// One running execution in memory. `None` once it ended or after a failed commit, so the next
+/// access reloads it from the store.
+pub(crate) struct ExecEntry {
+    pub tenant: String,
+    pub def: Arc<WorkflowDef>,
+    pub state: ExecState,
+    pub created_at_ms: i64,
+}
+
+pub(crate) type Slot = Arc<Mutex<Option<ExecEntry>>>;
+
+pub(crate) struct Inner {
+    pub store: Arc<dyn Store>,
+    pub execs: SyncMutex<HashMap<String, Slot>>,
+    pub defs: SyncMutex<HashMap<(String, String, String), Arc<WorkflowDef>>>,
+    pub tasks: SyncMutex<tasks::TaskTable>,
+    pub timers: SyncMutex<tasks::Wheel>,
+    pub wake: Notify,
+    /// Waiters for results, by (tenant, workflow_id).
+    pub watchers: SyncMutex<HashMap<(String, String), Arc<Notify>>>,
+    pub http: reqwest::Client,
+    pub counters: Counters,
+    pub opts: EngineOptions,
+}
+
+/// A cheap, cloneable handle to the runtime.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Valid workflow ids: what URLs and logs can carry unescaped.
+pub fn validate_workflow_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 200
+        || !id.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:@".contains(c))
+    {
+        return Err(Error::invalid(
+            "workflow_id",
+            "expected 1 to 200 letters, digits, `_`, `-`, `.`, `:` or `@`",
+        ));
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Loads pending tasks and timers from the store and starts the background loops.
+    pub async fn start(store: Arc<dyn Store>, opts: EngineOptions) -> Result<(Engine, JoinHandle<()>)> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let inner = Arc::new(Inner {
+            store,
+            execs: SyncMutex::new(HashMap::new()),
+            defs: SyncMutex::new(HashMap::new()),
+            tasks: SyncMutex::new(tasks::TaskTable::default()),
+            timers: SyncMutex::new(tasks::Wheel::default()),
+            wake: Notify::new(),
+            watchers: SyncMutex::new(HashMap::new()),
+            http,
+            counters: Counters::default(),
+            opts,
+        });
+        let engine = Engine { inner };
+        let now = now_ms();
+        let pending = engine.inner.store.load_tasks().await?;
+        let loaded = pending.len();
+        let mut to_run = Vec::new();
+        {
+            let mut t = lock(&engine.inner.tasks);
+            for row in pending {
+                to_run.extend(t.insert(row, now));
+            }
+        }
+        for row in to_run {
+            engine.run_http(row);
+        }
+        let timers = engine.inner.store.load_timers().await?;
+        {
+            let mut w = lock(&engine.inner.timers);
+            for t in &timers {
+                w.insert(t.fire_at_ms, t.run_id.clone(), t.step.clone(), t.tenant.clone());
+            }
+        }
+        tracing::info!(tasks = loaded, timers = timers.len(), "engine recovered pending work");
+        let bg = engine.clone();
+        let handle = tokio::spawn(async move { bg.background().await });
+        Ok((engine, handle))
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Queue depths and oldest ready task age (ms) per (tenant, queue).
+    /// Timers armed in memory.
+    pub fn timer_count(&self) -> usize {
+        lock(&self.inner.timers).len()
+    }
+
+    pub fn queue_depths(&self) -> Vec<(String, String, usize, i64)> {
+        lock(&self.inner.tasks).depths(now_ms())
+    }
+
+    /// Timers and due work: fires timers, promotes delayed tasks, fails timed-out tasks.
+    async fn background(self) {
+        let mut last_reap = 0i64;
+        loop {
+            let now = now_ms();
+            let due = lock(&self.inner.timers).take_due(now);
+            for (tenant, run, step) in due {
+                let e = self.clone();
+                tokio::spawn(async move { e.fire_timer(tenant, run, step).await });
+            }
+            let to_run = lock(&self.inner.tasks).promote_due(now);
+            for row in to_run {
+                self.run_http(row);
+            }
+            if now - last_reap >= self.inner.opts.reap_interval.as_millis() as i64 {
+                last_reap = now;
+                let expired = lock(&self.inner.tasks).reap(now);
+                for x in expired {
+                    let e = self.clone();
+                    tokio::spawn(async move {
+                        let err = ErrorInfo::new(x.kind, format!("task attempt {} exceeded its {} limit", x.row.attempt, x.kind.trim_start_matches("timeout.")));
+                        if let Err(err) = e.finish_task(x.row, None, Some((err, true))).await {
+                            tracing::warn!(error = %err, "could not record a task timeout");
+                        }
+                    });
+                }
+            }
+            let next_timer = lock(&self.inner.timers).next_at();
+            let next_task = lock(&self.inner.tasks).next_delayed_at();
+            let mut next = now + self.inner.opts.reap_interval.as_millis() as i64;
+            for t in [next_timer, next_task].into_iter().flatten() {
+                next = next.min(t);
+            }
+            let sleep = Duration::from_millis((next - now).clamp(1, 1000) as u64);
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.inner.wake.notified() => {}
+            }
+        }
+    }
+
+    async fn fire_timer(&self, tenant: String, run: String, step: String) {
+        let result = self
+            .advance(&tenant, &run, |_| Ok(vec![EventKind::TimerFired { step: step.clone() }]), txn::Extra::timer(&run, &step))
+            .await;
+        match result {
+            Ok(()) | Err(Error::NotRunning(_)) | Err(Error::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(run_id = %run, step = %step, error = %e, "timer could not fire, retrying in 1s");
+                lock(&self.inner.timers).insert(now_ms() + 1000, run, step, tenant);
+            }
+        }
+    }
+
+    // ---- workflows ----
+
+    /// Validates and stores a workflow version (content-hashed: publishing the same text twice
+    /// is a no-op).
+    pub async fn publish(&self, tenant: &str, def: WorkflowDef) -> Result<Published> {
+        let canonical = def.to_canonical_json();
+        let version = content_hash(&canonical);
+        let created = self
+            .inner
+            .store
+            .put_workflow(
+                tenant,
+                WorkflowVersion { name: def.name.clone(), version: version.clone(), definition: canonical, created_at_ms: now_ms() },
+            )
+            .await?;
+        lock(&self.inner.defs).insert((tenant.into(), def.name.clone(), version.clone()), Arc::new(def.clone()));
+        Ok(Published { name: def.name, version, created })
+    }
+
+    /// A definition by name and version (latest when `None`), from cache or store.
+    pub async fn definition(&self, tenant: &str, name: &str, version: Option<&str>) -> Result<(String, Arc<WorkflowDef>)> {
+        if let Some(v) = version {
+            if let Some(d) = lock(&self.inner.defs).get(&(tenant.into(), name.into(), v.into())) {
+                return Ok((v.to_string(), d.clone()));
+            }
+        }
+        let row = self
+            .inner
+            .store
+            .get_workflow(tenant, name, version)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "workflow", id: match version { Some(v) => format!("{name}@{v}"), None => name.to_string() } })?;
+        if let Some(d) = lock(&self.inner.defs).get(&(tenant.into(), name.into(), row.version.clone())) {
+            return Ok((row.version, d.clone()));
+        }
+        let value: Value = serde_json::from_str(&row.definition).map_err(|e| Error::Internal(format!("stored definition is not JSON: {e}")))?;
+        let def = sluice_core::def::parse_value(&value).map_err(|e| Error::Internal(format!("stored definition no longer validates: {:?}", e)))?;
+        let def = Arc::new(def);
+        lock(&self.inner.defs).insert((tenant.into(), name.into(), row.version.clone()), def.clone());
+        Ok((row.version, def))
+    }
+
+    // ---- executions ----
+
+    pub async fn start_execution(&self, tenant: &str, req: StartRequest) -> Result<Started> {
+        let workflow_id = match req.workflow_id {
+            Some(id) => {
+                validate_workflow_id(&id)?;
+                id
+            }
+            None => new_id(),
+        };
+        if let Some(row) = self.inner.store.get_execution(tenant, &workflow_id, None).await? {
+            if row.status == sluice_core::ExecStatus::Running {
+                return Ok(Started { workflow_id, run_id: row.run_id, status: "running", created: false });
+            }
+        }
+        let (version, def) = self.definition(tenant, &req.workflow, req.version.as_deref()).await?;
+        let run_id = new_id();
+        let started = EventKind::ExecutionStarted {
+            workflow: def.name.clone(),
+            version: version.clone(),
+            workflow_id: workflow_id.clone(),
+            run_id: run_id.clone(),
+            input: req.input,
+            parent: None,
+            continued_from: None,
+        };
+        match self.create_run(tenant, def, &run_id, started).await {
+            Ok(status) => {
+                self.inner.counters.executions_started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(Started { workflow_id, run_id, status, created: true })
+            }
+            Err(Error::Conflict(_)) => {
+                // Lost a race with another start of the same id: answer with the running one.
+                let row = self.inner.store.get_execution(tenant, &workflow_id, None).await?;
+                match row {
+                    Some(row) if row.status == sluice_core::ExecStatus::Running => {
+                        Ok(Started { workflow_id, run_id: row.run_id, status: "running", created: false })
+                    }
+                    _ => Err(Error::Conflict(format!("workflow id `{workflow_id}` is being started concurrently, retry"))),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn get_execution(&self, tenant: &str, workflow_id: &str, run_id: Option<&str>) -> Result<ExecutionRow> {
+        self.inner
+            .store
+            .get_execution(tenant, workflow_id, run_id)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "execution", id: workflow_id.to_string() })
+    }
+
+    /// Waits until the latest run of `workflow_id` is terminal (following `continue_as_new`),
+    /// or `wait` passes; returns the latest row either way.
+    pub async fn wait_result(&self, tenant: &str, workflow_id: &str, wait: Duration) -> Result<ExecutionRow> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        let notify = lock(&self.inner.watchers)
+            .entry((tenant.to_string(), workflow_id.to_string()))
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone();
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let row = self.get_execution(tenant, workflow_id, None).await?;
+            if row.status.is_terminal() && row.status != sluice_core::ExecStatus::ContinuedAsNew {
+                return Ok(row);
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(row),
+                // A continue-as-new hands over to a new run; re-read at least every second.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    pub async fn list_executions(&self, tenant: &str, filter: ExecutionFilter) -> Result<Page<ExecutionRow>> {
+        Ok(self.inner.store.list_executions(tenant, filter).await?)
+    }
+
+    pub async fn history(&self, tenant: &str, workflow_id: &str, run_id: Option<&str>, after: u64, limit: usize) -> Result<(ExecutionRow, Vec<sluice_core::Event>)> {
+        let row = self.get_execution(tenant, workflow_id, run_id).await?;
+        let events = self.inner.store.history(tenant, &row.run_id, after, limit).await?;
+        Ok((row, events))
+    }
+
+    /// Delivers a signal. `pause`, `resume` and `cancel` act on the execution itself.
+    pub async fn signal(&self, tenant: &str, workflow_id: &str, name: &str, payload: Value) -> Result<()> {
+        let row = self.running_row(tenant, workflow_id).await?;
+        let name = name.to_string();
+        self.advance(
+            tenant,
+            &row.run_id,
+            move |st| {
+                Ok(match name.as_str() {
+                    "pause" if st.paused => vec![],
+                    "pause" => vec![EventKind::ExecutionPaused],
+                    "resume" if !st.paused => vec![],
+                    "resume" => vec![EventKind::ExecutionResumed],
+                    "cancel" => vec![EventKind::ExecutionCancelled { reason: payload.get("reason").and_then(Value::as_str).map(str::to_string) }],
+                    _ => vec![EventKind::SignalReceived { name, payload }],
+                })
+            },
+            txn::Extra::default(),
+        )
+        .await
+    }
+
+    pub async fn cancel(&self, tenant: &str, workflow_id: &str, reason: Option<String>) -> Result<()> {
+        let row = self.running_row(tenant, workflow_id).await?;
+        self.advance(tenant, &row.run_id, move |_| Ok(vec![EventKind::ExecutionCancelled { reason }]), txn::Extra::default()).await
+    }
+
+    /// Evaluates a query: `state` (built in) or one declared in the definition.
+    pub async fn query(&self, tenant: &str, workflow_id: &str, name: &str) -> Result<Value> {
+        let row = self.get_execution(tenant, workflow_id, None).await?;
+        let (_, def) = self.definition(tenant, &row.workflow, Some(&row.version)).await?;
+        let events = self.inner.store.history(tenant, &row.run_id, 0, usize::MAX).await?;
+        let st = ExecState::from_history(&events);
+        let ctx = st.query_context();
+        if name == "state" {
+            return Ok(sluice_core::expr::from_val(&ctx));
+        }
+        let expr: &Expr = def.queries.get(name).ok_or_else(|| Error::NotFound { what: "query", id: name.to_string() })?;
+        expr.eval(ctx).map_err(|e| Error::invalid(format!("queries.{name}"), e.to_string()))
+    }
+
+    /// Takes a dead-lettered execution out of the queue and retries its failed step.
+    pub async fn redrive(&self, tenant: &str, workflow_id: &str) -> Result<String> {
+        let row = self.get_execution(tenant, workflow_id, None).await?;
+        if !row.dead_letter {
+            return Err(Error::Conflict(format!("execution `{workflow_id}` is not in the dead-letter queue")));
+        }
+        self.advance_any(tenant, &row.run_id, |_| Ok(vec![EventKind::ExecutionRedriven]), txn::Extra::default(), true).await?;
+        Ok(row.run_id)
+    }
+
+    async fn running_row(&self, tenant: &str, workflow_id: &str) -> Result<ExecutionRow> {
+        let row = self.get_execution(tenant, workflow_id, None).await?;
+        if row.status.is_terminal() {
+            return Err(Error::NotRunning(workflow_id.to_string()));
+        }
+        Ok(row)
+    }
+
+    // ---- workers ----
+
+    /// Long-polls a queue for up to `max` tasks.
+    pub async fn poll(&self, tenant: &str, queue: &str, worker: &str, max: usize, wait: Duration) -> Result<Vec<TaskInfo>> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        tracing::trace!(worker, queue, "poll");
+        loop {
+            let notify = {
+                let mut t = lock(&self.inner.tasks);
+                let got = t.take(tenant, queue, max.clamp(1, 1000), now_ms());
+                if !got.is_empty() {
+                    return Ok(got.iter().map(TaskInfo::from).collect());
+                }
+                t.notifier(tenant, queue)
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Re-check: a task may have arrived between the take and the registration.
+            {
+                let mut t = lock(&self.inner.tasks);
+                let got = t.take(tenant, queue, max.clamp(1, 1000), now_ms());
+                if !got.is_empty() {
+                    return Ok(got.iter().map(TaskInfo::from).collect());
+                }
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    pub async fn complete(&self, tenant: &str, token: &str, output: Value) -> Result<()> {
+        let row = self.claim(tenant, token)?;
+        self.finish_task(row, Some(output), None).await
+    }
+
+    pub async fn fail(&self, tenant: &str, token: &str, error: ErrorInfo, retryable: bool) -> Result<()> {
+        let row = self.claim(tenant, token)?;
+        self.finish_task(row, None, Some((error, retryable))).await
+    }
+
+    /// Records a heartbeat; returns whether the worker should stop (the run ended or the task
+    /// is no longer current).
+    pub fn heartbeat(&self, tenant: &str, token: &str) -> Result<bool> {
+        let mut t = lock(&self.inner.tasks);
+        match t.get(token) {
+            Some(e) if e.row.tenant == tenant => Ok(!t.heartbeat(token, now_ms())),
+            _ => Ok(true),
+        }
+    }
+
+    fn claim(&self, tenant: &str, token: &str) -> Result<TaskRow> {
+        let mut t = lock(&self.inner.tasks);
+        match t.get(token) {
+            Some(e) if e.row.tenant == tenant => {}
+            _ => return Err(Error::TaskNotFound(token.to_string())),
+        }
+        t.remove(token).map(|e| e.row).ok_or_else(|| Error::TaskNotFound(token.to_string()))
+    }
+
+    /// Records the outcome of a task. The task was removed from the table by the caller; if the
+    /// commit fails it is put back so the worker can retry.
+    pub(crate) async fn finish_task(&self, row: TaskRow, output: Option<Value>, failure: Option<(ErrorInfo, bool)>) -> Result<()> {
+        let event = match (output, failure) {
+            (Some(output), _) => EventKind::TaskCompleted { step: row.step.clone(), attempt: row.attempt, output },
+            (None, Some((error, retryable))) => EventKind::TaskFailed { step: row.step.clone(), attempt: row.attempt, error, retryable },
+            (None, None) => return Err(Error::Internal("task finished without outcome".into())),
+        };
+        let completed = matches!(event, EventKind::TaskCompleted { .. });
+        let result = self
+            .advance(&row.tenant, &row.run_id, move |_| Ok(vec![event]), txn::Extra::task(&row.id))
+            .await;
+        match result {
+            Ok(()) => {
+                let c = if completed { &self.inner.counters.tasks_completed } else { &self.inner.counters.tasks_failed };
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            Err(Error::NotRunning(_)) | Err(Error::NotFound { .. }) => Ok(()),
+            Err(e) => {
+                let now = now_ms();
+                let mut t = lock(&self.inner.tasks);
+                t.restore(tasks::Entry {
+                    slot: tasks::Slot::Leased(tasks::Lease { deadline_ms: now + row.start_to_close_ms as i64, heartbeat_deadline_ms: None }),
+                    row,
+                });
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The version id of a canonical definition: 12 hex digits of its FNV-1a 64 hash pair.
+fn content_hash(text: &str) -> String {
+    let mut a: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut b: u64 = 0x8422_2325_cbf2_9ce4;
+    for byte in text.bytes() {
+        a ^= u64::from(byte);
+        a = a.wrapping_mul(0x0100_0000_01b3);
+        b = b.rotate_left(5) ^ u64::from(byte);
+        b = b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    format!("{:016x}", a ^ b.rotate_left(32))[..12].to_string()
+}

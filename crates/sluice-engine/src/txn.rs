@@ -1,0 +1,459 @@
+//! One engine transaction: apply events from the world to one or more runs, let `decide` answer,
+//! follow the consequences into other runs (children, parents, continue-as-new), commit all of it
+//! as one batch, and only then publish the side effects.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use serde_json::Value;
+use sluice_core::event::{Event, EventKind, ParentRef};
+use sluice_core::state::StepStatus;
+use sluice_core::{decide, ErrorInfo, ExecState, ExecStatus};
+use sluice_store::{Batch, ExecChange, ExecutionRow, TaskRow, TimerRow};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::{lock, new_id, now_ms, Engine, Error, ExecEntry, Result};
+
+/// Removals that come with the triggering event (the finished task, the fired timer).
+#[derive(Default)]
+pub(crate) struct Extra {
+    remove_tasks: Vec<String>,
+    remove_timers: Vec<(String, String)>,
+}
+
+impl Extra {
+    pub fn task(id: &str) -> Self {
+        Self { remove_tasks: vec![id.to_string()], ..Self::default() }
+    }
+
+    pub fn timer(run: &str, step: &str) -> Self {
+        Self { remove_timers: vec![(run.to_string(), step.to_string())], ..Self::default() }
+    }
+}
+
+struct Touched {
+    run_id: String,
+    guard: OwnedMutexGuard<Option<ExecEntry>>,
+    events: Vec<Event>,
+    create: bool,
+}
+
+enum Follow {
+    StartChild { tenant: String, parent: ParentRef, workflow: String, workflow_id: String, input: Value },
+    Notify { tenant: String, run_id: String, event: EventKind },
+    Continue { tenant: String, workflow: String, workflow_id: String, input: Value, from: String, parent: Option<ParentRef> },
+}
+
+struct Txn {
+    now: i64,
+    touched: Vec<Touched>,
+    work: VecDeque<(String, String, Vec<EventKind>)>,
+    batch: Batch,
+}
+
+impl Engine {
+    pub(crate) async fn advance(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        make: impl FnOnce(&ExecState) -> Result<Vec<EventKind>>,
+        extra: Extra,
+    ) -> Result<()> {
+        self.advance_any(tenant, run_id, make, extra, false).await
+    }
+
+    pub(crate) async fn advance_any(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        make: impl FnOnce(&ExecState) -> Result<Vec<EventKind>>,
+        extra: Extra,
+        allow_terminal: bool,
+    ) -> Result<()> {
+        let guard = self.lock_run(tenant, run_id, allow_terminal).await?;
+        let Some(entry) = guard.as_ref() else { return Err(Error::NotRunning(run_id.to_string())) };
+        let events = make(&entry.state)?;
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = Txn { now: now_ms(), touched: Vec::new(), work: VecDeque::new(), batch: Batch::default() };
+        tx.batch.remove_tasks = extra.remove_tasks;
+        tx.batch.remove_timers = extra.remove_timers;
+        tx.touched.push(Touched { run_id: run_id.to_string(), guard, events: Vec::new(), create: false });
+        tx.work.push_back((tenant.to_string(), run_id.to_string(), events));
+        self.run_txn(tx).await.map(|_| ())
+    }
+
+    /// Creates a run and decides its first steps. Returns its status after that.
+    pub(crate) async fn create_run(
+        &self,
+        tenant: &str,
+        def: Arc<sluice_core::WorkflowDef>,
+        run_id: &str,
+        started: EventKind,
+    ) -> Result<&'static str> {
+        let mut tx = Txn { now: now_ms(), touched: Vec::new(), work: VecDeque::new(), batch: Batch::default() };
+        let guard = self.new_slot(tenant, def, run_id, tx.now).await;
+        tx.touched.push(Touched { run_id: run_id.to_string(), guard, events: Vec::new(), create: true });
+        tx.work.push_back((tenant.to_string(), run_id.to_string(), vec![started]));
+        let statuses = self.run_txn(tx).await?;
+        Ok(statuses.into_iter().find(|(r, _)| r == run_id).map(|(_, s)| s.as_str()).unwrap_or("running"))
+    }
+
+    async fn new_slot(
+        &self,
+        tenant: &str,
+        def: Arc<sluice_core::WorkflowDef>,
+        run_id: &str,
+        now: i64,
+    ) -> OwnedMutexGuard<Option<ExecEntry>> {
+        let slot = Arc::new(Mutex::new(Some(ExecEntry { tenant: tenant.to_string(), def, state: ExecState::new(), created_at_ms: now })));
+        let guard = slot.clone().lock_owned().await;
+        lock(&self.inner.execs).insert(run_id.to_string(), slot);
+        guard
+    }
+
+    /// Locks a run's in-memory entry, loading it from the store when it is not cached.
+    async fn lock_run(&self, tenant: &str, run_id: &str, allow_terminal: bool) -> Result<OwnedMutexGuard<Option<ExecEntry>>> {
+        loop {
+            let (slot, fresh) = {
+                let mut map = lock(&self.inner.execs);
+                match map.get(run_id) {
+                    Some(s) => (s.clone(), false),
+                    None => {
+                        let s = Arc::new(Mutex::new(None));
+                        map.insert(run_id.to_string(), s.clone());
+                        (s, true)
+                    }
+                }
+            };
+            let mut guard = slot.clone().lock_owned().await;
+            if let Some(entry) = guard.as_ref() {
+                if entry.tenant != tenant {
+                    return Err(Error::NotFound { what: "execution", id: run_id.to_string() });
+                }
+                return Ok(guard);
+            }
+            if !fresh {
+                let mut map = lock(&self.inner.execs);
+                if map.get(run_id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                    map.remove(run_id);
+                }
+                continue;
+            }
+            match self.load_run(tenant, run_id, allow_terminal).await {
+                Ok(entry) => {
+                    *guard = Some(entry);
+                    return Ok(guard);
+                }
+                Err(e) => {
+                    let mut map = lock(&self.inner.execs);
+                    if map.get(run_id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                        map.remove(run_id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn load_run(&self, tenant: &str, run_id: &str, allow_terminal: bool) -> Result<ExecEntry> {
+        let row = self
+            .inner
+            .store
+            .get_run(tenant, run_id)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "execution", id: run_id.to_string() })?;
+        if row.status.is_terminal() && !allow_terminal {
+            return Err(Error::NotRunning(row.workflow_id));
+        }
+        let events = self.inner.store.history(tenant, run_id, 0, usize::MAX).await?;
+        let state = ExecState::from_history(&events);
+        let (_, def) = self.definition(tenant, &row.workflow, Some(&row.version)).await?;
+        Ok(ExecEntry { tenant: tenant.to_string(), def, state, created_at_ms: row.created_at_ms })
+    }
+
+    async fn run_txn(&self, mut tx: Txn) -> Result<Vec<(String, ExecStatus)>> {
+        let mut follows = Vec::new();
+        let mut rounds = 0;
+        loop {
+            while let Some((tenant, run_id, externals)) = tx.work.pop_front() {
+                let idx = match tx.touched.iter().position(|t| t.run_id == run_id) {
+                    Some(i) => i,
+                    None => match self.lock_run(&tenant, &run_id, false).await {
+                        Ok(guard) => {
+                            tx.touched.push(Touched { run_id: run_id.clone(), guard, events: Vec::new(), create: false });
+                            tx.touched.len() - 1
+                        }
+                        // The other run ended or vanished meanwhile: nothing to tell it.
+                        Err(Error::NotRunning(_) | Error::NotFound { .. }) => continue,
+                        Err(e) => return self.abort(tx, e),
+                    },
+                };
+                let t = &mut tx.touched[idx];
+                let Some(entry) = t.guard.as_mut() else { continue };
+                if entry.state.status.is_terminal() && !t.create && !externals.iter().any(|e| matches!(e, EventKind::ExecutionRedriven)) {
+                    continue;
+                }
+                let mut events = Vec::with_capacity(externals.len() + 2);
+                for kind in externals {
+                    events.push(entry.state.push(kind, tx.now));
+                }
+                events.extend(decide(&entry.def, &mut entry.state));
+                effects(entry, &events, tx.now, &mut tx.batch, &mut follows);
+                t.events.extend(events);
+            }
+            if follows.is_empty() {
+                break;
+            }
+            rounds += 1;
+            if rounds > 64 {
+                return self.abort(tx, Error::Conflict("child workflows nest more than 64 levels deep in one step".into()));
+            }
+            for f in std::mem::take(&mut follows) {
+                if let Err(e) = self.follow(&mut tx, f).await {
+                    return self.abort(tx, e);
+                }
+            }
+        }
+
+        let now = tx.now;
+        for t in &tx.touched {
+            if t.events.is_empty() && !t.create {
+                continue;
+            }
+            if let Some(entry) = t.guard.as_ref() {
+                tx.batch.execs.push(ExecChange { tenant: entry.tenant.clone(), row: row_of(entry, now), events: t.events.clone(), create: t.create });
+            }
+        }
+        if tx.batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let commit = self.inner.store.commit(tx.batch.clone()).await;
+        if let Err(e) = commit {
+            self.inner.counters.commits_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return self.abort(tx, e.into());
+        }
+        Ok(self.publish_effects(tx))
+    }
+
+    /// Resolves a consequence that reaches another run.
+    async fn follow(&self, tx: &mut Txn, f: Follow) -> Result<()> {
+        match f {
+            Follow::Notify { tenant, run_id, event } => tx.work.push_back((tenant, run_id, vec![event])),
+            Follow::StartChild { tenant, parent, workflow, workflow_id, input } => {
+                match self.definition(&tenant, &workflow, None).await {
+                    Ok((version, def)) => {
+                        let run_id = new_id();
+                        let guard = self.new_slot(&tenant, def, &run_id, tx.now).await;
+                        tx.touched.push(Touched { run_id: run_id.clone(), guard, events: Vec::new(), create: true });
+                        let started = EventKind::ExecutionStarted { workflow, version, workflow_id, run_id: run_id.clone(), input, parent: Some(parent), continued_from: None };
+                        tx.work.push_back((tenant, run_id, vec![started]));
+                    }
+                    Err(Error::NotFound { .. }) => {
+                        let event = EventKind::ChildFailed {
+                            step: parent.step.clone(),
+                            attempt: parent.attempt,
+                            error: ErrorInfo::new("child.not_found", format!("workflow `{workflow}` is not published")),
+                        };
+                        tx.work.push_back((tenant, parent.run_id, vec![event]));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Follow::Continue { tenant, workflow, workflow_id, input, from, parent } => {
+                let (version, def) = self.definition(&tenant, &workflow, None).await?;
+                let run_id = new_id();
+                let guard = self.new_slot(&tenant, def, &run_id, tx.now).await;
+                tx.touched.push(Touched { run_id: run_id.clone(), guard, events: Vec::new(), create: true });
+                let started = EventKind::ExecutionStarted { workflow, version, workflow_id, run_id: run_id.clone(), input, parent, continued_from: Some(from) };
+                tx.work.push_back((tenant, run_id, vec![started]));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops every touched run from memory so the next access reloads the durable truth.
+    fn abort<T>(&self, tx: Txn, e: Error) -> Result<T> {
+        let mut map = lock(&self.inner.execs);
+        for mut t in tx.touched {
+            *t.guard = None;
+            map.remove(&t.run_id);
+        }
+        Err(e)
+    }
+
+    fn publish_effects(&self, tx: Txn) -> Vec<(String, ExecStatus)> {
+        let Txn { now, touched, batch, .. } = tx;
+        let mut to_run = Vec::new();
+        {
+            let mut tasks = lock(&self.inner.tasks);
+            for id in &batch.remove_tasks {
+                tasks.drop_task(id);
+            }
+            for row in batch.add_tasks {
+                to_run.extend(tasks.insert(row, now));
+            }
+        }
+        {
+            let mut w = lock(&self.inner.timers);
+            for (run, step) in &batch.remove_timers {
+                w.remove(run, step);
+            }
+            for t in batch.add_timers {
+                w.insert(t.fire_at_ms, t.run_id, t.step, t.tenant);
+            }
+        }
+        self.inner.wake.notify_one();
+        for row in to_run {
+            self.run_http(row);
+        }
+        let mut statuses = Vec::new();
+        let mut map = lock(&self.inner.execs);
+        for mut t in touched {
+            let Some(entry) = t.guard.as_ref() else { continue };
+            let status = entry.state.status;
+            statuses.push((t.run_id.clone(), status));
+            if status.is_terminal() {
+                let c = &self.inner.counters;
+                match status {
+                    ExecStatus::Completed => c.executions_completed.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    ExecStatus::Failed | ExecStatus::Cancelled => c.executions_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    _ => 0,
+                };
+                let key = (entry.tenant.clone(), entry.state.workflow_id.clone());
+                if let Some(n) = lock(&self.inner.watchers).get(&key) {
+                    n.notify_waiters();
+                }
+                *t.guard = None;
+                map.remove(&t.run_id);
+            }
+        }
+        statuses
+    }
+}
+
+/// The summary row of a run after its newest events.
+fn row_of(entry: &ExecEntry, now: i64) -> ExecutionRow {
+    let st = &entry.state;
+    ExecutionRow {
+        run_id: st.run_id.clone(),
+        workflow_id: st.workflow_id.clone(),
+        workflow: st.workflow.clone(),
+        version: st.version.clone(),
+        status: st.status,
+        paused: st.paused,
+        dead_letter: st.dead_letter && st.status == ExecStatus::Failed,
+        input: st.input.clone(),
+        output: st.output.clone(),
+        error: st.error.clone(),
+        failed_step: st.failed_step.clone(),
+        parent: st.parent.clone(),
+        next_seq: st.next_seq,
+        created_at_ms: entry.created_at_ms,
+        updated_at_ms: now,
+    }
+}
+
+/// Turns new events into rows to write and consequences for other runs.
+fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, follows: &mut Vec<Follow>) {
+    let st = &entry.state;
+    let run = &st.run_id;
+    for e in events {
+        match &e.kind {
+            EventKind::TaskScheduled { step, attempt, task, queue, input, delay_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms } => {
+                batch.add_tasks.push(TaskRow {
+                    id: TaskRow::make_id(run, step, *attempt),
+                    tenant: entry.tenant.clone(),
+                    queue: queue.clone(),
+                    kind: *task,
+                    run_id: run.clone(),
+                    workflow_id: st.workflow_id.clone(),
+                    step: step.clone(),
+                    attempt: *attempt,
+                    input: input.clone(),
+                    visible_at_ms: now + *delay_ms as i64,
+                    schedule_to_start_ms: *schedule_to_start_ms,
+                    start_to_close_ms: *start_to_close_ms,
+                    heartbeat_ms: *heartbeat_ms,
+                    created_at_ms: now,
+                });
+            }
+            EventKind::TaskCompleted { step, attempt, .. } | EventKind::TaskFailed { step, attempt, .. } => {
+                batch.remove_tasks.push(TaskRow::make_id(run, step, *attempt));
+            }
+            EventKind::TimerStarted { step, duration_ms } => batch.add_timers.push(TimerRow {
+                tenant: entry.tenant.clone(),
+                run_id: run.clone(),
+                workflow_id: st.workflow_id.clone(),
+                step: step.clone(),
+                fire_at_ms: now + *duration_ms as i64,
+            }),
+            EventKind::SignalWaitStarted { step, timeout_ms: Some(ms), .. } => batch.add_timers.push(TimerRow {
+                tenant: entry.tenant.clone(),
+                run_id: run.clone(),
+                workflow_id: st.workflow_id.clone(),
+                step: step.clone(),
+                fire_at_ms: now + *ms as i64,
+            }),
+            EventKind::SignalConsumed { step, .. } | EventKind::TimerFired { step } => {
+                batch.remove_timers.push((run.clone(), step.clone()));
+            }
+            EventKind::ChildStarted { step, attempt, workflow, workflow_id, input } => follows.push(Follow::StartChild {
+                tenant: entry.tenant.clone(),
+                parent: ParentRef { workflow_id: st.workflow_id.clone(), run_id: run.clone(), step: step.clone(), attempt: *attempt },
+                workflow: workflow.clone(),
+                workflow_id: workflow_id.clone(),
+                input: input.clone(),
+            }),
+            kind if kind.is_terminal() => {
+                // Whatever was still outstanding for this run is void now.
+                for (key, s) in &st.steps {
+                    if s.status == StepStatus::Scheduled {
+                        batch.remove_tasks.push(TaskRow::make_id(run, key, s.attempt));
+                        batch.remove_timers.push((run.clone(), key.clone()));
+                    }
+                }
+                match kind {
+                    EventKind::ExecutionContinuedAsNew { input } => follows.push(Follow::Continue {
+                        tenant: entry.tenant.clone(),
+                        workflow: st.workflow.clone(),
+                        workflow_id: st.workflow_id.clone(),
+                        input: input.clone(),
+                        from: run.clone(),
+                        parent: st.parent.clone(),
+                    }),
+                    EventKind::ExecutionCompleted { output } => {
+                        if let Some(p) = &st.parent {
+                            follows.push(Follow::Notify {
+                                tenant: entry.tenant.clone(),
+                                run_id: p.run_id.clone(),
+                                event: EventKind::ChildCompleted { step: p.step.clone(), attempt: p.attempt, output: output.clone() },
+                            });
+                        }
+                    }
+                    EventKind::ExecutionFailed { error, .. } => {
+                        if let Some(p) = &st.parent {
+                            follows.push(Follow::Notify {
+                                tenant: entry.tenant.clone(),
+                                run_id: p.run_id.clone(),
+                                event: EventKind::ChildFailed { step: p.step.clone(), attempt: p.attempt, error: error.clone() },
+                            });
+                        }
+                    }
+                    EventKind::ExecutionCancelled { .. } => {
+                        if let Some(p) = &st.parent {
+                            follows.push(Follow::Notify {
+                                tenant: entry.tenant.clone(),
+                                run_id: p.run_id.clone(),
+                                event: EventKind::ChildFailed { step: p.step.clone(), attempt: p.attempt, error: ErrorInfo::new("child.cancelled", "child execution was cancelled") },
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+}
