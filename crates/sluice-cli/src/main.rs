@@ -1,1 +1,322 @@
-fn main() {}
+//! The `sluice` command: run a server (`dev`, `serve`), a demo worker, and talk to a server
+//! (`run`, `start`, `status`, `history`, `signal`, `cancel`, `dlq`, `workflows`, `bench`).
+//! Data goes to stdout (tables for people, `--json` for scripts); everything else to stderr.
+
+mod bench;
+mod client;
+mod demo;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::client::Api;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Durable workflows for AI pipelines, in one binary")]
+struct Cli {
+    /// Server to talk to.
+    #[arg(long, global = true, env = "SLUICE_SERVER", default_value = "http://127.0.0.1:7233")]
+    server: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Log format on stderr: text or json.
+    #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Port to listen on (127.0.0.1 unless --bind says otherwise).
+    #[arg(long, default_value_t = 7233)]
+    port: u16,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: String,
+    /// SQLite database file.
+    #[arg(long, default_value = "sluice.db")]
+    database: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Server + embedded SQLite + the examples published + a demo worker, for trying Sluice.
+    Dev {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Folder of example workflows to publish at start.
+        #[arg(long, default_value = "examples")]
+        examples: PathBuf,
+        /// Do not run the built-in demo worker.
+        #[arg(long)]
+        no_worker: bool,
+    },
+    /// Run the server.
+    Serve {
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Run the built-in demo worker (queues greet, enrich, flaky, echo, noop).
+    Worker {
+        /// Queues to serve; all demo queues by default.
+        #[arg(long = "queue")]
+        queues: Vec<String>,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Publish a workflow file, start it, wait for the result and print it.
+    Run {
+        file: PathBuf,
+        #[arg(long, default_value = "null")]
+        input: String,
+        #[arg(long)]
+        workflow_id: Option<String>,
+        /// Seconds to wait for the result.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Start an execution of a published workflow.
+    Start {
+        workflow: String,
+        #[arg(long, default_value = "null")]
+        input: String,
+        #[arg(long)]
+        workflow_id: Option<String>,
+    },
+    /// Show an execution.
+    Status { workflow_id: String },
+    /// Show an execution's event history.
+    History { workflow_id: String },
+    /// Send a signal (pause, resume, cancel or a custom name) with an optional JSON payload.
+    Signal {
+        workflow_id: String,
+        name: String,
+        #[arg(long)]
+        payload: Option<String>,
+    },
+    /// Cancel an execution.
+    Cancel {
+        workflow_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// The dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// List or publish workflows.
+    Workflows {
+        #[command(subcommand)]
+        action: Option<WorkflowsAction>,
+    },
+    /// Load generator: executions/s, steps/s and start-to-result latency percentiles.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Executions parked in the dead-letter queue.
+    List,
+    /// Retry a dead-lettered execution from its failed step.
+    Redrive { workflow_id: String },
+}
+
+#[derive(Subcommand)]
+enum WorkflowsAction {
+    List,
+    /// Publish a workflow file (YAML or JSON).
+    Publish { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(&cli.log_format, matches!(cli.command, Command::Dev { .. } | Command::Serve { .. }));
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logs(format: &str, server: bool) {
+    let default = if server { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().flatten_event(true).with_current_span(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn parse_json_arg(what: &str, text: &str) -> Result<Value> {
+    serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON (example: --{what} '{{\"name\": \"Ada\"}}')"))
+}
+
+/// Writes data to stdout; a closed pipe ends quietly.
+pub fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if writeln!(stdout, "{text}").is_err() {
+        std::process::exit(0);
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    let api = Api::new(&cli.server);
+    let json = cli.json;
+    match cli.command {
+        Command::Dev { serve, examples, no_worker } => server::dev(serve, examples, !no_worker).await,
+        Command::Serve { serve } => server::serve(serve).await,
+        Command::Worker { queues, concurrency } => demo::run_worker(&cli.server, queues, concurrency, std::future::pending()).await,
+        Command::Run { file, input, workflow_id, timeout } => {
+            let input = parse_json_arg("input", &input)?;
+            let published = api.publish_file(&file).await?;
+            let name = published["name"].as_str().unwrap_or_default().to_string();
+            eprintln!("published {name} version {}", published["version"].as_str().unwrap_or("?"));
+            let started = api.start(&name, input, workflow_id.as_deref()).await?;
+            let wid = started["workflow_id"].as_str().unwrap_or_default().to_string();
+            eprintln!("started {wid}, waiting for the result");
+            let row = api.wait(&wid, std::time::Duration::from_secs(timeout)).await?;
+            print_result(&row, json)
+        }
+        Command::Start { workflow, input, workflow_id } => {
+            let input = parse_json_arg("input", &input)?;
+            let started = api.start(&workflow, input, workflow_id.as_deref()).await?;
+            if json {
+                out(&started.to_string());
+            } else {
+                out(&format!("{}\t{}", started["workflow_id"].as_str().unwrap_or(""), started["run_id"].as_str().unwrap_or("")));
+            }
+            Ok(())
+        }
+        Command::Status { workflow_id } => {
+            let row = api.get(&format!("/v1/executions/{workflow_id}")).await?;
+            if json {
+                out(&row.to_string());
+            } else {
+                out(&client::describe(&row));
+            }
+            Ok(())
+        }
+        Command::History { workflow_id } => {
+            let h = api.get(&format!("/v1/executions/{workflow_id}/history")).await?;
+            if json {
+                out(&h.to_string());
+            } else {
+                for e in h["events"].as_array().into_iter().flatten() {
+                    let mut rest = e.clone();
+                    if let Some(o) = rest.as_object_mut() {
+                        o.remove("seq");
+                        o.remove("at_ms");
+                        o.remove("type");
+                    }
+                    out(&format!("{:>4}  {:<28} {}", e["seq"], e["type"].as_str().unwrap_or(""), rest));
+                }
+            }
+            Ok(())
+        }
+        Command::Signal { workflow_id, name, payload } => {
+            let payload = match payload {
+                Some(p) => parse_json_arg("payload", &p)?,
+                None => Value::Null,
+            };
+            api.post(&format!("/v1/executions/{workflow_id}/signals/{name}"), &payload).await?;
+            eprintln!("signal {name} delivered to {workflow_id}");
+            Ok(())
+        }
+        Command::Cancel { workflow_id, reason } => {
+            api.post(&format!("/v1/executions/{workflow_id}/cancel"), &serde_json::json!({"reason": reason})).await?;
+            eprintln!("cancelled {workflow_id}");
+            Ok(())
+        }
+        Command::Dlq { action: DlqAction::List } => {
+            let page = api.get("/v1/dlq?limit=500").await?;
+            print_executions(&page, json);
+            Ok(())
+        }
+        Command::Dlq { action: DlqAction::Redrive { workflow_id } } => {
+            let r = api.post(&format!("/v1/dlq/{workflow_id}/redrive"), &Value::Null).await?;
+            if json {
+                out(&r.to_string());
+            }
+            eprintln!("redriven {workflow_id}");
+            Ok(())
+        }
+        Command::Workflows { action } => match action {
+            None | Some(WorkflowsAction::List) => {
+                let list = api.get("/v1/workflows").await?;
+                if json {
+                    out(&list.to_string());
+                } else {
+                    out(&format!("{:<32} {:<14} {:>8}", "NAME", "LATEST", "VERSIONS"));
+                    for w in list["workflows"].as_array().into_iter().flatten() {
+                        out(&format!("{:<32} {:<14} {:>8}", w["name"].as_str().unwrap_or(""), w["latest_version"].as_str().unwrap_or(""), w["versions"]));
+                    }
+                }
+                Ok(())
+            }
+            Some(WorkflowsAction::Publish { file }) => {
+                let p = api.publish_file(&file).await?;
+                if json {
+                    out(&p.to_string());
+                } else {
+                    out(&format!("{}\t{}", p["name"].as_str().unwrap_or(""), p["version"].as_str().unwrap_or("")));
+                }
+                Ok(())
+            }
+        },
+        Command::Bench(args) => bench::run(args, &cli.server, json).await,
+    }
+}
+
+fn print_result(row: &Value, json: bool) -> Result<()> {
+    if json {
+        out(&row.to_string());
+    } else if row["status"] == "completed" {
+        out(&serde_json::to_string_pretty(&row["output"]).unwrap_or_default());
+    } else {
+        out(&client::describe(row));
+    }
+    match row["status"].as_str() {
+        Some("completed") => Ok(()),
+        Some("running") => bail!("the execution is still running; check it with `sluice status {}`", row["workflow_id"].as_str().unwrap_or("")),
+        Some(other) => bail!("the execution ended {other}: {}", row["error"]["message"].as_str().unwrap_or("")),
+        None => bail!("unexpected answer from the server"),
+    }
+}
+
+fn print_executions(page: &Value, json: bool) {
+    if json {
+        out(&page.to_string());
+        return;
+    }
+    out(&format!("{:<40} {:<20} {:<10} {}", "WORKFLOW ID", "WORKFLOW", "STATUS", "ERROR"));
+    for e in page["executions"].as_array().into_iter().flatten() {
+        out(&format!(
+            "{:<40} {:<20} {:<10} {}",
+            e["workflow_id"].as_str().unwrap_or(""),
+            e["workflow"].as_str().unwrap_or(""),
+            e["status"].as_str().unwrap_or(""),
+            e["error"]["message"].as_str().unwrap_or("")
+        ));
+    }
+}

@@ -1,1 +1,96 @@
-//! placeholder
+//! The Sluice HTTP API: workflows, executions, signals, queries, the dead-letter queue and the
+//! worker protocol under `/v1`, plus `/healthz`, `/readyz`, `/metrics` and `/openapi.json`.
+//! Only this crate serves HTTP.
+
+pub mod body;
+pub mod error;
+pub mod metrics;
+pub mod routes;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use sluice_engine::Engine;
+use tokio::net::TcpListener;
+
+use crate::error::ApiError;
+use crate::routes::{executions, ops, tasks, workflows};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+/// Every route of the API. The OpenAPI document lists the same paths (a test keeps them equal).
+pub fn router(engine: Engine) -> Router {
+    let state = AppState { engine, metrics: Arc::new(metrics::Metrics::default()) };
+    Router::new()
+        .route("/v1/workflows", post(workflows::publish).get(workflows::list))
+        .route("/v1/workflows/{name}", get(workflows::get))
+        .route("/v1/workflows/{name}/versions/{version}", get(workflows::get_version))
+        .route("/v1/schemas/workflow", get(workflows::schema))
+        .route("/v1/executions", post(executions::start).get(executions::list))
+        .route("/v1/executions/{workflow_id}", get(executions::get))
+        .route("/v1/executions/{workflow_id}/result", get(executions::result))
+        .route("/v1/executions/{workflow_id}/history", get(executions::history))
+        .route("/v1/executions/{workflow_id}/signals/{name}", post(executions::signal))
+        .route("/v1/executions/{workflow_id}/queries/{name}", get(executions::query))
+        .route("/v1/executions/{workflow_id}/cancel", post(executions::cancel))
+        .route("/v1/dlq", get(executions::dlq))
+        .route("/v1/dlq/{workflow_id}/redrive", post(executions::redrive))
+        .route("/v1/tasks/poll", post(tasks::poll))
+        .route("/v1/tasks/complete", post(tasks::complete))
+        .route("/v1/tasks/fail", post(tasks::fail))
+        .route("/v1/tasks/heartbeat", post(tasks::heartbeat))
+        .route("/v1/tasks/complete-batch", post(tasks::complete_batch))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new("not_found", "no such route; see /openapi.json for the API")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new("method_not_allowed", "this route does not accept that method; see /openapi.json")
+}
+
+/// Records metrics and logs every request with its route, status and latency.
+async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().as_str().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let resp = next.run(req).await.into_response();
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed();
+    app.metrics.observe(&method, &route, status, elapsed);
+    if status >= 500 {
+        tracing::warn!(method = %method, route = %route, status, elapsed_us = elapsed.as_micros() as u64, "request failed");
+    } else {
+        tracing::debug!(method = %method, route = %route, status, elapsed_us = elapsed.as_micros() as u64, "request");
+    }
+    resp
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(listener: TcpListener, engine: Engine, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, router(engine)).with_graceful_shutdown(shutdown).await
+}

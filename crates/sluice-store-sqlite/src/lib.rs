@@ -1,1 +1,204 @@
-//! placeholder
+//! The embedded SQLite backend of the Sluice store: one writer thread that commits concurrent
+//! batches together (group commit: one transaction and one fsync for many batches), and a few
+//! read-only connections that WAL lets read while it writes.
+//!
+//! Architecture invariant: only the writer thread writes. A batch is durable when `commit`
+//! resolves `Ok` (`synchronous = FULL`). A batch already handed to the writer is applied even if
+//! the caller stops waiting for it.
+
+mod codec;
+mod error;
+mod read;
+mod schema;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use sluice_core::Event;
+use sluice_store::{
+    Batch, BoxFuture, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow, TimerRow,
+    WorkflowSummary, WorkflowVersion,
+};
+use tokio::sync::oneshot;
+
+use crate::error::{db_err, writer_gone};
+use crate::read::Readers;
+use crate::writer::{Counters, Op, Request};
+
+/// How long a connection waits for a lock held by another connection before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// `PRAGMA synchronous` reads FULL back as 2.
+const SYNCHRONOUS_FULL: i64 = 2;
+/// Prepared statements kept per connection: every static query, and the shapes of listings.
+const STATEMENT_CACHE: usize = 64;
+
+/// A `Store` in one SQLite file (plus its `-wal` and `-shm` files).
+pub struct SqliteStore {
+    requests: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+    readers: Arc<Readers>,
+    counters: Arc<Counters>,
+}
+
+/// Write counters since the store was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Transactions committed (each one fsync).
+    pub transactions: u64,
+    /// `commit` batches committed; more than `transactions` when group commit merged some.
+    pub batches: u64,
+}
+
+impl SqliteStore {
+    /// Opens or creates the database at `path`, migrates it to this build's schema and starts
+    /// the writer thread. Blocks while it does so.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut conn = Connection::open(path).map_err(db_err)?;
+        configure_writer(&conn)?;
+        schema::migrate(&mut conn)?;
+
+        let counters = Arc::new(Counters::default());
+        let (requests, queue) = mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("sluice-sqlite-writer".into())
+            .spawn({
+                let counters = Arc::clone(&counters);
+                move || writer::run(conn, queue, counters)
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the sqlite writer thread: {e}")))?;
+        Ok(Self {
+            requests: Some(requests),
+            writer: Some(writer),
+            readers: Arc::new(Readers::new(path.to_path_buf(), BUSY_TIMEOUT)),
+            counters,
+        })
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            transactions: self.counters.transactions.load(Ordering::Relaxed),
+            batches: self.counters.batches.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Hands `op` to the writer thread and waits for its result.
+    async fn write(&self, op: Op) -> Result<bool> {
+        let (reply, result) = oneshot::channel();
+        let requests = self.requests.as_ref().ok_or_else(writer_gone)?;
+        requests.send(Request { op, reply }).map_err(|_| writer_gone())?;
+        result.await.map_err(|_| writer_gone())?
+    }
+}
+
+fn configure_writer(conn: &Connection) -> Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(db_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Internal(format!(
+            "the database stays in journal mode {mode:?} instead of WAL; use a file on a local disk"
+        )));
+    }
+    // FULL: the WAL is fsynced at every commit, so a committed batch survives a power cut.
+    conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+    let synchronous: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0)).map_err(db_err)?;
+    if synchronous != SYNCHRONOUS_FULL {
+        return Err(StoreError::Internal(format!("sqlite refused synchronous = FULL (got {synchronous})")));
+    }
+    Ok(())
+}
+
+impl Drop for SqliteStore {
+    /// Lets the writer finish what is queued, then waits for it: the database is closed cleanly
+    /// when the store is gone.
+    fn drop(&mut self) {
+        drop(self.requests.take());
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                tracing::error!("the sqlite writer thread panicked");
+            }
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn commit(&self, batch: Batch) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            self.write(Op::Commit(batch)).await.map(|_| ())
+        })
+    }
+
+    fn put_workflow(&self, tenant: &str, version: WorkflowVersion) -> BoxFuture<'_, Result<bool>> {
+        let tenant = tenant.to_owned();
+        Box::pin(self.write(Op::PutWorkflow { tenant, version }))
+    }
+
+    fn get_workflow(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> BoxFuture<'_, Result<Option<WorkflowVersion>>> {
+        let (tenant, name, version) = (tenant.to_owned(), name.to_owned(), version.map(str::to_owned));
+        Box::pin(self.readers.run(move |c| read::get_workflow(c, &tenant, &name, version.as_deref())))
+    }
+
+    fn list_workflows(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<WorkflowSummary>>> {
+        let tenant = tenant.to_owned();
+        Box::pin(self.readers.run(move |c| read::list_workflows(c, &tenant)))
+    }
+
+    fn list_versions(&self, tenant: &str, name: &str) -> BoxFuture<'_, Result<Vec<WorkflowVersion>>> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        Box::pin(self.readers.run(move |c| read::list_versions(c, &tenant, &name)))
+    }
+
+    fn get_execution(
+        &self,
+        tenant: &str,
+        workflow_id: &str,
+        run_id: Option<&str>,
+    ) -> BoxFuture<'_, Result<Option<ExecutionRow>>> {
+        let (tenant, workflow_id, run_id) = (tenant.to_owned(), workflow_id.to_owned(), run_id.map(str::to_owned));
+        Box::pin(self.readers.run(move |c| read::get_execution(c, &tenant, &workflow_id, run_id.as_deref())))
+    }
+
+    fn get_run(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<Option<ExecutionRow>>> {
+        let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
+        Box::pin(self.readers.run(move |c| read::get_run(c, &tenant, &run_id)))
+    }
+
+    fn list_executions(&self, tenant: &str, filter: ExecutionFilter) -> BoxFuture<'_, Result<Page<ExecutionRow>>> {
+        let tenant = tenant.to_owned();
+        Box::pin(self.readers.run(move |c| read::list_executions(c, &tenant, &filter)))
+    }
+
+    fn history(&self, tenant: &str, run_id: &str, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Event>>> {
+        let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
+        Box::pin(self.readers.run(move |c| read::history(c, &tenant, &run_id, after, limit)))
+    }
+
+    fn load_tasks(&self) -> BoxFuture<'_, Result<Vec<TaskRow>>> {
+        Box::pin(self.readers.run(read::load_tasks))
+    }
+
+    fn load_timers(&self) -> BoxFuture<'_, Result<Vec<TimerRow>>> {
+        Box::pin(self.readers.run(read::load_timers))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.readers.run(read::ping))
+    }
+}

@@ -1,2 +1,846 @@
 //! The conformance suite every backend must pass. A backend's test file calls
-//! `sluice_store::store_suite!(async { make_store().await })` and gets one test per case.
+//! `sluice_store::store_suite!(async { make_store().await })` and gets one `#[tokio::test]` per
+//! case; the calling crate needs `tokio` (with `macros` and `rt-multi-thread`) as a dependency.
+//!
+//! Each case names its tenants and runs with a fresh tag, so cases may share one database (as a
+//! PostgreSQL instance will); `load_tasks` and `load_timers` are filtered by tenant for that reason.
+
+#![expect(clippy::expect_used, reason = "suite cases are tests: a failed call fails the case")]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde_json::json;
+use sluice_core::event::{EventKind, ParentRef, TaskKind};
+use sluice_core::{ErrorInfo, Event, ExecStatus};
+use tokio::task::JoinSet;
+
+use crate::{
+    Batch, ExecChange, ExecutionFilter, ExecutionRow, Store, StoreError, TaskRow, TimerRow,
+    WorkflowSummary, WorkflowVersion,
+};
+
+/// Expands to one `#[tokio::test]` per conformance case; `$make` is an async expression that
+/// yields a fresh store (any type implementing `Store`) and is evaluated once per test.
+#[macro_export]
+macro_rules! store_suite {
+    ($make:expr) => {
+        $crate::store_suite!(@borrowed $make;
+            workflow_versions,
+            commit_and_read_history,
+            execution_row_round_trips,
+            conflict_changes_nothing,
+            update_of_unknown_run_is_not_found,
+            idempotent_start,
+            continue_as_new_is_atomic,
+            tasks_and_timers,
+            tenant_isolation,
+            list_executions_order_and_filters,
+            list_executions_pagination,
+            ping,
+        );
+        $crate::store_suite!(@shared $make;
+            concurrent_commits,
+            failing_batch_does_not_fail_its_group,
+            racing_starts_one_wins,
+        );
+    };
+    (@borrowed $make:expr; $($case:ident),* $(,)?) => {$(
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $case() {
+            let store = $make.await;
+            $crate::suite::$case(&store).await;
+        }
+    )*};
+    (@shared $make:expr; $($case:ident),* $(,)?) => {$(
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $case() {
+            let store: ::std::sync::Arc<dyn $crate::Store> = ::std::sync::Arc::new($make.await);
+            $crate::suite::$case(store).await;
+        }
+    )*};
+}
+
+/// Stores versions; reads one by hash, the latest by `created_at_ms`, and the listings.
+pub async fn workflow_versions(s: &dyn Store) {
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let v1 = workflow("orders", "v1", 1_000);
+    let v2 = workflow("orders", "v2", 2_000);
+    // Stored last but older: "latest" goes by `created_at_ms`, not by insertion order.
+    let v0 = workflow("orders", "v0", 500);
+    let p1 = workflow("payments", "p1", 1_500);
+
+    assert!(s.put_workflow(&t, v1.clone()).await.expect("put v1"));
+    let again = WorkflowVersion { definition: "{\"changed\":true}".into(), ..v1.clone() };
+    assert!(!s.put_workflow(&t, again).await.expect("put v1 again"), "same version twice");
+    for v in [&v2, &v0, &p1] {
+        assert!(s.put_workflow(&t, v.clone()).await.expect("put"), "new version {}", v.version);
+    }
+
+    let get = |name: &'static str, version: Option<&'static str>| s.get_workflow(&t, name, version);
+    assert_eq!(get("orders", Some("v1")).await.expect("get v1"), Some(v1.clone()), "first put wins");
+    assert_eq!(get("orders", Some("v0")).await.expect("get v0"), Some(v0.clone()));
+    assert_eq!(get("orders", None).await.expect("get latest"), Some(v2.clone()));
+    assert_eq!(get("payments", None).await.expect("get latest"), Some(p1.clone()));
+    assert_eq!(get("orders", Some("nope")).await.expect("get unknown version"), None);
+    assert_eq!(get("missing", None).await.expect("get unknown workflow"), None);
+
+    assert_eq!(s.list_versions(&t, "orders").await.expect("versions"), vec![v2, v1, v0]);
+    assert_eq!(s.list_versions(&t, "missing").await.expect("versions"), vec![]);
+    let summary = |name: &str, latest: &str, versions, updated_at_ms| WorkflowSummary {
+        name: name.into(),
+        latest_version: latest.into(),
+        versions,
+        updated_at_ms,
+    };
+    assert_eq!(
+        s.list_workflows(&t).await.expect("list workflows"),
+        vec![summary("orders", "v2", 3, 2_000), summary("payments", "p1", 1, 1_500)]
+    );
+}
+
+/// A created run reads back by workflow id, by run id and as a run; history honours `after` and
+/// `limit` and grows by appends.
+pub async fn commit_and_read_history(s: &dyn Store) {
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let run = f.run_id(1);
+    let mut create = create(&t, row(&run, "order-1", "orders", 1));
+    let more = append(&t, &create.row, 2);
+    create.events.extend(more.events);
+    create.row = more.row;
+    let stored = create.row.clone();
+    let events = create.events.clone();
+    s.commit(batch(vec![create])).await.expect("commit create");
+
+    assert_eq!(s.get_execution(&t, "order-1", None).await.expect("latest"), Some(stored.clone()));
+    assert_eq!(s.get_execution(&t, "order-1", Some(&run)).await.expect("by run"), Some(stored.clone()));
+    assert_eq!(s.get_run(&t, &run).await.expect("run"), Some(stored.clone()));
+    assert_eq!(s.get_execution(&t, "order-2", None).await.expect("other id"), None);
+    assert_eq!(
+        s.get_execution(&t, "order-2", Some(&run)).await.expect("run of another workflow id"),
+        None,
+        "a run is found only under its own workflow id"
+    );
+    assert_eq!(s.get_run(&t, &f.run_id(2)).await.expect("unknown run"), None);
+
+    let history = |after, limit| s.history(&t, &run, after, limit);
+    assert_eq!(history(0, 100).await.expect("history"), events);
+    assert_eq!(history(1, 100).await.expect("after 1"), events[1..].to_vec());
+    assert_eq!(history(0, 2).await.expect("limit 2"), events[..2].to_vec());
+    assert_eq!(history(1, 1).await.expect("after 1 limit 1"), events[1..2].to_vec());
+    assert_eq!(history(3, 100).await.expect("after the end"), vec![]);
+    assert_eq!(s.history(&t, &f.run_id(2), 0, 100).await.expect("unknown run"), vec![]);
+
+    let next = append(&t, &stored, 2);
+    let appended = next.events.clone();
+    let stored = next.row.clone();
+    s.commit(batch(vec![next])).await.expect("commit append");
+    assert_eq!(s.get_run(&t, &run).await.expect("run"), Some(stored));
+    let all = history(0, 100).await.expect("history");
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(all[..3], events[..]);
+    assert_eq!(all[3..], appended[..]);
+}
+
+/// Every column of an execution row survives a write and a read, including `None`s written over
+/// values.
+pub async fn execution_row_round_trips(s: &dyn Store) {
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let run = f.run_id(1);
+    let mut full = row(&run, "order-1", "orders", 1);
+    full.version = "sha256:abc".into();
+    full.status = ExecStatus::Failed;
+    full.paused = true;
+    full.dead_letter = true;
+    full.input = json!({"items": [1, 2.5, "três", null, {"deep": [true]}], "empty": {}});
+    full.output = Some(json!([{"a": 1}]));
+    full.error = Some(ErrorInfo {
+        kind: "timeout.start_to_close".into(),
+        message: "no answer in 30s".into(),
+        details: Some(json!({"attempt": 3})),
+    });
+    full.failed_step = Some("charge".into());
+    full.parent = Some(parent(&f.run_id(0), "spawn"));
+    let create = create(&t, full);
+    let full = create.row.clone();
+    s.commit(batch(vec![create])).await.expect("commit create");
+    assert_eq!(s.get_run(&t, &run).await.expect("run"), Some(full.clone()));
+
+    let mut change = append(&t, &full, 1);
+    change.row.status = ExecStatus::Running;
+    change.row.paused = false;
+    change.row.dead_letter = false;
+    change.row.output = None;
+    change.row.error = None;
+    change.row.failed_step = None;
+    change.row.parent = None;
+    let cleared = change.row.clone();
+    s.commit(batch(vec![change])).await.expect("commit update");
+    assert_eq!(s.get_run(&t, &run).await.expect("run"), Some(cleared));
+}
+
+/// Optimistic concurrency: events that do not continue the stored history fail the whole batch
+/// with `Conflict`, and nothing of it is applied.
+pub async fn conflict_changes_nothing(s: &dyn Store) {
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let (run_a, run_b) = (f.run_id(1), f.run_id(2));
+    let mut setup = batch(vec![create(&t, row(&run_a, "a", "orders", 1)), create(&t, row(&run_b, "b", "orders", 2))]);
+    let appended = append(&t, &setup.execs[0].row, 1);
+    setup.execs[0].events.extend(appended.events);
+    setup.execs[0].row = appended.row;
+    let (row_a, row_b) = (setup.execs[0].row.clone(), setup.execs[1].row.clone());
+    setup.add_tasks.push(task(&t, &row_a, "charge", 1));
+    setup.add_timers.push(timer(&t, &row_a, "wait", 9_000));
+    s.commit(setup).await.expect("commit setup");
+    let before = Snapshot::take(s, &t, &[&run_a, &run_b]).await;
+    assert_eq!(before.rows, vec![Some(row_a.clone()), Some(row_b.clone())]);
+
+    let side_effects = |mut b: Batch| {
+        b.add_tasks.push(task(&t, &row_a, "ship", 1));
+        b.remove_tasks.push(TaskRow::make_id(&run_a, "charge", 1));
+        b.add_timers.push(timer(&t, &row_a, "later", 10_000));
+        b.remove_timers.push((run_a.clone(), "wait".into()));
+        b
+    };
+    let mut gap = append(&t, &row_a, 2);
+    renumber(&mut gap.events, row_a.next_seq + 2);
+    let mut overlap = append(&t, &row_a, 2);
+    renumber(&mut overlap.events, row_a.next_seq - 1);
+    let attempts = [
+        ("a gap", side_effects(batch(vec![gap]))),
+        ("an overlap", side_effects(batch(vec![overlap.clone()]))),
+        // The first change is valid on its own; the batch still fails as a whole.
+        ("a bad second change", batch(vec![append(&t, &row_b, 1), overlap])),
+        ("a created run beside a bad change", {
+            let mut b = side_effects(batch(vec![create(&t, row(&f.run_id(3), "c", "orders", 3))]));
+            let mut bad = append(&t, &row_a, 1);
+            renumber(&mut bad.events, 1);
+            b.execs.push(bad);
+            b
+        }),
+    ];
+    for (what, b) in attempts {
+        match s.commit(b).await {
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("{what}: expected Conflict, got {other:?}"),
+        }
+        assert_eq!(Snapshot::take(s, &t, &[&run_a, &run_b]).await, before, "{what} changed the store");
+        assert_eq!(s.get_run(&t, &f.run_id(3)).await.expect("run"), None, "{what} created a run");
+    }
+
+    // Two writers that read the same summary: the first wins, the second conflicts.
+    let first = append(&t, &row_a, 1);
+    let second = append(&t, &row_a, 3);
+    s.commit(batch(vec![first.clone()])).await.expect("first writer");
+    match s.commit(batch(vec![second])).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("stale writer: expected Conflict, got {other:?}"),
+    }
+    assert_eq!(s.get_run(&t, &run_a).await.expect("run"), Some(first.row));
+    assert_eq!(s.history(&t, &run_a, 0, 100).await.expect("history").len(), 3);
+}
+
+/// Updating a run that does not exist fails with `NotFound` and applies nothing.
+pub async fn update_of_unknown_run_is_not_found(s: &dyn Store) {
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let ghost = create(&t, row(&f.run_id(1), "ghost", "orders", 1)).row;
+    let mut b = batch(vec![append(&t, &ghost, 1)]);
+    b.add_tasks.push(task(&t, &ghost, "charge", 1));
+    match s.commit(b).await {
+        Err(StoreError::NotFound) => {}
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    assert_eq!(s.get_run(&t, &ghost.run_id).await.expect("run"), None);
+    assert_eq!(tasks_of(s, &t).await, vec![]);
+}
+
+/// A second start of a running workflow id fails with the running run's id; once that run ends,
+/// the workflow id can start again.
+pub async fn idempotent_start(s: &dyn Store) {
+    let f = Fixture::new();
+    let (t, other_tenant) = (f.tenant("t"), f.tenant("u"));
+    let first = create(&t, row(&f.run_id(1), "order-1", "orders", 1));
+    let first_row = first.row.clone();
+    s.commit(batch(vec![first])).await.expect("first start");
+
+    let dup = create(&t, row(&f.run_id(2), "order-1", "orders", 2));
+    assert_eq!(s.commit(batch(vec![dup])).await, Err(StoreError::AlreadyRunning(f.run_id(1))));
+    assert_eq!(s.get_run(&t, &f.run_id(2)).await.expect("run"), None);
+    assert_eq!(s.history(&t, &f.run_id(2), 0, 100).await.expect("history"), vec![]);
+
+    // A batch that also starts another workflow id fails as a whole.
+    let mut b = batch(vec![
+        create(&t, row(&f.run_id(3), "order-3", "orders", 3)),
+        create(&t, row(&f.run_id(4), "order-1", "orders", 4)),
+    ]);
+    b.add_tasks.push(task(&t, &b.execs[0].row, "charge", 1));
+    assert_eq!(s.commit(b).await, Err(StoreError::AlreadyRunning(f.run_id(1))));
+    assert_eq!(s.get_run(&t, &f.run_id(3)).await.expect("run"), None);
+    assert_eq!(tasks_of(s, &t).await, vec![]);
+
+    // Other workflow ids, and the same workflow id in another tenant, start freely.
+    s.commit(batch(vec![create(&t, row(&f.run_id(5), "order-2", "orders", 5))])).await.expect("other id");
+    s.commit(batch(vec![create(&other_tenant, row(&f.run_id(6), "order-1", "orders", 6))]))
+        .await
+        .expect("same id, other tenant");
+
+    let done = finish(&t, &first_row, ExecStatus::Completed);
+    let done_row = done.row.clone();
+    s.commit(batch(vec![done])).await.expect("complete first");
+    let again = create(&t, row(&f.run_id(7), "order-1", "orders", 7));
+    let again_row = again.row.clone();
+    s.commit(batch(vec![again])).await.expect("start after completion");
+    assert_eq!(s.get_execution(&t, "order-1", None).await.expect("latest"), Some(again_row));
+    assert_eq!(s.get_execution(&t, "order-1", Some(&f.run_id(1))).await.expect("first"), Some(done_row));
+}
+
+/// Continue-as-new: one batch ends the old run and creates the new one; if any part fails,
+/// neither happens.
+pub async fn continue_as_new_is_atomic(s: &dyn Store) {
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let first = create(&t, row(&f.run_id(1), "loop", "poller", 1));
+    let first_row = first.row.clone();
+    let mut b = batch(vec![first]);
+    b.add_tasks.push(task(&t, &first_row, "poll", 1));
+    s.commit(b).await.expect("start");
+
+    let old = finish(&t, &first_row, ExecStatus::ContinuedAsNew);
+    let new = create(&t, row(&f.run_id(2), "loop", "poller", 2));
+    let (old_row, new_row) = (old.row.clone(), new.row.clone());
+    let mut b = batch(vec![old, new]);
+    b.remove_tasks.push(TaskRow::make_id(&first_row.run_id, "poll", 1));
+    b.add_tasks.push(task(&t, &new_row, "poll", 1));
+    s.commit(b).await.expect("continue as new");
+    assert_eq!(s.get_run(&t, &f.run_id(1)).await.expect("old run"), Some(old_row));
+    assert_eq!(s.get_execution(&t, "loop", None).await.expect("latest"), Some(new_row.clone()));
+    assert_eq!(tasks_of(s, &t).await, vec![task(&t, &new_row, "poll", 1)]);
+
+    // Ending the current run on a stale history must not start the next one.
+    let mut stale = finish(&t, &new_row, ExecStatus::ContinuedAsNew);
+    renumber(&mut stale.events, 1);
+    let next = create(&t, row(&f.run_id(3), "loop", "poller", 3));
+    match s.commit(batch(vec![stale, next])).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    assert_eq!(s.get_run(&t, &f.run_id(3)).await.expect("next run"), None);
+    assert_eq!(s.get_execution(&t, "loop", None).await.expect("latest"), Some(new_row));
+}
+
+/// Tasks and timers are added and removed by batches and loaded while pending; removing what is
+/// not there is not an error, and a timer added again replaces the old one.
+pub async fn tasks_and_timers(s: &dyn Store) {
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let create = create(&t, row(&f.run_id(1), "order-1", "orders", 1));
+    let r = create.row.clone();
+    let worker = TaskRow {
+        schedule_to_start_ms: Some(60_000),
+        heartbeat_ms: Some(5_000),
+        ..task(&t, &r, "charge", 1)
+    };
+    let http = TaskRow { kind: TaskKind::Http, queue: String::new(), ..task(&t, &r, "notify", 1) };
+    let (sleep, timeout) = (timer(&t, &r, "sleep", 5_000), timer(&t, &r, "approval", 7_000));
+    let mut b = batch(vec![create]);
+    b.add_tasks = vec![worker.clone(), http.clone()];
+    b.add_timers = vec![sleep.clone(), timeout.clone()];
+    s.commit(b).await.expect("add");
+    assert_eq!(tasks_of(s, &t).await, sorted_tasks(vec![worker.clone(), http.clone()]));
+    assert_eq!(timers_of(s, &t).await, sorted_timers(vec![sleep.clone(), timeout.clone()]));
+
+    let retry = TaskRow { visible_at_ms: 99_000, ..task(&t, &r, "charge", 2) };
+    let moved = TimerRow { fire_at_ms: 8_000, ..timeout.clone() };
+    let b = Batch {
+        remove_tasks: vec![worker.id.clone(), TaskRow::make_id(&r.run_id, "missing", 1)],
+        add_tasks: vec![retry.clone()],
+        remove_timers: vec![(r.run_id.clone(), "sleep".into()), (r.run_id.clone(), "missing".into())],
+        add_timers: vec![moved.clone()],
+        ..Batch::default()
+    };
+    s.commit(b).await.expect("replace");
+    assert_eq!(tasks_of(s, &t).await, sorted_tasks(vec![http.clone(), retry.clone()]));
+    assert_eq!(timers_of(s, &t).await, vec![moved]);
+
+    let b = Batch {
+        remove_tasks: vec![http.id, retry.id],
+        remove_timers: vec![(r.run_id.clone(), "approval".into())],
+        ..Batch::default()
+    };
+    s.commit(b).await.expect("remove");
+    assert_eq!(tasks_of(s, &t).await, vec![]);
+    assert_eq!(timers_of(s, &t).await, vec![]);
+}
+
+/// Nothing written under one tenant is visible to, or writable by, another.
+pub async fn tenant_isolation(s: &dyn Store) {
+    let f = Fixture::new();
+    let (a, b) = (f.tenant("a"), f.tenant("b"));
+    let run = f.run_id(1);
+    s.put_workflow(&a, workflow("orders", "v1", 1_000)).await.expect("put");
+    let create = create(&a, row(&run, "order-1", "orders", 1));
+    let stored = create.row.clone();
+    let mut setup = batch(vec![create]);
+    setup.add_tasks.push(task(&a, &stored, "charge", 1));
+    setup.add_timers.push(timer(&a, &stored, "sleep", 5_000));
+    s.commit(setup).await.expect("commit");
+
+    assert_eq!(s.get_workflow(&b, "orders", Some("v1")).await.expect("get"), None);
+    assert_eq!(s.get_workflow(&b, "orders", None).await.expect("get latest"), None);
+    assert_eq!(s.list_workflows(&b).await.expect("list"), vec![]);
+    assert_eq!(s.list_versions(&b, "orders").await.expect("versions"), vec![]);
+    assert_eq!(s.get_execution(&b, "order-1", None).await.expect("latest"), None);
+    assert_eq!(s.get_execution(&b, "order-1", Some(&run)).await.expect("by run"), None);
+    assert_eq!(s.get_run(&b, &run).await.expect("run"), None);
+    assert_eq!(s.history(&b, &run, 0, 100).await.expect("history"), vec![]);
+    for filter in [
+        ExecutionFilter { limit: 100, ..ExecutionFilter::default() },
+        ExecutionFilter { workflow_id: Some("order-1".into()), limit: 100, ..ExecutionFilter::default() },
+        ExecutionFilter { workflow: Some("orders".into()), limit: 100, ..ExecutionFilter::default() },
+        ExecutionFilter { status: Some(ExecStatus::Running), limit: 100, ..ExecutionFilter::default() },
+    ] {
+        let page = s.list_executions(&b, filter.clone()).await.expect("list");
+        assert_eq!(page.items, vec![], "{filter:?}");
+    }
+    assert_eq!(tasks_of(s, &b).await, vec![]);
+    assert_eq!(timers_of(s, &b).await, vec![]);
+
+    // Tenant b cannot append to tenant a's run, nor start its workflow id as a duplicate.
+    let mut foreign = append(&a, &stored, 1);
+    foreign.tenant = b.clone();
+    assert_eq!(s.commit(batch(vec![foreign])).await, Err(StoreError::NotFound));
+    assert_eq!(s.get_run(&a, &run).await.expect("run"), Some(stored.clone()));
+    assert_eq!(s.history(&a, &run, 0, 100).await.expect("history").len(), 1);
+
+    // And tenant a still sees all of it.
+    assert!(s.get_workflow(&a, "orders", None).await.expect("get").is_some());
+    assert_eq!(s.get_execution(&a, "order-1", None).await.expect("latest"), Some(stored.clone()));
+    assert_eq!(tasks_of(s, &a).await, vec![task(&a, &stored, "charge", 1)]);
+    assert_eq!(timers_of(s, &a).await, vec![timer(&a, &stored, "sleep", 5_000)]);
+}
+
+/// Listing is newest first (by run id) and every filter narrows it.
+pub async fn list_executions_order_and_filters(s: &dyn Store) {
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let specs = [
+        ("orders", "o-1", ExecStatus::Completed, false),
+        ("orders", "o-2", ExecStatus::Running, false),
+        ("payments", "p-1", ExecStatus::Failed, true),
+        ("orders", "o-1", ExecStatus::Running, false),
+        ("payments", "p-2", ExecStatus::Running, false),
+        ("orders", "o-3", ExecStatus::Failed, false),
+        ("payments", "p-1", ExecStatus::Running, false),
+        ("orders", "o-4", ExecStatus::Cancelled, false),
+    ];
+    let mut rows = Vec::new();
+    for (n, (workflow, workflow_id, status, dead_letter)) in specs.into_iter().enumerate() {
+        let mut r = row(&f.run_id(n as u32), workflow_id, workflow, n as i64);
+        r.status = status;
+        r.dead_letter = dead_letter;
+        let change = create(&t, r);
+        rows.push(change.row.clone());
+        s.commit(batch(vec![change])).await.expect("create");
+    }
+    rows.reverse();
+
+    let all = ExecutionFilter { limit: 100, ..ExecutionFilter::default() };
+    let expect = |keep: &dyn Fn(&ExecutionRow) -> bool| rows.iter().filter(|r| keep(r)).cloned().collect::<Vec<_>>();
+    let cases: Vec<(ExecutionFilter, Vec<ExecutionRow>)> = vec![
+        (all.clone(), rows.clone()),
+        (ExecutionFilter { workflow: Some("orders".into()), ..all.clone() }, expect(&|r| r.workflow == "orders")),
+        (ExecutionFilter { workflow_id: Some("o-1".into()), ..all.clone() }, expect(&|r| r.workflow_id == "o-1")),
+        (
+            ExecutionFilter { status: Some(ExecStatus::Running), ..all.clone() },
+            expect(&|r| r.status == ExecStatus::Running),
+        ),
+        (ExecutionFilter { dead_letter: true, ..all.clone() }, expect(&|r| r.dead_letter)),
+        (
+            ExecutionFilter { workflow: Some("payments".into()), status: Some(ExecStatus::Running), ..all.clone() },
+            expect(&|r| r.workflow == "payments" && r.status == ExecStatus::Running),
+        ),
+        (ExecutionFilter { workflow: Some("none".into()), ..all.clone() }, vec![]),
+    ];
+    for (filter, expected) in cases {
+        assert!(!expected.is_empty() || filter.workflow.as_deref() == Some("none"));
+        let page = s.list_executions(&t, filter.clone()).await.expect("list");
+        assert_eq!(page.items, expected, "{filter:?}");
+        assert_eq!(page.next_cursor, None, "{filter:?}");
+    }
+
+    let page = s.list_executions(&t, ExecutionFilter { limit: 3, ..all }).await.expect("list");
+    assert_eq!(page.items, rows[..3].to_vec());
+    assert!(page.next_cursor.is_some(), "a full page has a cursor");
+}
+
+/// Following cursors visits every matching row exactly once, newest first, in pages of at most
+/// `limit`.
+pub async fn list_executions_pagination(s: &dyn Store) {
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let mut rows = Vec::new();
+    for chunk in 0..5u32 {
+        let mut execs = Vec::new();
+        for i in 0..5 {
+            let n = chunk * 5 + i;
+            let mut r = row(&f.run_id(n), &format!("order-{n}"), "orders", i64::from(n));
+            if n % 3 == 0 {
+                r.status = ExecStatus::Completed;
+            }
+            execs.push(create(&t, r));
+        }
+        rows.extend(execs.iter().map(|c| c.row.clone()));
+        s.commit(batch(execs)).await.expect("create five");
+    }
+    rows.reverse();
+
+    let (items, pages) = list_all(s, &t, ExecutionFilter { limit: 7, ..ExecutionFilter::default() }).await;
+    assert_eq!(items, rows);
+    assert_eq!(pages, vec![7, 7, 7, 4]);
+
+    let running = rows.iter().filter(|r| r.status == ExecStatus::Running).cloned().collect::<Vec<_>>();
+    let filter = ExecutionFilter { status: Some(ExecStatus::Running), limit: 4, ..ExecutionFilter::default() };
+    let (items, pages) = list_all(s, &t, filter).await;
+    assert_eq!(items, running);
+    assert!(pages.iter().all(|&n| n <= 4), "{pages:?}");
+}
+
+/// The database answers.
+pub async fn ping(s: &dyn Store) {
+    s.ping().await.expect("ping");
+}
+
+/// Many batches committed at once, for different executions, all succeed and all read back.
+pub async fn concurrent_commits(s: Arc<dyn Store>) {
+    const N: u32 = 200;
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let mut set = JoinSet::new();
+    for n in 0..N {
+        let (s, t) = (s.clone(), t.clone());
+        let change = create(&t, row(&f.run_id(n), &format!("order-{n}"), "orders", i64::from(n)));
+        set.spawn(async move {
+            let r = change.row.clone();
+            let mut b = batch(vec![change]);
+            b.add_tasks.push(task(&t, &r, "charge", 1));
+            s.commit(b).await.map(|()| r)
+        });
+    }
+    let mut rows = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        rows.push(joined.expect("join").expect("concurrent create"));
+    }
+
+    // A second wave appends to every run at once.
+    let mut set = JoinSet::new();
+    for r in &rows {
+        let (s, change) = (s.clone(), append(&t, r, 1));
+        set.spawn(async move { s.commit(batch(vec![change.clone()])).await.map(|()| change.row) });
+    }
+    let mut appended = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        appended.push(joined.expect("join").expect("concurrent append"));
+    }
+    appended.sort_by(|x, y| y.run_id.cmp(&x.run_id));
+
+    let (listed, _) = list_all(&*s, &t, ExecutionFilter { limit: 1000, ..ExecutionFilter::default() }).await;
+    assert_eq!(listed, appended);
+    for r in &appended {
+        let seqs = s.history(&t, &r.run_id, 0, 100).await.expect("history").iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs, vec![1, 2], "run {}", r.run_id);
+    }
+    assert_eq!(tasks_of(&*s, &t).await.len(), N as usize);
+}
+
+/// Batches that fail (a duplicate start, a stale append) while others commit at the same time
+/// fail alone: every valid batch beside them is applied.
+pub async fn failing_batch_does_not_fail_its_group(s: Arc<dyn Store>) {
+    const N: u32 = 300;
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let busy = create(&t, row(&f.run_id(0), "busy", "orders", 0));
+    let busy_row = busy.row.clone();
+    s.commit(batch(vec![busy])).await.expect("start busy");
+    let busy_history = s.history(&t, &busy_row.run_id, 0, 100).await.expect("history");
+
+    let mut set = JoinSet::new();
+    for n in 1..=N {
+        let s = s.clone();
+        let (kind, change) = match n % 3 {
+            0 => ("duplicate", create(&t, row(&f.run_id(n), "busy", "orders", i64::from(n)))),
+            1 => {
+                let mut stale = append(&t, &busy_row, 1);
+                renumber(&mut stale.events, 7);
+                ("stale", stale)
+            }
+            _ => ("valid", create(&t, row(&f.run_id(n), &format!("order-{n}"), "orders", i64::from(n)))),
+        };
+        set.spawn(async move { (kind, change.row.clone(), s.commit(batch(vec![change])).await) });
+    }
+    let mut valid = BTreeSet::new();
+    while let Some(joined) = set.join_next().await {
+        let (kind, r, result) = joined.expect("join");
+        match (kind, result) {
+            ("valid", Ok(())) => {
+                valid.insert(r.run_id);
+            }
+            ("duplicate", Err(StoreError::AlreadyRunning(id))) => assert_eq!(id, busy_row.run_id),
+            ("stale", Err(StoreError::Conflict(_))) => {}
+            (kind, result) => panic!("{kind} batch for {}: unexpected {result:?}", r.run_id),
+        }
+    }
+    assert_eq!(valid.len(), (N as usize) / 3);
+    for id in &valid {
+        assert!(s.get_run(&t, id).await.expect("run").is_some(), "valid run {id} missing");
+    }
+    let (listed, _) = list_all(&*s, &t, ExecutionFilter { limit: 1000, ..ExecutionFilter::default() }).await;
+    assert_eq!(listed.len(), valid.len() + 1, "only the valid runs and the busy one exist");
+    assert_eq!(s.get_run(&t, &busy_row.run_id).await.expect("busy"), Some(busy_row.clone()));
+    assert_eq!(s.history(&t, &busy_row.run_id, 0, 100).await.expect("history"), busy_history);
+}
+
+/// Concurrent starts of one workflow id: exactly one wins, every other gets its run id.
+pub async fn racing_starts_one_wins(s: Arc<dyn Store>) {
+    const N: u32 = 50;
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let mut set = JoinSet::new();
+    for n in 0..N {
+        let s = s.clone();
+        let change = create(&t, row(&f.run_id(n), "race", "orders", i64::from(n)));
+        set.spawn(async move { (change.row.clone(), s.commit(batch(vec![change])).await) });
+    }
+    let mut winners = Vec::new();
+    let mut losers = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        match joined.expect("join") {
+            (r, Ok(())) => winners.push(r),
+            (_, Err(StoreError::AlreadyRunning(id))) => losers.push(id),
+            (r, Err(e)) => panic!("start {}: unexpected {e:?}", r.run_id),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one start wins");
+    let winner = winners.remove(0);
+    assert_eq!(losers.len(), N as usize - 1);
+    assert!(losers.iter().all(|id| *id == winner.run_id), "losers name the winner");
+    assert_eq!(s.get_execution(&t, "race", None).await.expect("latest"), Some(winner));
+    let only = ExecutionFilter { workflow_id: Some("race".into()), limit: 100, ..ExecutionFilter::default() };
+    assert_eq!(s.list_executions(&t, only).await.expect("list").items.len(), 1);
+}
+
+// Fixtures.
+
+const T0: i64 = 1_700_000_000_000;
+
+/// Names unique to one run of one case.
+struct Fixture {
+    tag: String,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self { tag: uuid::Uuid::now_v7().simple().to_string() }
+    }
+
+    fn tenant(&self, name: &str) -> String {
+        format!("{name}-{}", self.tag)
+    }
+
+    /// Run ids sort like the numbers they are made from, as UUIDv7 run ids sort by time.
+    fn run_id(&self, n: u32) -> String {
+        format!("{}-{n:08}", self.tag)
+    }
+}
+
+fn workflow(name: &str, version: &str, created_at_ms: i64) -> WorkflowVersion {
+    WorkflowVersion {
+        name: name.into(),
+        version: version.into(),
+        definition: format!("{{\"name\":\"{name}\",\"steps\":[]}}"),
+        created_at_ms,
+    }
+}
+
+/// A running execution summary; `n` orders its timestamps.
+fn row(run_id: &str, workflow_id: &str, workflow: &str, n: i64) -> ExecutionRow {
+    ExecutionRow {
+        run_id: run_id.into(),
+        workflow_id: workflow_id.into(),
+        workflow: workflow.into(),
+        version: "v1".into(),
+        status: ExecStatus::Running,
+        paused: false,
+        dead_letter: false,
+        input: json!({"n": n}),
+        output: None,
+        error: None,
+        failed_step: None,
+        parent: None,
+        next_seq: 1,
+        created_at_ms: T0 + n,
+        updated_at_ms: T0 + n,
+    }
+}
+
+fn parent(run_id: &str, step: &str) -> ParentRef {
+    // Built from JSON so that fields with serde defaults need no mention here.
+    serde_json::from_value(json!({"workflow_id": "parent", "run_id": run_id, "step": step})).expect("parent ref")
+}
+
+/// A change that creates the run of `row` with its `ExecutionStarted` event.
+fn create(tenant: &str, mut row: ExecutionRow) -> ExecChange {
+    let started = Event {
+        seq: 1,
+        at_ms: row.created_at_ms,
+        kind: EventKind::ExecutionStarted {
+            workflow: row.workflow.clone(),
+            version: row.version.clone(),
+            workflow_id: row.workflow_id.clone(),
+            run_id: row.run_id.clone(),
+            input: row.input.clone(),
+            parent: row.parent.clone(),
+            continued_from: None,
+        },
+    };
+    row.next_seq = 2;
+    ExecChange { tenant: tenant.into(), row, events: vec![started], create: true }
+}
+
+/// A change that appends `n` step events to the run whose stored summary is `row`.
+fn append(tenant: &str, row: &ExecutionRow, n: u64) -> ExecChange {
+    let at_ms = row.updated_at_ms + 1;
+    let events = (row.next_seq..row.next_seq + n)
+        .map(|seq| Event { seq, at_ms, kind: EventKind::StepStarted { step: format!("s{seq}") } })
+        .collect();
+    let row = ExecutionRow { next_seq: row.next_seq + n, updated_at_ms: at_ms, ..row.clone() };
+    ExecChange { tenant: tenant.into(), row, events, create: false }
+}
+
+/// A change that ends the run whose stored summary is `row` with `status`.
+fn finish(tenant: &str, row: &ExecutionRow, status: ExecStatus) -> ExecChange {
+    let mut change = append(tenant, row, 1);
+    change.events[0].kind = match status {
+        ExecStatus::Completed => EventKind::ExecutionCompleted { output: json!("done") },
+        ExecStatus::Failed => EventKind::ExecutionFailed {
+            error: ErrorInfo::new("boom", "it failed"),
+            step: None,
+            dead_letter: false,
+        },
+        ExecStatus::Cancelled => EventKind::ExecutionCancelled { reason: None },
+        ExecStatus::ContinuedAsNew => EventKind::ExecutionContinuedAsNew { input: row.input.clone() },
+        ExecStatus::Running => EventKind::ExecutionRedriven,
+    };
+    change.row.status = status;
+    if status == ExecStatus::Completed {
+        change.row.output = Some(json!("done"));
+    }
+    change
+}
+
+/// Gives `events` consecutive numbers from `first`.
+fn renumber(events: &mut [Event], first: u64) {
+    for (seq, e) in (first..).zip(events.iter_mut()) {
+        e.seq = seq;
+    }
+}
+
+fn batch(execs: Vec<ExecChange>) -> Batch {
+    Batch { execs, ..Batch::default() }
+}
+
+fn task(tenant: &str, row: &ExecutionRow, step: &str, attempt: u32) -> TaskRow {
+    TaskRow {
+        id: TaskRow::make_id(&row.run_id, step, attempt),
+        tenant: tenant.into(),
+        queue: "payments".into(),
+        kind: TaskKind::Worker,
+        run_id: row.run_id.clone(),
+        workflow_id: row.workflow_id.clone(),
+        step: step.into(),
+        attempt,
+        input: json!({"step": step, "attempt": attempt}),
+        visible_at_ms: row.updated_at_ms,
+        schedule_to_start_ms: None,
+        start_to_close_ms: 30_000,
+        heartbeat_ms: None,
+        created_at_ms: row.updated_at_ms,
+    }
+}
+
+fn timer(tenant: &str, row: &ExecutionRow, step: &str, fire_at_ms: i64) -> TimerRow {
+    TimerRow {
+        tenant: tenant.into(),
+        run_id: row.run_id.clone(),
+        workflow_id: row.workflow_id.clone(),
+        step: step.into(),
+        fire_at_ms,
+    }
+}
+
+fn sorted_tasks(mut tasks: Vec<TaskRow>) -> Vec<TaskRow> {
+    tasks.sort_by(|a, b| a.id.cmp(&b.id));
+    tasks
+}
+
+fn sorted_timers(mut timers: Vec<TimerRow>) -> Vec<TimerRow> {
+    timers.sort_by(|a, b| (&a.run_id, &a.step).cmp(&(&b.run_id, &b.step)));
+    timers
+}
+
+/// Pending tasks of one tenant, by id.
+async fn tasks_of(s: &dyn Store, tenant: &str) -> Vec<TaskRow> {
+    let all = s.load_tasks().await.expect("load tasks");
+    sorted_tasks(all.into_iter().filter(|t| t.tenant == tenant).collect())
+}
+
+/// Pending timers of one tenant, by run and step.
+async fn timers_of(s: &dyn Store, tenant: &str) -> Vec<TimerRow> {
+    let all = s.load_timers().await.expect("load timers");
+    sorted_timers(all.into_iter().filter(|t| t.tenant == tenant).collect())
+}
+
+/// Follows cursors to the end; returns the rows and the size of each page.
+async fn list_all(s: &dyn Store, tenant: &str, mut filter: ExecutionFilter) -> (Vec<ExecutionRow>, Vec<usize>) {
+    let mut items = Vec::new();
+    let mut pages = Vec::new();
+    loop {
+        let page = s.list_executions(tenant, filter.clone()).await.expect("list");
+        assert!(page.items.len() <= filter.limit, "page of {} over limit {}", page.items.len(), filter.limit);
+        assert!(pages.len() < 1_000, "pagination does not end");
+        pages.push(page.items.len());
+        items.extend(page.items);
+        match page.next_cursor {
+            Some(cursor) => filter.cursor = Some(cursor),
+            None => break,
+        }
+    }
+    let ids = items.iter().map(|r| r.run_id.as_str()).collect::<BTreeSet<_>>();
+    assert_eq!(ids.len(), items.len(), "a row appeared on two pages");
+    (items, pages)
+}
+
+/// Everything a batch about some runs of one tenant could have changed.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    rows: Vec<Option<ExecutionRow>>,
+    histories: Vec<Vec<Event>>,
+    tasks: Vec<TaskRow>,
+    timers: Vec<TimerRow>,
+}
+
+impl Snapshot {
+    async fn take(s: &dyn Store, tenant: &str, runs: &[&str]) -> Self {
+        let mut rows = Vec::new();
+        let mut histories = Vec::new();
+        for run in runs {
+            rows.push(s.get_run(tenant, run).await.expect("run"));
+            histories.push(s.history(tenant, run, 0, 1_000).await.expect("history"));
+        }
+        Self { rows, histories, tasks: tasks_of(s, tenant).await, timers: timers_of(s, tenant).await }
+    }
+}

@@ -1,1 +1,316 @@
-//! placeholder
+//! Rust worker SDK for Sluice: long-poll task queues over HTTP, run handlers concurrently, and
+//! report results in batches. Handlers are async closures from a `Task` to JSON or a `TaskError`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), sluice_worker::Error> {
+//! use serde_json::json;
+//! let worker = sluice_worker::Worker::new("http://127.0.0.1:7233")
+//!     .queue("greet", |task| async move {
+//!         let name = task.input["name"].as_str().unwrap_or("world").to_string();
+//!         Ok(json!({ "greeting": format!("Hello, {name}") }))
+//!     });
+//! worker.run(std::future::pending()).await
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Notify};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the server: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("server answered {status}: {code}: {message}")]
+    Api { status: u16, code: String, message: String },
+}
+
+/// A task handed to a handler.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Task {
+    pub task_token: String,
+    pub queue: String,
+    pub workflow_id: String,
+    pub run_id: String,
+    pub step: String,
+    pub attempt: u32,
+    pub input: Value,
+    /// Stable across redeliveries of the same attempt: use it to make side effects idempotent.
+    pub idempotency_key: String,
+    pub start_to_close_timeout_ms: u64,
+    pub heartbeat_timeout_ms: Option<u64>,
+    #[serde(skip)]
+    client: Option<Client>,
+}
+
+impl Task {
+    /// Reports progress; returns true when the execution no longer wants the result.
+    pub async fn heartbeat(&self, details: Value) -> Result<bool, Error> {
+        let Some(c) = &self.client else { return Ok(false) };
+        let r: Value = c.post("/v1/tasks/heartbeat", &json!({"task_token": self.task_token, "details": details})).await?;
+        Ok(r["cancel_requested"].as_bool().unwrap_or(false))
+    }
+}
+
+/// Why a handler failed. `retryable: false` fails the step at once.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskError {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
+    #[serde(skip)]
+    pub retryable: bool,
+}
+
+impl TaskError {
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { kind: kind.into(), message: message.into(), details: None, retryable: true }
+    }
+
+    pub fn non_retryable(mut self) -> Self {
+        self.retryable = false;
+        self
+    }
+}
+
+type BoxFut = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
+type Handler = Arc<dyn Fn(Task) -> BoxFut + Send + Sync>;
+
+/// A thin JSON client for the Sluice API.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Arc<str>,
+}
+
+impl Client {
+    pub fn new(server: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_default();
+        Self { http, base: server.trim_end_matches('/').into() }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn post<T: serde::de::DeserializeOwned>(&self, path: &str, body: &Value) -> Result<T, Error> {
+        let resp = self.http.post(format!("{}{path}", self.base)).json(body).send().await?;
+        Self::decode(resp).await
+    }
+
+    pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        let resp = self.http.get(format!("{}{path}", self.base)).send().await?;
+        Self::decode(resp).await
+    }
+
+    async fn decode<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T, Error> {
+        let status = resp.status().as_u16();
+        if status >= 400 {
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            return Err(Error::Api {
+                status,
+                code: body["error"]["code"].as_str().unwrap_or("unknown").to_string(),
+                message: body["error"]["message"].as_str().unwrap_or("").to_string(),
+            });
+        }
+        Ok(resp.json().await?)
+    }
+}
+
+/// Polls queues and runs handlers. Build with `new`, add `queue`s, then `run`.
+pub struct Worker {
+    client: Client,
+    handlers: HashMap<String, Handler>,
+    concurrency: usize,
+    worker_id: String,
+}
+
+enum Outcome {
+    Done(String, Value),
+    Failed(String, TaskError),
+}
+
+impl Worker {
+    pub fn new(server: &str) -> Self {
+        Self {
+            client: Client::new(server),
+            handlers: HashMap::new(),
+            concurrency: 64,
+            worker_id: format!("rust-{}", std::process::id()),
+        }
+    }
+
+    /// Registers the handler of a queue.
+    pub fn queue<F, Fut>(mut self, name: &str, f: F) -> Self
+    where
+        F: Fn(Task) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
+    {
+        self.handlers.insert(name.to_string(), Arc::new(move |t| Box::pin(f(t))));
+        self
+    }
+
+    /// Tasks in flight at once, per queue.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    pub fn worker_id(mut self, id: &str) -> Self {
+        self.worker_id = id.to_string();
+        self
+    }
+
+    /// Runs until `shutdown` resolves, then finishes reporting what is done.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+        let stop = Arc::new(Notify::new());
+        let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (stop, stopped) = (stop.clone(), stopped.clone());
+            tokio::spawn(async move {
+                shutdown.await;
+                stopped.store(true, Ordering::SeqCst);
+                stop.notify_waiters();
+            });
+        }
+        let (tx, rx) = mpsc::unbounded_channel::<Outcome>();
+        let reporter = tokio::spawn(report(self.client.clone(), rx));
+        let mut pollers = Vec::new();
+        for (queue, handler) in self.handlers {
+            let ctx = PollCtx {
+                client: self.client.clone(),
+                queue,
+                handler,
+                concurrency: self.concurrency,
+                worker_id: self.worker_id.clone(),
+                tx: tx.clone(),
+                stop: stop.clone(),
+                stopped: stopped.clone(),
+            };
+            pollers.push(tokio::spawn(ctx.run()));
+        }
+        drop(tx);
+        for p in pollers {
+            let _ = p.await;
+        }
+        let _ = reporter.await;
+        Ok(())
+    }
+}
+
+struct PollCtx {
+    client: Client,
+    queue: String,
+    handler: Handler,
+    concurrency: usize,
+    worker_id: String,
+    tx: mpsc::UnboundedSender<Outcome>,
+    stop: Arc<Notify>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PollCtx {
+    async fn run(self) {
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let freed = Arc::new(Notify::new());
+        let mut backoff = Duration::from_millis(100);
+        while !self.stopped.load(Ordering::SeqCst) {
+            let free = self.concurrency.saturating_sub(in_flight.load(Ordering::SeqCst));
+            if free == 0 {
+                let notified = freed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.concurrency.saturating_sub(in_flight.load(Ordering::SeqCst)) == 0 {
+                    notified.await;
+                }
+                continue;
+            }
+            let body = json!({"queue": self.queue, "worker_id": self.worker_id, "max_tasks": free, "wait_ms": 10_000});
+            let polled = tokio::select! {
+                r = self.client.post::<Value>("/v1/tasks/poll", &body) => r,
+                _ = self.stop.notified() => break,
+            };
+            let tasks: Vec<Task> = match polled {
+                Ok(v) => {
+                    backoff = Duration::from_millis(100);
+                    serde_json::from_value(v["tasks"].clone()).unwrap_or_default()
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "poll failed, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            for mut task in tasks {
+                task.client = Some(self.client.clone());
+                in_flight.fetch_add(1, Ordering::SeqCst);
+                let (handler, tx, in_flight, freed) = (self.handler.clone(), self.tx.clone(), in_flight.clone(), freed.clone());
+                tokio::spawn(async move {
+                    let token = task.task_token.clone();
+                    let outcome = match handler(task).await {
+                        Ok(v) => Outcome::Done(token, v),
+                        Err(e) => Outcome::Failed(token, e),
+                    };
+                    let _ = tx.send(outcome);
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    freed.notify_waiters();
+                });
+            }
+        }
+        // Let running handlers finish so their results are reported.
+        while in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Sends results in batches: whatever has accumulated while the previous request was in flight.
+async fn report(client: Client, mut rx: mpsc::UnboundedReceiver<Outcome>) {
+    let mut buf = Vec::new();
+    while rx.recv_many(&mut buf, 512).await > 0 {
+        let results: Vec<Value> = buf
+            .drain(..)
+            .map(|o| match o {
+                Outcome::Done(t, v) => json!({"task_token": t, "output": v}),
+                Outcome::Failed(t, e) => json!({"task_token": t, "error": e, "retryable": e.retryable}),
+            })
+            .collect();
+        let body = json!({ "results": results });
+        let mut delay = Duration::from_millis(50);
+        for _ in 0..20 {
+            match client.post::<Value>("/v1/tasks/complete-batch", &body).await {
+                Ok(r) => {
+                    for (i, item) in r["results"].as_array().into_iter().flatten().enumerate() {
+                        if let Some(code) = item["error"]["code"].as_str() {
+                            if code == "storage_unavailable" {
+                                tracing::warn!(index = i, "result not recorded: storage unavailable");
+                            } else {
+                                tracing::debug!(index = i, code, "result not recorded");
+                            }
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reporting results failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}

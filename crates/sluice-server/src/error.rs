@@ -1,0 +1,107 @@
+//! The API's one table of error codes: each maps to an HTTP status and a stable name, and is
+//! returned as `{"error": {"code", "message", "details"}}`. A 5xx never shows internals.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use sluice_engine::Error as EngineError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: &'static str,
+    pub message: String,
+    pub details: Value,
+}
+
+/// `(code, status)`: the stable names clients can match on.
+pub const CODES: &[(&str, u16)] = &[
+    ("invalid_json", 400),
+    ("invalid_request", 400),
+    ("not_found", 404),
+    ("workflow_not_found", 404),
+    ("execution_not_found", 404),
+    ("query_not_found", 404),
+    ("task_not_found", 404),
+    ("method_not_allowed", 405),
+    ("execution_not_running", 409),
+    ("conflict", 409),
+    ("payload_too_large", 413),
+    ("unsupported_media_type", 415),
+    ("invalid_definition", 422),
+    ("internal", 500),
+    ("storage_unavailable", 503),
+];
+
+pub fn status_of(code: &str) -> StatusCode {
+    CODES
+        .iter()
+        .find(|(c, _)| *c == code)
+        .and_then(|(_, s)| StatusCode::from_u16(*s).ok())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+impl ApiError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), details: Value::Null }
+    }
+
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = details;
+        self
+    }
+
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Self::new("invalid_request", format!("{field}: {}", message.into())).with_details(json!({"field": field}))
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::NotFound { what, ref id } => {
+                let code = match what {
+                    "workflow" => "workflow_not_found",
+                    "execution" => "execution_not_found",
+                    "query" => "query_not_found",
+                    _ => "not_found",
+                };
+                Self::new(code, e.to_string()).with_details(json!({"id": id}))
+            }
+            EngineError::InvalidDefinition(errors) => Self::new(
+                "invalid_definition",
+                format!("the workflow definition has {} problem(s): {}", errors.len(), errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")),
+            )
+            .with_details(json!({"errors": errors})),
+            EngineError::InvalidInput { ref field, .. } => {
+                let field = field.clone();
+                Self::new("invalid_request", e.to_string()).with_details(json!({"field": field}))
+            }
+            EngineError::NotRunning(_) => Self::new("execution_not_running", e.to_string()),
+            EngineError::TaskNotFound(_) => Self::new("task_not_found", e.to_string()),
+            EngineError::Conflict(_) => Self::new("conflict", e.to_string()),
+            EngineError::Unavailable(ref cause) => {
+                tracing::warn!(cause = %cause, "storage unavailable");
+                Self::new("storage_unavailable", "storage is unavailable, retry shortly")
+            }
+            EngineError::Internal(ref cause) => {
+                tracing::error!(cause = %cause, "internal error");
+                Self::new("internal", "internal error; the cause is in the server log")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = status_of(self.code);
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if !self.details.is_null() {
+            body["error"]["details"] = self.details;
+        }
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

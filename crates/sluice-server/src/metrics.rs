@@ -1,0 +1,95 @@
+//! Prometheus metrics: request counts and latency histograms per route, engine counters, queue
+//! depths. Rendered in the Prometheus text format.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use sluice_engine::Engine;
+
+const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+#[derive(Default)]
+struct Hist {
+    counts: [u64; 15],
+    sum: f64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<HashMap<(String, String, u16), u64>>,
+    latency: Mutex<HashMap<String, Hist>>,
+}
+
+impl Metrics {
+    pub fn observe(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        {
+            let mut r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            *r.entry((method.to_string(), route.to_string(), status)).or_default() += 1;
+        }
+        let mut l = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let h = l.entry(route.to_string()).or_default();
+        let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
+        h.counts[i] += 1;
+        h.sum += secs;
+    }
+
+    pub fn render(&self, engine: &Engine) -> String {
+        let mut out = String::new();
+        let c = engine.counters();
+        let counters = [
+            ("sluice_executions_started_total", "Executions started.", &c.executions_started),
+            ("sluice_executions_completed_total", "Executions completed successfully.", &c.executions_completed),
+            ("sluice_executions_failed_total", "Executions failed or cancelled.", &c.executions_failed),
+            ("sluice_tasks_completed_total", "Task attempts completed.", &c.tasks_completed),
+            ("sluice_tasks_failed_total", "Task attempts failed or timed out.", &c.tasks_failed),
+            ("sluice_commits_failed_total", "Store commits that failed.", &c.commits_failed),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(out, "# HELP sluice_queue_depth Tasks ready and waiting for a worker.\n# TYPE sluice_queue_depth gauge");
+        let depths = engine.queue_depths();
+        for (tenant, queue, n, _) in &depths {
+            let _ = writeln!(out, "sluice_queue_depth{{tenant=\"{}\",queue=\"{}\"}} {n}", esc(tenant), esc(queue));
+        }
+        let _ = writeln!(out, "# HELP sluice_queue_oldest_task_age_seconds Age of the oldest ready task.\n# TYPE sluice_queue_oldest_task_age_seconds gauge");
+        for (tenant, queue, _, age) in &depths {
+            let _ = writeln!(out, "sluice_queue_oldest_task_age_seconds{{tenant=\"{}\",queue=\"{}\"}} {}", esc(tenant), esc(queue), *age as f64 / 1000.0);
+        }
+        let _ = writeln!(out, "# HELP sluice_timers Durable timers armed.\n# TYPE sluice_timers gauge\nsluice_timers {}", engine.timer_count());
+        let _ = writeln!(out, "# HELP sluice_http_requests_total HTTP requests by route and status.\n# TYPE sluice_http_requests_total counter");
+        {
+            let r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            let mut rows: Vec<_> = r.iter().collect();
+            rows.sort();
+            for ((method, route, status), n) in rows {
+                let _ = writeln!(out, "sluice_http_requests_total{{method=\"{method}\",route=\"{}\",status=\"{status}\"}} {n}", esc(route));
+            }
+        }
+        let _ = writeln!(out, "# HELP sluice_http_request_duration_seconds HTTP request latency by route.\n# TYPE sluice_http_request_duration_seconds histogram");
+        let l = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routes: Vec<_> = l.iter().collect();
+        routes.sort_by(|a, b| a.0.cmp(b.0));
+        for (route, h) in routes {
+            let route = esc(route);
+            let mut cum = 0;
+            for (i, b) in BUCKETS.iter().enumerate() {
+                cum += h.counts[i];
+                let _ = writeln!(out, "sluice_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {cum}");
+            }
+            cum += h.counts[BUCKETS.len()];
+            let _ = writeln!(out, "sluice_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {cum}");
+            let _ = writeln!(out, "sluice_http_request_duration_seconds_sum{{route=\"{route}\"}} {}", h.sum);
+            let _ = writeln!(out, "sluice_http_request_duration_seconds_count{{route=\"{route}\"}} {cum}");
+        }
+        out
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

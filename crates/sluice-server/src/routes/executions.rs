@@ -1,0 +1,163 @@
+//! Starting, reading, signalling and cancelling executions; the dead-letter queue.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sluice_core::ExecStatus;
+use sluice_engine::StartRequest;
+use sluice_store::ExecutionFilter;
+
+use super::{execution_json, DEFAULT_TENANT};
+use crate::body::{parse_json, Body, JsonBody};
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Largest page of a list.
+pub const MAX_PAGE: usize = 500;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartBody {
+    workflow: String,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    workflow_id: Option<String>,
+    #[serde(default)]
+    input: Value,
+}
+
+#[tracing::instrument(skip_all, fields(workflow = %body.workflow))]
+pub async fn start(State(app): State<AppState>, JsonBody(body): JsonBody<StartBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if body.workflow.is_empty() {
+        return Err(ApiError::invalid("workflow", "expected a workflow name"));
+    }
+    let started = app
+        .engine
+        .start_execution(
+            DEFAULT_TENANT,
+            StartRequest { workflow: body.workflow, version: body.version, workflow_id: body.workflow_id, input: body.input },
+        )
+        .await?;
+    tracing::info!(workflow_id = %started.workflow_id, run_id = %started.run_id, created = started.created, "execution started");
+    let status = if started.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(json!(started))))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    workflow: Option<String>,
+    workflow_id: Option<String>,
+    status: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+fn filter_of(q: ListQuery, dead_letter: bool) -> Result<ExecutionFilter, ApiError> {
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(ExecStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid("status", format!("expected running, completed, failed, cancelled or continued_as_new, got `{s}`"))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::invalid("limit", format!("expected 1 to {MAX_PAGE}, got {limit}")));
+    }
+    Ok(ExecutionFilter { workflow: q.workflow, workflow_id: q.workflow_id, status, dead_letter, cursor: q.cursor, limit })
+}
+
+pub async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+    let page = app.engine.list_executions(DEFAULT_TENANT, filter_of(q, false)?).await?;
+    let items: Vec<Value> = page.items.iter().map(execution_json).collect();
+    Ok(Json(json!({"executions": items, "next_cursor": page.next_cursor})))
+}
+
+pub async fn dlq(State(app): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+    let page = app.engine.list_executions(DEFAULT_TENANT, filter_of(q, true)?).await?;
+    let items: Vec<Value> = page.items.iter().map(execution_json).collect();
+    Ok(Json(json!({"executions": items, "next_cursor": page.next_cursor})))
+}
+
+#[derive(Deserialize)]
+pub struct RunQuery {
+    run_id: Option<String>,
+}
+
+#[tracing::instrument(skip_all, fields(workflow_id = %id))]
+pub async fn get(State(app): State<AppState>, Path(id): Path<String>, Query(q): Query<RunQuery>) -> Result<Json<Value>, ApiError> {
+    let row = app.engine.get_execution(DEFAULT_TENANT, &id, q.run_id.as_deref()).await?;
+    Ok(Json(execution_json(&row)))
+}
+
+#[derive(Deserialize)]
+pub struct WaitQuery {
+    wait_ms: Option<u64>,
+}
+
+#[tracing::instrument(skip_all, fields(workflow_id = %id))]
+pub async fn result(State(app): State<AppState>, Path(id): Path<String>, Query(q): Query<WaitQuery>) -> Result<Json<Value>, ApiError> {
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000));
+    let row = app.engine.wait_result(DEFAULT_TENANT, &id, wait).await?;
+    Ok(Json(execution_json(&row)))
+}
+
+#[derive(Deserialize)]
+pub struct HistoryQuery {
+    run_id: Option<String>,
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+#[tracing::instrument(skip_all, fields(workflow_id = %id))]
+pub async fn history(State(app): State<AppState>, Path(id): Path<String>, Query(q): Query<HistoryQuery>) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(1000);
+    if limit == 0 || limit > 10_000 {
+        return Err(ApiError::invalid("limit", format!("expected 1 to 10000, got {limit}")));
+    }
+    let (row, events) = app.engine.history(DEFAULT_TENANT, &id, q.run_id.as_deref(), q.after.unwrap_or(0), limit).await?;
+    Ok(Json(json!({"workflow_id": row.workflow_id, "run_id": row.run_id, "events": events})))
+}
+
+#[tracing::instrument(skip_all, fields(workflow_id = %id, signal = %name))]
+pub async fn signal(State(app): State<AppState>, Path((id, name)): Path<(String, String)>, Body(body): Body) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(ApiError::invalid("name", "expected a signal name of 1 to 64 characters"));
+    }
+    let payload: Value = if body.is_empty() { Value::Null } else { parse_json(&body)? };
+    app.engine.signal(DEFAULT_TENANT, &id, &name, payload).await?;
+    tracing::info!("signal delivered");
+    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))))
+}
+
+#[tracing::instrument(skip_all, fields(workflow_id = %id, query = %name))]
+pub async fn query(State(app): State<AppState>, Path((id, name)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+    let result = app.engine.query(DEFAULT_TENANT, &id, &name).await?;
+    Ok(Json(json!({"result": result})))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[tracing::instrument(skip_all, fields(workflow_id = %id))]
+pub async fn cancel(State(app): State<AppState>, Path(id): Path<String>, Body(body): Body) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let body: CancelBody = if body.is_empty() { CancelBody::default() } else { parse_json(&body)? };
+    app.engine.cancel(DEFAULT_TENANT, &id, body.reason).await?;
+    tracing::info!("execution cancelled");
+    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))))
+}
+
+#[tracing::instrument(skip_all, fields(workflow_id = %id))]
+pub async fn redrive(State(app): State<AppState>, Path(id): Path<String>) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let run_id = app.engine.redrive(DEFAULT_TENANT, &id).await?;
+    tracing::info!(run_id = %run_id, "execution redriven");
+    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true, "run_id": run_id}))))
+}

@@ -1,0 +1,285 @@
+//! Reads: a few read-only connections, used from the blocking pool so that queries never stall
+//! the async runtime. WAL lets them read the last committed state while the writer writes.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension};
+use sluice_core::Event;
+use sluice_store::{
+    ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow, TimerRow, WorkflowSummary, WorkflowVersion,
+};
+use tokio::sync::Semaphore;
+
+use crate::codec::{enum_col, json_col, opt_json_col, status_col};
+use crate::error::db_err;
+
+/// Read connections open at once.
+const READERS: usize = 4;
+/// Rows a page holds when the filter asks for none, and the most it may hold.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1_000;
+
+pub(crate) struct Readers {
+    path: PathBuf,
+    busy_timeout: Duration,
+    idle: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+}
+
+impl Readers {
+    pub(crate) fn new(path: PathBuf, busy_timeout: Duration) -> Self {
+        Self { path, busy_timeout, idle: Mutex::new(Vec::new()), permits: Semaphore::new(READERS) }
+    }
+
+    /// Runs `f` on a read connection on the blocking pool.
+    pub(crate) async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable("the sqlite store is closing".into()))?;
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let conn = this.take()?;
+            let result = f(&conn).map_err(db_err);
+            this.give_back(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("a sqlite read did not finish: {e}")))?
+    }
+
+    fn take(&self) -> Result<Connection, StoreError> {
+        if let Some(conn) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(conn);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(&self.path, flags).map_err(db_err)?;
+        conn.busy_timeout(self.busy_timeout).map_err(db_err)?;
+        conn.set_prepared_statement_cache_capacity(crate::STATEMENT_CACHE);
+        Ok(conn)
+    }
+
+    fn give_back(&self, conn: Connection) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+    }
+}
+
+/// `SELECT`s the columns `exec_row` reads, followed by the rest of the query.
+macro_rules! select_exec {
+    ($rest:literal) => {
+        concat!(
+            "SELECT run_id, workflow_id, workflow, version, status, paused, dead_letter, input, output,
+                    error, failed_step, parent, next_seq, created_at_ms, updated_at_ms
+             FROM executions ",
+            $rest
+        )
+    };
+}
+
+fn exec_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ExecutionRow> {
+    Ok(ExecutionRow {
+        run_id: r.get(0)?,
+        workflow_id: r.get(1)?,
+        workflow: r.get(2)?,
+        version: r.get(3)?,
+        status: status_col(r, 4)?,
+        paused: r.get(5)?,
+        dead_letter: r.get(6)?,
+        input: json_col(r, 7)?,
+        output: opt_json_col(r, 8)?,
+        error: opt_json_col(r, 9)?,
+        failed_step: r.get(10)?,
+        parent: opt_json_col(r, 11)?,
+        next_seq: r.get(12)?,
+        created_at_ms: r.get(13)?,
+        updated_at_ms: r.get(14)?,
+    })
+}
+
+fn workflow_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkflowVersion> {
+    Ok(WorkflowVersion { name: r.get(0)?, version: r.get(1)?, definition: r.get(2)?, created_at_ms: r.get(3)? })
+}
+
+pub(crate) fn get_workflow(
+    conn: &Connection,
+    tenant: &str,
+    name: &str,
+    version: Option<&str>,
+) -> rusqlite::Result<Option<WorkflowVersion>> {
+    match version {
+        Some(version) => conn
+            .prepare_cached(
+                "SELECT name, version, definition, created_at_ms FROM workflows
+                 WHERE tenant = ?1 AND name = ?2 AND version = ?3",
+            )?
+            .query_row([tenant, name, version], workflow_row)
+            .optional(),
+        None => conn
+            .prepare_cached(
+                "SELECT name, version, definition, created_at_ms FROM workflows
+                 WHERE tenant = ?1 AND name = ?2
+                 ORDER BY created_at_ms DESC, version DESC LIMIT 1",
+            )?
+            .query_row([tenant, name], workflow_row)
+            .optional(),
+    }
+}
+
+pub(crate) fn list_workflows(conn: &Connection, tenant: &str) -> rusqlite::Result<Vec<WorkflowSummary>> {
+    let mut st = conn.prepare_cached(
+        "SELECT w.name,
+                (SELECT l.version FROM workflows l WHERE l.tenant = w.tenant AND l.name = w.name
+                 ORDER BY l.created_at_ms DESC, l.version DESC LIMIT 1),
+                COUNT(*), MAX(w.created_at_ms)
+         FROM workflows w WHERE w.tenant = ?1 GROUP BY w.name ORDER BY w.name",
+    )?;
+    let rows = st.query_map([tenant], |r| {
+        Ok(WorkflowSummary { name: r.get(0)?, latest_version: r.get(1)?, versions: r.get(2)?, updated_at_ms: r.get(3)? })
+    })?;
+    rows.collect()
+}
+
+pub(crate) fn list_versions(conn: &Connection, tenant: &str, name: &str) -> rusqlite::Result<Vec<WorkflowVersion>> {
+    let mut st = conn.prepare_cached(
+        "SELECT name, version, definition, created_at_ms FROM workflows
+         WHERE tenant = ?1 AND name = ?2 ORDER BY created_at_ms DESC, version DESC",
+    )?;
+    let rows = st.query_map([tenant, name], workflow_row)?;
+    rows.collect()
+}
+
+pub(crate) fn get_execution(
+    conn: &Connection,
+    tenant: &str,
+    workflow_id: &str,
+    run_id: Option<&str>,
+) -> rusqlite::Result<Option<ExecutionRow>> {
+    match run_id {
+        Some(run_id) => conn
+            .prepare_cached(select_exec!("WHERE run_id = ?1 AND tenant = ?2 AND workflow_id = ?3"))?
+            .query_row([run_id, tenant, workflow_id], exec_row)
+            .optional(),
+        None => conn
+            .prepare_cached(select_exec!("WHERE tenant = ?1 AND workflow_id = ?2 ORDER BY run_id DESC LIMIT 1"))?
+            .query_row([tenant, workflow_id], exec_row)
+            .optional(),
+    }
+}
+
+pub(crate) fn get_run(conn: &Connection, tenant: &str, run_id: &str) -> rusqlite::Result<Option<ExecutionRow>> {
+    conn.prepare_cached(select_exec!("WHERE run_id = ?1 AND tenant = ?2"))?.query_row([run_id, tenant], exec_row).optional()
+}
+
+/// Newest first; the cursor is the last run id of the previous page.
+pub(crate) fn list_executions(
+    conn: &Connection,
+    tenant: &str,
+    filter: &ExecutionFilter,
+) -> rusqlite::Result<Page<ExecutionRow>> {
+    let limit = match filter.limit {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    // Static fragments only; every value is bound. At most 32 shapes, each cached once.
+    let mut sql = String::from(select_exec!("WHERE tenant = ?"));
+    let mut args = vec![SqlValue::Text(tenant.to_owned())];
+    if let Some(workflow) = &filter.workflow {
+        sql.push_str(" AND workflow = ?");
+        args.push(SqlValue::Text(workflow.clone()));
+    }
+    if let Some(workflow_id) = &filter.workflow_id {
+        sql.push_str(" AND workflow_id = ?");
+        args.push(SqlValue::Text(workflow_id.clone()));
+    }
+    if let Some(status) = filter.status {
+        sql.push_str(" AND status = ?");
+        args.push(SqlValue::Text(status.as_str().to_owned()));
+    }
+    if filter.dead_letter {
+        sql.push_str(" AND dead_letter = 1");
+    }
+    if let Some(cursor) = &filter.cursor {
+        sql.push_str(" AND run_id < ?");
+        args.push(SqlValue::Text(cursor.clone()));
+    }
+    // One row more than the page tells whether another page follows.
+    sql.push_str(" ORDER BY run_id DESC LIMIT ?");
+    args.push(SqlValue::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
+
+    let mut st = conn.prepare_cached(&sql)?;
+    let mut items = st.query_map(params_from_iter(args), exec_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|r| r.run_id.clone())
+    } else {
+        None
+    };
+    Ok(Page { items, next_cursor })
+}
+
+pub(crate) fn history(
+    conn: &Connection,
+    tenant: &str,
+    run_id: &str,
+    after: u64,
+    limit: usize,
+) -> rusqlite::Result<Vec<Event>> {
+    let mut st = conn.prepare_cached(
+        "SELECT e.data FROM executions x JOIN events e ON e.run_id = x.run_id
+         WHERE x.run_id = ?1 AND x.tenant = ?2 AND e.seq > ?3
+         ORDER BY e.seq LIMIT ?4",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let after = i64::try_from(after).unwrap_or(i64::MAX);
+    let rows = st.query_map(params![run_id, tenant, after, limit], |r| json_col(r, 0))?;
+    rows.collect()
+}
+
+pub(crate) fn load_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskRow>> {
+    let mut st = conn.prepare_cached(
+        "SELECT id, tenant, queue, kind, run_id, workflow_id, step, attempt, input, visible_at_ms,
+                schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms
+         FROM tasks ORDER BY visible_at_ms, id",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok(TaskRow {
+            id: r.get(0)?,
+            tenant: r.get(1)?,
+            queue: r.get(2)?,
+            kind: enum_col(r, 3)?,
+            run_id: r.get(4)?,
+            workflow_id: r.get(5)?,
+            step: r.get(6)?,
+            attempt: r.get(7)?,
+            input: json_col(r, 8)?,
+            visible_at_ms: r.get(9)?,
+            schedule_to_start_ms: r.get(10)?,
+            start_to_close_ms: r.get(11)?,
+            heartbeat_ms: r.get(12)?,
+            created_at_ms: r.get(13)?,
+        })
+    })?;
+    rows.collect()
+}
+
+pub(crate) fn load_timers(conn: &Connection) -> rusqlite::Result<Vec<TimerRow>> {
+    let mut st = conn.prepare_cached(
+        "SELECT tenant, run_id, workflow_id, step, fire_at_ms FROM timers ORDER BY fire_at_ms, run_id, step",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok(TimerRow { tenant: r.get(0)?, run_id: r.get(1)?, workflow_id: r.get(2)?, step: r.get(3)?, fire_at_ms: r.get(4)? })
+    })?;
+    rows.collect()
+}
+
+pub(crate) fn ping(conn: &Connection) -> rusqlite::Result<()> {
+    conn.prepare_cached("SELECT 1")?.query_row([], |r| r.get::<_, i64>(0)).map(|_| ())
+}

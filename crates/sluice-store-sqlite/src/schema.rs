@@ -1,0 +1,110 @@
+//! The schema and its migrations. `PRAGMA user_version` is the number of migrations applied;
+//! each migration runs in its own transaction, and a database newer than this build is refused.
+
+use rusqlite::{Connection, TransactionBehavior};
+use sluice_store::StoreError;
+
+use crate::error::db_err;
+
+/// Migration `i` brings the schema from version `i` to `i + 1`. Never edit one that shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: the tables.
+    "
+    CREATE TABLE workflows (
+        tenant        TEXT    NOT NULL,
+        name          TEXT    NOT NULL,
+        version       TEXT    NOT NULL,
+        definition    TEXT    NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (tenant, name, version)
+    ) STRICT;
+
+    CREATE TABLE executions (
+        run_id        TEXT    NOT NULL PRIMARY KEY,
+        tenant        TEXT    NOT NULL,
+        workflow_id   TEXT    NOT NULL,
+        workflow      TEXT    NOT NULL,
+        version       TEXT    NOT NULL,
+        status        TEXT    NOT NULL,
+        paused        INTEGER NOT NULL,
+        dead_letter   INTEGER NOT NULL,
+        input         TEXT    NOT NULL,
+        output        TEXT,
+        error         TEXT,
+        failed_step   TEXT,
+        parent        TEXT,
+        next_seq      INTEGER NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL
+    ) STRICT;
+    -- Idempotent start: at most one running run per workflow id.
+    CREATE UNIQUE INDEX executions_running ON executions (tenant, workflow_id) WHERE status = 'running';
+    CREATE INDEX executions_by_tenant ON executions (tenant, run_id);
+    CREATE INDEX executions_by_workflow_id ON executions (tenant, workflow_id, run_id);
+    CREATE INDEX executions_by_workflow ON executions (tenant, workflow, run_id);
+    CREATE INDEX executions_dead_letter ON executions (tenant, run_id) WHERE dead_letter = 1;
+
+    CREATE TABLE events (
+        run_id TEXT    NOT NULL,
+        seq    INTEGER NOT NULL,
+        at_ms  INTEGER NOT NULL,
+        data   TEXT    NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    ) WITHOUT ROWID, STRICT;
+
+    CREATE TABLE tasks (
+        id                   TEXT    NOT NULL PRIMARY KEY,
+        tenant               TEXT    NOT NULL,
+        queue                TEXT    NOT NULL,
+        kind                 TEXT    NOT NULL,
+        run_id               TEXT    NOT NULL,
+        workflow_id          TEXT    NOT NULL,
+        step                 TEXT    NOT NULL,
+        attempt              INTEGER NOT NULL,
+        input                TEXT    NOT NULL,
+        visible_at_ms        INTEGER NOT NULL,
+        schedule_to_start_ms INTEGER,
+        start_to_close_ms    INTEGER NOT NULL,
+        heartbeat_ms         INTEGER,
+        created_at_ms        INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE TABLE timers (
+        run_id      TEXT    NOT NULL,
+        step        TEXT    NOT NULL,
+        tenant      TEXT    NOT NULL,
+        workflow_id TEXT    NOT NULL,
+        fire_at_ms  INTEGER NOT NULL,
+        PRIMARY KEY (run_id, step)
+    ) WITHOUT ROWID, STRICT;
+    ",
+];
+
+/// The schema version this build writes.
+pub(crate) const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+/// Brings the database to `SCHEMA_VERSION`.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    loop {
+        // IMMEDIATE: a second process opening the same file waits instead of migrating twice.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+        let current = schema_version(&tx)?;
+        let Some(sql) = MIGRATIONS.get(current) else {
+            if current > SCHEMA_VERSION {
+                return Err(StoreError::Internal(format!(
+                    "the database has schema version {current} but this build knows only up to \
+                     {SCHEMA_VERSION}; run a newer sluice"
+                )));
+            }
+            return Ok(());
+        };
+        tx.execute_batch(sql).map_err(db_err)?;
+        tx.pragma_update(None, "user_version", current + 1).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+    }
+}
+
+pub(crate) fn schema_version(conn: &Connection) -> Result<usize, StoreError> {
+    let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db_err)?;
+    usize::try_from(v).map_err(|_| StoreError::Internal(format!("invalid schema version {v}")))
+}

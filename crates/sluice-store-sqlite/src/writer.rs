@@ -1,0 +1,336 @@
+//! The single writer: a thread that owns the write connection and applies every write. Batches
+//! that queue up while it is busy are committed together in one transaction (one fsync), each
+//! inside its own savepoint, so that a failing batch fails alone.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use sluice_core::Event;
+use sluice_store::{Batch, ExecChange, StoreError, TaskRow, TimerRow, WorkflowVersion};
+use tokio::sync::oneshot;
+
+use crate::codec::{enum_name, opt_json, to_json};
+use crate::error::{db_err, is_constraint};
+
+/// The most writes committed in one transaction.
+const MAX_GROUP: usize = 1_000;
+
+pub(crate) enum Op {
+    Commit(Batch),
+    PutWorkflow { tenant: String, version: WorkflowVersion },
+}
+
+/// One write and where its result goes. The result says whether the write changed anything.
+pub(crate) struct Request {
+    pub(crate) op: Op,
+    pub(crate) reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) transactions: AtomicU64,
+    pub(crate) batches: AtomicU64,
+}
+
+/// The writer thread's loop; returns when every sender is gone and the queue is drained.
+pub(crate) fn run(conn: Connection, requests: Receiver<Request>, counters: Arc<Counters>) {
+    while let Ok(first) = requests.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match requests.try_recv() {
+                Ok(next) => group.push(next),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let (ops, replies): (Vec<Op>, Vec<_>) = group.into_iter().map(|r| (r.op, r.reply)).unzip();
+        let results = apply_group(&conn, &ops);
+        let committed = ops.iter().zip(&results).filter(|(op, r)| matches!(op, Op::Commit(_)) && r.is_ok()).count();
+        if results.iter().any(Result::is_ok) {
+            counters.transactions.fetch_add(1, Ordering::Relaxed);
+            counters.batches.fetch_add(committed as u64, Ordering::Relaxed);
+        }
+        for (reply, result) in replies.into_iter().zip(results) {
+            // The caller may have stopped waiting; the write stands either way.
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// Applies `ops` in one transaction, each in its own savepoint, and returns one result per op.
+/// An op that fails is rolled back alone; if the transaction itself fails, every op fails.
+pub(crate) fn apply_group(conn: &Connection, ops: &[Op]) -> Vec<Result<bool, StoreError>> {
+    let mut results = Vec::with_capacity(ops.len());
+    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
+        let e = db_err(e);
+        return ops.iter().map(|_| Err(e.clone())).collect();
+    }
+    for op in ops {
+        if let Err(e) = exec(conn, "SAVEPOINT batch") {
+            return abort(conn, results, ops.len(), db_err(e));
+        }
+        let applied = apply(conn, op);
+        let settled = match &applied {
+            Ok(_) => exec(conn, "RELEASE batch").map_err(db_err),
+            // SQLite rolls the whole transaction back after some errors (I/O, full disk); then
+            // there is no savepoint to return to and the group is lost.
+            Err(e) if conn.is_autocommit() => Err(e.clone()),
+            Err(_) => exec(conn, "ROLLBACK TO batch").and_then(|()| exec(conn, "RELEASE batch")).map_err(db_err),
+        };
+        if let Err(e) = settled {
+            return abort(conn, results, ops.len(), e);
+        }
+        results.push(applied);
+    }
+    if let Err(e) = exec(conn, "COMMIT") {
+        return abort(conn, results, ops.len(), db_err(e));
+    }
+    results
+}
+
+/// Rolls the group back: ops that had succeeded, and those not tried, fail with `e`.
+fn abort(
+    conn: &Connection,
+    mut results: Vec<Result<bool, StoreError>>,
+    n: usize,
+    e: StoreError,
+) -> Vec<Result<bool, StoreError>> {
+    tracing::error!(error = %e, writes = n, "sqlite group commit failed; rolled back");
+    if !conn.is_autocommit() {
+        if let Err(rollback) = exec(conn, "ROLLBACK") {
+            tracing::error!(error = %rollback, "sqlite rollback failed");
+        }
+    }
+    for r in &mut results {
+        if r.is_ok() {
+            *r = Err(e.clone());
+        }
+    }
+    results.resize(n, Err(e));
+    results
+}
+
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+fn apply(conn: &Connection, op: &Op) -> Result<bool, StoreError> {
+    match op {
+        Op::Commit(batch) => apply_batch(conn, batch).map(|()| true),
+        Op::PutWorkflow { tenant, version } => put_workflow(conn, tenant, version),
+    }
+}
+
+fn put_workflow(conn: &Connection, tenant: &str, v: &WorkflowVersion) -> Result<bool, StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "INSERT INTO workflows (tenant, name, version, definition, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (tenant, name, version) DO NOTHING",
+        )
+        .map_err(db_err)?;
+    let n = st.execute(params![tenant, v.name, v.version, v.definition, v.created_at_ms]).map_err(db_err)?;
+    Ok(n == 1)
+}
+
+fn apply_batch(conn: &Connection, batch: &Batch) -> Result<(), StoreError> {
+    for change in &batch.execs {
+        apply_exec(conn, change)?;
+    }
+    if !batch.remove_tasks.is_empty() {
+        let mut st = conn.prepare_cached("DELETE FROM tasks WHERE id = ?1").map_err(db_err)?;
+        for id in &batch.remove_tasks {
+            st.execute([id]).map_err(db_err)?;
+        }
+    }
+    for task in &batch.add_tasks {
+        insert_task(conn, task)?;
+    }
+    if !batch.remove_timers.is_empty() {
+        let mut st = conn.prepare_cached("DELETE FROM timers WHERE run_id = ?1 AND step = ?2").map_err(db_err)?;
+        for (run_id, step) in &batch.remove_timers {
+            st.execute([run_id, step]).map_err(db_err)?;
+        }
+    }
+    for timer in &batch.add_timers {
+        insert_timer(conn, timer)?;
+    }
+    Ok(())
+}
+
+fn apply_exec(conn: &Connection, change: &ExecChange) -> Result<(), StoreError> {
+    let row = &change.row;
+    if let Some(gap) = change.events.windows(2).find(|w| w[1].seq != w[0].seq + 1) {
+        return Err(StoreError::Conflict(format!(
+            "run {}: events {} and {} of a batch are not consecutive",
+            row.run_id, gap[0].seq, gap[1].seq
+        )));
+    }
+    if change.create {
+        insert_exec(conn, change)?;
+    } else {
+        update_exec(conn, change)?;
+    }
+    insert_events(conn, &row.run_id, &change.events)
+}
+
+fn insert_exec(conn: &Connection, change: &ExecChange) -> Result<(), StoreError> {
+    let row = &change.row;
+    let mut st = conn
+        .prepare_cached(
+            "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
+                 dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
+                 updated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )
+        .map_err(db_err)?;
+    let inserted = st.execute(params![
+        row.run_id,
+        change.tenant,
+        row.workflow_id,
+        row.workflow,
+        row.version,
+        row.status.as_str(),
+        row.paused,
+        row.dead_letter,
+        to_json(&row.input)?,
+        opt_json(row.output.as_ref())?,
+        opt_json(row.error.as_ref())?,
+        row.failed_step,
+        opt_json(row.parent.as_ref())?,
+        row.next_seq,
+        row.created_at_ms,
+        row.updated_at_ms,
+    ]);
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(e) if is_constraint(&e) => Err(match running_run(conn, change)? {
+            Some(running) => StoreError::AlreadyRunning(running),
+            None => StoreError::Conflict(format!("run {} already exists", row.run_id)),
+        }),
+        Err(e) => Err(db_err(e)),
+    }
+}
+
+fn update_exec(conn: &Connection, change: &ExecChange) -> Result<(), StoreError> {
+    let row = &change.row;
+    let stored: Option<u64> = conn
+        .prepare_cached("SELECT next_seq FROM executions WHERE run_id = ?1 AND tenant = ?2")
+        .and_then(|mut st| st.query_row([&row.run_id, &change.tenant], |r| r.get(0)).optional())
+        .map_err(db_err)?;
+    let stored = stored.ok_or(StoreError::NotFound)?;
+    if let Some(first) = change.events.first() {
+        if first.seq != stored {
+            return Err(StoreError::Conflict(format!(
+                "run {}: the history continues at event {stored}, the batch starts at {}; reload and retry",
+                row.run_id, first.seq
+            )));
+        }
+    }
+    let mut st = conn
+        .prepare_cached(
+            "UPDATE executions SET workflow = ?3, version = ?4, status = ?5, paused = ?6,
+                 dead_letter = ?7, input = ?8, output = ?9, error = ?10, failed_step = ?11,
+                 parent = ?12, next_seq = ?13, updated_at_ms = ?14
+             WHERE run_id = ?1 AND tenant = ?2",
+        )
+        .map_err(db_err)?;
+    let updated = st.execute(params![
+        row.run_id,
+        change.tenant,
+        row.workflow,
+        row.version,
+        row.status.as_str(),
+        row.paused,
+        row.dead_letter,
+        to_json(&row.input)?,
+        opt_json(row.output.as_ref())?,
+        opt_json(row.error.as_ref())?,
+        row.failed_step,
+        opt_json(row.parent.as_ref())?,
+        row.next_seq,
+        row.updated_at_ms,
+    ]);
+    match updated {
+        Ok(_) => Ok(()),
+        // Back to running (a redrive) while another run of the workflow id runs.
+        Err(e) if is_constraint(&e) => Err(match running_run(conn, change)? {
+            Some(running) => StoreError::AlreadyRunning(running),
+            None => db_err(e),
+        }),
+        Err(e) => Err(db_err(e)),
+    }
+}
+
+/// The run of the change's workflow id that is running, other than the change's own.
+fn running_run(conn: &Connection, change: &ExecChange) -> Result<Option<String>, StoreError> {
+    conn.prepare_cached(
+        "SELECT run_id FROM executions
+         WHERE tenant = ?1 AND workflow_id = ?2 AND status = 'running' AND run_id <> ?3",
+    )
+    .and_then(|mut st| {
+        st.query_row([&change.tenant, &change.row.workflow_id, &change.row.run_id], |r| r.get(0)).optional()
+    })
+    .map_err(db_err)
+}
+
+fn insert_events(conn: &Connection, run_id: &str, events: &[Event]) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut st = conn
+        .prepare_cached("INSERT INTO events (run_id, seq, at_ms, data) VALUES (?1, ?2, ?3, ?4)")
+        .map_err(db_err)?;
+    for e in events {
+        match st.execute(params![run_id, e.seq, e.at_ms, to_json(e)?]) {
+            Ok(_) => {}
+            Err(err) if is_constraint(&err) => {
+                return Err(StoreError::Conflict(format!("run {run_id}: event {} is already stored", e.seq)));
+            }
+            Err(err) => return Err(db_err(err)),
+        }
+    }
+    Ok(())
+}
+
+fn insert_task(conn: &Connection, t: &TaskRow) -> Result<(), StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "INSERT INTO tasks (id, tenant, queue, kind, run_id, workflow_id, step, attempt, input,
+                 visible_at_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        )
+        .map_err(db_err)?;
+    let inserted = st.execute(params![
+        t.id,
+        t.tenant,
+        t.queue,
+        enum_name(&t.kind)?,
+        t.run_id,
+        t.workflow_id,
+        t.step,
+        t.attempt,
+        to_json(&t.input)?,
+        t.visible_at_ms,
+        t.schedule_to_start_ms,
+        t.start_to_close_ms,
+        t.heartbeat_ms,
+        t.created_at_ms,
+    ]);
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(e) if is_constraint(&e) => Err(StoreError::Conflict(format!("task {} already exists", t.id))),
+        Err(e) => Err(db_err(e)),
+    }
+}
+
+fn insert_timer(conn: &Connection, t: &TimerRow) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO timers (run_id, step, tenant, workflow_id, fire_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut st| st.execute(params![t.run_id, t.step, t.tenant, t.workflow_id, t.fire_at_ms]))
+    .map(|_| ())
+    .map_err(db_err)
+}
