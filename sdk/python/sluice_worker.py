@@ -266,7 +266,8 @@ class _Transport:
             try:
                 return json.loads(data)
             except ValueError:
-                raise SluiceError("invalid_response", f"{method} {path}: the server sent invalid JSON", status) from None
+                msg = f"{method} {path}: the server sent invalid JSON"
+                raise SluiceError("invalid_response", msg, status) from None
         raise _error_from(status, data, retry_after)
 
     def close_all(self) -> None:
@@ -290,7 +291,8 @@ def _error_from(status: int, data: bytes, retry_after: Optional[float]) -> Sluic
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         text = data[:200].decode("utf-8", "replace").strip()
-        return SluiceError(f"http_{status}", text or http.client.responses.get(status, "error"), status, None, retry_after)
+        message = text or http.client.responses.get(status, "error")
+        return SluiceError(f"http_{status}", message, status, None, retry_after)
 
 
 def _q(segment: str) -> str:
@@ -498,7 +500,8 @@ class Task:
         self._cancel = threading.Event()
 
     def __repr__(self) -> str:
-        return f"Task(queue={self.queue!r}, workflow_id={self.workflow_id!r}, step={self.step!r}, attempt={self.attempt})"
+        return (f"Task(queue={self.queue!r}, workflow_id={self.workflow_id!r}, step={self.step!r}, "
+                f"attempt={self.attempt})")
 
     @property
     def deadline(self) -> Optional[float]:
@@ -874,4 +877,3 @@ class Worker:
                     return False
                 log.warning("reporting task %s failed: %s; retrying in %.1fs", task.idempotency_key, e, delay)
                 time.sleep(delay)
-

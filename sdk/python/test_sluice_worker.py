@@ -259,7 +259,8 @@ class WorkerTest(unittest.TestCase):
             self.start(Worker(fake.url, {"q": handler}, poll_wait_ms=100))
             self.assertTrue(fake.wait_for(lambda: len(fake.failed) == 2))
             f1 = fake.failed["t1"]
-            self.assertEqual(f1["error"], {"type": "bad_input", "message": "no name given", "details": {"field": "name"}})
+            self.assertEqual(f1["error"],
+                             {"type": "bad_input", "message": "no name given", "details": {"field": "name"}})
             self.assertIs(f1["retryable"], False)
             f2 = fake.failed["t2"]
             self.assertEqual(f2["error"]["type"], "KeyError")
@@ -469,7 +470,8 @@ class ClientTest(unittest.TestCase):
             self.assertEqual(ex["output"], {"ok": True})
             self.assertEqual(fake.executions["wf-7"]["polls"], 3)
             start = next(r for r in fake.requests if r[1] == "/v1/executions")
-            self.assertEqual(json.loads(start[3]), {"workflow": "hello", "input": {"name": "Ada"}, "workflow_id": "wf-7"})
+            self.assertEqual(json.loads(start[3]),
+                             {"workflow": "hello", "input": {"name": "Ada"}, "workflow_id": "wf-7"})
 
     def test_signal_quotes_ids_and_sends_the_payload(self):
         with FakeSluice() as fake:

@@ -80,7 +80,14 @@ pub async fn run(args: BenchArgs, server: &str, json_out: bool) -> Result<()> {
         format!("http://{addr}")
     };
     let api = Api::new(&base);
-    let name = format!("bench-{}-{}", match args.step_kind { StepKind::Task => "task", StepKind::Transform => "transform" }, args.steps);
+    let name = format!(
+        "bench-{}-{}",
+        match args.step_kind {
+            StepKind::Task => "task",
+            StepKind::Transform => "transform",
+        },
+        args.steps
+    );
     let steps: Vec<Value> = (1..=args.steps)
         .map(|i| match args.step_kind {
             StepKind::Task => json!({"id": format!("s{i}"), "type": "task", "queue": "bench", "input": ".input"}),

@@ -18,15 +18,25 @@ impl Api {
     }
 
     async fn decode(&self, resp: std::result::Result<reqwest::Response, reqwest::Error>) -> Result<Value> {
-        let resp = resp.map_err(|e| anyhow!("cannot reach the server at {}: {e}; start one with `sluice dev` or set --server", self.base))?;
+        let resp = resp.map_err(|e| {
+            anyhow!("cannot reach the server at {}: {e}; start one with `sluice dev` or set --server", self.base)
+        })?;
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if status.is_client_error() || status.is_server_error() {
             let err = &body["error"];
-            let mut msg = format!("{} ({})", err["message"].as_str().unwrap_or("request failed"), err["code"].as_str().unwrap_or(status.as_str()));
+            let mut msg = format!(
+                "{} ({})",
+                err["message"].as_str().unwrap_or("request failed"),
+                err["code"].as_str().unwrap_or(status.as_str())
+            );
             if let Some(list) = err["details"]["errors"].as_array() {
                 for e in list {
-                    msg.push_str(&format!("\n  {}: {}", e["path"].as_str().unwrap_or(""), e["message"].as_str().unwrap_or("")));
+                    msg.push_str(&format!(
+                        "\n  {}: {}",
+                        e["path"].as_str().unwrap_or(""),
+                        e["message"].as_str().unwrap_or("")
+                    ));
                 }
             }
             return Err(anyhow!(msg));
@@ -46,13 +56,14 @@ impl Api {
 
     pub async fn publish_text(&self, text: String, yaml: bool) -> Result<Value> {
         let ctype = if yaml { "application/yaml" } else { "application/json" };
-        let r = self.http.post(format!("{}/v1/workflows", self.base)).header("content-type", ctype).body(text).send().await;
+        let r =
+            self.http.post(format!("{}/v1/workflows", self.base)).header("content-type", ctype).body(text).send().await;
         self.decode(r).await
     }
 
     pub async fn publish_file(&self, file: &Path) -> Result<Value> {
         let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-        let yaml = !file.extension().is_some_and(|e| e == "json");
+        let yaml = file.extension().is_none_or(|e| e != "json");
         self.publish_text(text, yaml).await.with_context(|| format!("{} was not published", file.display()))
     }
 
@@ -91,7 +102,11 @@ pub fn describe(row: &Value) -> String {
         row["history_length"],
     );
     if !row["error"].is_null() {
-        s.push_str(&format!("\nerror        {}: {}", row["error"]["type"].as_str().unwrap_or(""), row["error"]["message"].as_str().unwrap_or("")));
+        s.push_str(&format!(
+            "\nerror        {}: {}",
+            row["error"]["type"].as_str().unwrap_or(""),
+            row["error"]["message"].as_str().unwrap_or("")
+        ));
         if let Some(step) = row["failed_step"].as_str() {
             s.push_str(&format!(" (step {step})"));
         }

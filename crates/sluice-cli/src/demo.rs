@@ -1,21 +1,74 @@
 //! The built-in demo worker: the queues the examples use, done in-process.
 
 use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use sluice_worker::{TaskError, Worker};
 
 pub const QUEUES: &[&str] = &["greet", "enrich", "flaky", "echo", "noop"];
 
-pub async fn run_worker(server: &str, queues: Vec<String>, concurrency: usize, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+/// Appends one JSON line per task received and per result the server acknowledged, synced to
+/// disk, so a test can prove no step was completed twice.
+#[derive(Clone)]
+struct Recorder(Arc<Mutex<std::fs::File>>);
+
+impl Recorder {
+    fn write(&self, event: &str, token: &str) {
+        let line = json!({"event": event, "idempotency_key": token}).to_string();
+        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(f, "{line}");
+        let _ = f.sync_data();
+    }
+}
+
+pub async fn run_worker(
+    server: &str,
+    queues: Vec<String>,
+    concurrency: usize,
+    record: Option<PathBuf>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let queues: Vec<String> = if queues.is_empty() { QUEUES.iter().map(|q| q.to_string()).collect() } else { queues };
+    let recorder = match record {
+        Some(path) => Some(Recorder(Arc::new(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?,
+        )))),
+        None => None,
+    };
     let mut w = Worker::new(server).concurrency(concurrency);
+    if let Some(r) = recorder.clone() {
+        w = w.on_result(Arc::new(move |token: &str, ok: bool| {
+            if ok {
+                r.write("completed", token);
+            }
+        }));
+    }
+    let rec = recorder.clone();
+    let received = move |token: &str| {
+        if let Some(r) = &rec {
+            r.write("received", token);
+        }
+    };
+    let received = Arc::new(received);
     for q in &queues {
         w = match q.as_str() {
-            "greet" => w.queue("greet", |t| async move {
-                let name = t.input["name"].as_str().unwrap_or("world").to_string();
-                Ok(json!({"greeting": format!("Hello, {name}!")}))
+            "greet" => w.queue("greet", {
+                let rx = received.clone();
+                move |t| {
+                    rx(&t.task_token);
+                    async move {
+                        let name = t.input["name"].as_str().unwrap_or("world").to_string();
+                        Ok(json!({"greeting": format!("Hello, {name}")}))
+                    }
+                }
             }),
             "enrich" => w.queue("enrich", |t| async move {
                 Ok(match &t.input {
@@ -31,8 +84,20 @@ pub async fn run_worker(server: &str, queues: Vec<String>, concurrency: usize, s
                     Err(TaskError::new("flaky", format!("attempt {} failed on purpose", t.attempt)))
                 }
             }),
-            "echo" => w.queue("echo", |t| async move { Ok(t.input) }),
-            "noop" => w.queue("noop", |_| async move { Ok(Value::Null) }),
+            "echo" => w.queue("echo", {
+                let rx = received.clone();
+                move |t| {
+                    rx(&t.task_token);
+                    async move { Ok(t.input) }
+                }
+            }),
+            "noop" => w.queue("noop", {
+                let rx = received.clone();
+                move |t| {
+                    rx(&t.task_token);
+                    async move { Ok(Value::Null) }
+                }
+            }),
             other => anyhow::bail!("the demo worker has no queue `{other}`; it serves {}", QUEUES.join(", ")),
         };
     }

@@ -70,6 +70,9 @@ enum Command {
         queues: Vec<String>,
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Append a JSON line per task received and per result acknowledged to this file.
+        #[arg(long)]
+        record: Option<PathBuf>,
     },
     /// Publish a workflow file, start it, wait for the result and print it.
     Run {
@@ -133,7 +136,9 @@ enum DlqAction {
 enum WorkflowsAction {
     List,
     /// Publish a workflow file (YAML or JSON).
-    Publish { file: PathBuf },
+    Publish {
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -168,7 +173,8 @@ fn init_logs(format: &str, server: bool) {
 }
 
 fn parse_json_arg(what: &str, text: &str) -> Result<Value> {
-    serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON (example: --{what} '{{\"name\": \"Ada\"}}')"))
+    serde_json::from_str(text)
+        .with_context(|| format!("{what} is not valid JSON (example: --{what} '{{\"name\": \"Ada\"}}')"))
 }
 
 /// Writes data to stdout; a closed pipe ends quietly.
@@ -186,7 +192,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Dev { serve, examples, no_worker } => server::dev(serve, examples, !no_worker).await,
         Command::Serve { serve } => server::serve(serve).await,
-        Command::Worker { queues, concurrency } => demo::run_worker(&cli.server, queues, concurrency, std::future::pending()).await,
+        Command::Worker { queues, concurrency, record } => {
+            demo::run_worker(&cli.server, queues, concurrency, record, std::future::pending()).await
+        }
         Command::Run { file, input, workflow_id, timeout } => {
             let input = parse_json_arg("input", &input)?;
             let published = api.publish_file(&file).await?;
@@ -204,7 +212,11 @@ async fn dispatch(cli: Cli) -> Result<()> {
             if json {
                 out(&started.to_string());
             } else {
-                out(&format!("{}\t{}", started["workflow_id"].as_str().unwrap_or(""), started["run_id"].as_str().unwrap_or("")));
+                out(&format!(
+                    "{}\t{}",
+                    started["workflow_id"].as_str().unwrap_or(""),
+                    started["run_id"].as_str().unwrap_or("")
+                ));
             }
             Ok(())
         }
@@ -269,7 +281,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 } else {
                     out(&format!("{:<32} {:<14} {:>8}", "NAME", "LATEST", "VERSIONS"));
                     for w in list["workflows"].as_array().into_iter().flatten() {
-                        out(&format!("{:<32} {:<14} {:>8}", w["name"].as_str().unwrap_or(""), w["latest_version"].as_str().unwrap_or(""), w["versions"]));
+                        out(&format!(
+                            "{:<32} {:<14} {:>8}",
+                            w["name"].as_str().unwrap_or(""),
+                            w["latest_version"].as_str().unwrap_or(""),
+                            w["versions"]
+                        ));
                     }
                 }
                 Ok(())
@@ -298,7 +315,10 @@ fn print_result(row: &Value, json: bool) -> Result<()> {
     }
     match row["status"].as_str() {
         Some("completed") => Ok(()),
-        Some("running") => bail!("the execution is still running; check it with `sluice status {}`", row["workflow_id"].as_str().unwrap_or("")),
+        Some("running") => bail!(
+            "the execution is still running; check it with `sluice status {}`",
+            row["workflow_id"].as_str().unwrap_or("")
+        ),
         Some(other) => bail!("the execution ended {other}: {}", row["error"]["message"].as_str().unwrap_or("")),
         None => bail!("unexpected answer from the server"),
     }

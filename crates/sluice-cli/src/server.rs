@@ -13,11 +13,14 @@ use crate::ServeArgs;
 
 /// Opens the store, recovers the engine and binds the listener.
 pub async fn start(database: &Path, bind: &str, port: u16) -> Result<(Engine, TcpListener, SocketAddr)> {
-    let store = SqliteStore::open(database).map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", database.display()))?;
-    let (engine, _bg) = Engine::start(Arc::new(store), EngineOptions::default()).await.map_err(|e| anyhow::anyhow!("cannot start the engine: {e}"))?;
-    let listener = TcpListener::bind((bind, port))
+    let store = SqliteStore::open(database)
+        .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", database.display()))?;
+    let (engine, _bg) = Engine::start(Arc::new(store), EngineOptions::default())
         .await
-        .with_context(|| format!("cannot listen on {bind}:{port}; is another server running? pick another with --port"))?;
+        .map_err(|e| anyhow::anyhow!("cannot start the engine: {e}"))?;
+    let listener = TcpListener::bind((bind, port)).await.with_context(|| {
+        format!("cannot listen on {bind}:{port}; is another server running? pick another with --port")
+    })?;
     let addr = listener.local_addr()?;
     Ok((engine, listener, addr))
 }
@@ -59,7 +62,7 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()>
     if worker {
         let url = url.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::demo::run_worker(&url, Vec::new(), 64, std::future::pending()).await {
+            if let Err(e) = crate::demo::run_worker(&url, Vec::new(), 64, None, std::future::pending()).await {
                 tracing::error!(error = %e, "demo worker stopped");
             }
         });
@@ -67,7 +70,10 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()>
     eprintln!();
     eprintln!("  Sluice is running at {url}");
     eprintln!("  database   {}", args.database.display());
-    eprintln!("  workflows  {}", if published.is_empty() { "none (no examples folder)".to_string() } else { published.join(", ") });
+    eprintln!(
+        "  workflows  {}",
+        if published.is_empty() { "none (no examples folder)".to_string() } else { published.join(", ") }
+    );
     eprintln!("  try        sluice run examples/hello.yaml --input '{{\"name\": \"Ada\"}}'");
     eprintln!("  API        {url}/openapi.json   metrics {url}/metrics");
     eprintln!();

@@ -37,9 +37,7 @@ pub fn decide(def: &WorkflowDef, st: &mut ExecState) -> Vec<Event> {
                 }),
             }
         }
-        Flow::Failed(error, step) => {
-            d.emit(EventKind::ExecutionFailed { error, step: Some(step), dead_letter: true })
-        }
+        Flow::Failed(error, step) => d.emit(EventKind::ExecutionFailed { error, step: Some(step), dead_letter: true }),
         Flow::Pending | Flow::Ended => {}
     }
     d.out
@@ -197,7 +195,8 @@ impl Decider<'_> {
             Err(e) => return self.fail_step(key, expr_error("input", &e)),
         };
         // Child ids stay within the workflow id alphabet: `parent.step`, `parent.map-3.step`.
-        let mut workflow_id = format!("{}.{}", self.st.workflow_id, key.replace('/', ".").replace('[', "-").replace(']', ""));
+        let mut workflow_id =
+            format!("{}.{}", self.st.workflow_id, key.replace('/', ".").replace('[', "-").replace(']', ""));
         if attempt > 1 {
             workflow_id.push_str(&format!(".attempt-{attempt}"));
         }

@@ -28,27 +28,20 @@ impl Duration {
     /// seconds. Fractions are allowed (`1.5s`).
     pub fn parse(text: &str) -> Result<Self, String> {
         let t = text.trim();
-        let split = t
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(t.len());
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let value: f64 = num
-            .parse()
-            .map_err(|_| format!("expected a duration such as `500ms`, `5s` or `2m`, got `{text}`"))?;
+        let value: f64 =
+            num.parse().map_err(|_| format!("expected a duration such as `500ms`, `5s` or `2m`, got `{text}`"))?;
         let factor = match unit.trim() {
             "ms" => 1.0,
             "" | "s" => 1000.0,
             "m" => 60_000.0,
             "h" => 3_600_000.0,
             "d" => 86_400_000.0,
-            other => {
-                return Err(format!(
-                    "unknown duration unit `{other}` in `{text}`: use ms, s, m, h or d"
-                ))
-            }
+            other => return Err(format!("unknown duration unit `{other}` in `{text}`: use ms, s, m, h or d")),
         };
         let ms = value * factor;
-        if !ms.is_finite() || ms < 0.0 || ms > 10.0 * 365.0 * 86_400_000.0 {
+        if !ms.is_finite() || !(0.0..=10.0 * 365.0 * 86_400_000.0).contains(&ms) {
             return Err(format!("duration `{text}` is out of range (0 to 10 years)"));
         }
         Ok(Self { ms: ms.round() as u64 })
@@ -96,7 +89,9 @@ mod tests {
 
     #[test]
     fn parses_units_and_round_trips() {
-        for (text, ms) in [("500ms", 500), ("5s", 5000), ("2m", 120_000), ("1h", 3_600_000), ("1.5s", 1500), ("3", 3000)] {
+        for (text, ms) in
+            [("500ms", 500), ("5s", 5000), ("2m", 120_000), ("1h", 3_600_000), ("1.5s", 1500), ("3", 3000)]
+        {
             let d = Duration::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             assert_eq!(d.as_millis(), ms, "{text}");
             assert_eq!(Duration::parse(&d.to_string()), Ok(d));

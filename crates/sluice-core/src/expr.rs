@@ -35,11 +35,8 @@ fn safe_natives() -> impl Iterator<Item = jaq_core::native::Fun<Data>> {
     let f = |name: &'static str, arity: usize, run: jaq_core::RunPtr<Data>| {
         jaq_core::native::run::<Data>((name, jaq_core::native::v(arity), run))
     };
-    [
-        f("debug_empty", 0, nothing::<Data>),
-        f("stderr_empty", 0, nothing::<Data>),
-        f("halt", 1, halt::<Data>),
-    ].into_iter()
+    [f("debug_empty", 0, nothing::<Data>), f("stderr_empty", 0, nothing::<Data>), f("halt", 1, halt::<Data>)]
+        .into_iter()
 }
 
 /// A compiled jq expression together with its source text.
@@ -64,10 +61,7 @@ pub enum ExprError {
 impl Expr {
     pub fn parse(src: &str) -> Result<Self, ExprError> {
         if src.len() > MAX_EXPR_LEN {
-            return Err(ExprError::Compile(format!(
-                "expression is {} bytes, the limit is {MAX_EXPR_LEN}",
-                src.len()
-            )));
+            return Err(ExprError::Compile(format!("expression is {} bytes, the limit is {MAX_EXPR_LEN}", src.len())));
         }
         if src.trim().is_empty() {
             return Err(ExprError::Compile("expression is empty".into()));
@@ -76,27 +70,22 @@ impl Expr {
         let funs = jaq_core::funs()
             .chain(jaq_std::funs())
             .chain(jaq_json::funs())
-            .filter(|(name, _, _)| {
-                !FORBIDDEN.contains(name) && !["halt", "debug_empty", "stderr_empty"].contains(name)
-            })
+            .filter(|(name, _, _)| !FORBIDDEN.contains(name) && !["halt", "debug_empty", "stderr_empty"].contains(name))
             .chain(safe_natives());
         let loader = Loader::new(defs);
         let arena = Arena::default();
         let modules = loader
             .load(&arena, File { code: src, path: () })
             .map_err(|errs| ExprError::Compile(describe_load_errors(errs)))?;
-        let filter = Compiler::default()
-            .with_funs(funs)
-            .compile(modules)
-            .map_err(|errs| {
-                let mut parts = Vec::new();
-                for (_file, es) in errs {
-                    for (name, undefined) in es {
-                        parts.push(format!("undefined {} `{name}`", undefined.as_str()));
-                    }
+        let filter = Compiler::default().with_funs(funs).compile(modules).map_err(|errs| {
+            let mut parts = Vec::new();
+            for (_file, es) in errs {
+                for (name, undefined) in es {
+                    parts.push(format!("undefined {} `{name}`", undefined.as_str()));
                 }
-                ExprError::Compile(parts.join("; "))
-            })?;
+            }
+            ExprError::Compile(parts.join("; "))
+        })?;
         Ok(Self { src: src.into(), filter: Arc::new(filter) })
     }
 
@@ -180,12 +169,10 @@ fn describe_load_errors(errs: jaq_core::load::Errors<&str, ()>) -> String {
         match err {
             Error::Io(es) => parts.extend(es.into_iter().map(|(p, e)| format!("{p}: {e}"))),
             Error::Lex(es) => parts.extend(
-                es.into_iter()
-                    .map(|(expect, at)| format!("expected {} at `{}`", expect.as_str(), snippet(at))),
+                es.into_iter().map(|(expect, at)| format!("expected {} at `{}`", expect.as_str(), snippet(at))),
             ),
             Error::Parse(es) => parts.extend(
-                es.into_iter()
-                    .map(|(expect, at)| format!("expected {} at `{}`", expect.as_str(), snippet(at))),
+                es.into_iter().map(|(expect, at)| format!("expected {} at `{}`", expect.as_str(), snippet(at))),
             ),
         }
     }
@@ -224,11 +211,9 @@ pub fn to_val(v: &Value) -> Val {
         }
         Value::String(s) => Val::utf8_str(s.clone().into_bytes()),
         Value::Array(items) => items.iter().map(to_val).collect(),
-        Value::Object(map) => Val::obj(
-            map.iter()
-                .map(|(k, v)| (Val::utf8_str(k.clone().into_bytes()), to_val(v)))
-                .collect(),
-        ),
+        Value::Object(map) => {
+            Val::obj(map.iter().map(|(k, v)| (Val::utf8_str(k.clone().into_bytes()), to_val(v))).collect())
+        }
     }
 }
 
@@ -275,12 +260,7 @@ fn num_to_json(n: &jaq_json::Num) -> Value {
 
 /// Builds a JSON object value for jaq from key/value pairs without going through JSON.
 pub fn obj(entries: impl IntoIterator<Item = (&'static str, Val)>) -> Val {
-    Val::obj(
-        entries
-            .into_iter()
-            .map(|(k, v)| (Val::utf8_str(k.as_bytes().to_vec()), v))
-            .collect(),
-    )
+    Val::obj(entries.into_iter().map(|(k, v)| (Val::utf8_str(k.as_bytes().to_vec()), v)).collect())
 }
 
 #[cfg(test)]

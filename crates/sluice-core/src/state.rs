@@ -338,9 +338,7 @@ impl ExecState {
     }
 
     fn is_current_attempt(&self, step: &str, attempt: u32) -> bool {
-        self.steps
-            .get(step)
-            .is_some_and(|s| s.status == StepStatus::Scheduled && s.attempt == attempt)
+        self.steps.get(step).is_some_and(|s| s.status == StepStatus::Scheduled && s.attempt == attempt)
     }
 
     /// The jq context for expressions evaluated in the scope `prefix` (empty at the top level,

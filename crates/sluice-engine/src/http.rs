@@ -35,15 +35,15 @@ impl Engine {
         let method = req.get("method").and_then(Value::as_str).unwrap_or("GET");
         let url = req.get("url").and_then(Value::as_str).unwrap_or_default();
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err((ErrorInfo::new("http.bad_url", format!("url must start with http:// or https://, got `{url}`")), false));
+            return Err((
+                ErrorInfo::new("http.bad_url", format!("url must start with http:// or https://, got `{url}`")),
+                false,
+            ));
         }
         let method = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|_| (ErrorInfo::new("http.bad_method", format!("unknown method `{method}`")), false))?;
-        let mut builder = self
-            .inner
-            .http
-            .request(method, url)
-            .timeout(Duration::from_millis(row.start_to_close_ms.max(1)));
+        let mut builder =
+            self.inner.http.request(method, url).timeout(Duration::from_millis(row.start_to_close_ms.max(1)));
         if let Some(headers) = req.get("headers").and_then(Value::as_object) {
             for (k, v) in headers {
                 if let Some(v) = v.as_str() {
@@ -59,10 +59,7 @@ impl Engine {
             (ErrorInfo::new(kind, e.to_string()), true)
         })?;
         let status = resp.status().as_u16();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| (ErrorInfo::new("http.body", e.to_string()), true))?;
+        let bytes = resp.bytes().await.map_err(|e| (ErrorInfo::new("http.body", e.to_string()), true))?;
         let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_BODY)]).into_owned();
         let body = serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text));
         if (200..300).contains(&status) {

@@ -150,14 +150,8 @@ pub(crate) fn new_id() -> String {
 
 /// Valid workflow ids: what URLs and logs can carry unescaped.
 pub fn validate_workflow_id(id: &str) -> Result<()> {
-    if id.is_empty()
-        || id.len() > 200
-        || !id.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:@".contains(c))
-    {
-        return Err(Error::invalid(
-            "workflow_id",
-            "expected 1 to 200 letters, digits, `_`, `-`, `.`, `:` or `@`",
-        ));
+    if id.is_empty() || id.len() > 200 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:@".contains(c)) {
+        return Err(Error::invalid("workflow_id", "expected 1 to 200 letters, digits, `_`, `-`, `.`, `:` or `@`"));
     }
     Ok(())
 }
@@ -246,7 +240,14 @@ impl Engine {
                 for x in expired {
                     let e = self.clone();
                     tokio::spawn(async move {
-                        let err = ErrorInfo::new(x.kind, format!("task attempt {} exceeded its {} limit", x.row.attempt, x.kind.trim_start_matches("timeout.")));
+                        let err = ErrorInfo::new(
+                            x.kind,
+                            format!(
+                                "task attempt {} exceeded its {} limit",
+                                x.row.attempt,
+                                x.kind.trim_start_matches("timeout.")
+                            ),
+                        );
                         if let Err(err) = e.finish_task(x.row, None, Some((err, true))).await {
                             tracing::warn!(error = %err, "could not record a task timeout");
                         }
@@ -268,8 +269,16 @@ impl Engine {
     }
 
     async fn fire_timer(&self, tenant: String, run: String, step: String) {
+        if step == txn::START_TIMER {
+            return self.kick(&tenant, &run).await;
+        }
         let result = self
-            .advance(&tenant, &run, |_| Ok(vec![EventKind::TimerFired { step: step.clone() }]), txn::Extra::timer(&run, &step))
+            .advance(
+                &tenant,
+                &run,
+                |_| Ok(vec![EventKind::TimerFired { step: step.clone() }]),
+                txn::Extra::timer(&run, &step),
+            )
             .await;
         match result {
             Ok(()) | Err(Error::NotRunning(_)) | Err(Error::NotFound { .. }) => {}
@@ -292,7 +301,12 @@ impl Engine {
             .store
             .put_workflow(
                 tenant,
-                WorkflowVersion { name: def.name.clone(), version: version.clone(), definition: canonical, created_at_ms: now_ms() },
+                WorkflowVersion {
+                    name: def.name.clone(),
+                    version: version.clone(),
+                    definition: canonical,
+                    created_at_ms: now_ms(),
+                },
             )
             .await?;
         lock(&self.inner.defs).insert((tenant.into(), def.name.clone(), version.clone()), Arc::new(def.clone()));
@@ -300,23 +314,31 @@ impl Engine {
     }
 
     /// A definition by name and version (latest when `None`), from cache or store.
-    pub async fn definition(&self, tenant: &str, name: &str, version: Option<&str>) -> Result<(String, Arc<WorkflowDef>)> {
+    pub async fn definition(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(String, Arc<WorkflowDef>)> {
         if let Some(v) = version {
             if let Some(d) = lock(&self.inner.defs).get(&(tenant.into(), name.into(), v.into())) {
                 return Ok((v.to_string(), d.clone()));
             }
         }
-        let row = self
-            .inner
-            .store
-            .get_workflow(tenant, name, version)
-            .await?
-            .ok_or_else(|| Error::NotFound { what: "workflow", id: match version { Some(v) => format!("{name}@{v}"), None => name.to_string() } })?;
+        let row = self.inner.store.get_workflow(tenant, name, version).await?.ok_or_else(|| Error::NotFound {
+            what: "workflow",
+            id: match version {
+                Some(v) => format!("{name}@{v}"),
+                None => name.to_string(),
+            },
+        })?;
         if let Some(d) = lock(&self.inner.defs).get(&(tenant.into(), name.into(), row.version.clone())) {
             return Ok((row.version, d.clone()));
         }
-        let value: Value = serde_json::from_str(&row.definition).map_err(|e| Error::Internal(format!("stored definition is not JSON: {e}")))?;
-        let def = sluice_core::def::parse_value(&value).map_err(|e| Error::Internal(format!("stored definition no longer validates: {:?}", e)))?;
+        let value: Value = serde_json::from_str(&row.definition)
+            .map_err(|e| Error::Internal(format!("stored definition is not JSON: {e}")))?;
+        let def = sluice_core::def::parse_value(&value)
+            .map_err(|e| Error::Internal(format!("stored definition no longer validates: {:?}", e)))?;
         let def = Arc::new(def);
         lock(&self.inner.defs).insert((tenant.into(), name.into(), row.version.clone()), def.clone());
         Ok((row.version, def))
@@ -360,7 +382,9 @@ impl Engine {
                     Some(row) if row.status == sluice_core::ExecStatus::Running => {
                         Ok(Started { workflow_id, run_id: row.run_id, status: "running", created: false })
                     }
-                    _ => Err(Error::Conflict(format!("workflow id `{workflow_id}` is being started concurrently, retry"))),
+                    _ => Err(Error::Conflict(format!(
+                        "workflow id `{workflow_id}` is being started concurrently, retry"
+                    ))),
                 }
             }
             Err(e) => Err(e),
@@ -404,7 +428,14 @@ impl Engine {
         Ok(self.inner.store.list_executions(tenant, filter).await?)
     }
 
-    pub async fn history(&self, tenant: &str, workflow_id: &str, run_id: Option<&str>, after: u64, limit: usize) -> Result<(ExecutionRow, Vec<sluice_core::Event>)> {
+    pub async fn history(
+        &self,
+        tenant: &str,
+        workflow_id: &str,
+        run_id: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> Result<(ExecutionRow, Vec<sluice_core::Event>)> {
         let row = self.get_execution(tenant, workflow_id, run_id).await?;
         let events = self.inner.store.history(tenant, &row.run_id, after, limit).await?;
         Ok((row, events))
@@ -423,7 +454,9 @@ impl Engine {
                     "pause" => vec![EventKind::ExecutionPaused],
                     "resume" if !st.paused => vec![],
                     "resume" => vec![EventKind::ExecutionResumed],
-                    "cancel" => vec![EventKind::ExecutionCancelled { reason: payload.get("reason").and_then(Value::as_str).map(str::to_string) }],
+                    "cancel" => vec![EventKind::ExecutionCancelled {
+                        reason: payload.get("reason").and_then(Value::as_str).map(str::to_string),
+                    }],
                     _ => vec![EventKind::SignalReceived { name, payload }],
                 })
             },
@@ -434,7 +467,13 @@ impl Engine {
 
     pub async fn cancel(&self, tenant: &str, workflow_id: &str, reason: Option<String>) -> Result<()> {
         let row = self.running_row(tenant, workflow_id).await?;
-        self.advance(tenant, &row.run_id, move |_| Ok(vec![EventKind::ExecutionCancelled { reason }]), txn::Extra::default()).await
+        self.advance(
+            tenant,
+            &row.run_id,
+            move |_| Ok(vec![EventKind::ExecutionCancelled { reason }]),
+            txn::Extra::default(),
+        )
+        .await
     }
 
     /// Evaluates a query: `state` (built in) or one declared in the definition.
@@ -447,7 +486,8 @@ impl Engine {
         if name == "state" {
             return Ok(sluice_core::expr::from_val(&ctx));
         }
-        let expr: &Expr = def.queries.get(name).ok_or_else(|| Error::NotFound { what: "query", id: name.to_string() })?;
+        let expr: &Expr =
+            def.queries.get(name).ok_or_else(|| Error::NotFound { what: "query", id: name.to_string() })?;
         expr.eval(ctx).map_err(|e| Error::invalid(format!("queries.{name}"), e.to_string()))
     }
 
@@ -457,7 +497,8 @@ impl Engine {
         if !row.dead_letter {
             return Err(Error::Conflict(format!("execution `{workflow_id}` is not in the dead-letter queue")));
         }
-        self.advance_any(tenant, &row.run_id, |_| Ok(vec![EventKind::ExecutionRedriven]), txn::Extra::default(), true).await?;
+        self.advance_any(tenant, &row.run_id, |_| Ok(vec![EventKind::ExecutionRedriven]), txn::Extra::default(), true)
+            .await?;
         Ok(row.run_id)
     }
 
@@ -472,7 +513,14 @@ impl Engine {
     // ---- workers ----
 
     /// Long-polls a queue for up to `max` tasks.
-    pub async fn poll(&self, tenant: &str, queue: &str, worker: &str, max: usize, wait: Duration) -> Result<Vec<TaskInfo>> {
+    pub async fn poll(
+        &self,
+        tenant: &str,
+        queue: &str,
+        worker: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<TaskInfo>> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         tracing::trace!(worker, queue, "poll");
         loop {
@@ -533,19 +581,25 @@ impl Engine {
 
     /// Records the outcome of a task. The task was removed from the table by the caller; if the
     /// commit fails it is put back so the worker can retry.
-    pub(crate) async fn finish_task(&self, row: TaskRow, output: Option<Value>, failure: Option<(ErrorInfo, bool)>) -> Result<()> {
+    pub(crate) async fn finish_task(
+        &self,
+        row: TaskRow,
+        output: Option<Value>,
+        failure: Option<(ErrorInfo, bool)>,
+    ) -> Result<()> {
         let event = match (output, failure) {
             (Some(output), _) => EventKind::TaskCompleted { step: row.step.clone(), attempt: row.attempt, output },
-            (None, Some((error, retryable))) => EventKind::TaskFailed { step: row.step.clone(), attempt: row.attempt, error, retryable },
+            (None, Some((error, retryable))) => {
+                EventKind::TaskFailed { step: row.step.clone(), attempt: row.attempt, error, retryable }
+            }
             (None, None) => return Err(Error::Internal("task finished without outcome".into())),
         };
         let completed = matches!(event, EventKind::TaskCompleted { .. });
-        let result = self
-            .advance(&row.tenant, &row.run_id, move |_| Ok(vec![event]), txn::Extra::task(&row.id))
-            .await;
+        let result = self.advance(&row.tenant, &row.run_id, move |_| Ok(vec![event]), txn::Extra::task(&row.id)).await;
         match result {
             Ok(()) => {
-                let c = if completed { &self.inner.counters.tasks_completed } else { &self.inner.counters.tasks_failed };
+                let c =
+                    if completed { &self.inner.counters.tasks_completed } else { &self.inner.counters.tasks_failed };
                 c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
@@ -554,7 +608,10 @@ impl Engine {
                 let now = now_ms();
                 let mut t = lock(&self.inner.tasks);
                 t.restore(tasks::Entry {
-                    slot: tasks::Slot::Leased(tasks::Lease { deadline_ms: now + row.start_to_close_ms as i64, heartbeat_deadline_ms: None }),
+                    slot: tasks::Slot::Leased(tasks::Lease {
+                        deadline_ms: now + row.start_to_close_ms as i64,
+                        heartbeat_deadline_ms: None,
+                    }),
                     row,
                 });
                 Err(e)

@@ -63,10 +63,7 @@ impl TaskTable {
     fn make_ready(&mut self, row: TaskRow, now: i64) -> Option<TaskRow> {
         let id = row.id.clone();
         if row.kind == sluice_core::event::TaskKind::Http {
-            let lease = Lease {
-                deadline_ms: now + row.start_to_close_ms as i64,
-                heartbeat_deadline_ms: None,
-            };
+            let lease = Lease { deadline_ms: now + row.start_to_close_ms as i64, heartbeat_deadline_ms: None };
             self.entries.insert(id, Entry { row: row.clone(), slot: Slot::Leased(lease) });
             return Some(row);
         }
@@ -194,7 +191,6 @@ impl TaskTable {
         }
         out.into_iter().map(|((t, q), (n, age))| (t, q, n, age)).collect()
     }
-
 }
 
 /// Durable timers in memory, by due time, with an index to cancel one by (run, step).

@@ -39,13 +39,34 @@ struct Touched {
 }
 
 enum Follow {
-    StartChild { tenant: String, parent: ParentRef, workflow: String, workflow_id: String, input: Value },
-    Notify { tenant: String, run_id: String, event: EventKind },
-    Continue { tenant: String, workflow: String, workflow_id: String, input: Value, from: String, parent: Option<ParentRef> },
+    StartChild {
+        tenant: String,
+        parent: ParentRef,
+        workflow: String,
+        workflow_id: String,
+        input: Value,
+    },
+    Notify {
+        tenant: String,
+        run_id: String,
+        event: EventKind,
+    },
+    Continue {
+        tenant: String,
+        workflow: String,
+        workflow_id: String,
+        input: Value,
+        from: String,
+        parent: Option<ParentRef>,
+    },
 }
+
+/// Step name of the durable timer that makes a new run take its first decision.
+pub(crate) const START_TIMER: &str = "$start";
 
 struct Txn {
     now: i64,
+    kicks: Vec<String>,
     touched: Vec<Touched>,
     work: VecDeque<(String, String, Vec<EventKind>)>,
     batch: Batch,
@@ -73,10 +94,16 @@ impl Engine {
         let guard = self.lock_run(tenant, run_id, allow_terminal).await?;
         let Some(entry) = guard.as_ref() else { return Err(Error::NotRunning(run_id.to_string())) };
         let events = make(&entry.state)?;
-        if events.is_empty() {
+        if events.is_empty() && extra.remove_timers.is_empty() {
             return Ok(());
         }
-        let mut tx = Txn { now: now_ms(), touched: Vec::new(), work: VecDeque::new(), batch: Batch::default() };
+        let mut tx = Txn {
+            now: now_ms(),
+            kicks: Vec::new(),
+            touched: Vec::new(),
+            work: VecDeque::new(),
+            batch: Batch::default(),
+        };
         tx.batch.remove_tasks = extra.remove_tasks;
         tx.batch.remove_timers = extra.remove_timers;
         tx.touched.push(Touched { run_id: run_id.to_string(), guard, events: Vec::new(), create: false });
@@ -92,7 +119,13 @@ impl Engine {
         run_id: &str,
         started: EventKind,
     ) -> Result<&'static str> {
-        let mut tx = Txn { now: now_ms(), touched: Vec::new(), work: VecDeque::new(), batch: Batch::default() };
+        let mut tx = Txn {
+            now: now_ms(),
+            kicks: Vec::new(),
+            touched: Vec::new(),
+            work: VecDeque::new(),
+            batch: Batch::default(),
+        };
         let guard = self.new_slot(tenant, def, run_id, tx.now).await;
         tx.touched.push(Touched { run_id: run_id.to_string(), guard, events: Vec::new(), create: true });
         tx.work.push_back((tenant.to_string(), run_id.to_string(), vec![started]));
@@ -107,14 +140,24 @@ impl Engine {
         run_id: &str,
         now: i64,
     ) -> OwnedMutexGuard<Option<ExecEntry>> {
-        let slot = Arc::new(Mutex::new(Some(ExecEntry { tenant: tenant.to_string(), def, state: ExecState::new(), created_at_ms: now })));
+        let slot = Arc::new(Mutex::new(Some(ExecEntry {
+            tenant: tenant.to_string(),
+            def,
+            state: ExecState::new(),
+            created_at_ms: now,
+        })));
         let guard = slot.clone().lock_owned().await;
         lock(&self.inner.execs).insert(run_id.to_string(), slot);
         guard
     }
 
     /// Locks a run's in-memory entry, loading it from the store when it is not cached.
-    async fn lock_run(&self, tenant: &str, run_id: &str, allow_terminal: bool) -> Result<OwnedMutexGuard<Option<ExecEntry>>> {
+    async fn lock_run(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        allow_terminal: bool,
+    ) -> Result<OwnedMutexGuard<Option<ExecEntry>>> {
         loop {
             let (slot, fresh) = {
                 let mut map = lock(&self.inner.execs);
@@ -182,7 +225,12 @@ impl Engine {
                     Some(i) => i,
                     None => match self.lock_run(&tenant, &run_id, false).await {
                         Ok(guard) => {
-                            tx.touched.push(Touched { run_id: run_id.clone(), guard, events: Vec::new(), create: false });
+                            tx.touched.push(Touched {
+                                run_id: run_id.clone(),
+                                guard,
+                                events: Vec::new(),
+                                create: false,
+                            });
                             tx.touched.len() - 1
                         }
                         // The other run ended or vanished meanwhile: nothing to tell it.
@@ -192,7 +240,9 @@ impl Engine {
                 };
                 let t = &mut tx.touched[idx];
                 let Some(entry) = t.guard.as_mut() else { continue };
-                if entry.state.status.is_terminal() && !t.create && !externals.iter().any(|e| matches!(e, EventKind::ExecutionRedriven)) {
+                if entry.state.status.is_terminal()
+                    && !externals.iter().any(|e| matches!(e, EventKind::ExecutionRedriven))
+                {
                     continue;
                 }
                 let mut events = Vec::with_capacity(externals.len() + 2);
@@ -208,7 +258,8 @@ impl Engine {
             }
             rounds += 1;
             if rounds > 64 {
-                return self.abort(tx, Error::Conflict("child workflows nest more than 64 levels deep in one step".into()));
+                return self
+                    .abort(tx, Error::Conflict("child workflows nest more than 64 levels deep in one step".into()));
             }
             for f in std::mem::take(&mut follows) {
                 if let Err(e) = self.follow(&mut tx, f).await {
@@ -223,7 +274,12 @@ impl Engine {
                 continue;
             }
             if let Some(entry) = t.guard.as_ref() {
-                tx.batch.execs.push(ExecChange { tenant: entry.tenant.clone(), row: row_of(entry, now), events: t.events.clone(), create: t.create });
+                tx.batch.execs.push(ExecChange {
+                    tenant: entry.tenant.clone(),
+                    row: row_of(entry, now),
+                    events: t.events.clone(),
+                    create: t.create,
+                });
             }
         }
         if tx.batch.is_empty() {
@@ -237,6 +293,24 @@ impl Engine {
         Ok(self.publish_effects(tx))
     }
 
+    /// Makes a run take the decisions its history calls for, with no new event (a run created by
+    /// continue-as-new). Removes its start timer in the same batch.
+    pub(crate) async fn kick(&self, tenant: &str, run_id: &str) {
+        let r = self.advance(tenant, run_id, |_| Ok(Vec::new()), Extra::timer(run_id, START_TIMER)).await;
+        match r {
+            Ok(()) | Err(Error::NotRunning(_)) | Err(Error::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(run_id, error = %e, "new run could not take its first step yet, retrying in 1s");
+                lock(&self.inner.timers).insert(
+                    now_ms() + 1000,
+                    run_id.to_string(),
+                    START_TIMER.to_string(),
+                    tenant.to_string(),
+                );
+            }
+        }
+    }
+
     /// Resolves a consequence that reaches another run.
     async fn follow(&self, tx: &mut Txn, f: Follow) -> Result<()> {
         match f {
@@ -247,7 +321,15 @@ impl Engine {
                         let run_id = new_id();
                         let guard = self.new_slot(&tenant, def, &run_id, tx.now).await;
                         tx.touched.push(Touched { run_id: run_id.clone(), guard, events: Vec::new(), create: true });
-                        let started = EventKind::ExecutionStarted { workflow, version, workflow_id, run_id: run_id.clone(), input, parent: Some(parent), continued_from: None };
+                        let started = EventKind::ExecutionStarted {
+                            workflow,
+                            version,
+                            workflow_id,
+                            run_id: run_id.clone(),
+                            input,
+                            parent: Some(parent),
+                            continued_from: None,
+                        };
                         tx.work.push_back((tenant, run_id, vec![started]));
                     }
                     Err(Error::NotFound { .. }) => {
@@ -264,10 +346,32 @@ impl Engine {
             Follow::Continue { tenant, workflow, workflow_id, input, from, parent } => {
                 let (version, def) = self.definition(&tenant, &workflow, None).await?;
                 let run_id = new_id();
-                let guard = self.new_slot(&tenant, def, &run_id, tx.now).await;
-                tx.touched.push(Touched { run_id: run_id.clone(), guard, events: Vec::new(), create: true });
-                let started = EventKind::ExecutionStarted { workflow, version, workflow_id, run_id: run_id.clone(), input, parent, continued_from: Some(from) };
-                tx.work.push_back((tenant, run_id, vec![started]));
+                let mut guard = self.new_slot(&tenant, def, &run_id, tx.now).await;
+                let started = EventKind::ExecutionStarted {
+                    workflow,
+                    version,
+                    workflow_id: workflow_id.clone(),
+                    run_id: run_id.clone(),
+                    input,
+                    parent,
+                    continued_from: Some(from),
+                };
+                let mut events = Vec::new();
+                if let Some(entry) = guard.as_mut() {
+                    events.push(entry.state.push(started, tx.now));
+                }
+                // The new run decides in its own transaction, so a loop of continue-as-new does
+                // not grow one transaction without bound. The start timer makes that decision
+                // happen even if the process dies right after this commit.
+                tx.batch.add_timers.push(TimerRow {
+                    tenant,
+                    run_id: run_id.clone(),
+                    workflow_id,
+                    step: START_TIMER.into(),
+                    fire_at_ms: tx.now,
+                });
+                tx.kicks.push(run_id.clone());
+                tx.touched.push(Touched { run_id, guard, events, create: true });
             }
         }
         Ok(())
@@ -284,7 +388,7 @@ impl Engine {
     }
 
     fn publish_effects(&self, tx: Txn) -> Vec<(String, ExecStatus)> {
-        let Txn { now, touched, batch, .. } = tx;
+        let Txn { now, touched, batch, kicks, .. } = tx;
         let mut to_run = Vec::new();
         {
             let mut tasks = lock(&self.inner.tasks);
@@ -301,10 +405,21 @@ impl Engine {
                 w.remove(run, step);
             }
             for t in batch.add_timers {
-                w.insert(t.fire_at_ms, t.run_id, t.step, t.tenant);
+                // Start timers are for crash recovery only: the kick below does their work now.
+                if t.step != START_TIMER {
+                    w.insert(t.fire_at_ms, t.run_id, t.step, t.tenant);
+                }
             }
         }
         self.inner.wake.notify_one();
+        for run in kicks {
+            if let Some(tenant) =
+                touched.iter().find(|t| t.run_id == run).and_then(|t| t.guard.as_ref()).map(|e| e.tenant.clone())
+            {
+                let e = self.clone();
+                tokio::spawn(async move { e.kick(&tenant, &run).await });
+            }
+        }
         for row in to_run {
             self.run_http(row);
         }
@@ -318,7 +433,9 @@ impl Engine {
                 let c = &self.inner.counters;
                 match status {
                     ExecStatus::Completed => c.executions_completed.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-                    ExecStatus::Failed | ExecStatus::Cancelled => c.executions_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    ExecStatus::Failed | ExecStatus::Cancelled => {
+                        c.executions_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    }
                     _ => 0,
                 };
                 let key = (entry.tenant.clone(), entry.state.workflow_id.clone());
@@ -361,7 +478,17 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
     let run = &st.run_id;
     for e in events {
         match &e.kind {
-            EventKind::TaskScheduled { step, attempt, task, queue, input, delay_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms } => {
+            EventKind::TaskScheduled {
+                step,
+                attempt,
+                task,
+                queue,
+                input,
+                delay_ms,
+                schedule_to_start_ms,
+                start_to_close_ms,
+                heartbeat_ms,
+            } => {
                 batch.add_tasks.push(TaskRow {
                     id: TaskRow::make_id(run, step, *attempt),
                     tenant: entry.tenant.clone(),
@@ -399,13 +526,20 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
             EventKind::SignalConsumed { step, .. } | EventKind::TimerFired { step } => {
                 batch.remove_timers.push((run.clone(), step.clone()));
             }
-            EventKind::ChildStarted { step, attempt, workflow, workflow_id, input } => follows.push(Follow::StartChild {
-                tenant: entry.tenant.clone(),
-                parent: ParentRef { workflow_id: st.workflow_id.clone(), run_id: run.clone(), step: step.clone(), attempt: *attempt },
-                workflow: workflow.clone(),
-                workflow_id: workflow_id.clone(),
-                input: input.clone(),
-            }),
+            EventKind::ChildStarted { step, attempt, workflow, workflow_id, input } => {
+                follows.push(Follow::StartChild {
+                    tenant: entry.tenant.clone(),
+                    parent: ParentRef {
+                        workflow_id: st.workflow_id.clone(),
+                        run_id: run.clone(),
+                        step: step.clone(),
+                        attempt: *attempt,
+                    },
+                    workflow: workflow.clone(),
+                    workflow_id: workflow_id.clone(),
+                    input: input.clone(),
+                })
+            }
             kind if kind.is_terminal() => {
                 // Whatever was still outstanding for this run is void now.
                 for (key, s) in &st.steps {
@@ -428,7 +562,11 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                             follows.push(Follow::Notify {
                                 tenant: entry.tenant.clone(),
                                 run_id: p.run_id.clone(),
-                                event: EventKind::ChildCompleted { step: p.step.clone(), attempt: p.attempt, output: output.clone() },
+                                event: EventKind::ChildCompleted {
+                                    step: p.step.clone(),
+                                    attempt: p.attempt,
+                                    output: output.clone(),
+                                },
                             });
                         }
                     }
@@ -437,7 +575,11 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                             follows.push(Follow::Notify {
                                 tenant: entry.tenant.clone(),
                                 run_id: p.run_id.clone(),
-                                event: EventKind::ChildFailed { step: p.step.clone(), attempt: p.attempt, error: error.clone() },
+                                event: EventKind::ChildFailed {
+                                    step: p.step.clone(),
+                                    attempt: p.attempt,
+                                    error: error.clone(),
+                                },
                             });
                         }
                     }
@@ -446,7 +588,11 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                             follows.push(Follow::Notify {
                                 tenant: entry.tenant.clone(),
                                 run_id: p.run_id.clone(),
-                                event: EventKind::ChildFailed { step: p.step.clone(), attempt: p.attempt, error: ErrorInfo::new("child.cancelled", "child execution was cancelled") },
+                                event: EventKind::ChildFailed {
+                                    step: p.step.clone(),
+                                    attempt: p.attempt,
+                                    error: ErrorInfo::new("child.cancelled", "child execution was cancelled"),
+                                },
                             });
                         }
                     }

@@ -69,7 +69,11 @@ impl From<EngineError> for ApiError {
             }
             EngineError::InvalidDefinition(errors) => Self::new(
                 "invalid_definition",
-                format!("the workflow definition has {} problem(s): {}", errors.len(), errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")),
+                format!(
+                    "the workflow definition has {} problem(s): {}",
+                    errors.len(),
+                    errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+                ),
             )
             .with_details(json!({"errors": errors})),
             EngineError::InvalidInput { ref field, .. } => {

@@ -51,23 +51,40 @@ impl Metrics {
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
-        let _ = writeln!(out, "# HELP sluice_queue_depth Tasks ready and waiting for a worker.\n# TYPE sluice_queue_depth gauge");
+        let _ = writeln!(
+            out,
+            "# HELP sluice_queue_depth Tasks ready and waiting for a worker.\n# TYPE sluice_queue_depth gauge"
+        );
         let depths = engine.queue_depths();
         for (tenant, queue, n, _) in &depths {
             let _ = writeln!(out, "sluice_queue_depth{{tenant=\"{}\",queue=\"{}\"}} {n}", esc(tenant), esc(queue));
         }
         let _ = writeln!(out, "# HELP sluice_queue_oldest_task_age_seconds Age of the oldest ready task.\n# TYPE sluice_queue_oldest_task_age_seconds gauge");
         for (tenant, queue, _, age) in &depths {
-            let _ = writeln!(out, "sluice_queue_oldest_task_age_seconds{{tenant=\"{}\",queue=\"{}\"}} {}", esc(tenant), esc(queue), *age as f64 / 1000.0);
+            let _ = writeln!(
+                out,
+                "sluice_queue_oldest_task_age_seconds{{tenant=\"{}\",queue=\"{}\"}} {}",
+                esc(tenant),
+                esc(queue),
+                *age as f64 / 1000.0
+            );
         }
-        let _ = writeln!(out, "# HELP sluice_timers Durable timers armed.\n# TYPE sluice_timers gauge\nsluice_timers {}", engine.timer_count());
+        let _ = writeln!(
+            out,
+            "# HELP sluice_timers Durable timers armed.\n# TYPE sluice_timers gauge\nsluice_timers {}",
+            engine.timer_count()
+        );
         let _ = writeln!(out, "# HELP sluice_http_requests_total HTTP requests by route and status.\n# TYPE sluice_http_requests_total counter");
         {
             let r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
             let mut rows: Vec<_> = r.iter().collect();
             rows.sort();
             for ((method, route, status), n) in rows {
-                let _ = writeln!(out, "sluice_http_requests_total{{method=\"{method}\",route=\"{}\",status=\"{status}\"}} {n}", esc(route));
+                let _ = writeln!(
+                    out,
+                    "sluice_http_requests_total{{method=\"{method}\",route=\"{}\",status=\"{status}\"}} {n}",
+                    esc(route)
+                );
             }
         }
         let _ = writeln!(out, "# HELP sluice_http_request_duration_seconds HTTP request latency by route.\n# TYPE sluice_http_request_duration_seconds histogram");
@@ -79,7 +96,8 @@ impl Metrics {
             let mut cum = 0;
             for (i, b) in BUCKETS.iter().enumerate() {
                 cum += h.counts[i];
-                let _ = writeln!(out, "sluice_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {cum}");
+                let _ =
+                    writeln!(out, "sluice_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {cum}");
             }
             cum += h.counts[BUCKETS.len()];
             let _ = writeln!(out, "sluice_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {cum}");

@@ -121,6 +121,9 @@ impl Drop for SqliteStore {
     /// Lets the writer finish what is queued, then waits for it: the database is closed cleanly
     /// when the store is gone.
     fn drop(&mut self) {
+        // Readers close first: the last connection to close checkpoints the WAL into the
+        // database and deletes it, and a read-only one cannot.
+        self.readers.close();
         drop(self.requests.take());
         if let Some(writer) = self.writer.take() {
             if writer.join().is_err() {

@@ -26,12 +26,13 @@ pub(crate) struct Readers {
     path: PathBuf,
     busy_timeout: Duration,
     idle: Mutex<Vec<Connection>>,
-    permits: Semaphore,
+    /// Bounds the connections: one permit per connection in use.
+    permits: Arc<Semaphore>,
 }
 
 impl Readers {
     pub(crate) fn new(path: PathBuf, busy_timeout: Duration) -> Self {
-        Self { path, busy_timeout, idle: Mutex::new(Vec::new()), permits: Semaphore::new(READERS) }
+        Self { path, busy_timeout, idle: Mutex::new(Vec::new()), permits: Arc::new(Semaphore::new(READERS)) }
     }
 
     /// Runs `f` on a read connection on the blocking pool.
@@ -40,13 +41,14 @@ impl Readers {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let _permit = self
-            .permits
-            .acquire()
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
             .await
             .map_err(|_| StoreError::Unavailable("the sqlite store is closing".into()))?;
         let this = Arc::clone(self);
+        // The permit moves along: a read whose caller stopped waiting still holds it until done.
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let conn = this.take()?;
             let result = f(&conn).map_err(db_err);
             this.give_back(conn);
@@ -69,6 +71,11 @@ impl Readers {
 
     fn give_back(&self, conn: Connection) {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+    }
+
+    /// Closes the idle connections.
+    pub(crate) fn close(&self) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 
@@ -142,7 +149,12 @@ pub(crate) fn list_workflows(conn: &Connection, tenant: &str) -> rusqlite::Resul
          FROM workflows w WHERE w.tenant = ?1 GROUP BY w.name ORDER BY w.name",
     )?;
     let rows = st.query_map([tenant], |r| {
-        Ok(WorkflowSummary { name: r.get(0)?, latest_version: r.get(1)?, versions: r.get(2)?, updated_at_ms: r.get(3)? })
+        Ok(WorkflowSummary {
+            name: r.get(0)?,
+            latest_version: r.get(1)?,
+            versions: r.get(2)?,
+            updated_at_ms: r.get(3)?,
+        })
     })?;
     rows.collect()
 }
@@ -175,7 +187,9 @@ pub(crate) fn get_execution(
 }
 
 pub(crate) fn get_run(conn: &Connection, tenant: &str, run_id: &str) -> rusqlite::Result<Option<ExecutionRow>> {
-    conn.prepare_cached(select_exec!("WHERE run_id = ?1 AND tenant = ?2"))?.query_row([run_id, tenant], exec_row).optional()
+    conn.prepare_cached(select_exec!("WHERE run_id = ?1 AND tenant = ?2"))?
+        .query_row([run_id, tenant], exec_row)
+        .optional()
 }
 
 /// Newest first; the cursor is the last run id of the previous page.
@@ -275,7 +289,13 @@ pub(crate) fn load_timers(conn: &Connection) -> rusqlite::Result<Vec<TimerRow>> 
         "SELECT tenant, run_id, workflow_id, step, fire_at_ms FROM timers ORDER BY fire_at_ms, run_id, step",
     )?;
     let rows = st.query_map([], |r| {
-        Ok(TimerRow { tenant: r.get(0)?, run_id: r.get(1)?, workflow_id: r.get(2)?, step: r.get(3)?, fire_at_ms: r.get(4)? })
+        Ok(TimerRow {
+            tenant: r.get(0)?,
+            run_id: r.get(1)?,
+            workflow_id: r.get(2)?,
+            step: r.get(3)?,
+            fire_at_ms: r.get(4)?,
+        })
     })?;
     rows.collect()
 }

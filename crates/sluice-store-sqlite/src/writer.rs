@@ -279,9 +279,8 @@ fn insert_events(conn: &Connection, run_id: &str, events: &[Event]) -> Result<()
     if events.is_empty() {
         return Ok(());
     }
-    let mut st = conn
-        .prepare_cached("INSERT INTO events (run_id, seq, at_ms, data) VALUES (?1, ?2, ?3, ?4)")
-        .map_err(db_err)?;
+    let mut st =
+        conn.prepare_cached("INSERT INTO events (run_id, seq, at_ms, data) VALUES (?1, ?2, ?3, ?4)").map_err(db_err)?;
     for e in events {
         match st.execute(params![run_id, e.seq, e.at_ms, to_json(e)?]) {
             Ok(_) => {}

@@ -45,21 +45,35 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a workflow version. Returns false when that exact version already existed.
     fn put_workflow(&self, tenant: &str, version: WorkflowVersion) -> BoxFuture<'_, Result<bool>>;
     /// A version by hash, or the latest version when `version` is `None`.
-    fn get_workflow(&self, tenant: &str, name: &str, version: Option<&str>)
-        -> BoxFuture<'_, Result<Option<WorkflowVersion>>>;
+    fn get_workflow(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> BoxFuture<'_, Result<Option<WorkflowVersion>>>;
     /// One summary per workflow name, ordered by name.
     fn list_workflows(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<WorkflowSummary>>>;
     /// Every version of a workflow, newest first.
     fn list_versions(&self, tenant: &str, name: &str) -> BoxFuture<'_, Result<Vec<WorkflowVersion>>>;
 
     /// A run by id, or the latest run of `workflow_id` when `run_id` is `None`.
-    fn get_execution(&self, tenant: &str, workflow_id: &str, run_id: Option<&str>)
-        -> BoxFuture<'_, Result<Option<ExecutionRow>>>;
+    fn get_execution(
+        &self,
+        tenant: &str,
+        workflow_id: &str,
+        run_id: Option<&str>,
+    ) -> BoxFuture<'_, Result<Option<ExecutionRow>>>;
     fn get_run(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<Option<ExecutionRow>>>;
     /// Newest first, filtered, with keyset pagination.
     fn list_executions(&self, tenant: &str, filter: ExecutionFilter) -> BoxFuture<'_, Result<Page<ExecutionRow>>>;
     /// Events of a run with `seq > after`, at most `limit`, in order.
-    fn history(&self, tenant: &str, run_id: &str, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<sluice_core::Event>>>;
+    fn history(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<sluice_core::Event>>>;
 
     /// Every pending task, for rebuilding queues at start.
     fn load_tasks(&self) -> BoxFuture<'_, Result<Vec<TaskRow>>>;

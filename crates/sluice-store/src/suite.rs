@@ -16,8 +16,8 @@ use sluice_core::{ErrorInfo, Event, ExecStatus};
 use tokio::task::JoinSet;
 
 use crate::{
-    Batch, ExecChange, ExecutionFilter, ExecutionRow, Store, StoreError, TaskRow, TimerRow,
-    WorkflowSummary, WorkflowVersion,
+    Batch, ExecChange, ExecutionFilter, ExecutionRow, Store, StoreError, TaskRow, TimerRow, WorkflowSummary,
+    WorkflowVersion,
 };
 
 /// Expands to one `#[tokio::test]` per conformance case; `$make` is an async expression that
@@ -340,11 +340,7 @@ pub async fn tasks_and_timers(s: &dyn Store) {
     let t = f.tenant("t");
     let create = create(&t, row(&f.run_id(1), "order-1", "orders", 1));
     let r = create.row.clone();
-    let worker = TaskRow {
-        schedule_to_start_ms: Some(60_000),
-        heartbeat_ms: Some(5_000),
-        ..task(&t, &r, "charge", 1)
-    };
+    let worker = TaskRow { schedule_to_start_ms: Some(60_000), heartbeat_ms: Some(5_000), ..task(&t, &r, "charge", 1) };
     let http = TaskRow { kind: TaskKind::Http, queue: String::new(), ..task(&t, &r, "notify", 1) };
     let (sleep, timeout) = (timer(&t, &r, "sleep", 5_000), timer(&t, &r, "approval", 7_000));
     let mut b = batch(vec![create]);
@@ -410,7 +406,7 @@ pub async fn tenant_isolation(s: &dyn Store) {
     assert_eq!(tasks_of(s, &b).await, vec![]);
     assert_eq!(timers_of(s, &b).await, vec![]);
 
-    // Tenant b cannot append to tenant a's run, nor start its workflow id as a duplicate.
+    // Tenant b cannot append to tenant a's run.
     let mut foreign = append(&a, &stored, 1);
     foreign.tenant = b.clone();
     assert_eq!(s.commit(batch(vec![foreign])).await, Err(StoreError::NotFound));
@@ -467,7 +463,6 @@ pub async fn list_executions_order_and_filters(s: &dyn Store) {
         (ExecutionFilter { workflow: Some("none".into()), ..all.clone() }, vec![]),
     ];
     for (filter, expected) in cases {
-        assert!(!expected.is_empty() || filter.workflow.as_deref() == Some("none"));
         let page = s.list_executions(&t, filter.clone()).await.expect("list");
         assert_eq!(page.items, expected, "{filter:?}");
         assert_eq!(page.next_cursor, None, "{filter:?}");
@@ -726,11 +721,9 @@ fn finish(tenant: &str, row: &ExecutionRow, status: ExecStatus) -> ExecChange {
     let mut change = append(tenant, row, 1);
     change.events[0].kind = match status {
         ExecStatus::Completed => EventKind::ExecutionCompleted { output: json!("done") },
-        ExecStatus::Failed => EventKind::ExecutionFailed {
-            error: ErrorInfo::new("boom", "it failed"),
-            step: None,
-            dead_letter: false,
-        },
+        ExecStatus::Failed => {
+            EventKind::ExecutionFailed { error: ErrorInfo::new("boom", "it failed"), step: None, dead_letter: false }
+        }
         ExecStatus::Cancelled => EventKind::ExecutionCancelled { reason: None },
         ExecStatus::ContinuedAsNew => EventKind::ExecutionContinuedAsNew { input: row.input.clone() },
         ExecStatus::Running => EventKind::ExecutionRedriven,

@@ -1,1 +1,293 @@
-//! placeholder
+//! Test helpers shared by the end-to-end suites: a real `sluice serve` process on a free port
+//! (that a test can SIGKILL and restart), worker processes, a JSON HTTP client, and
+//! `assert_replays`, which re-runs `decide` over every history a server stores.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!("sluice-test-{label}-{}-{nanos}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// A `sluice serve` process with its own database file.
+pub struct ServerProcess {
+    bin: PathBuf,
+    pub db: PathBuf,
+    pub port: u16,
+    pub base: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `bin serve` on a free port and waits until `/readyz` answers.
+    pub async fn start(bin: &Path, dir: &Path) -> Self {
+        let port = free_port();
+        let mut s = Self {
+            bin: bin.to_path_buf(),
+            db: dir.join("sluice.db"),
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            child: None,
+            log: dir.join("server.log"),
+        };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).ok();
+        let stderr = log.map(Stdio::from).unwrap_or_else(Stdio::null);
+        let child = Command::new(&self.bin)
+            .args(["serve", "--port", &self.port.to_string(), "--database"])
+            .arg(&self.db)
+            .env("SLUICE_LOG_FORMAT", "json")
+            .env("SLUICE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
+        self.child = Some(child);
+        let api = Api::new(&self.base);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = api.try_get("/readyz").await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("server did not become ready; log: {}", self.log_text());
+    }
+
+    /// Kills the process with SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills and starts again on the same port and database.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(&self.base)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A worker process, killed on drop.
+pub struct WorkerProcess(Child);
+
+impl WorkerProcess {
+    /// The Rust demo worker: `sluice worker --queue ...`.
+    pub fn rust(bin: &Path, base: &str, queues: &[&str], record: Option<&Path>) -> Self {
+        let mut cmd = Command::new(bin);
+        cmd.args(["--server", base, "worker"]);
+        for q in queues {
+            cmd.args(["--queue", q]);
+        }
+        if let Some(r) = record {
+            cmd.arg("--record").arg(r);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("cannot start worker: {e}"));
+        Self(child)
+    }
+
+    /// The Python example worker (standard library only).
+    pub fn python(repo: &Path, base: &str, queues: &[&str], record: Option<&Path>) -> Self {
+        let mut cmd = Command::new("python3");
+        cmd.arg(repo.join("examples/workers/python_worker.py")).args(["--server", base]);
+        for q in queues {
+            cmd.args(["--queue", q]);
+        }
+        if let Some(r) = record {
+            cmd.arg("--record").arg(r);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("cannot start python3: {e}"));
+        Self(child)
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A JSON client that returns the status with the body.
+#[derive(Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    pub base: String,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Self {
+        Self { http: reqwest::Client::new(), base: base.to_string() }
+    }
+
+    async fn decode(r: reqwest::Response) -> (u16, Value) {
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn try_get(&self, path: &str) -> Result<(u16, Value), reqwest::Error> {
+        let r = self.http.get(format!("{}{path}", self.base)).send().await?;
+        Ok(Self::decode(r).await)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.try_get(path).await.unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.http.post(format!("{}{path}", self.base)).json(body).send().await;
+        Self::decode(r.unwrap_or_else(|e| panic!("POST {path}: {e}"))).await
+    }
+
+    pub async fn post_raw(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let r = self.http.post(format!("{}{path}", self.base)).header("content-type", content_type).body(body).send().await;
+        Self::decode(r.unwrap_or_else(|e| panic!("POST {path}: {e}"))).await
+    }
+
+    /// Publishes a workflow given as JSON; panics unless accepted.
+    pub async fn publish(&self, def: &Value) -> String {
+        let (status, body) = self.post("/v1/workflows", def).await;
+        assert!(status == 201 || status == 200, "publish failed: {status} {body}");
+        body["version"].as_str().unwrap_or_default().to_string()
+    }
+
+    pub async fn publish_file(&self, path: &Path) -> Value {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (status, body) = self.post_raw("/v1/workflows", "application/yaml", text).await;
+        assert!(status == 201 || status == 200, "publish of {} failed: {status} {body}", path.display());
+        body
+    }
+
+    pub async fn start(&self, workflow: &str, input: Value, workflow_id: Option<&str>) -> String {
+        let mut body = json!({"workflow": workflow, "input": input});
+        if let Some(id) = workflow_id {
+            body["workflow_id"] = json!(id);
+        }
+        let (status, resp) = self.post("/v1/executions", &body).await;
+        assert!(status == 201 || status == 200, "start failed: {status} {resp}");
+        resp["workflow_id"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Waits for a terminal status (not `continued_as_new`), up to `secs`.
+    pub async fn wait(&self, workflow_id: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (status, row) = self.get(&format!("/v1/executions/{workflow_id}/result?wait_ms=5000")).await;
+            assert_eq!(status, 200, "result of {workflow_id}: {row}");
+            if row["status"] != "running" {
+                return row;
+            }
+            assert!(Instant::now() < deadline, "{workflow_id} still running after {secs}s: {row}");
+        }
+    }
+
+    /// Waits until `check` holds for the execution, up to `secs`.
+    pub async fn wait_until(&self, workflow_id: &str, secs: u64, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (_, row) = self.get(&format!("/v1/executions/{workflow_id}")).await;
+            if check(&row) {
+                return row;
+            }
+            assert!(Instant::now() < deadline, "condition not met for {workflow_id} within {secs}s: {row}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn history(&self, workflow_id: &str, run_id: Option<&str>) -> Vec<Value> {
+        let q = run_id.map(|r| format!("?run_id={r}")).unwrap_or_default();
+        let (status, body) = self.get(&format!("/v1/executions/{workflow_id}/history{q}")).await;
+        assert_eq!(status, 200, "history: {body}");
+        body["events"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// Every execution the server knows, across pages.
+pub async fn all_executions(api: &Api) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default();
+        let (status, page) = api.get(&format!("/v1/executions?limit=500{q}")).await;
+        assert_eq!(status, 200, "list: {page}");
+        out.extend(page["executions"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
+
+/// Replays every stored history through `decide` and panics on the first divergence. Returns
+/// how many histories were checked.
+pub async fn assert_replays(api: &Api) -> usize {
+    let mut checked = 0;
+    for e in all_executions(api).await {
+        let (name, version) = (e["workflow"].as_str().unwrap_or(""), e["version"].as_str().unwrap_or(""));
+        let (status, wf) = api.get(&format!("/v1/workflows/{name}/versions/{version}")).await;
+        assert_eq!(status, 200, "workflow {name}@{version}: {wf}");
+        let def = sluice_core::def::parse_value(&wf["definition"]).unwrap_or_else(|e| panic!("stored definition invalid: {e:?}"));
+        let wid = e["workflow_id"].as_str().unwrap_or("");
+        let run = e["run_id"].as_str();
+        let events: Vec<sluice_core::Event> = api
+            .history(wid, run)
+            .await
+            .into_iter()
+            .map(|v| serde_json::from_value(v).unwrap_or_else(|err| panic!("stored event does not parse: {err}")))
+            .collect();
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert!(seqs.iter().enumerate().all(|(i, s)| *s == i as u64 + 1), "history of {wid} has gaps: {seqs:?}");
+        if let Err(d) = sluice_core::replay::check(&def, &events) {
+            panic!("replay of {wid} ({name}) diverged: {d}");
+        }
+        checked += 1;
+    }
+    checked
+}

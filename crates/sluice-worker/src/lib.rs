@@ -54,7 +54,8 @@ impl Task {
     /// Reports progress; returns true when the execution no longer wants the result.
     pub async fn heartbeat(&self, details: Value) -> Result<bool, Error> {
         let Some(c) = &self.client else { return Ok(false) };
-        let r: Value = c.post("/v1/tasks/heartbeat", &json!({"task_token": self.task_token, "details": details})).await?;
+        let r: Value =
+            c.post("/v1/tasks/heartbeat", &json!({"task_token": self.task_token, "details": details})).await?;
         Ok(r["cancel_requested"].as_bool().unwrap_or(false))
     }
 }
@@ -84,6 +85,8 @@ impl TaskError {
 
 type BoxFut = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
 type Handler = Arc<dyn Fn(Task) -> BoxFut + Send + Sync>;
+/// Called with each task token and whether the server recorded its result.
+pub type ResultHook = Arc<dyn Fn(&str, bool) + Send + Sync>;
 
 /// A thin JSON client for the Sluice API.
 #[derive(Clone, Debug)]
@@ -94,11 +97,7 @@ pub struct Client {
 
 impl Client {
     pub fn new(server: &str) -> Self {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_default();
+        let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build().unwrap_or_default();
         Self { http, base: server.trim_end_matches('/').into() }
     }
 
@@ -136,6 +135,7 @@ pub struct Worker {
     handlers: HashMap<String, Handler>,
     concurrency: usize,
     worker_id: String,
+    on_result: Option<ResultHook>,
 }
 
 enum Outcome {
@@ -150,6 +150,7 @@ impl Worker {
             handlers: HashMap::new(),
             concurrency: 64,
             worker_id: format!("rust-{}", std::process::id()),
+            on_result: None,
         }
     }
 
@@ -166,6 +167,12 @@ impl Worker {
     /// Tasks in flight at once, per queue.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
+        self
+    }
+
+    /// Observes which results the server acknowledged (for audits and tests).
+    pub fn on_result(mut self, hook: ResultHook) -> Self {
+        self.on_result = Some(hook);
         self
     }
 
@@ -187,7 +194,7 @@ impl Worker {
             });
         }
         let (tx, rx) = mpsc::unbounded_channel::<Outcome>();
-        let reporter = tokio::spawn(report(self.client.clone(), rx));
+        let reporter = tokio::spawn(report(self.client.clone(), rx, self.on_result.clone()));
         let mut pollers = Vec::new();
         for (queue, handler) in self.handlers {
             let ctx = PollCtx {
@@ -258,7 +265,8 @@ impl PollCtx {
             for mut task in tasks {
                 task.client = Some(self.client.clone());
                 in_flight.fetch_add(1, Ordering::SeqCst);
-                let (handler, tx, in_flight, freed) = (self.handler.clone(), self.tx.clone(), in_flight.clone(), freed.clone());
+                let (handler, tx, in_flight, freed) =
+                    (self.handler.clone(), self.tx.clone(), in_flight.clone(), freed.clone());
                 tokio::spawn(async move {
                     let token = task.task_token.clone();
                     let outcome = match handler(task).await {
@@ -279,31 +287,48 @@ impl PollCtx {
 }
 
 /// Sends results in batches: whatever has accumulated while the previous request was in flight.
-async fn report(client: Client, mut rx: mpsc::UnboundedReceiver<Outcome>) {
+/// Results the server could not record for now (storage unavailable) are sent again.
+async fn report(client: Client, mut rx: mpsc::UnboundedReceiver<Outcome>, hook: Option<ResultHook>) {
     let mut buf = Vec::new();
     while rx.recv_many(&mut buf, 512).await > 0 {
-        let results: Vec<Value> = buf
+        let mut pending: Vec<(String, Value)> = buf
             .drain(..)
             .map(|o| match o {
-                Outcome::Done(t, v) => json!({"task_token": t, "output": v}),
-                Outcome::Failed(t, e) => json!({"task_token": t, "error": e, "retryable": e.retryable}),
+                Outcome::Done(t, v) => (t.clone(), json!({"task_token": t, "output": v})),
+                Outcome::Failed(t, e) => (t.clone(), json!({"task_token": t, "error": e, "retryable": e.retryable})),
             })
             .collect();
-        let body = json!({ "results": results });
         let mut delay = Duration::from_millis(50);
-        for _ in 0..20 {
+        for _ in 0..30 {
+            if pending.is_empty() {
+                break;
+            }
+            let body = json!({ "results": pending.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>() });
             match client.post::<Value>("/v1/tasks/complete-batch", &body).await {
                 Ok(r) => {
-                    for (i, item) in r["results"].as_array().into_iter().flatten().enumerate() {
-                        if let Some(code) = item["error"]["code"].as_str() {
-                            if code == "storage_unavailable" {
-                                tracing::warn!(index = i, "result not recorded: storage unavailable");
-                            } else {
-                                tracing::debug!(index = i, code, "result not recorded");
+                    let answers = r["results"].as_array().cloned().unwrap_or_default();
+                    let mut retry = Vec::new();
+                    for ((token, item), answer) in pending.into_iter().zip(answers) {
+                        match answer["error"]["code"].as_str() {
+                            None => {
+                                if let Some(h) = &hook {
+                                    h(&token, true);
+                                }
+                            }
+                            Some("storage_unavailable") => retry.push((token, item)),
+                            Some(code) => {
+                                tracing::debug!(task = %token, code, "result not recorded");
+                                if let Some(h) = &hook {
+                                    h(&token, false);
+                                }
                             }
                         }
                     }
-                    break;
+                    pending = retry;
+                    if !pending.is_empty() {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reporting results failed, retrying");

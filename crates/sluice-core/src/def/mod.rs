@@ -236,11 +236,9 @@ impl WorkflowDef {
                     return Some(s);
                 }
                 let found = match &s.kind {
-                    StepKind::Switch(sw) => sw
-                        .cases
-                        .iter()
-                        .find_map(|c| walk(&c.steps, id))
-                        .or_else(|| walk(&sw.default, id)),
+                    StepKind::Switch(sw) => {
+                        sw.cases.iter().find_map(|c| walk(&c.steps, id)).or_else(|| walk(&sw.default, id))
+                    }
                     StepKind::Parallel(p) => p.branches.values().find_map(|b| walk(b, id)),
                     StepKind::Map(m) => walk(&m.steps, id),
                     _ => None,

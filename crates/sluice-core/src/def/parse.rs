@@ -39,8 +39,7 @@ pub fn parse_definition(text: &str, format: Format) -> Result<WorkflowDef, Vec<D
     let value: Value = if is_json {
         serde_json::from_str(text).map_err(|e| vec![DefError::new("$", format!("invalid JSON: {e}"))])?
     } else {
-        serde_norway::from_str(text)
-            .map_err(|e| vec![DefError::new("$", format!("invalid YAML: {e}"))])?
+        serde_norway::from_str(text).map_err(|e| vec![DefError::new("$", format!("invalid YAML: {e}"))])?
     };
     parse_value(&value)
 }
@@ -107,10 +106,7 @@ impl Parser {
             if !o.known.contains(&key.as_str()) {
                 let mut known = o.known.clone();
                 known.sort_unstable();
-                self.err(
-                    join(&o.path, key),
-                    format!("unknown field `{key}`, expected one of: {}", known.join(", ")),
-                );
+                self.err(join(&o.path, key), format!("unknown field `{key}`, expected one of: {}", known.join(", ")));
             }
         }
     }
@@ -359,7 +355,10 @@ impl Parser {
                 let queue = self.req_string(o, "queue");
                 if let Some(q) = &queue {
                     if !valid_name(q, 128, &['.', ':']) || q.starts_with("__") {
-                        self.err(join(&path, "queue"), "expected 1 to 128 letters, digits, `_`, `-`, `.` or `:`, not starting with `__`");
+                        self.err(
+                            join(&path, "queue"),
+                            "expected 1 to 128 letters, digits, `_`, `-`, `.` or `:`, not starting with `__`",
+                        );
                     }
                 }
                 let input = self.opt_expr(o, "input");
@@ -368,7 +367,10 @@ impl Parser {
             "http" => {
                 let method = self.opt_string(o, "method").unwrap_or_else(|| "GET".into()).to_ascii_uppercase();
                 if !["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"].contains(&method.as_str()) {
-                    self.err(join(&path, "method"), format!("expected GET, POST, PUT, PATCH, DELETE or HEAD, got `{method}`"));
+                    self.err(
+                        join(&path, "method"),
+                        format!("expected GET, POST, PUT, PATCH, DELETE or HEAD, got `{method}`"),
+                    );
                 }
                 let url = self.req_expr(o, "url");
                 let mut headers = BTreeMap::new();
@@ -407,7 +409,9 @@ impl Parser {
                                 }
                             }
                         }
-                        other => self.err(cpath, format!("expected a non-empty list of cases, got {}", type_name(other))),
+                        other => {
+                            self.err(cpath, format!("expected a non-empty list of cases, got {}", type_name(other)))
+                        }
                     }
                 }
                 let default = match self.get(o, "default") {
@@ -426,7 +430,10 @@ impl Parser {
                         }
                         for (name, steps) in bo.map {
                             if !valid_name(name, 64, &[]) {
-                                self.err(format!("{bpath}.{name}"), "branch names are 1 to 64 letters, digits, `_` or `-`");
+                                self.err(
+                                    format!("{bpath}.{name}"),
+                                    "branch names are 1 to 64 letters, digits, `_` or `-`",
+                                );
                             }
                             let steps = self.steps(steps, &format!("{bpath}.{name}"));
                             branches.insert(name.clone(), steps);
@@ -487,7 +494,10 @@ impl Parser {
             }
             "return" => StepKind::Return(ReturnStep { output: self.opt_expr(o, "output") }),
             "llm" => {
-                self.err(join(&path, "type"), "the `llm` step needs the AI gateway, which this build does not include yet");
+                self.err(
+                    join(&path, "type"),
+                    "the `llm` step needs the AI gateway, which this build does not include yet",
+                );
                 return None;
             }
             other => {

@@ -32,7 +32,10 @@ pub struct StartBody {
 }
 
 #[tracing::instrument(skip_all, fields(workflow = %body.workflow))]
-pub async fn start(State(app): State<AppState>, JsonBody(body): JsonBody<StartBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn start(
+    State(app): State<AppState>,
+    JsonBody(body): JsonBody<StartBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     if body.workflow.is_empty() {
         return Err(ApiError::invalid("workflow", "expected a workflow name"));
     }
@@ -40,7 +43,12 @@ pub async fn start(State(app): State<AppState>, JsonBody(body): JsonBody<StartBo
         .engine
         .start_execution(
             DEFAULT_TENANT,
-            StartRequest { workflow: body.workflow, version: body.version, workflow_id: body.workflow_id, input: body.input },
+            StartRequest {
+                workflow: body.workflow,
+                version: body.version,
+                workflow_id: body.workflow_id,
+                input: body.input,
+            },
         )
         .await?;
     tracing::info!(workflow_id = %started.workflow_id, run_id = %started.run_id, created = started.created, "execution started");
@@ -61,14 +69,24 @@ fn filter_of(q: ListQuery, dead_letter: bool) -> Result<ExecutionFilter, ApiErro
     let status = match q.status.as_deref() {
         None | Some("") => None,
         Some(s) => Some(ExecStatus::parse(s).ok_or_else(|| {
-            ApiError::invalid("status", format!("expected running, completed, failed, cancelled or continued_as_new, got `{s}`"))
+            ApiError::invalid(
+                "status",
+                format!("expected running, completed, failed, cancelled or continued_as_new, got `{s}`"),
+            )
         })?),
     };
     let limit = q.limit.unwrap_or(50);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::invalid("limit", format!("expected 1 to {MAX_PAGE}, got {limit}")));
     }
-    Ok(ExecutionFilter { workflow: q.workflow, workflow_id: q.workflow_id, status, dead_letter, cursor: q.cursor, limit })
+    Ok(ExecutionFilter {
+        workflow: q.workflow,
+        workflow_id: q.workflow_id,
+        status,
+        dead_letter,
+        cursor: q.cursor,
+        limit,
+    })
 }
 
 pub async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
@@ -89,7 +107,11 @@ pub struct RunQuery {
 }
 
 #[tracing::instrument(skip_all, fields(workflow_id = %id))]
-pub async fn get(State(app): State<AppState>, Path(id): Path<String>, Query(q): Query<RunQuery>) -> Result<Json<Value>, ApiError> {
+pub async fn get(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<RunQuery>,
+) -> Result<Json<Value>, ApiError> {
     let row = app.engine.get_execution(DEFAULT_TENANT, &id, q.run_id.as_deref()).await?;
     Ok(Json(execution_json(&row)))
 }
@@ -100,7 +122,11 @@ pub struct WaitQuery {
 }
 
 #[tracing::instrument(skip_all, fields(workflow_id = %id))]
-pub async fn result(State(app): State<AppState>, Path(id): Path<String>, Query(q): Query<WaitQuery>) -> Result<Json<Value>, ApiError> {
+pub async fn result(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Json<Value>, ApiError> {
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000));
     let row = app.engine.wait_result(DEFAULT_TENANT, &id, wait).await?;
     Ok(Json(execution_json(&row)))
@@ -114,17 +140,26 @@ pub struct HistoryQuery {
 }
 
 #[tracing::instrument(skip_all, fields(workflow_id = %id))]
-pub async fn history(State(app): State<AppState>, Path(id): Path<String>, Query(q): Query<HistoryQuery>) -> Result<Json<Value>, ApiError> {
+pub async fn history(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(1000);
     if limit == 0 || limit > 10_000 {
         return Err(ApiError::invalid("limit", format!("expected 1 to 10000, got {limit}")));
     }
-    let (row, events) = app.engine.history(DEFAULT_TENANT, &id, q.run_id.as_deref(), q.after.unwrap_or(0), limit).await?;
+    let (row, events) =
+        app.engine.history(DEFAULT_TENANT, &id, q.run_id.as_deref(), q.after.unwrap_or(0), limit).await?;
     Ok(Json(json!({"workflow_id": row.workflow_id, "run_id": row.run_id, "events": events})))
 }
 
 #[tracing::instrument(skip_all, fields(workflow_id = %id, signal = %name))]
-pub async fn signal(State(app): State<AppState>, Path((id, name)): Path<(String, String)>, Body(body): Body) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn signal(
+    State(app): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+    Body(body): Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     if name.is_empty() || name.len() > 64 {
         return Err(ApiError::invalid("name", "expected a signal name of 1 to 64 characters"));
     }
@@ -135,7 +170,10 @@ pub async fn signal(State(app): State<AppState>, Path((id, name)): Path<(String,
 }
 
 #[tracing::instrument(skip_all, fields(workflow_id = %id, query = %name))]
-pub async fn query(State(app): State<AppState>, Path((id, name)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+pub async fn query(
+    State(app): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
     let result = app.engine.query(DEFAULT_TENANT, &id, &name).await?;
     Ok(Json(json!({"result": result})))
 }
@@ -148,7 +186,11 @@ pub struct CancelBody {
 }
 
 #[tracing::instrument(skip_all, fields(workflow_id = %id))]
-pub async fn cancel(State(app): State<AppState>, Path(id): Path<String>, Body(body): Body) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn cancel(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Body(body): Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let body: CancelBody = if body.is_empty() { CancelBody::default() } else { parse_json(&body)? };
     app.engine.cancel(DEFAULT_TENANT, &id, body.reason).await?;
     tracing::info!("execution cancelled");
@@ -156,7 +198,10 @@ pub async fn cancel(State(app): State<AppState>, Path(id): Path<String>, Body(bo
 }
 
 #[tracing::instrument(skip_all, fields(workflow_id = %id))]
-pub async fn redrive(State(app): State<AppState>, Path(id): Path<String>) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn redrive(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let run_id = app.engine.redrive(DEFAULT_TENANT, &id).await?;
     tracing::info!(run_id = %run_id, "execution redriven");
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true, "run_id": run_id}))))

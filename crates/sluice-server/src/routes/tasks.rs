@@ -47,7 +47,10 @@ pub struct CompleteBody {
     output: Value,
 }
 
-pub async fn complete(State(app): State<AppState>, JsonBody(b): JsonBody<CompleteBody>) -> Result<Json<Value>, ApiError> {
+pub async fn complete(
+    State(app): State<AppState>,
+    JsonBody(b): JsonBody<CompleteBody>,
+) -> Result<Json<Value>, ApiError> {
     app.engine.complete(DEFAULT_TENANT, &b.task_token, b.output).await?;
     Ok(Json(json!({"ok": true})))
 }
@@ -79,7 +82,10 @@ pub struct HeartbeatBody {
     details: Value,
 }
 
-pub async fn heartbeat(State(app): State<AppState>, JsonBody(b): JsonBody<HeartbeatBody>) -> Result<Json<Value>, ApiError> {
+pub async fn heartbeat(
+    State(app): State<AppState>,
+    JsonBody(b): JsonBody<HeartbeatBody>,
+) -> Result<Json<Value>, ApiError> {
     let cancel = app.engine.heartbeat(DEFAULT_TENANT, &b.task_token)?;
     Ok(Json(json!({"cancel_requested": cancel})))
 }
@@ -103,7 +109,10 @@ pub struct BatchBody {
 }
 
 /// Completes or fails many tasks in one request; each gets its own result.
-pub async fn complete_batch(State(app): State<AppState>, JsonBody(b): JsonBody<BatchBody>) -> Result<Json<Value>, ApiError> {
+pub async fn complete_batch(
+    State(app): State<AppState>,
+    JsonBody(b): JsonBody<BatchBody>,
+) -> Result<Json<Value>, ApiError> {
     if b.results.len() > 1000 {
         return Err(ApiError::invalid("results", format!("at most 1000 results per request, got {}", b.results.len())));
     }

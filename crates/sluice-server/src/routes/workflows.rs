@@ -33,7 +33,8 @@ pub async fn publish(
         None if ctype.contains("yaml") => Format::Yaml,
         None => Format::Auto,
     };
-    let text = std::str::from_utf8(&body).map_err(|_| ApiError::new("invalid_request", "definition is not UTF-8 text"))?;
+    let text =
+        std::str::from_utf8(&body).map_err(|_| ApiError::new("invalid_request", "definition is not UTF-8 text"))?;
     let def = parse_definition(text, format).map_err(sluice_engine::Error::InvalidDefinition)?;
     let published = app.engine.publish(DEFAULT_TENANT, def).await?;
     tracing::info!(workflow = %published.name, version = %published.version, created = published.created, "workflow published");
@@ -52,11 +53,15 @@ pub async fn get(State(app): State<AppState>, Path(name): Path<String>) -> Resul
         return Err(sluice_engine::Error::NotFound { what: "workflow", id: name }.into());
     };
     let definition: Value = serde_json::from_str(&latest.definition).unwrap_or(Value::Null);
-    let versions: Vec<Value> = versions.iter().map(|v| json!({"version": v.version, "created_at_ms": v.created_at_ms})).collect();
+    let versions: Vec<Value> =
+        versions.iter().map(|v| json!({"version": v.version, "created_at_ms": v.created_at_ms})).collect();
     Ok(Json(json!({"name": name, "latest_version": latest.version, "definition": definition, "versions": versions})))
 }
 
-pub async fn get_version(State(app): State<AppState>, Path((name, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+pub async fn get_version(
+    State(app): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
     let row = app
         .engine
         .store()
@@ -65,7 +70,9 @@ pub async fn get_version(State(app): State<AppState>, Path((name, version)): Pat
         .map_err(sluice_engine::Error::from)?
         .ok_or_else(|| sluice_engine::Error::NotFound { what: "workflow", id: format!("{name}@{version}") })?;
     let definition: Value = serde_json::from_str(&row.definition).unwrap_or(Value::Null);
-    Ok(Json(json!({"name": row.name, "version": row.version, "created_at_ms": row.created_at_ms, "definition": definition})))
+    Ok(Json(
+        json!({"name": row.name, "version": row.version, "created_at_ms": row.created_at_ms, "definition": definition}),
+    ))
 }
 
 /// The JSON Schema of workflow files.
