@@ -19,7 +19,10 @@ fn checked_in_schema_matches_the_types() {
         std::fs::write(&path, &generated).unwrap();
     }
     let stored = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(stored == generated, "schemas/workflow.schema.json is stale: run `SLUICE_BLESS=1 cargo test -p sluice-core`");
+    assert!(
+        stored == generated,
+        "schemas/workflow.schema.json is stale: run `SLUICE_BLESS=1 cargo test -p sluice-core`"
+    );
 }
 
 /// Every stored event kind must keep parsing: a change that breaks old histories fails here.
@@ -42,7 +45,11 @@ fn def(v: Value) -> WorkflowDef {
 
 /// Drives a run: starts it, then answers each scheduled task with `answer(step, attempt)`, and
 /// checks replay over the whole history at the end.
-fn drive(d: &WorkflowDef, input: Value, answer: impl Fn(&str, u32, &Value) -> Result<Value, String>) -> (ExecState, Vec<Event>) {
+fn drive(
+    d: &WorkflowDef,
+    input: Value,
+    answer: impl Fn(&str, u32, &Value) -> Result<Value, String>,
+) -> (ExecState, Vec<Event>) {
     let mut st = ExecState::new();
     let mut history = vec![st.push(
         EventKind::ExecutionStarted {
@@ -74,7 +81,12 @@ fn drive(d: &WorkflowDef, input: Value, answer: impl Fn(&str, u32, &Value) -> Re
             now += 10;
             let kind = match answer(&step, attempt, &input) {
                 Ok(output) => EventKind::TaskCompleted { step, attempt, output },
-                Err(msg) => EventKind::TaskFailed { step, attempt, error: sluice_core::ErrorInfo::new("boom", msg), retryable: true },
+                Err(msg) => EventKind::TaskFailed {
+                    step,
+                    attempt,
+                    error: sluice_core::ErrorInfo::new("boom", msg),
+                    retryable: true,
+                },
             };
             history.push(st.push(kind, now));
         }
@@ -96,7 +108,15 @@ fn decide_runs_a_sequence_of_tasks_and_transforms() {
     let names: Vec<&str> = history.iter().map(|e| e.kind.name()).collect();
     assert_eq!(
         names,
-        ["execution_started", "task_scheduled", "task_completed", "step_completed", "task_scheduled", "task_completed", "execution_completed"]
+        [
+            "execution_started",
+            "task_scheduled",
+            "task_completed",
+            "step_completed",
+            "task_scheduled",
+            "task_completed",
+            "execution_completed"
+        ]
     );
 }
 
@@ -126,7 +146,15 @@ fn map_respects_max_concurrency_and_keeps_order() {
     ]}));
     let mut st = ExecState::new();
     st.push(
-        EventKind::ExecutionStarted { workflow: "m".into(), version: "v".into(), workflow_id: "w".into(), run_id: "r".into(), input: Value::Null, parent: None, continued_from: None },
+        EventKind::ExecutionStarted {
+            workflow: "m".into(),
+            version: "v".into(),
+            workflow_id: "w".into(),
+            run_id: "r".into(),
+            input: Value::Null,
+            parent: None,
+            continued_from: None,
+        },
         0,
     );
     let first = decide(&d, &mut st);
@@ -163,7 +191,15 @@ fn signals_buffer_until_waited_for_and_timeouts_follow_policy() {
     ]}));
     let mut st = ExecState::new();
     let mut h = vec![st.push(
-        EventKind::ExecutionStarted { workflow: "w".into(), version: "v".into(), workflow_id: "w".into(), run_id: "r".into(), input: Value::Null, parent: None, continued_from: None },
+        EventKind::ExecutionStarted {
+            workflow: "w".into(),
+            version: "v".into(),
+            workflow_id: "w".into(),
+            run_id: "r".into(),
+            input: Value::Null,
+            parent: None,
+            continued_from: None,
+        },
         0,
     )];
     h.extend(decide(&d, &mut st));

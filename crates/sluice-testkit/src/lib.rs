@@ -14,7 +14,8 @@ pub struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(label: &str) -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let dir = std::env::temp_dir().join(format!("sluice-test-{label}-{}-{nanos}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         Self(dir)
@@ -128,7 +129,11 @@ impl WorkerProcess {
         if let Some(r) = record {
             cmd.arg("--record").arg(r);
         }
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("cannot start worker: {e}"));
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start worker: {e}"));
         Self(child)
     }
 
@@ -142,7 +147,11 @@ impl WorkerProcess {
         if let Some(r) = record {
             cmd.arg("--record").arg(r);
         }
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("cannot start python3: {e}"));
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python3: {e}"));
         Self(child)
     }
 }
@@ -187,7 +196,8 @@ impl Api {
     }
 
     pub async fn post_raw(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-        let r = self.http.post(format!("{}{path}", self.base)).header("content-type", content_type).body(body).send().await;
+        let r =
+            self.http.post(format!("{}{path}", self.base)).header("content-type", content_type).body(body).send().await;
         Self::decode(r.unwrap_or_else(|e| panic!("POST {path}: {e}"))).await
     }
 
@@ -273,7 +283,8 @@ pub async fn assert_replays(api: &Api) -> usize {
         let (name, version) = (e["workflow"].as_str().unwrap_or(""), e["version"].as_str().unwrap_or(""));
         let (status, wf) = api.get(&format!("/v1/workflows/{name}/versions/{version}")).await;
         assert_eq!(status, 200, "workflow {name}@{version}: {wf}");
-        let def = sluice_core::def::parse_value(&wf["definition"]).unwrap_or_else(|e| panic!("stored definition invalid: {e:?}"));
+        let def = sluice_core::def::parse_value(&wf["definition"])
+            .unwrap_or_else(|e| panic!("stored definition invalid: {e:?}"));
         let wid = e["workflow_id"].as_str().unwrap_or("");
         let run = e["run_id"].as_str();
         let events: Vec<sluice_core::Event> = api

@@ -78,7 +78,8 @@ async fn sigkill_under_load_loses_nothing_and_repeats_nothing() {
     }
     // Let work get under way, then kill the server mid-run.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let completed_steps = || std::fs::read_to_string(&record).unwrap_or_default().lines().filter(|l| l.contains("completed")).count();
+    let completed_steps =
+        || std::fs::read_to_string(&record).unwrap_or_default().lines().filter(|l| l.contains("completed")).count();
     while completed_steps() < 1000 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -114,7 +115,10 @@ async fn sigkill_under_load_loses_nothing_and_repeats_nothing() {
     }
     let twice: Vec<_> = completed.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "steps completed twice: {twice:?}");
-    assert!(received_after_ack.is_empty(), "tasks handed out after their completion was acknowledged: {received_after_ack:?}");
+    assert!(
+        received_after_ack.is_empty(),
+        "tasks handed out after their completion was acknowledged: {received_after_ack:?}"
+    );
     assert!(completed.len() >= N * 5 - 100, "most steps were done by this worker: {}", completed.len());
     assert_eq!(assert_replays(&api).await, N);
 }

@@ -22,34 +22,130 @@ async fn bad_input_gets_precise_errors() {
     let yaml = |s: &'static str| api.post_raw("/v1/workflows", "application/yaml", s);
 
     expect(&api, yaml("name: x\nsteps: [\n").await, 422, "invalid_definition", "invalid YAML").await;
-    expect(&api, api.post_raw("/v1/workflows", "application/json", "{\"name\": ").await, 422, "invalid_definition", "invalid JSON").await;
-    expect(&api, yaml("name: x\nsteps:\n  - id: a\n    type: teleport\n").await, 422, "invalid_definition", "steps[0].type").await;
-    expect(&api, yaml("name: x\nsteps:\n  - id: a\n    type: transform\n    expr: '.a |'\n").await, 422, "invalid_definition", "steps[0].expr").await;
-    expect(&api, yaml("name: x\nsteps:\n  - id: a\n    type: task\n").await, 422, "invalid_definition", "steps[0].queue").await;
-    expect(&api, yaml("name: x\nsteps:\n  - id: a\n    type: task\n    queue: q\n    colour: red\n").await, 422, "invalid_definition", "unknown field `colour`").await;
-    expect(&api, yaml("name: x\nsteps:\n  - id: a\n    type: llm\n").await, 422, "invalid_definition", "AI gateway").await;
-    expect(&api, yaml("name: x\nsteps:\n  - {id: a, type: sleep, duration: soon}\n").await, 422, "invalid_definition", "steps[0].duration").await;
-    expect(&api, yaml("name: x\nsteps:\n  - {id: a, type: transform, expr: '1'}\n  - {id: a, type: transform, expr: '2'}\n").await, 422, "invalid_definition", "duplicate step id").await;
+    expect(
+        &api,
+        api.post_raw("/v1/workflows", "application/json", "{\"name\": ").await,
+        422,
+        "invalid_definition",
+        "invalid JSON",
+    )
+    .await;
+    expect(
+        &api,
+        yaml("name: x\nsteps:\n  - id: a\n    type: teleport\n").await,
+        422,
+        "invalid_definition",
+        "steps[0].type",
+    )
+    .await;
+    expect(
+        &api,
+        yaml("name: x\nsteps:\n  - id: a\n    type: transform\n    expr: '.a |'\n").await,
+        422,
+        "invalid_definition",
+        "steps[0].expr",
+    )
+    .await;
+    expect(
+        &api,
+        yaml("name: x\nsteps:\n  - id: a\n    type: task\n").await,
+        422,
+        "invalid_definition",
+        "steps[0].queue",
+    )
+    .await;
+    expect(
+        &api,
+        yaml("name: x\nsteps:\n  - id: a\n    type: task\n    queue: q\n    colour: red\n").await,
+        422,
+        "invalid_definition",
+        "unknown field `colour`",
+    )
+    .await;
+    expect(&api, yaml("name: x\nsteps:\n  - id: a\n    type: llm\n").await, 422, "invalid_definition", "AI gateway")
+        .await;
+    expect(
+        &api,
+        yaml("name: x\nsteps:\n  - {id: a, type: sleep, duration: soon}\n").await,
+        422,
+        "invalid_definition",
+        "steps[0].duration",
+    )
+    .await;
+    expect(
+        &api,
+        yaml("name: x\nsteps:\n  - {id: a, type: transform, expr: '1'}\n  - {id: a, type: transform, expr: '2'}\n")
+            .await,
+        422,
+        "invalid_definition",
+        "duplicate step id",
+    )
+    .await;
 
     let big = "x".repeat(3 * 1024 * 1024);
-    expect(&api, Api::new(&api.base).post_raw("/v1/workflows", "application/yaml", big).await, 413, "payload_too_large", "larger than").await;
+    expect(
+        &api,
+        Api::new(&api.base).post_raw("/v1/workflows", "application/yaml", big).await,
+        413,
+        "payload_too_large",
+        "larger than",
+    )
+    .await;
 
-    expect(&api, api.post_raw("/v1/executions", "application/json", "{nope").await, 400, "invalid_json", "not valid JSON").await;
+    expect(
+        &api,
+        api.post_raw("/v1/executions", "application/json", "{nope").await,
+        400,
+        "invalid_json",
+        "not valid JSON",
+    )
+    .await;
     expect(&api, api.post("/v1/executions", &json!({"input": 1})).await, 400, "invalid_request", "workflow").await;
     expect(&api, api.post("/v1/executions", &json!({"workflow": 7})).await, 400, "invalid_request", "workflow").await;
-    expect(&api, api.post("/v1/executions", &json!({"workflow": "ghost"})).await, 404, "workflow_not_found", "ghost").await;
-    expect(&api, api.post("/v1/executions", &json!({"workflow": "x", "workflow_id": "has space"})).await, 400, "invalid_request", "workflow_id").await;
+    expect(&api, api.post("/v1/executions", &json!({"workflow": "ghost"})).await, 404, "workflow_not_found", "ghost")
+        .await;
+    expect(
+        &api,
+        api.post("/v1/executions", &json!({"workflow": "x", "workflow_id": "has space"})).await,
+        400,
+        "invalid_request",
+        "workflow_id",
+    )
+    .await;
     expect(&api, api.get("/v1/executions/nobody").await, 404, "execution_not_found", "nobody").await;
     expect(&api, api.get("/v1/executions?status=sleeping").await, 400, "invalid_request", "status").await;
     expect(&api, api.get("/v1/executions?limit=100000").await, 400, "invalid_request", "limit").await;
-    expect(&api, api.post("/v1/executions/nobody/signals/go", &json!(1)).await, 404, "execution_not_found", "nobody").await;
-    expect(&api, api.post("/v1/tasks/complete", &json!({"task_token": "no/such/1"})).await, 404, "task_not_found", "no/such/1").await;
-    expect(&api, api.post("/v1/tasks/poll", &json!({"queue": "q", "max_tasks": 0})).await, 400, "invalid_request", "max_tasks").await;
-    expect(&api, api.post("/v1/tasks/fail", &json!({"task_token": "t", "error": {"message": "m"}})).await, 400, "invalid_request", "error").await;
+    expect(&api, api.post("/v1/executions/nobody/signals/go", &json!(1)).await, 404, "execution_not_found", "nobody")
+        .await;
+    expect(
+        &api,
+        api.post("/v1/tasks/complete", &json!({"task_token": "no/such/1"})).await,
+        404,
+        "task_not_found",
+        "no/such/1",
+    )
+    .await;
+    expect(
+        &api,
+        api.post("/v1/tasks/poll", &json!({"queue": "q", "max_tasks": 0})).await,
+        400,
+        "invalid_request",
+        "max_tasks",
+    )
+    .await;
+    expect(
+        &api,
+        api.post("/v1/tasks/fail", &json!({"task_token": "t", "error": {"message": "m"}})).await,
+        400,
+        "invalid_request",
+        "error",
+    )
+    .await;
     expect(&api, api.get("/v1/nothing-here").await, 404, "not_found", "openapi").await;
 
     // A runtime jq error fails the execution with the step and the cause, not the server.
-    api.publish(&json!({"name": "bad-runtime", "steps": [{"id": "t", "type": "transform", "expr": ".input.a.b"}]})).await;
+    api.publish(&json!({"name": "bad-runtime", "steps": [{"id": "t", "type": "transform", "expr": ".input.a.b"}]}))
+        .await;
     let id = api.start("bad-runtime", json!({"a": 5}), None).await;
     let row = api.wait(&id, 10).await;
     assert_eq!(row["status"], "failed");
@@ -67,7 +163,8 @@ async fn openapi_lists_every_route_and_metrics_are_exposed() {
     assert_eq!(status, 200);
     let paths: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
     let src = std::fs::read_to_string(repo().join("crates/sluice-server/src/lib.rs")).unwrap();
-    let routes: Vec<&str> = src.lines().filter_map(|l| l.trim().strip_prefix(".route(\"")).filter_map(|l| l.split('"').next()).collect();
+    let routes: Vec<&str> =
+        src.lines().filter_map(|l| l.trim().strip_prefix(".route(\"")).filter_map(|l| l.split('"').next()).collect();
     assert!(routes.len() >= 20);
     for r in &routes {
         assert!(paths.iter().any(|p| p == r), "route {r} missing from openapi.json");

@@ -37,7 +37,8 @@ async fn run_examples(api: &Api) {
     api.wait_until(&id, 30, |r| r["history_length"].as_u64().unwrap_or(0) >= 4).await;
     let (_, q) = api.get(&format!("/v1/executions/{id}/queries/waiting")).await;
     assert_eq!(q["result"], true, "{q}");
-    let (status, _) = api.post(&format!("/v1/executions/{id}/signals/approve"), &json!({"approved": true, "by": "grace"})).await;
+    let (status, _) =
+        api.post(&format!("/v1/executions/{id}/signals/approve"), &json!({"approved": true, "by": "grace"})).await;
     assert_eq!(status, 202);
     let row = api.wait(&id, 30).await;
     assert_eq!(row["output"], json!({"status": "approved", "document": "refund #42", "by": "grace"}), "{row}");

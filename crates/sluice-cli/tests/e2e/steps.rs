@@ -40,7 +40,13 @@ async fn every_step_type_runs_end_to_end() {
     }))
     .await;
     let health = format!("\"{}/healthz\"", server.base);
-    let id = api.start("all-steps", json!({"name": "Ada", "health": serde_json::from_str::<Value>(&health).unwrap()}), Some("all-1")).await;
+    let id = api
+        .start(
+            "all-steps",
+            json!({"name": "Ada", "health": serde_json::from_str::<Value>(&health).unwrap()}),
+            Some("all-1"),
+        )
+        .await;
     let (status, _) = api.post(&format!("/v1/executions/{id}/signals/go"), &json!({"ok": true})).await;
     assert_eq!(status, 202);
     let row = api.wait(&id, 30).await;
@@ -51,7 +57,16 @@ async fn every_step_type_runs_end_to_end() {
                "m": [10, 20, 30], "sig": {"ok": true}, "kid": 10})
     );
     let events = api.history(&id, None).await;
-    for ty in ["step_skipped", "timer_started", "timer_fired", "signal_consumed", "child_started", "child_completed", "map_started", "branch_chosen"] {
+    for ty in [
+        "step_skipped",
+        "timer_started",
+        "timer_fired",
+        "signal_consumed",
+        "child_started",
+        "child_completed",
+        "map_started",
+        "branch_chosen",
+    ] {
         assert!(!of_type(&events, ty).is_empty(), "no {ty} in history");
     }
     // The child ran as its own execution with a derived id.
@@ -195,7 +210,7 @@ async fn queries_read_state_without_changing_it() {
         {"id": "a", "type": "transform", "expr": ".input.x + 1"},
         {"id": "w", "type": "wait_signal", "signal": "go"}
     ], "queries": {"progress": "{a: .steps.a, waiting: (.steps.w == null)}"}}))
-    .await;
+        .await;
     let id = api.start("q", json!({"x": 41}), None).await;
     let before = api.history(&id, None).await.len();
     let (status, body) = api.get(&format!("/v1/executions/{id}/queries/progress")).await;
