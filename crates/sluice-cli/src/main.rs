@@ -16,6 +16,11 @@ use serde_json::Value;
 
 use crate::client::Api;
 
+// Many small, short-lived allocations per step (JSON, events): mimalloc handles them far better
+// than the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Durable workflows for AI pipelines, in one binary")]
 struct Cli {

@@ -130,9 +130,22 @@ pub(crate) struct Inner {
     /// Waiters for results, by (tenant, workflow_id).
     pub watchers: SyncMutex<HashMap<(String, String), Arc<Notify>>>,
     pub http: reqwest::Client,
+    /// Latest version of each workflow, by (tenant, name).
+    pub latest: SyncMutex<HashMap<(String, String), String>>,
+    /// Recently finished runs by (tenant, workflow_id), so result waiters need no store read.
+    pub results: SyncMutex<RecentResults>,
     pub counters: Counters,
     pub opts: EngineOptions,
 }
+
+/// The last few thousand finished runs, oldest evicted first.
+#[derive(Default)]
+pub(crate) struct RecentResults {
+    rows: HashMap<(String, String), ExecutionRow>,
+    order: std::collections::VecDeque<(String, String)>,
+}
+
+const RECENT_RESULTS: usize = 4096;
 
 /// A cheap, cloneable handle to the runtime.
 #[derive(Clone)]
@@ -172,6 +185,8 @@ impl Engine {
             wake: Notify::new(),
             watchers: SyncMutex::new(HashMap::new()),
             http,
+            latest: SyncMutex::new(HashMap::new()),
+            results: SyncMutex::new(RecentResults::default()),
             counters: Counters::default(),
             opts,
         });
@@ -289,6 +304,22 @@ impl Engine {
         }
     }
 
+    pub(crate) fn remember_result(&self, key: (String, String), row: ExecutionRow) {
+        let mut r = lock(&self.inner.results);
+        if r.rows.insert(key.clone(), row).is_none() {
+            r.order.push_back(key);
+        }
+        while r.order.len() > RECENT_RESULTS {
+            if let Some(old) = r.order.pop_front() {
+                r.rows.remove(&old);
+            }
+        }
+    }
+
+    fn forget_result(&self, tenant: &str, workflow_id: &str) {
+        lock(&self.inner.results).rows.remove(&(tenant.to_string(), workflow_id.to_string()));
+    }
+
     // ---- workflows ----
 
     /// Validates and stores a workflow version (content-hashed: publishing the same text twice
@@ -310,6 +341,12 @@ impl Engine {
             )
             .await?;
         lock(&self.inner.defs).insert((tenant.into(), def.name.clone(), version.clone()), Arc::new(def.clone()));
+        if created {
+            lock(&self.inner.latest).insert((tenant.into(), def.name.clone()), version.clone());
+        } else {
+            // Republishing an old version does not make it the latest: ask the store next time.
+            lock(&self.inner.latest).remove(&(tenant.to_string(), def.name.clone()));
+        }
         Ok(Published { name: def.name, version, created })
     }
 
@@ -335,6 +372,9 @@ impl Engine {
         if let Some(d) = lock(&self.inner.defs).get(&(tenant.into(), name.into(), row.version.clone())) {
             return Ok((row.version, d.clone()));
         }
+        if version.is_none() {
+            lock(&self.inner.latest).insert((tenant.into(), name.into()), row.version.clone());
+        }
         let value: Value = serde_json::from_str(&row.definition)
             .map_err(|e| Error::Internal(format!("stored definition is not JSON: {e}")))?;
         let def = sluice_core::def::parse_value(&value)
@@ -347,16 +387,19 @@ impl Engine {
     // ---- executions ----
 
     pub async fn start_execution(&self, tenant: &str, req: StartRequest) -> Result<Started> {
-        let workflow_id = match req.workflow_id {
+        let workflow_id = match &req.workflow_id {
             Some(id) => {
-                validate_workflow_id(&id)?;
-                id
+                validate_workflow_id(id)?;
+                id.clone()
             }
             None => new_id(),
         };
-        if let Some(row) = self.inner.store.get_execution(tenant, &workflow_id, None).await? {
-            if row.status == sluice_core::ExecStatus::Running {
-                return Ok(Started { workflow_id, run_id: row.run_id, status: "running", created: false });
+        // A generated id is new by construction; a caller's id may name a running execution.
+        if req.workflow_id.is_some() {
+            if let Some(row) = self.inner.store.get_execution(tenant, &workflow_id, None).await? {
+                if row.status == sluice_core::ExecStatus::Running {
+                    return Ok(Started { workflow_id, run_id: row.run_id, status: "running", created: false });
+                }
             }
         }
         let (version, def) = self.definition(tenant, &req.workflow, req.version.as_deref()).await?;
@@ -370,6 +413,7 @@ impl Engine {
             parent: None,
             continued_from: None,
         };
+        self.forget_result(tenant, &workflow_id);
         match self.create_run(tenant, def, &run_id, started).await {
             Ok(status) => {
                 self.inner.counters.executions_started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -411,7 +455,11 @@ impl Engine {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let row = self.get_execution(tenant, workflow_id, None).await?;
+            let recent = lock(&self.inner.results).rows.get(&(tenant.to_string(), workflow_id.to_string())).cloned();
+            let row = match recent {
+                Some(row) => row,
+                None => self.get_execution(tenant, workflow_id, None).await?,
+            };
             if row.status.is_terminal() && row.status != sluice_core::ExecStatus::ContinuedAsNew {
                 return Ok(row);
             }
@@ -497,6 +545,7 @@ impl Engine {
         if !row.dead_letter {
             return Err(Error::Conflict(format!("execution `{workflow_id}` is not in the dead-letter queue")));
         }
+        self.forget_result(tenant, workflow_id);
         self.advance_any(tenant, &row.run_id, |_| Ok(vec![EventKind::ExecutionRedriven]), txn::Extra::default(), true)
             .await?;
         Ok(row.run_id)

@@ -285,7 +285,16 @@ impl Engine {
         if tx.batch.is_empty() {
             return Ok(Vec::new());
         }
-        let commit = self.inner.store.commit(tx.batch.clone()).await;
+        // The store takes the events and rows; only what becomes visible afterwards is kept.
+        let effects = Batch {
+            execs: Vec::new(),
+            add_tasks: tx.batch.add_tasks.clone(),
+            remove_tasks: tx.batch.remove_tasks.clone(),
+            add_timers: tx.batch.add_timers.clone(),
+            remove_timers: tx.batch.remove_timers.clone(),
+        };
+        let batch = std::mem::replace(&mut tx.batch, effects);
+        let commit = self.inner.store.commit(batch).await;
         if let Err(e) = commit {
             self.inner.counters.commits_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return self.abort(tx, e.into());
@@ -439,6 +448,9 @@ impl Engine {
                     _ => 0,
                 };
                 let key = (entry.tenant.clone(), entry.state.workflow_id.clone());
+                if status != ExecStatus::ContinuedAsNew {
+                    self.remember_result(key.clone(), row_of(entry, now));
+                }
                 if let Some(n) = lock(&self.inner.watchers).get(&key) {
                     n.notify_waiters();
                 }

@@ -215,45 +215,46 @@ fn insert_exec(conn: &Connection, change: &ExecChange) -> Result<(), StoreError>
 
 fn update_exec(conn: &Connection, change: &ExecChange) -> Result<(), StoreError> {
     let row = &change.row;
-    let stored: Option<u64> = conn
-        .prepare_cached("SELECT next_seq FROM executions WHERE run_id = ?1 AND tenant = ?2")
-        .and_then(|mut st| st.query_row([&row.run_id, &change.tenant], |r| r.get(0)).optional())
-        .map_err(db_err)?;
-    let stored = stored.ok_or(StoreError::NotFound)?;
-    if let Some(first) = change.events.first() {
-        if first.seq != stored {
-            return Err(StoreError::Conflict(format!(
-                "run {}: the history continues at event {stored}, the batch starts at {}; reload and retry",
-                row.run_id, first.seq
-            )));
-        }
-    }
+    // The optimistic check and the update in one statement: it only matches while the stored
+    // history ends where this batch begins. Immutable columns (input, workflow, version,
+    // parent) are written once, at create.
+    let expected = change.events.first().map(|e| e.seq);
     let mut st = conn
         .prepare_cached(
-            "UPDATE executions SET workflow = ?3, version = ?4, status = ?5, paused = ?6,
-                 dead_letter = ?7, input = ?8, output = ?9, error = ?10, failed_step = ?11,
-                 parent = ?12, next_seq = ?13, updated_at_ms = ?14
-             WHERE run_id = ?1 AND tenant = ?2",
+            "UPDATE executions SET status = ?3, paused = ?4, dead_letter = ?5, output = ?6, error = ?7,
+                 failed_step = ?8, next_seq = ?9, updated_at_ms = ?10
+             WHERE run_id = ?1 AND tenant = ?2 AND (?11 IS NULL OR next_seq = ?11)",
         )
         .map_err(db_err)?;
     let updated = st.execute(params![
         row.run_id,
         change.tenant,
-        row.workflow,
-        row.version,
         row.status.as_str(),
         row.paused,
         row.dead_letter,
-        to_json(&row.input)?,
         opt_json(row.output.as_ref())?,
         opt_json(row.error.as_ref())?,
         row.failed_step,
-        opt_json(row.parent.as_ref())?,
         row.next_seq,
         row.updated_at_ms,
+        expected,
     ]);
     match updated {
-        Ok(_) => Ok(()),
+        Ok(1) => Ok(()),
+        Ok(_) => {
+            let stored: Option<u64> = conn
+                .prepare_cached("SELECT next_seq FROM executions WHERE run_id = ?1 AND tenant = ?2")
+                .and_then(|mut st| st.query_row([&row.run_id, &change.tenant], |r| r.get(0)).optional())
+                .map_err(db_err)?;
+            match stored {
+                None => Err(StoreError::NotFound),
+                Some(stored) => Err(StoreError::Conflict(format!(
+                    "run {}: the history continues at event {stored}, the batch starts at {}; reload and retry",
+                    row.run_id,
+                    expected.unwrap_or(0)
+                ))),
+            }
+        }
         // Back to running (a redrive) while another run of the workflow id runs.
         Err(e) if is_constraint(&e) => Err(match running_run(conn, change)? {
             Some(running) => StoreError::AlreadyRunning(running),

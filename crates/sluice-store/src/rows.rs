@@ -25,6 +25,8 @@ pub struct WorkflowSummary {
 }
 
 /// The summary row of one execution run; the history is the truth, this is its index.
+/// `workflow_id`, `workflow`, `version`, `input`, `parent` and `created_at_ms` are written when
+/// the run is created; later commits update only the other fields.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExecutionRow {
     pub run_id: String,
