@@ -80,7 +80,10 @@ fn crates_depend_only_on_crates_above_them() {
     let present: Vec<&str> = ORDER.iter().copied().filter(|k| root().join("crates").join(k).exists()).collect();
     for entry in std::fs::read_dir(root().join("crates")).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        assert!(ORDER.contains(&name.as_str()), "crate {name} is missing from the dependency order here and in ARCHITECTURE.md");
+        assert!(
+            ORDER.contains(&name.as_str()),
+            "crate {name} is missing from the dependency order here and in ARCHITECTURE.md"
+        );
     }
     for (i, krate) in ORDER.iter().enumerate() {
         if !present.contains(krate) {

@@ -8,8 +8,20 @@ use serde_json::{json, Value};
 use super::*;
 
 #[tokio::test]
-async fn every_step_type_runs_end_to_end() {
+async fn every_step_type_runs_end_to_end_with_the_rust_worker() {
     let (_dir, server, _worker) = server_with_worker("steps").await;
+    every_step_type(&server).await;
+}
+
+#[tokio::test]
+async fn every_step_type_runs_end_to_end_with_the_python_worker() {
+    let dir = TempDir::new("steps-python");
+    let server = ServerProcess::start(&bin(), dir.path()).await;
+    let _worker = WorkerProcess::python(&repo(), &server.base, &["greet", "echo"], None);
+    every_step_type(&server).await;
+}
+
+async fn every_step_type(server: &ServerProcess) {
     let api = server.api();
     api.publish(&json!({
         "name": "child-wf",
