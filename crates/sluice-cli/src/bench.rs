@@ -32,7 +32,8 @@ pub struct BenchArgs {
     /// Executions in flight at once.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Worker clients (each polls with up to 256 tasks in flight).
+    /// Worker clients in this process (each polls with up to 256 tasks in flight); 0 to rely on
+    /// external workers serving the `bench` queue (`sluice worker --queue bench`).
     #[arg(long, default_value_t = 1)]
     workers: usize,
     #[arg(long, value_enum, default_value_t = StepKind::Task)]
@@ -98,7 +99,7 @@ pub async fn run(args: BenchArgs, server: &str, json_out: bool) -> Result<()> {
 
     let stop = Arc::new(Notify::new());
     if args.step_kind == StepKind::Task {
-        for _ in 0..args.workers.max(1) {
+        for _ in 0..args.workers {
             let stop = stop.clone();
             let w = sluice_worker::Worker::new(&base).concurrency(256).queue("bench", |t| async move { Ok(t.input) });
             tokio::spawn(w.run(async move { stop.notified().await }));

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use sluice_worker::{TaskError, Worker};
 
-pub const QUEUES: &[&str] = &["greet", "enrich", "flaky", "echo", "noop"];
+pub const QUEUES: &[&str] = &["greet", "enrich", "flaky", "echo", "noop", "bench"];
 
 /// Appends one JSON line per task received and per result the server acknowledged, synced to
 /// disk, so a test can prove no step was completed twice.
@@ -91,6 +91,7 @@ pub async fn run_worker(
                     async move { Ok(t.input) }
                 }
             }),
+            "bench" => w.queue("bench", |t| async move { Ok(t.input) }),
             "noop" => w.queue("noop", {
                 let rx = received.clone();
                 move |t| {

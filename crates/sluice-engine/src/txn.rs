@@ -399,6 +399,9 @@ impl Engine {
     fn publish_effects(&self, tx: Txn) -> Vec<(String, ExecStatus)> {
         let Txn { now, touched, batch, kicks, .. } = tx;
         let mut to_run = Vec::new();
+        // The background loop only needs waking for new timers or delayed tasks.
+        let wake = batch.add_timers.iter().any(|t| t.step != START_TIMER)
+            || batch.add_tasks.iter().any(|t| t.visible_at_ms > now);
         {
             let mut tasks = lock(&self.inner.tasks);
             for id in &batch.remove_tasks {
@@ -420,7 +423,9 @@ impl Engine {
                 }
             }
         }
-        self.inner.wake.notify_one();
+        if wake {
+            self.inner.wake.notify_one();
+        }
         for run in kicks {
             if let Some(tenant) =
                 touched.iter().find(|t| t.run_id == run).and_then(|t| t.guard.as_ref()).map(|e| e.tenant.clone())
