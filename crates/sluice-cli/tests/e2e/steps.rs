@@ -252,3 +252,39 @@ async fn continue_as_new_keeps_each_run_history_bounded_over_10000_iterations() 
         assert!(len <= 6, "a run kept {len} events");
     }
 }
+
+#[tokio::test]
+async fn schedule_to_start_and_heartbeat_timeouts_fail_the_attempt() {
+    let dir = TempDir::new("timeouts");
+    let server = ServerProcess::start(&bin(), dir.path()).await;
+    let api = server.api();
+    api.publish(&json!({"name": "nobody-home", "steps": [
+        {"id": "wait", "type": "task", "queue": "empty", "timeouts": {"schedule_to_start": "200ms"},
+         "retry": {"max_attempts": 1}}
+    ]}))
+    .await;
+    let id = api.start("nobody-home", Value::Null, None).await;
+    let row = api.wait(&id, 10).await;
+    assert_eq!(row["status"], "failed", "{row}");
+    assert_eq!(row["error"]["type"], "timeout.schedule_to_start");
+
+    api.publish(&json!({"name": "silent", "steps": [
+        {"id": "work", "type": "task", "queue": "silent", "timeouts": {"heartbeat": "300ms", "start_to_close": "1h"},
+         "retry": {"max_attempts": 1}}
+    ]}))
+    .await;
+    let id = api.start("silent", Value::Null, None).await;
+    let (_, polled) = api.post("/v1/tasks/poll", &json!({"queue": "silent", "wait_ms": 5000})).await;
+    let token = polled["tasks"][0]["task_token"].clone();
+    assert_eq!(polled["tasks"][0]["heartbeat_timeout_ms"], 300);
+    // Heartbeats keep the attempt alive past its heartbeat timeout...
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (_, hb) = api.post("/v1/tasks/heartbeat", &json!({"task_token": token})).await;
+        assert_eq!(hb["cancel_requested"], false);
+    }
+    // ...and silence ends it.
+    let row = api.wait(&id, 10).await;
+    assert_eq!(row["error"]["type"], "timeout.heartbeat", "{row}");
+    assert_replays(&api).await;
+}
