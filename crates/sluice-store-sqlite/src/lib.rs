@@ -114,6 +114,9 @@ fn configure_writer(conn: &Connection) -> Result<()> {
     if synchronous != SYNCHRONOUS_FULL {
         return Err(StoreError::Internal(format!("sqlite refused synchronous = FULL (got {synchronous})")));
     }
+    // 64 MiB of page cache: the hot B-tree pages of events, tasks and runs stay in memory.
+    conn.pragma_update(None, "cache_size", -65_536).map_err(db_err)?;
+    conn.pragma_update(None, "temp_store", "MEMORY").map_err(db_err)?;
     Ok(())
 }
 
