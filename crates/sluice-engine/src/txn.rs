@@ -444,6 +444,18 @@ impl Engine {
             let status = entry.state.status;
             statuses.push((t.run_id.clone(), status));
             if status.is_terminal() {
+                let (wid, run) = (&entry.state.workflow_id, &t.run_id);
+                match (&entry.state.error, entry.state.dead_letter) {
+                    (Some(err), true) => {
+                        tracing::warn!(workflow_id = %wid, run_id = %run, error_type = %err.kind, step = ?entry.state.failed_step, "execution failed and was parked in the dead-letter queue")
+                    }
+                    (Some(err), false) => {
+                        tracing::info!(workflow_id = %wid, run_id = %run, status = status.as_str(), error_type = %err.kind, "execution ended")
+                    }
+                    (None, _) => {
+                        tracing::debug!(workflow_id = %wid, run_id = %run, status = status.as_str(), "execution ended")
+                    }
+                }
                 let c = &self.inner.counters;
                 match status {
                     ExecStatus::Completed => c.executions_completed.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
