@@ -102,6 +102,13 @@ enum Command {
     Status { workflow_id: String },
     /// Show an execution's event history.
     History { workflow_id: String },
+    /// Re-run the deterministic core over a stored history: prove this build makes the same
+    /// decisions, and show the state after every event (time travel).
+    Replay {
+        workflow_id: String,
+        #[arg(long)]
+        run_id: Option<String>,
+    },
     /// Send a signal (pause, resume, cancel or a custom name) with an optional JSON payload.
     Signal {
         workflow_id: String,
@@ -251,6 +258,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Replay { workflow_id, run_id } => replay(&api, &workflow_id, run_id.as_deref(), json).await,
         Command::Signal { workflow_id, name, payload } => {
             let payload = match payload {
                 Some(p) => parse_json_arg("payload", &p)?,
@@ -307,6 +315,59 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
         },
         Command::Bench(args) => bench::run(args, &cli.server, json).await,
+    }
+}
+
+async fn replay(api: &Api, workflow_id: &str, run_id: Option<&str>, json: bool) -> Result<()> {
+    let q = run_id.map(|r| format!("?run_id={r}")).unwrap_or_default();
+    let row = api.get(&format!("/v1/executions/{workflow_id}{q}")).await?;
+    let (name, version, run) = (
+        row["workflow"].as_str().unwrap_or_default(),
+        row["version"].as_str().unwrap_or_default(),
+        row["run_id"].as_str().unwrap_or_default(),
+    );
+    let wf = api.get(&format!("/v1/workflows/{name}/versions/{version}")).await?;
+    let def = sluice_core::def::parse_value(&wf["definition"])
+        .map_err(|e| anyhow::anyhow!("the stored definition no longer validates: {e:?}"))?;
+    let mut events: Vec<sluice_core::Event> = Vec::new();
+    loop {
+        let page = api
+            .get(&format!("/v1/executions/{workflow_id}/history?run_id={run}&after={}&limit=10000", events.len()))
+            .await?;
+        let batch: Vec<sluice_core::Event> =
+            serde_json::from_value(page["events"].clone()).context("history does not parse")?;
+        if batch.is_empty() {
+            break;
+        }
+        events.extend(batch);
+    }
+    let verdict = sluice_core::replay::check(&def, &events);
+    let states = sluice_core::replay::states(&events);
+    if json {
+        let timeline: Vec<Value> = events
+            .iter()
+            .zip(&states)
+            .map(|(e, st)| {
+                serde_json::json!({"event": e, "status": st.status.as_str(), "paused": st.paused,
+                    "state": sluice_core::expr::from_val(&st.query_context())})
+            })
+            .collect();
+        out(&serde_json::json!({"run_id": run, "matches": verdict.is_ok(),
+            "divergence": verdict.as_ref().err().map(|d| d.to_string()), "timeline": timeline})
+        .to_string());
+    } else {
+        for (e, st) in events.iter().zip(&states) {
+            let done =
+                st.steps.values().filter(|s| matches!(s.status, sluice_core::state::StepStatus::Completed)).count();
+            out(&format!("{:>4}  {:<28} status {:<10} steps done {done}", e.seq, e.kind.name(), st.status.as_str()));
+        }
+    }
+    match verdict {
+        Ok(()) => {
+            eprintln!("replay of {} events matches: this build makes the same decisions", events.len());
+            Ok(())
+        }
+        Err(d) => bail!("replay diverged: {d}"),
     }
 }
 

@@ -288,3 +288,26 @@ async fn schedule_to_start_and_heartbeat_timeouts_fail_the_attempt() {
     assert_eq!(row["error"]["type"], "timeout.heartbeat", "{row}");
     assert_replays(&api).await;
 }
+
+#[tokio::test]
+async fn replay_command_proves_decisions_and_shows_the_timeline() {
+    let (_dir, server, _worker) = server_with_worker("replay").await;
+    let api = server.api();
+    api.publish_file(&repo().join("examples/hello.yaml")).await;
+    let id = api.start("hello", json!({"name": "Grace"}), Some("replay-me")).await;
+    api.wait(&id, 20).await;
+    let out = std::process::Command::new(bin())
+        .args(["--server", &server.base, "--json", "replay", "replay-me"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["matches"], true);
+    let timeline = report["timeline"].as_array().unwrap();
+    assert_eq!(timeline.len(), api.history(&id, None).await.len());
+    assert_eq!(timeline.last().unwrap()["status"], "completed");
+    assert_eq!(timeline[2]["state"]["steps"]["greet"], json!({"greeting": "Hello, Grace"}));
+    let out = std::process::Command::new(bin()).args(["--server", &server.base, "replay", "nobody"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("execution_not_found"));
+}
