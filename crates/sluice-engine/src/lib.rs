@@ -5,6 +5,7 @@
 //!
 //! Architecture invariant: nothing leaves the engine before the batch that records it is durable.
 
+mod cache;
 mod clock;
 mod error;
 mod http;
@@ -35,11 +36,13 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 pub struct EngineOptions {
     /// How often timeouts of running tasks are checked.
     pub reap_interval: Duration,
+    /// Most running executions whose state is kept in memory; others reload from the store.
+    pub cache_capacity: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { reap_interval: Duration::from_millis(200) }
+        Self { reap_interval: Duration::from_millis(200), cache_capacity: 100_000 }
     }
 }
 
@@ -122,7 +125,7 @@ pub(crate) type Slot = Arc<Mutex<Option<ExecEntry>>>;
 
 pub(crate) struct Inner {
     pub store: Arc<dyn Store>,
-    pub execs: SyncMutex<HashMap<String, Slot>>,
+    pub execs: SyncMutex<cache::ExecCache>,
     pub defs: SyncMutex<HashMap<(String, String, String), Arc<WorkflowDef>>>,
     pub tasks: SyncMutex<tasks::TaskTable>,
     pub timers: SyncMutex<tasks::Wheel>,
@@ -178,7 +181,7 @@ impl Engine {
             .map_err(|e| Error::Internal(e.to_string()))?;
         let inner = Arc::new(Inner {
             store,
-            execs: SyncMutex::new(HashMap::new()),
+            execs: SyncMutex::new(cache::ExecCache::new(opts.cache_capacity)),
             defs: SyncMutex::new(HashMap::new()),
             tasks: SyncMutex::new(tasks::TaskTable::default()),
             timers: SyncMutex::new(tasks::Wheel::default()),
@@ -226,6 +229,11 @@ impl Engine {
     }
 
     /// Queue depths and oldest ready task age (ms) per (tenant, queue).
+    /// Executions whose state is in memory.
+    pub fn cached_executions(&self) -> usize {
+        lock(&self.inner.execs).len()
+    }
+
     /// Timers armed in memory.
     pub fn timer_count(&self) -> usize {
         lock(&self.inner.timers).len()

@@ -159,18 +159,24 @@ impl Engine {
         allow_terminal: bool,
     ) -> Result<OwnedMutexGuard<Option<ExecEntry>>> {
         loop {
-            let (slot, fresh) = {
+            // A fresh slot goes into the cache already locked, so nothing can evict or use it
+            // before it is loaded.
+            let (slot, mut guard, fresh) = {
                 let mut map = lock(&self.inner.execs);
                 match map.get(run_id) {
-                    Some(s) => (s.clone(), false),
+                    Some(s) => (s.clone(), None, false),
                     None => {
-                        let s = Arc::new(Mutex::new(None));
+                        let s: crate::Slot = Arc::new(Mutex::new(None));
+                        let g = s.clone().try_lock_owned().ok();
                         map.insert(run_id.to_string(), s.clone());
-                        (s, true)
+                        (s, g, true)
                     }
                 }
             };
-            let mut guard = slot.clone().lock_owned().await;
+            let mut guard = match guard.take() {
+                Some(g) => g,
+                None => slot.clone().lock_owned().await,
+            };
             if let Some(entry) = guard.as_ref() {
                 if entry.tenant != tenant {
                     return Err(Error::NotFound { what: "execution", id: run_id.to_string() });
@@ -178,10 +184,7 @@ impl Engine {
                 return Ok(guard);
             }
             if !fresh {
-                let mut map = lock(&self.inner.execs);
-                if map.get(run_id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-                    map.remove(run_id);
-                }
+                lock(&self.inner.execs).remove_if(run_id, &slot);
                 continue;
             }
             match self.load_run(tenant, run_id, allow_terminal).await {
@@ -190,10 +193,7 @@ impl Engine {
                     return Ok(guard);
                 }
                 Err(e) => {
-                    let mut map = lock(&self.inner.execs);
-                    if map.get(run_id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-                        map.remove(run_id);
-                    }
+                    lock(&self.inner.execs).remove_if(run_id, &slot);
                     return Err(e);
                 }
             }
