@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Example worker for the workflows in examples/: handles the queues greet, enrich, flaky and echo.
+"""Example worker for the workflows in examples/: serves the queues greet, enrich, flaky, echo, noop.
 
     python3 examples/workers/python_worker.py --server http://127.0.0.1:7233 --queue greet --queue enrich
 
-Without --queue it serves all four. Stop it with Ctrl-C or SIGTERM: running tasks finish first.
+Without --queue it serves them all. Its handlers answer as those of the demo worker built into
+`sluice dev`; run that with `--no-worker` to have this one do the work. Stop it with Ctrl-C or
+SIGTERM: running tasks finish first.
 
 --record FILE appends one JSON line per task received and per task whose completion the server
 accepted, each written with fsync, so that a test can prove no step was completed twice:
@@ -24,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from sluice_worker import Task, TaskFailure, Worker  # noqa: E402
 
-QUEUES = ("greet", "enrich", "flaky", "echo")
+QUEUES = ("greet", "enrich", "flaky", "echo", "noop")
 
 
 def make_handlers(fail_until_attempt=None):
@@ -38,9 +40,7 @@ def make_handlers(fail_until_attempt=None):
     def enrich(task: Task):
         item = task.input
         if isinstance(item, str):
-            return item.upper()
-        if isinstance(item, dict):
-            return {**item, "enriched": True, "keys": len(item)}
+            return {"value": item, "upper": item.upper(), "length": len(item)}
         return {"value": item, "enriched": True}
 
     def flaky(task: Task):
@@ -58,7 +58,10 @@ def make_handlers(fail_until_attempt=None):
     def echo(task: Task):
         return task.input
 
-    return {"greet": greet, "enrich": enrich, "flaky": flaky, "echo": echo}
+    def noop(task: Task):
+        return None
+
+    return {"greet": greet, "enrich": enrich, "flaky": flaky, "echo": echo, "noop": noop}
 
 
 class Recorder:

@@ -514,7 +514,7 @@ class ExampleWorkerTest(unittest.TestCase):
             self.assertEqual(fake.failed["f1"]["error"]["type"], "flaky")
             self.assertTrue(fake.failed["f1"]["retryable"])
             self.assertEqual(fake.completed["f2"]["attempt"], 2)
-            self.assertEqual(fake.completed["e1"], "ADA")
+            self.assertEqual(fake.completed["e1"], {"value": "ada", "upper": "ADA", "length": 3})
             self.assertEqual(fake.completed["x1"], {"a": [1, 2]})
             with open(record) as f:
                 lines = [json.loads(line) for line in f]
