@@ -14,6 +14,10 @@ use serde_json::{Map, Number, Value};
 /// Longest expression source accepted, in bytes.
 pub const MAX_EXPR_LEN: usize = 16 * 1024;
 
+/// Evaluation steps one expression may take (terms evaluated, numbers a `range` yields). Counted,
+/// not timed, so an evaluation that fits does so on every machine and replay agrees.
+pub const MAX_EVAL_STEPS: u64 = 2_000_000;
+
 /// Filters that would make an expression depend on the world outside its input.
 const FORBIDDEN: &[&str] = &["now", "env", "localtime", "strflocaltime", "input", "inputs"];
 
@@ -93,11 +97,16 @@ impl Expr {
         &self.src
     }
 
-    /// Evaluates against `input` and returns the first output.
+    /// Evaluates against `input` and returns the first output, within `MAX_EVAL_STEPS`.
     pub fn eval_val(&self, input: Val) -> Result<Val, ExprError> {
         let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
-        let mut out = self.filter.id.run((ctx, input));
-        match out.next() {
+        jaq_core::fuel::set_steps(MAX_EVAL_STEPS);
+        let first = {
+            let mut out = self.filter.id.run((ctx, input));
+            out.next()
+        };
+        jaq_core::fuel::set_steps(u64::MAX);
+        match first {
             Some(Ok(v)) => Ok(v),
             Some(Err(exn)) => Err(ExprError::Eval(match exn.get_err() {
                 Ok(e) => e.to_string(),
@@ -258,6 +267,16 @@ fn num_to_json(n: &jaq_json::Num) -> Value {
     }
 }
 
+/// Runs `f` with a wall-clock limit on the expressions it evaluates on this thread. The core
+/// itself never reads the clock: the runtime chooses to bound a whole `decide` this way, as a
+/// last line of defence behind the step budget.
+pub fn with_deadline<T>(deadline: std::time::Instant, f: impl FnOnce() -> T) -> T {
+    jaq_core::fuel::set_deadline(Some(deadline));
+    let r = f();
+    jaq_core::fuel::set_deadline(None);
+    r
+}
+
 /// Builds a JSON object value for jaq from key/value pairs without going through JSON.
 pub fn obj(entries: impl IntoIterator<Item = (&'static str, Val)>) -> Val {
     Val::obj(entries.into_iter().map(|(k, v)| (Val::utf8_str(k.as_bytes().to_vec()), v)).collect())
@@ -305,6 +324,32 @@ mod tests {
         let e = Expr::parse("halt_error").unwrap_or_else(|err| panic!("{err}"));
         assert!(matches!(e.eval(Val::Null), Err(ExprError::Eval(_))));
         check("debug | . + 1", json!(1), json!(2));
+    }
+
+    #[test]
+    fn runaway_expressions_stop_at_the_step_budget() {
+        for src in [
+            "last(range(1e12))",
+            "[repeat(1)] | length",
+            "def f: f; f",
+            "[limit(1e9; repeat(.))] | length",
+            "until(false; .)",
+        ] {
+            let e = Expr::parse(src).unwrap_or_else(|err| panic!("{src}: {err}"));
+            match e.eval(Val::Null) {
+                Err(ExprError::Eval(msg)) => assert!(msg.contains("budget"), "{src}: {msg}"),
+                other => panic!("{src} should exceed the budget, got {other:?}"),
+            }
+        }
+        // Real work on real data stays well inside it.
+        check("[range(100000)] | add", json!(null), json!(4999950000u64));
+    }
+
+    #[test]
+    fn a_deadline_stops_evaluation() {
+        let e = Expr::parse("last(range(1e12))").unwrap_or_else(|err| panic!("{err}"));
+        let r = with_deadline(std::time::Instant::now(), || e.eval(Val::Null));
+        assert!(matches!(r, Err(ExprError::Eval(ref m)) if m.contains("budget")), "{r:?}");
     }
 
     #[test]

@@ -38,11 +38,17 @@ pub struct EngineOptions {
     pub reap_interval: Duration,
     /// Most running executions whose state is kept in memory; others reload from the store.
     pub cache_capacity: usize,
+    /// Wall-clock limit on the expressions of one decision, behind their step budget.
+    pub decide_time_limit: Duration,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { reap_interval: Duration::from_millis(200), cache_capacity: 100_000 }
+        Self {
+            reap_interval: Duration::from_millis(200),
+            cache_capacity: 100_000,
+            decide_time_limit: Duration::from_secs(1),
+        }
     }
 }
 

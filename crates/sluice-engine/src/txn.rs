@@ -249,7 +249,8 @@ impl Engine {
                 for kind in externals {
                     events.push(entry.state.push(kind, tx.now));
                 }
-                events.extend(decide(&entry.def, &mut entry.state));
+                let deadline = std::time::Instant::now() + self.inner.opts.decide_time_limit;
+                events.extend(sluice_core::expr::with_deadline(deadline, || decide(&entry.def, &mut entry.state)));
                 effects(entry, &events, tx.now, &mut tx.batch, &mut follows);
                 t.events.extend(events);
             }
