@@ -153,7 +153,8 @@ async fn bad_input_gets_precise_errors() {
     assert_eq!(row["error"]["type"], "expression");
 
     // A runaway expression is stopped by its budget; the server answers as before.
-    api.publish(&json!({"name": "runaway", "steps": [{"id": "spin", "type": "transform", "expr": "last(repeat(.))"}]})).await;
+    api.publish(&json!({"name": "runaway", "steps": [{"id": "spin", "type": "transform", "expr": "last(repeat(.))"}]}))
+        .await;
     let id = api.start("runaway", json!(1), None).await;
     let row = api.wait(&id, 20).await;
     assert_eq!(row["status"], "failed");
