@@ -2,7 +2,6 @@
 //! `--server` when given), publishes a K-step workflow, runs W workers, starts N executions with
 //! C in flight, and reports executions/s, steps/s and start-to-result latency percentiles.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,9 +37,10 @@ pub struct BenchArgs {
     workers: usize,
     #[arg(long, value_enum, default_value_t = StepKind::Task)]
     step_kind: StepKind,
-    /// SQLite file for the bench's own server (a temporary file by default).
+    /// Database of the bench's own server: a SQLite file (a temporary one by default) or a
+    /// PostgreSQL URL.
     #[arg(long)]
-    database: Option<PathBuf>,
+    database: Option<String>,
     /// Use the server named by --server instead of starting one.
     #[arg(long)]
     external: bool,
@@ -73,7 +73,7 @@ pub async fn run(args: BenchArgs, server: &str, json_out: bool) -> Result<()> {
             None => {
                 let p = std::env::temp_dir().join(format!("sluice-bench-{}.db", std::process::id()));
                 _tmp_db = Some(p.clone());
-                p
+                p.display().to_string()
             }
         };
         let (engine, listener, addr) = crate::server::start(&db, "127.0.0.1", 0).await?;

@@ -45,9 +45,9 @@ pub struct ServeArgs {
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     bind: String,
-    /// SQLite database file.
-    #[arg(long, default_value = "sluice.db")]
-    database: PathBuf,
+    /// Where state lives: a SQLite file path, or a PostgreSQL URL (`postgres://user@host/db`).
+    #[arg(long, default_value = "sluice.db", env = "SLUICE_DATABASE")]
+    database: String,
 }
 
 #[derive(Subcommand)]

@@ -6,16 +6,42 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use sluice_engine::{Engine, EngineOptions};
+use sluice_store::Store;
+use sluice_store_postgres::PostgresStore;
 use sluice_store_sqlite::SqliteStore;
 use tokio::net::TcpListener;
 
 use crate::ServeArgs;
 
+/// Opens the store named by `database`: a PostgreSQL URL, or else a SQLite file path.
+pub async fn open_store(database: &str) -> Result<Arc<dyn Store>> {
+    if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+        let store = PostgresStore::connect(database)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot use the PostgreSQL database: {e}"))?;
+        return Ok(Arc::new(store));
+    }
+    let store = SqliteStore::open(Path::new(database))
+        .map_err(|e| anyhow::anyhow!("cannot open the database {database}: {e}"))?;
+    Ok(Arc::new(store))
+}
+
+/// The database for logs and banners: a URL without its password.
+pub fn describe_database(database: &str) -> String {
+    match (database.find("://"), database.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &database[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}{}", &database[..scheme + 3], &database[at..])
+        }
+        _ => database.to_string(),
+    }
+}
+
 /// Opens the store, recovers the engine and binds the listener.
-pub async fn start(database: &Path, bind: &str, port: u16) -> Result<(Engine, TcpListener, SocketAddr)> {
-    let store = SqliteStore::open(database)
-        .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", database.display()))?;
-    let (engine, _bg) = Engine::start(Arc::new(store), EngineOptions::default())
+pub async fn start(database: &str, bind: &str, port: u16) -> Result<(Engine, TcpListener, SocketAddr)> {
+    let store = open_store(database).await?;
+    let (engine, _bg) = Engine::start(store, EngineOptions::default())
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the engine: {e}"))?;
     let listener = TcpListener::bind((bind, port)).await.with_context(|| {
@@ -49,7 +75,7 @@ async fn shutdown_signal() {
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port).await?;
-    tracing::info!(%addr, database = %args.database.display(), "sluice serving");
+    tracing::info!(%addr, database = %describe_database(&args.database), "sluice serving");
     sluice_server::serve(listener, engine, shutdown_signal()).await?;
     Ok(())
 }
@@ -69,7 +95,7 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()>
     }
     eprintln!();
     eprintln!("  Sluice is running at {url}");
-    eprintln!("  database   {}", args.database.display());
+    eprintln!("  database   {}", describe_database(&args.database));
     eprintln!(
         "  workflows  {}",
         if published.is_empty() { "none (no examples folder)".to_string() } else { published.join(", ") }

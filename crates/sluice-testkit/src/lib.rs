@@ -39,7 +39,8 @@ pub fn free_port() -> u16 {
 /// A `sluice serve` process with its own database file.
 pub struct ServerProcess {
     bin: PathBuf,
-    pub db: PathBuf,
+    /// A SQLite file path or a PostgreSQL URL.
+    pub database: String,
     pub port: u16,
     pub base: String,
     child: Option<Child>,
@@ -47,12 +48,18 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `bin serve` on a free port and waits until `/readyz` answers.
+    /// Starts `bin serve` on a free port with a SQLite file in `dir`, and waits until `/readyz`
+    /// answers.
     pub async fn start(bin: &Path, dir: &Path) -> Self {
+        Self::start_on(bin, dir, &dir.join("sluice.db").display().to_string()).await
+    }
+
+    /// Like `start`, on the given database (a SQLite path or a PostgreSQL URL).
+    pub async fn start_on(bin: &Path, dir: &Path, database: &str) -> Self {
         let port = free_port();
         let mut s = Self {
             bin: bin.to_path_buf(),
-            db: dir.join("sluice.db"),
+            database: database.to_string(),
             port,
             base: format!("http://127.0.0.1:{port}"),
             child: None,
@@ -66,8 +73,7 @@ impl ServerProcess {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).ok();
         let stderr = log.map(Stdio::from).unwrap_or_else(Stdio::null);
         let child = Command::new(&self.bin)
-            .args(["serve", "--port", &self.port.to_string(), "--database"])
-            .arg(&self.db)
+            .args(["serve", "--port", &self.port.to_string(), "--database", &self.database])
             .env("SLUICE_LOG_FORMAT", "json")
             .env("SLUICE_LOG", "info")
             .stdout(Stdio::null())

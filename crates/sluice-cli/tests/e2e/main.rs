@@ -5,6 +5,7 @@
 mod durability;
 mod errors;
 mod examples;
+mod postgres;
 mod steps;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,170 @@
+//! The PostgreSQL backend of the Sluice store: a pool of connections, one READ COMMITTED
+//! transaction per batch, optimistic concurrency by row checks and a partial unique index.
+//!
+//! Architecture invariant: a batch is applied whole or not at all, and is durable (committed,
+//! with `synchronous_commit` not off) when `commit` resolves `Ok`. A commit, once polled, is
+//! carried through even if the caller stops waiting. Batches of concurrent callers run in
+//! parallel on separate connections; a failing batch fails alone. Every statement is a static
+//! string with binds.
+
+mod codec;
+mod error;
+mod read;
+mod schema;
+mod writer;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use sluice_core::Event;
+use sluice_store::{
+    Batch, BoxFuture, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow, TimerRow,
+    WorkflowSummary, WorkflowVersion,
+};
+use tokio_postgres::NoTls;
+
+use crate::error::pool_err;
+pub use crate::schema::SCHEMA_VERSION;
+
+/// How the store connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// Connections the pool opens at most; each concurrent commit or read holds one.
+    pub max_connections: usize,
+    /// How long a call waits for a free connection, or for a new one to connect, before it fails
+    /// with `Unavailable`.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self { max_connections: 16, acquire_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// A `Store` in one PostgreSQL database, shared by any number of Sluice nodes.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = self.pool.status();
+        f.debug_struct("PostgresStore").field("size", &status.size).field("max_size", &status.max_size).finish()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db` or a key-value string)
+    /// with default options and migrates it to this build's schema.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, PostgresOptions::default()).await
+    }
+
+    /// Connects with `options` and migrates the database to this build's schema. Several nodes
+    /// may do this at once: migrations run one after the other under an advisory lock.
+    pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StoreError::Internal(format!("invalid postgres url: {e}; expected postgres://user@host/db"))
+        })?;
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.acquire_timeout))
+            .create_timeout(Some(options.acquire_timeout))
+            .recycle_timeout(Some(options.acquire_timeout))
+            .build()
+            .map_err(|e| StoreError::Internal(format!("cannot build the postgres pool: {e}")))?;
+        let mut client = pool.get().await.map_err(pool_err)?;
+        schema::check_durability(&client).await?;
+        schema::migrate(&mut client).await?;
+        drop(client);
+        Ok(Self { pool })
+    }
+
+    /// Closes the pool: idle connections are closed now, busy ones when they are returned, and
+    /// later calls fail with `Unavailable`.
+    pub fn close(&self) {
+        self.pool.close();
+    }
+}
+
+impl Store for PostgresStore {
+    fn commit(&self, batch: Batch) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            // A task of its own: a caller that stops waiting does not cut a transaction short,
+            // so whether the batch was applied never depends on when the caller gave up.
+            let pool = self.pool.clone();
+            tokio::spawn(async move { writer::commit(&pool, &batch).await })
+                .await
+                .map_err(|e| StoreError::Internal(format!("a postgres commit did not finish: {e}")))?
+        })
+    }
+
+    fn put_workflow(&self, tenant: &str, version: WorkflowVersion) -> BoxFuture<'_, Result<bool>> {
+        let tenant = tenant.to_owned();
+        Box::pin(async move { writer::put_workflow(&self.pool, &tenant, &version).await })
+    }
+
+    fn get_workflow(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> BoxFuture<'_, Result<Option<WorkflowVersion>>> {
+        let (tenant, name, version) = (tenant.to_owned(), name.to_owned(), version.map(str::to_owned));
+        Box::pin(async move { read::get_workflow(&self.pool, &tenant, &name, version.as_deref()).await })
+    }
+
+    fn list_workflows(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<WorkflowSummary>>> {
+        let tenant = tenant.to_owned();
+        Box::pin(async move { read::list_workflows(&self.pool, &tenant).await })
+    }
+
+    fn list_versions(&self, tenant: &str, name: &str) -> BoxFuture<'_, Result<Vec<WorkflowVersion>>> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        Box::pin(async move { read::list_versions(&self.pool, &tenant, &name).await })
+    }
+
+    fn get_execution(
+        &self,
+        tenant: &str,
+        workflow_id: &str,
+        run_id: Option<&str>,
+    ) -> BoxFuture<'_, Result<Option<ExecutionRow>>> {
+        let (tenant, workflow_id, run_id) = (tenant.to_owned(), workflow_id.to_owned(), run_id.map(str::to_owned));
+        Box::pin(async move { read::get_execution(&self.pool, &tenant, &workflow_id, run_id.as_deref()).await })
+    }
+
+    fn get_run(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<Option<ExecutionRow>>> {
+        let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
+        Box::pin(async move { read::get_run(&self.pool, &tenant, &run_id).await })
+    }
+
+    fn list_executions(&self, tenant: &str, filter: ExecutionFilter) -> BoxFuture<'_, Result<Page<ExecutionRow>>> {
+        let tenant = tenant.to_owned();
+        Box::pin(async move { read::list_executions(&self.pool, &tenant, &filter).await })
+    }
+
+    fn history(&self, tenant: &str, run_id: &str, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Event>>> {
+        let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
+        Box::pin(async move { read::history(&self.pool, &tenant, &run_id, after, limit).await })
+    }
+
+    fn load_tasks(&self) -> BoxFuture<'_, Result<Vec<TaskRow>>> {
+        Box::pin(read::load_tasks(&self.pool))
+    }
+
+    fn load_timers(&self) -> BoxFuture<'_, Result<Vec<TimerRow>>> {
+        Box::pin(read::load_timers(&self.pool))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(read::ping(&self.pool))
+    }
+}

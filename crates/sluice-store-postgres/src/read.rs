@@ -1,0 +1,292 @@
+//! Reads, each one statement on a pooled connection; under READ COMMITTED every read sees the
+//! batches committed before it started.
+
+use deadpool_postgres::Pool;
+use sluice_core::Event;
+use sluice_store::{
+    ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow, TimerRow, WorkflowSummary, WorkflowVersion,
+};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use crate::codec::{enum_from, from_i64, from_json, opt_from_json, status_from};
+use crate::error::{db_err, pool_err};
+
+/// Rows a page holds when the filter asks for none, and the most it may hold.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1_000;
+
+type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+/// Prepares `sql` through the connection's statement cache and runs it.
+async fn query(pool: &Pool, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let st = client.prepare_cached(sql).await.map_err(db_err)?;
+    client.query(&st, params).await.map_err(db_err)
+}
+
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, StoreError> {
+    row.try_get(idx).map_err(db_err)
+}
+
+/// `SELECT`s the columns `exec_row` reads, followed by the rest of the query.
+macro_rules! select_exec {
+    ($rest:literal) => {
+        concat!(
+            "SELECT run_id, workflow_id, workflow, version, status, paused, dead_letter, input, output,
+                    error, failed_step, parent, next_seq, created_at_ms, updated_at_ms
+             FROM executions ",
+            $rest
+        )
+    };
+}
+
+fn exec_row(r: &Row) -> Result<ExecutionRow, StoreError> {
+    Ok(ExecutionRow {
+        run_id: get(r, 0)?,
+        workflow_id: get(r, 1)?,
+        workflow: get(r, 2)?,
+        version: get(r, 3)?,
+        status: status_from(get(r, 4)?)?,
+        paused: get(r, 5)?,
+        dead_letter: get(r, 6)?,
+        input: from_json(get(r, 7)?, "input")?,
+        output: opt_from_json(get(r, 8)?, "output")?,
+        error: opt_from_json(get(r, 9)?, "error")?,
+        failed_step: get(r, 10)?,
+        parent: opt_from_json(get(r, 11)?, "parent")?,
+        next_seq: from_i64(get(r, 12)?, "next_seq")?,
+        created_at_ms: get(r, 13)?,
+        updated_at_ms: get(r, 14)?,
+    })
+}
+
+fn workflow_row(r: &Row) -> Result<WorkflowVersion, StoreError> {
+    Ok(WorkflowVersion { name: get(r, 0)?, version: get(r, 1)?, definition: get(r, 2)?, created_at_ms: get(r, 3)? })
+}
+
+pub(crate) async fn get_workflow(
+    pool: &Pool,
+    tenant: &str,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Option<WorkflowVersion>, StoreError> {
+    let rows = match version {
+        Some(version) => {
+            query(
+                pool,
+                "SELECT name, version, definition, created_at_ms FROM workflows
+                 WHERE tenant = $1 AND name = $2 AND version = $3",
+                &[&tenant, &name, &version],
+            )
+            .await?
+        }
+        None => {
+            query(
+                pool,
+                "SELECT name, version, definition, created_at_ms FROM workflows
+                 WHERE tenant = $1 AND name = $2
+                 ORDER BY created_at_ms DESC, version DESC LIMIT 1",
+                &[&tenant, &name],
+            )
+            .await?
+        }
+    };
+    rows.first().map(workflow_row).transpose()
+}
+
+pub(crate) async fn list_workflows(pool: &Pool, tenant: &str) -> Result<Vec<WorkflowSummary>, StoreError> {
+    let rows = query(
+        pool,
+        "SELECT w.name,
+                (SELECT l.version FROM workflows l WHERE l.tenant = $1 AND l.name = w.name
+                 ORDER BY l.created_at_ms DESC, l.version DESC LIMIT 1),
+                COUNT(*), MAX(w.created_at_ms)
+         FROM workflows w WHERE w.tenant = $1 GROUP BY w.name ORDER BY w.name",
+        &[&tenant],
+    )
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(WorkflowSummary {
+                name: get(r, 0)?,
+                latest_version: get(r, 1)?,
+                versions: from_i64(get(r, 2)?, "count")?,
+                updated_at_ms: get(r, 3)?,
+            })
+        })
+        .collect()
+}
+
+pub(crate) async fn list_versions(pool: &Pool, tenant: &str, name: &str) -> Result<Vec<WorkflowVersion>, StoreError> {
+    let rows = query(
+        pool,
+        "SELECT name, version, definition, created_at_ms FROM workflows
+         WHERE tenant = $1 AND name = $2 ORDER BY created_at_ms DESC, version DESC",
+        &[&tenant, &name],
+    )
+    .await?;
+    rows.iter().map(workflow_row).collect()
+}
+
+pub(crate) async fn get_execution(
+    pool: &Pool,
+    tenant: &str,
+    workflow_id: &str,
+    run_id: Option<&str>,
+) -> Result<Option<ExecutionRow>, StoreError> {
+    let rows = match run_id {
+        Some(run_id) => {
+            query(
+                pool,
+                select_exec!("WHERE run_id = $1 AND tenant = $2 AND workflow_id = $3"),
+                &[&run_id, &tenant, &workflow_id],
+            )
+            .await?
+        }
+        None => {
+            query(
+                pool,
+                select_exec!("WHERE tenant = $1 AND workflow_id = $2 ORDER BY run_id DESC LIMIT 1"),
+                &[&tenant, &workflow_id],
+            )
+            .await?
+        }
+    };
+    rows.first().map(exec_row).transpose()
+}
+
+pub(crate) async fn get_run(pool: &Pool, tenant: &str, run_id: &str) -> Result<Option<ExecutionRow>, StoreError> {
+    let rows = query(pool, select_exec!("WHERE run_id = $1 AND tenant = $2"), &[&run_id, &tenant]).await?;
+    rows.first().map(exec_row).transpose()
+}
+
+/// The filters `list_executions` binds after the tenant, each NULL when unused.
+macro_rules! list_filters {
+    () => {
+        " AND ($2::text IS NULL OR workflow = $2::text)
+          AND ($3::text IS NULL OR workflow_id = $3::text)
+          AND ($4::text IS NULL OR status = $4::text)
+          AND (NOT $5::boolean OR dead_letter)
+          AND ($6::text IS NULL OR run_id < $6::text)
+          ORDER BY run_id DESC LIMIT $7"
+    };
+}
+
+/// Newest first; the cursor is the last run id of the previous page.
+///
+/// One static statement per leading index, so that a cached generic plan still walks the index
+/// of the most selective filter given: the other filters are bound and may be NULL.
+pub(crate) async fn list_executions(
+    pool: &Pool,
+    tenant: &str,
+    filter: &ExecutionFilter,
+) -> Result<Page<ExecutionRow>, StoreError> {
+    let limit = match filter.limit {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let sql = if filter.workflow_id.is_some() {
+        concat!(select_exec!("WHERE tenant = $1 AND workflow_id = $3::text"), list_filters!())
+    } else if filter.workflow.is_some() {
+        concat!(select_exec!("WHERE tenant = $1 AND workflow = $2::text"), list_filters!())
+    } else if filter.dead_letter {
+        concat!(select_exec!("WHERE tenant = $1 AND dead_letter"), list_filters!())
+    } else {
+        concat!(select_exec!("WHERE tenant = $1"), list_filters!())
+    };
+    let status = filter.status.map(|s| s.as_str());
+    // One row more than the page tells whether another page follows.
+    let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+    let rows = query(
+        pool,
+        sql,
+        &[&tenant, &filter.workflow, &filter.workflow_id, &status, &filter.dead_letter, &filter.cursor, &fetch],
+    )
+    .await?;
+    let mut items = rows.iter().map(exec_row).collect::<Result<Vec<_>, _>>()?;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|r| r.run_id.clone())
+    } else {
+        None
+    };
+    Ok(Page { items, next_cursor })
+}
+
+pub(crate) async fn history(
+    pool: &Pool,
+    tenant: &str,
+    run_id: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<Event>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let after = i64::try_from(after).unwrap_or(i64::MAX);
+    let rows = query(
+        pool,
+        "SELECT e.data FROM executions x JOIN events e ON e.run_id = x.run_id
+         WHERE x.run_id = $1 AND x.tenant = $2 AND e.seq > $3
+         ORDER BY e.seq LIMIT $4",
+        &[&run_id, &tenant, &after, &limit],
+    )
+    .await?;
+    rows.iter().map(|r| from_json(get(r, 0)?, "data")).collect()
+}
+
+pub(crate) async fn load_tasks(pool: &Pool) -> Result<Vec<TaskRow>, StoreError> {
+    let rows = query(
+        pool,
+        "SELECT id, tenant, queue, kind, run_id, workflow_id, step, attempt, input, visible_at_ms,
+                schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms
+         FROM tasks ORDER BY visible_at_ms, id",
+        &[],
+    )
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(TaskRow {
+                id: get(r, 0)?,
+                tenant: get(r, 1)?,
+                queue: get(r, 2)?,
+                kind: enum_from(get(r, 3)?, "kind")?,
+                run_id: get(r, 4)?,
+                workflow_id: get(r, 5)?,
+                step: get(r, 6)?,
+                attempt: from_i64(get(r, 7)?, "attempt")?,
+                input: from_json(get(r, 8)?, "input")?,
+                visible_at_ms: get(r, 9)?,
+                schedule_to_start_ms: get::<Option<i64>>(r, 10)?
+                    .map(|v| from_i64(v, "schedule_to_start_ms"))
+                    .transpose()?,
+                start_to_close_ms: from_i64(get(r, 11)?, "start_to_close_ms")?,
+                heartbeat_ms: get::<Option<i64>>(r, 12)?.map(|v| from_i64(v, "heartbeat_ms")).transpose()?,
+                created_at_ms: get(r, 13)?,
+            })
+        })
+        .collect()
+}
+
+pub(crate) async fn load_timers(pool: &Pool) -> Result<Vec<TimerRow>, StoreError> {
+    let rows = query(
+        pool,
+        "SELECT tenant, run_id, workflow_id, step, fire_at_ms FROM timers ORDER BY fire_at_ms, run_id, step",
+        &[],
+    )
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(TimerRow {
+                tenant: get(r, 0)?,
+                run_id: get(r, 1)?,
+                workflow_id: get(r, 2)?,
+                step: get(r, 3)?,
+                fire_at_ms: get(r, 4)?,
+            })
+        })
+        .collect()
+}
+
+pub(crate) async fn ping(pool: &Pool) -> Result<(), StoreError> {
+    query(pool, "SELECT 1", &[]).await.map(|_| ())
+}

@@ -1,0 +1,371 @@
+//! Writes: each batch is one READ COMMITTED transaction on a pooled connection. Optimistic
+//! concurrency is a row check (`UPDATE ... WHERE next_seq = $n` must match one row), and the
+//! partial unique index on running runs makes starts idempotent; a failing batch is rolled back
+//! whole and concurrent batches do not wait for each other beyond the rows they share.
+
+use std::collections::HashSet;
+
+use deadpool_postgres::{Client, Pool, Transaction};
+use sluice_store::{Batch, ExecChange, StoreError, TimerRow, WorkflowVersion};
+
+use crate::codec::{enum_name, opt_json, opt_to_i64, to_i64, to_json};
+use crate::error::{db_err, describe, is_transient, is_unique_violation, pool_err};
+
+/// How often a batch that PostgreSQL failed to break a deadlock is tried again.
+const TRANSIENT_RETRIES: u32 = 3;
+
+/// Why a batch was not applied.
+enum Failure {
+    /// A domain error, final.
+    Store(StoreError),
+    /// An unexpected database error.
+    Db(tokio_postgres::Error),
+    /// An update of `execs[i]` back to running collided with another running run; which run that
+    /// is can be asked only once the aborted transaction is rolled back.
+    Running(usize, tokio_postgres::Error),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
+pub(crate) async fn commit(pool: &Pool, batch: &Batch) -> Result<(), StoreError> {
+    let mut client = pool.get().await.map_err(pool_err)?;
+    let mut retries = 0;
+    loop {
+        match try_commit(&mut client, batch).await {
+            Ok(()) => return Ok(()),
+            Err(Failure::Store(e)) => return Err(e),
+            Err(Failure::Db(e)) if is_transient(&e) && retries < TRANSIENT_RETRIES => {
+                retries += 1;
+                tracing::warn!(error = %describe(&e), retries, "postgres aborted a batch; retrying it");
+            }
+            Err(Failure::Db(e)) => return Err(db_err(e)),
+            Err(Failure::Running(i, e)) => {
+                let change = batch.execs.get(i).ok_or_else(|| db_err(e))?;
+                let tx = client.transaction().await.map_err(db_err)?;
+                let running = running_run(&tx, change).await;
+                tx.rollback().await.map_err(db_err)?;
+                return Err(match running? {
+                    Some(running) => StoreError::AlreadyRunning(running),
+                    None => StoreError::Conflict(format!(
+                        "run {} cannot run again: another run of {} started; retry",
+                        change.row.run_id, change.row.workflow_id
+                    )),
+                });
+            }
+        }
+    }
+}
+
+async fn try_commit(client: &mut Client, batch: &Batch) -> Result<(), Failure> {
+    let tx = client.transaction().await?;
+    match apply_batch(&tx, batch).await {
+        Ok(()) => Ok(tx.commit().await?),
+        Err(failure) => {
+            if let Err(e) = tx.rollback().await {
+                tracing::error!(error = %describe(&e), "postgres rollback failed");
+            }
+            Err(failure)
+        }
+    }
+}
+
+pub(crate) async fn put_workflow(pool: &Pool, tenant: &str, v: &WorkflowVersion) -> Result<bool, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let st = client
+        .prepare_cached(
+            "INSERT INTO workflows (tenant, name, version, definition, created_at_ms)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (tenant, name, version) DO NOTHING",
+        )
+        .await
+        .map_err(db_err)?;
+    let n =
+        client.execute(&st, &[&tenant, &v.name, &v.version, &v.definition, &v.created_at_ms]).await.map_err(db_err)?;
+    Ok(n == 1)
+}
+
+async fn apply_batch(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure> {
+    for (i, change) in batch.execs.iter().enumerate() {
+        apply_exec(tx, i, change).await?;
+    }
+    if !batch.remove_tasks.is_empty() {
+        let st = tx.prepare_cached("DELETE FROM tasks WHERE id = ANY($1::text[])").await?;
+        tx.execute(&st, &[&batch.remove_tasks]).await?;
+    }
+    if !batch.add_tasks.is_empty() {
+        insert_tasks(tx, batch).await?;
+    }
+    if !batch.remove_timers.is_empty() {
+        let (runs, steps): (Vec<&str>, Vec<&str>) =
+            batch.remove_timers.iter().map(|(run, step)| (run.as_str(), step.as_str())).unzip();
+        let st = tx
+            .prepare_cached(
+                "DELETE FROM timers t USING unnest($1::text[], $2::text[]) AS d(run_id, step)
+                 WHERE t.run_id = d.run_id AND t.step = d.step",
+            )
+            .await?;
+        tx.execute(&st, &[&runs, &steps]).await?;
+    }
+    if !batch.add_timers.is_empty() {
+        upsert_timers(tx, &batch.add_timers).await?;
+    }
+    Ok(())
+}
+
+async fn apply_exec(tx: &Transaction<'_>, i: usize, change: &ExecChange) -> Result<(), Failure> {
+    let row = &change.row;
+    if let Some(gap) = change.events.windows(2).find(|w| w[1].seq != w[0].seq + 1) {
+        return Err(Failure::Store(StoreError::Conflict(format!(
+            "run {}: events {} and {} of a batch are not consecutive",
+            row.run_id, gap[0].seq, gap[1].seq
+        ))));
+    }
+    if change.create {
+        insert_exec(tx, change).await?;
+    } else {
+        update_exec(tx, i, change).await?;
+    }
+    insert_events(tx, change).await
+}
+
+async fn insert_exec(tx: &Transaction<'_>, change: &ExecChange) -> Result<(), Failure> {
+    let row = &change.row;
+    // DO NOTHING rather than an error: the transaction stays usable to ask which run is running.
+    // Under READ COMMITTED a racing insert of the same workflow id waits here for the other
+    // transaction and then sees its outcome.
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
+                 dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
+                 updated_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    let inserted = tx
+        .execute(
+            &st,
+            &[
+                &row.run_id,
+                &change.tenant,
+                &row.workflow_id,
+                &row.workflow,
+                &row.version,
+                &row.status.as_str(),
+                &row.paused,
+                &row.dead_letter,
+                &to_json(&row.input)?,
+                &opt_json(row.output.as_ref())?,
+                &opt_json(row.error.as_ref())?,
+                &row.failed_step,
+                &opt_json(row.parent.as_ref())?,
+                &to_i64(row.next_seq, "next_seq")?,
+                &row.created_at_ms,
+                &row.updated_at_ms,
+            ],
+        )
+        .await?;
+    if inserted == 1 {
+        return Ok(());
+    }
+    Err(Failure::Store(match running_run(tx, change).await? {
+        Some(running) => StoreError::AlreadyRunning(running),
+        None => StoreError::Conflict(format!("run {} already exists", row.run_id)),
+    }))
+}
+
+async fn update_exec(tx: &Transaction<'_>, i: usize, change: &ExecChange) -> Result<(), Failure> {
+    let row = &change.row;
+    // The optimistic check and the update in one statement: it only matches while the stored
+    // history ends where this batch begins. A concurrent writer of the same run holds the row
+    // until it commits; the check is then made again on its result. Immutable columns (input,
+    // workflow, version, parent) are written once, at create.
+    let expected = change.events.first().map(|e| to_i64(e.seq, "event seq")).transpose()?;
+    let st = tx
+        .prepare_cached(
+            "UPDATE executions SET status = $3, paused = $4, dead_letter = $5, output = $6, error = $7,
+                 failed_step = $8, next_seq = $9, updated_at_ms = $10
+             WHERE run_id = $1 AND tenant = $2 AND ($11::bigint IS NULL OR next_seq = $11::bigint)",
+        )
+        .await?;
+    let updated = tx
+        .execute(
+            &st,
+            &[
+                &row.run_id,
+                &change.tenant,
+                &row.status.as_str(),
+                &row.paused,
+                &row.dead_letter,
+                &opt_json(row.output.as_ref())?,
+                &opt_json(row.error.as_ref())?,
+                &row.failed_step,
+                &to_i64(row.next_seq, "next_seq")?,
+                &row.updated_at_ms,
+                &expected,
+            ],
+        )
+        .await;
+    match updated {
+        Ok(1) => Ok(()),
+        Ok(_) => {
+            let st = tx.prepare_cached("SELECT next_seq FROM executions WHERE run_id = $1 AND tenant = $2").await?;
+            let stored = tx.query_opt(&st, &[&row.run_id, &change.tenant]).await?;
+            match stored {
+                None => Err(Failure::Store(StoreError::NotFound)),
+                Some(stored) => {
+                    let stored: i64 = stored.try_get(0)?;
+                    Err(Failure::Store(StoreError::Conflict(format!(
+                        "run {}: the history continues at event {stored}, the batch starts at {}; reload and retry",
+                        row.run_id,
+                        expected.unwrap_or(0)
+                    ))))
+                }
+            }
+        }
+        // Back to running (a redrive) while another run of the workflow id runs.
+        Err(e) if is_unique_violation(&e) => Err(Failure::Running(i, e)),
+        Err(e) => Err(Failure::Db(e)),
+    }
+}
+
+/// The run of the change's workflow id that is running, other than the change's own.
+async fn running_run(tx: &Transaction<'_>, change: &ExecChange) -> Result<Option<String>, StoreError> {
+    let st = tx
+        .prepare_cached(
+            "SELECT run_id FROM executions
+             WHERE tenant = $1 AND workflow_id = $2 AND status = 'running' AND run_id <> $3",
+        )
+        .await
+        .map_err(db_err)?;
+    let row =
+        tx.query_opt(&st, &[&change.tenant, &change.row.workflow_id, &change.row.run_id]).await.map_err(db_err)?;
+    row.map(|r| r.try_get(0)).transpose().map_err(db_err)
+}
+
+async fn insert_events(tx: &Transaction<'_>, change: &ExecChange) -> Result<(), Failure> {
+    if change.events.is_empty() {
+        return Ok(());
+    }
+    let mut seqs = Vec::with_capacity(change.events.len());
+    let mut ats = Vec::with_capacity(change.events.len());
+    let mut data = Vec::with_capacity(change.events.len());
+    for e in &change.events {
+        seqs.push(to_i64(e.seq, "event seq")?);
+        ats.push(e.at_ms);
+        data.push(to_json(e)?);
+    }
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO events (run_id, seq, at_ms, data)
+             SELECT $1, u.seq, u.at_ms, u.data FROM unnest($2::bigint[], $3::bigint[], $4::text[]) AS u(seq, at_ms, data)",
+        )
+        .await?;
+    match tx.execute(&st, &[&change.row.run_id, &seqs, &ats, &data]).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_unique_violation(&e) => Err(Failure::Store(StoreError::Conflict(format!(
+            "run {}: an event of the batch is already stored",
+            change.row.run_id
+        )))),
+        Err(e) => Err(Failure::Db(e)),
+    }
+}
+
+async fn insert_tasks(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure> {
+    let tasks = batch.add_tasks.as_slice();
+    let ids = column(tasks, |t| t.id.as_str());
+    let tenants = column(tasks, |t| t.tenant.as_str());
+    let queues = column(tasks, |t| t.queue.as_str());
+    let kinds = try_column(tasks, |t| enum_name(&t.kind))?;
+    let runs = column(tasks, |t| t.run_id.as_str());
+    let workflow_ids = column(tasks, |t| t.workflow_id.as_str());
+    let steps = column(tasks, |t| t.step.as_str());
+    let attempts = column(tasks, |t| i64::from(t.attempt));
+    let inputs = try_column(tasks, |t| to_json(&t.input))?;
+    let visible = column(tasks, |t| t.visible_at_ms);
+    let to_start = try_column(tasks, |t| opt_to_i64(t.schedule_to_start_ms, "schedule_to_start_ms"))?;
+    let to_close = try_column(tasks, |t| to_i64(t.start_to_close_ms, "start_to_close_ms"))?;
+    let heartbeats = try_column(tasks, |t| opt_to_i64(t.heartbeat_ms, "heartbeat_ms"))?;
+    let created = column(tasks, |t| t.created_at_ms);
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO tasks (id, tenant, queue, kind, run_id, workflow_id, step, attempt, input,
+                 visible_at_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 $7::text[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
+                 $13::bigint[], $14::bigint[])",
+        )
+        .await?;
+    let inserted = tx
+        .execute(
+            &st,
+            &[
+                &ids,
+                &tenants,
+                &queues,
+                &kinds,
+                &runs,
+                &workflow_ids,
+                &steps,
+                &attempts,
+                &inputs,
+                &visible,
+                &to_start,
+                &to_close,
+                &heartbeats,
+                &created,
+            ],
+        )
+        .await;
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(e) if is_unique_violation(&e) => {
+            let detail = e.as_db_error().and_then(|d| d.detail()).unwrap_or("a task of the batch");
+            Err(Failure::Store(StoreError::Conflict(format!("task already exists: {detail}"))))
+        }
+        Err(e) => Err(Failure::Db(e)),
+    }
+}
+
+/// Adds timers, replacing a timer of the same run and step; of two in one batch the last wins.
+async fn upsert_timers(tx: &Transaction<'_>, timers: &[TimerRow]) -> Result<(), Failure> {
+    // One statement may not touch a row twice, so earlier duplicates are dropped first.
+    let mut seen = HashSet::new();
+    let mut last =
+        timers.iter().rev().filter(|t| seen.insert((t.run_id.as_str(), t.step.as_str()))).collect::<Vec<_>>();
+    last.reverse();
+    let runs = column(&last, |t| t.run_id.as_str());
+    let steps = column(&last, |t| t.step.as_str());
+    let tenants = column(&last, |t| t.tenant.as_str());
+    let workflow_ids = column(&last, |t| t.workflow_id.as_str());
+    let fire_at = column(&last, |t| t.fire_at_ms);
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO timers (run_id, step, tenant, workflow_id, fire_at_ms)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+             ON CONFLICT (run_id, step) DO UPDATE
+                 SET tenant = EXCLUDED.tenant, workflow_id = EXCLUDED.workflow_id, fire_at_ms = EXCLUDED.fire_at_ms",
+        )
+        .await?;
+    tx.execute(&st, &[&runs, &steps, &tenants, &workflow_ids, &fire_at]).await?;
+    Ok(())
+}
+
+/// One column of `rows`, to bind as an array and `unnest` into many rows in one statement.
+fn column<'a, R, T>(rows: &'a [R], f: impl Fn(&'a R) -> T) -> Vec<T> {
+    rows.iter().map(f).collect()
+}
+
+fn try_column<'a, R, T>(rows: &'a [R], f: impl Fn(&'a R) -> Result<T, StoreError>) -> Result<Vec<T>, StoreError> {
+    rows.iter().map(f).collect()
+}
