@@ -1,6 +1,7 @@
 //! Evaluation budget (a local patch): a per-thread count of evaluation steps and an optional
 //! deadline. Every term evaluated and every number `range` yields takes one step; when the
 //! steps run out or the deadline passes, evaluation fails with an error instead of running on.
+//! Both limits give the same error, so a history does not depend on which one tripped first.
 
 use core::cell::Cell;
 use std::time::Instant;
@@ -31,12 +32,12 @@ pub(crate) fn burn() -> Result<(), &'static str> {
     FUEL.with(|f| {
         let left = f.get();
         if left == 0 {
-            return Err("expression exceeded its step budget");
+            return Err("expression exceeded its evaluation budget");
         }
         f.set(left - 1);
         if left % 1024 == 0 && DEADLINE.with(Cell::get).is_some_and(|d| Instant::now() >= d) {
             f.set(0);
-            return Err("expression exceeded its time budget");
+            return Err("expression exceeded its evaluation budget");
         }
         Ok(())
     })

@@ -59,7 +59,7 @@ fn range<V: ValT>(mut from: ValX<V>, to: V, by: V) -> impl Iterator<Item = ValX<
         #[cfg(feature = "std")]
         Ok(_) if crate::fuel::burn().is_err() => {
             from = Ok(to.clone());
-            Some(Err(Exn::from(crate::Error::str("expression exceeded its step budget"))))
+            Some(Err(Exn::from(crate::Error::str("expression exceeded its evaluation budget"))))
         }
         Ok(x) => match cmp {
             Greater => x < to,
