@@ -2,6 +2,8 @@
 //! (that a test can SIGKILL and restart), worker processes, a JSON HTTP client, and
 //! `assert_replays`, which re-runs `decide` over every history a server stores.
 
+pub mod vendor;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

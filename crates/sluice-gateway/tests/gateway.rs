@@ -1,0 +1,570 @@
+//! The gateway against fake vendors on real sockets: wire formats, fallback, retries with
+//! `Retry-After`, circuit breakers and cost records.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sluice_gateway::{
+    BreakerState, ChatRequest, Clock, Config, Error, FinishReason, Gateway, ManualClock, Message, Outcome, StreamEvent,
+    UpstreamError, Usage,
+};
+use sluice_testkit::vendor::{FakeVendor, Reply};
+
+/// A gateway over `yaml`, whose `{a}` and `{b}` stand for the two vendors' base URLs. Keys are
+/// `key-of-<VAR>`; retries are fast unless the route says otherwise.
+fn gateway(yaml: &str, a: &FakeVendor, b: &FakeVendor, clock: Arc<ManualClock>) -> Gateway {
+    let yaml = yaml.replace("{a}", &a.base_url()).replace("{b}", &b.base_url());
+    let config = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    Gateway::from_config_with(&config, |var| Some(format!("key-of-{var}")), clock).unwrap()
+}
+
+const TWO_OPENAI: &str = "
+providers:
+  a: {kind: openai, base_url: '{a}', api_key_env: A_KEY}
+  b: {kind: openai, base_url: '{b}', api_key_env: B_KEY}
+routes:
+  r:
+    retry: {max_attempts: 1, initial_backoff_ms: 1, jitter: 0}
+    targets:
+      - {provider: a, model: model-a, timeout_ms: 2000}
+      - {provider: b, model: model-b, timeout_ms: 2000}
+prices:
+  model-a: {input_per_mtok: 2.5, output_per_mtok: 10}
+  model-b: {input_per_mtok: 0.15, output_per_mtok: 0.6}
+breaker: {failure_threshold: 100, cool_down_ms: 10000}
+";
+
+async fn two() -> (FakeVendor, FakeVendor) {
+    (FakeVendor::start().await, FakeVendor::start().await)
+}
+
+fn hello() -> ChatRequest {
+    ChatRequest::new(vec![Message::system("be brief"), Message::user("hello")])
+}
+
+fn outcomes(call: &sluice_gateway::Call) -> Vec<(String, Outcome)> {
+    call.usage.iter().map(|r| (r.target.clone(), r.outcome)).collect()
+}
+
+fn o(target: &str, outcome: Outcome) -> (String, Outcome) {
+    (target.to_string(), outcome)
+}
+
+#[tokio::test]
+async fn openai_wire_format_carries_key_model_and_usage() {
+    let (a, b) = two().await;
+    a.push(Reply::text("hi there", 12, 34));
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let mut req = hello();
+    req.temperature = Some(0.5);
+    req.max_tokens = Some(64);
+    let call = gw.chat("r", &req).await;
+    let resp = call.result.unwrap();
+    assert_eq!(resp.text, "hi there");
+    assert_eq!(resp.model, "model-a");
+    assert_eq!(resp.finish_reason, FinishReason::Stop);
+    assert_eq!(resp.usage, Usage { input_tokens: 12, output_tokens: 34 });
+    assert_eq!((call.usage[0].input_tokens, call.usage[0].output_tokens), (12, 34));
+    let got = &a.received()[0];
+    assert_eq!(got.path, "/v1/chat/completions");
+    assert_eq!(got.headers["authorization"], "Bearer key-of-A_KEY");
+    assert_eq!(
+        got.body,
+        json!({
+            "model": "model-a",
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+            "temperature": 0.5,
+            "max_tokens": 64,
+            "stream": false
+        })
+    );
+}
+
+const ANTHROPIC_FIRST: &str = "
+providers:
+  claude: {kind: anthropic, base_url: '{a}', api_key_env: ANTHROPIC_KEY}
+  gpt: {kind: openai, base_url: '{b}', api_key_env: OPENAI_KEY}
+routes:
+  r:
+    retry: {max_attempts: 1}
+    targets: [{provider: claude, model: claude-x, timeout_ms: 2000}, {provider: gpt, model: gpt-x}]
+prices:
+  claude-x: {input_per_mtok: 3, output_per_mtok: 15}
+";
+
+#[tokio::test]
+async fn anthropic_wire_format_carries_key_version_and_usage() {
+    let (a, b) = two().await;
+    a.push(Reply::text("bonjour", 21, 8));
+    let gw = gateway(ANTHROPIC_FIRST, &a, &b, Arc::default());
+    let call = gw.chat("r", &hello()).await;
+    let resp = call.result.unwrap();
+    assert_eq!((resp.text.as_str(), resp.model.as_str()), ("bonjour", "claude-x"));
+    assert_eq!(resp.usage, Usage { input_tokens: 21, output_tokens: 8 });
+    let got = &a.received()[0];
+    assert_eq!(got.path, "/v1/messages");
+    assert_eq!(got.headers["x-api-key"], "key-of-ANTHROPIC_KEY");
+    assert_eq!(got.headers["anthropic-version"], "2023-06-01");
+    assert!(!got.headers.contains_key("authorization"));
+    assert_eq!(got.body["system"], "be brief");
+    assert_eq!(got.body["messages"], json!([{"role": "user", "content": [{"type": "text", "text": "hello"}]}]));
+    assert_eq!(b.requests(), 0);
+}
+
+#[tokio::test]
+async fn tool_calls_come_back_from_both_wire_formats() {
+    let (a, b) = two().await;
+    let tool_call = |id: &str| Reply::ToolCall {
+        id: id.to_string(),
+        name: "weather".into(),
+        arguments: json!({"city": "Oslo"}),
+        input_tokens: 5,
+        output_tokens: 6,
+    };
+    a.push(tool_call("toolu_1"));
+    b.push(tool_call("call_1"));
+    let gw = gateway(ANTHROPIC_FIRST, &a, &b, Arc::default());
+    let from_anthropic = gw.chat("r", &hello()).await.result.unwrap();
+    a.push(Reply::status(503));
+    let from_openai = gw.chat("r", &hello()).await.result.unwrap();
+    for (resp, id) in [(from_anthropic, "toolu_1"), (from_openai, "call_1")] {
+        assert_eq!(resp.finish_reason, FinishReason::ToolCalls);
+        assert_eq!(resp.tool_calls.len(), 1);
+        assert_eq!((resp.tool_calls[0].id.as_str(), resp.tool_calls[0].name.as_str()), (id, "weather"));
+        let args: serde_json::Value = serde_json::from_str(&resp.tool_calls[0].arguments).unwrap();
+        assert_eq!(args, json!({"city": "Oslo"}));
+        assert_eq!(resp.usage, Usage { input_tokens: 5, output_tokens: 6 });
+    }
+}
+
+/// Which status codes fall back to the next target and which are the caller's to fix.
+#[tokio::test]
+async fn fallback_depends_on_the_status_code() {
+    let check = |status: u16, falls_back: bool| async move {
+        let (a, b) = two().await;
+        a.set_default(Reply::status(status));
+        b.push(Reply::text("from b", 1, 1));
+        let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+        let call = gw.chat("r", &hello()).await;
+        if falls_back {
+            assert_eq!(call.result.as_ref().map(|r| r.text.as_str()).ok(), Some("from b"), "{status}");
+            assert_eq!(
+                outcomes(&call),
+                vec![o("a/model-a", Outcome::HttpError(status)), o("b/model-b", Outcome::Success)]
+            );
+        } else {
+            match call.result {
+                Err(Error::Rejected { target, source: UpstreamError::Status { status: s, message, .. }, .. }) => {
+                    assert_eq!((target.as_str(), s), ("a/model-a", status));
+                    assert_eq!(message, format!("fake vendor error {status}"));
+                }
+                other => panic!("{status}: expected a rejection, got {other:?}"),
+            }
+            assert_eq!(b.requests(), 0, "{status} must not fall back");
+        }
+        assert_eq!(a.requests(), 1, "{status}: max_attempts is 1");
+    };
+    for status in [500, 502, 503, 504, 529, 429, 408] {
+        check(status, true).await;
+    }
+    for status in [400, 401, 403, 404, 422] {
+        check(status, false).await;
+    }
+}
+
+#[tokio::test]
+async fn fallback_on_500_is_served_by_the_next_target() {
+    let (a, b) = two().await;
+    a.set_default(Reply::status(500));
+    b.push(Reply::text("from b", 3, 4));
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let call = gw.chat("r", &hello()).await;
+    assert_eq!(call.result.unwrap().text, "from b");
+    assert_eq!((a.requests(), b.requests()), (1, 1));
+}
+
+#[tokio::test]
+async fn fallback_on_429_is_served_by_the_next_target() {
+    let (a, b) = two().await;
+    a.set_default(Reply::rate_limited("1"));
+    b.push(Reply::text("from b", 3, 4));
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let call = gw.chat("r", &hello()).await;
+    assert_eq!(call.result.as_ref().unwrap().text, "from b");
+    assert_eq!(outcomes(&call), vec![o("a/model-a", Outcome::HttpError(429)), o("b/model-b", Outcome::Success)]);
+}
+
+#[tokio::test]
+async fn fallback_on_timeout_is_served_by_the_next_target() {
+    let (a, b) = two().await;
+    a.push(Reply::Hang);
+    b.push(Reply::text("from b", 3, 4));
+    let gw =
+        gateway(&TWO_OPENAI.replace("model-a, timeout_ms: 2000", "model-a, timeout_ms: 300"), &a, &b, Arc::default());
+    let started = Instant::now();
+    let call = gw.chat("r", &hello()).await;
+    assert_eq!(call.result.as_ref().unwrap().text, "from b");
+    assert!(started.elapsed() < Duration::from_secs(2), "the 300 ms timeout cut the hang");
+    assert_eq!(outcomes(&call), vec![o("a/model-a", Outcome::Timeout), o("b/model-b", Outcome::Success)]);
+    assert!(call.usage[0].latency >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn a_slow_answer_within_the_timeout_is_no_failure() {
+    let (a, b) = two().await;
+    a.push(Reply::slow(Duration::from_millis(100), Reply::text("late but fine", 1, 1)));
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let call = gw.chat("r", &hello()).await;
+    assert_eq!(call.result.unwrap().text, "late but fine");
+    assert!(call.usage[0].latency >= Duration::from_millis(100));
+    assert_eq!(b.requests(), 0);
+}
+
+#[tokio::test]
+async fn malformed_json_and_refused_connections_fall_back() {
+    let (a, b) = two().await;
+    a.push(Reply::Malformed);
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let call = gw.chat("r", &hello()).await;
+    assert_eq!(outcomes(&call), vec![o("a/model-a", Outcome::Malformed), o("b/model-b", Outcome::Success)]);
+
+    let closed = format!("http://127.0.0.1:{}/v1", sluice_testkit::free_port());
+    let yaml = TWO_OPENAI.replace("'{a}'", &format!("'{closed}'"));
+    let gw = gateway(&yaml, &a, &b, Arc::default());
+    let call = gw.chat("r", &hello()).await;
+    assert_eq!(outcomes(&call), vec![o("a/model-a", Outcome::Connect), o("b/model-b", Outcome::Success)]);
+}
+
+const RETRYING: &str = "
+providers:
+  a: {kind: openai, base_url: '{a}'}
+  b: {kind: anthropic, base_url: '{b}'}
+routes:
+  r:
+    retry: {max_attempts: 2, initial_backoff_ms: 1, jitter: 0, max_retry_after_ms: 5000}
+    targets: [{provider: a, model: model-a}, {provider: b, model: model-b}]
+";
+
+#[tokio::test]
+async fn retries_honour_retry_after_in_seconds() {
+    let (a, b) = two().await;
+    a.push(Reply::rate_limited("1")).push(Reply::text("second try", 1, 1));
+    let gw = gateway(RETRYING, &a, &b, Arc::default());
+    let started = Instant::now();
+    let call = gw.chat("r", &hello()).await;
+    assert_eq!(call.result.unwrap().text, "second try");
+    assert!(started.elapsed() >= Duration::from_secs(1), "waited {:?}", started.elapsed());
+    assert_eq!((a.requests(), b.requests()), (2, 0));
+    assert_eq!(call.usage.iter().map(|r| r.attempt).collect::<Vec<_>>(), vec![1, 2]);
+}
+
+#[tokio::test]
+async fn retries_honour_retry_after_as_an_http_date() {
+    let (a, b) = two().await;
+    // A date in the past means "now": the retry follows the (1 ms) backoff.
+    a.push(Reply::rate_limited("Sun, 06 Nov 1994 08:49:37 GMT")).push(Reply::text("second try", 1, 1));
+    let gw = gateway(RETRYING, &a, &b, Arc::default());
+    let started = Instant::now();
+    let call = gw.chat("r", &hello()).await;
+    assert_eq!(call.result.unwrap().text, "second try");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!((a.requests(), b.requests()), (2, 0));
+}
+
+#[tokio::test]
+async fn a_retry_after_beyond_the_limit_falls_back_at_once() {
+    let (a, b) = two().await;
+    a.push(Reply::rate_limited("120"));
+    let gw = gateway(RETRYING, &a, &b, Arc::default());
+    let started = Instant::now();
+    let call = gw.chat("r", &hello()).await;
+    assert!(call.result.is_ok());
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!((a.requests(), b.requests()), (1, 1));
+}
+
+#[tokio::test]
+async fn when_every_target_fails_each_failure_is_reported() {
+    let (a, b) = two().await;
+    a.set_default(Reply::status(500));
+    b.set_default(Reply::status(503));
+    let gw = gateway(RETRYING, &a, &b, Arc::default());
+    let call = gw.chat("r", &hello()).await;
+    match call.result {
+        Err(Error::Exhausted { route, failures }) => {
+            assert_eq!(route, "r");
+            let got: Vec<_> = failures.iter().map(|(t, e)| (t.as_str(), Outcome::of(e))).collect();
+            assert_eq!(got, vec![("a/model-a", Outcome::HttpError(500)), ("b/model-b", Outcome::HttpError(503))]);
+        }
+        other => panic!("expected exhaustion, got {other:?}"),
+    }
+    assert_eq!((a.requests(), b.requests()), (2, 2), "two attempts each");
+    assert_eq!(call.usage.len(), 4);
+}
+
+const BREAKER: &str = "
+providers:
+  a: {kind: openai, base_url: '{a}'}
+  b: {kind: openai, base_url: '{b}'}
+routes:
+  r:
+    retry: {max_attempts: 1}
+    targets:
+      - {provider: a, model: model-a, breaker: {failure_threshold: 2, cool_down_ms: 10000}}
+      - {provider: b, model: model-b}
+";
+
+#[tokio::test]
+async fn the_breaker_opens_at_its_threshold_rejects_without_calling_then_half_opens() {
+    let (a, b) = two().await;
+    a.set_default(Reply::status(500));
+    let clock = Arc::new(ManualClock::new());
+    let gw = gateway(BREAKER, &a, &b, clock.clone());
+    let state = || gw.route("r").unwrap().targets[0].breaker().state(clock.now());
+
+    for _ in 0..2 {
+        assert!(gw.chat("r", &hello()).await.result.is_ok(), "b serves while a fails");
+    }
+    assert_eq!(state(), BreakerState::Open);
+    assert_eq!(a.requests(), 2);
+
+    let call = gw.chat("r", &hello()).await;
+    assert!(call.result.is_ok());
+    assert_eq!(a.requests(), 2, "an open breaker does not call the upstream");
+    assert_eq!(outcomes(&call), vec![o("a/model-a", Outcome::CircuitOpen), o("b/model-b", Outcome::Success)]);
+
+    clock.advance(Duration::from_secs(9));
+    gw.chat("r", &hello()).await;
+    assert_eq!(a.requests(), 2, "still cooling down");
+
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(state(), BreakerState::HalfOpen);
+    a.set_default(Reply::text("a is back", 1, 1));
+    let call = gw.chat("r", &hello()).await;
+    assert_eq!(call.result.unwrap().text, "a is back");
+    assert_eq!(a.requests(), 3, "one trial went through");
+    assert_eq!(state(), BreakerState::Closed);
+}
+
+#[tokio::test]
+async fn a_failed_trial_reopens_the_breaker() {
+    let (a, b) = two().await;
+    a.set_default(Reply::status(500));
+    let clock = Arc::new(ManualClock::new());
+    let gw = gateway(BREAKER, &a, &b, clock.clone());
+    let state = || gw.route("r").unwrap().targets[0].breaker().state(clock.now());
+    gw.chat("r", &hello()).await;
+    gw.chat("r", &hello()).await;
+    clock.advance(Duration::from_secs(10));
+    gw.chat("r", &hello()).await;
+    assert_eq!(a.requests(), 3, "the trial called the upstream");
+    assert_eq!(state(), BreakerState::Open);
+    gw.chat("r", &hello()).await;
+    assert_eq!(a.requests(), 3, "open again for a full cool-down");
+}
+
+#[tokio::test]
+async fn recorded_cost_equals_price_table_times_tokens() {
+    let (a, b) = two().await;
+    a.push(Reply::text("a", 1_200, 345));
+    b.push(Reply::text("b", 10_000, 2_000));
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let call = gw.chat("r", &hello()).await;
+    let expected = (1_200.0 * 2.5 + 345.0 * 10.0) / 1e6;
+    assert_eq!(call.usage[0].cost_usd, Some(expected));
+    assert_eq!(call.cost_usd(), Some(expected));
+
+    a.push(Reply::status(500));
+    let call = gw.chat("r", &hello()).await;
+    let expected_b = (10_000.0 * 0.15 + 2_000.0 * 0.6) / 1e6;
+    assert_eq!(call.usage.iter().map(|r| r.cost_usd).collect::<Vec<_>>(), vec![None, Some(expected_b)]);
+    assert_eq!(call.cost_usd(), Some(expected_b), "a failed attempt used no tokens");
+    assert_eq!((call.usage[1].route.as_str(), call.usage[1].provider.as_str()), ("r", "b"));
+    assert_eq!(call.usage[1].model, "model-b");
+}
+
+#[tokio::test]
+async fn a_model_without_a_price_has_no_cost_rather_than_zero() {
+    let (a, b) = two().await;
+    a.push(Reply::text("b", 10, 20));
+    let gw = gateway(ANTHROPIC_FIRST.replace("claude-x: {", "other: {").as_str(), &a, &b, Arc::default());
+    let call = gw.chat("r", &hello()).await;
+    assert_eq!((call.usage[0].input_tokens, call.usage[0].cost_usd), (10, None));
+    assert_eq!(call.cost_usd(), None);
+}
+
+#[tokio::test]
+async fn a_weighted_route_spreads_first_picks_by_weight() {
+    let (a, b) = two().await;
+    let weighted = |wa: u32, wb: u32| {
+        TWO_OPENAI
+            .replace("    retry:", "    policy: weighted\n    retry:")
+            .replace(
+                "timeout_ms: 2000}\n      - {provider: b",
+                &format!("timeout_ms: 2000, weight: {wa}}}\n      - {{provider: b"),
+            )
+            .replace("model: model-b, timeout_ms: 2000}", &format!("model: model-b, timeout_ms: 2000, weight: {wb}}}"))
+    };
+    let gw = gateway(&weighted(0, 1), &a, &b, Arc::default());
+    for _ in 0..20 {
+        gw.chat("r", &hello()).await.result.unwrap();
+    }
+    assert_eq!((a.requests(), b.requests()), (0, 20));
+
+    let gw = gateway(&weighted(1, 1), &a, &b, Arc::default());
+    for _ in 0..200 {
+        gw.chat("r", &hello()).await.result.unwrap();
+    }
+    let (to_a, to_b) = (a.requests(), b.requests() - 20);
+    assert_eq!(to_a + to_b, 200);
+    // Binomial(200, 0.5): below 50 on either side is more than 7 standard deviations out.
+    assert!(to_a > 50 && to_b > 50, "a {to_a}, b {to_b}");
+}
+
+#[tokio::test]
+async fn an_unknown_route_is_an_error_without_usage() {
+    let (a, b) = two().await;
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let call = gw.chat("nope", &hello()).await;
+    assert_eq!(call.result, Err(Error::UnknownRoute("nope".into())));
+    assert!(call.usage.is_empty());
+}
+
+/// Reads a whole stream: the texts, then the final event or error.
+async fn drain(
+    stream: &mut sluice_gateway::RouteStream<'_>,
+) -> (Vec<String>, Result<sluice_gateway::ChatResponse, UpstreamError>) {
+    let mut texts = Vec::new();
+    loop {
+        match stream.next().await {
+            Some(Ok(StreamEvent::Text(t))) => texts.push(t),
+            Some(Ok(StreamEvent::Done(resp))) => {
+                assert!(stream.next().await.is_none(), "nothing after Done");
+                return (texts, Ok(resp));
+            }
+            Some(Err(e)) => {
+                assert!(stream.next().await.is_none(), "nothing after an error");
+                return (texts, Err(e));
+            }
+            None => panic!("a stream must end with Done or an error, never just stop"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn streams_from_both_wire_formats_end_with_the_whole_answer_and_usage() {
+    let (a, b) = two().await;
+    a.push(Reply::stream(&["Bon", "jour"], 21, 8));
+    b.push(Reply::stream(&["Hel", "lo", "!"], 13, 5));
+    let gw = gateway(ANTHROPIC_FIRST, &a, &b, Arc::default());
+
+    let mut stream = gw.chat_stream("r", &hello()).await.unwrap();
+    assert_eq!(stream.target(), "claude/claude-x");
+    let (texts, done) = drain(&mut stream).await;
+    let done = done.unwrap();
+    assert_eq!((texts, done.text.as_str()), (vec!["Bon".to_string(), "jour".to_string()], "Bonjour"));
+    assert_eq!((done.usage, done.finish_reason), (Usage { input_tokens: 21, output_tokens: 8 }, FinishReason::Stop));
+    let record = stream.usage().last().unwrap();
+    assert_eq!(record.outcome, Outcome::Success);
+    assert_eq!(record.cost_usd, Some((21.0 * 3.0 + 8.0 * 15.0) / 1e6));
+    assert_eq!(a.received()[0].body["stream"], true);
+
+    a.push(Reply::status(503));
+    let mut stream = gw.chat_stream("r", &hello()).await.unwrap();
+    assert_eq!(stream.target(), "gpt/gpt-x", "a stream falls back before its first token");
+    let (texts, done) = drain(&mut stream).await;
+    let done = done.unwrap();
+    assert_eq!((texts.len(), done.text.as_str(), done.model.as_str()), (3, "Hello!", "gpt-x"));
+    assert_eq!(done.usage, Usage { input_tokens: 13, output_tokens: 5 });
+    let outcomes: Vec<_> = stream.usage().iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, vec![Outcome::HttpError(503), Outcome::Success]);
+    let body = &b.received()[0].body;
+    assert_eq!((&body["stream"], &body["stream_options"]), (&json!(true), &json!({"include_usage": true})));
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_tokens_ends_with_an_error_not_a_clean_end() {
+    let (a, b) = two().await;
+    a.push(Reply::cut_stream(&["Bon", "jo"]));
+    b.push(Reply::cut_stream(&["Hel"]));
+    let gw = gateway(ANTHROPIC_FIRST, &a, &b, Arc::default());
+    let cut = |expected: Vec<&'static str>| {
+        let gw = &gw;
+        async move {
+            let mut stream = gw.chat_stream("r", &hello()).await.unwrap();
+            let (texts, end) = drain(&mut stream).await;
+            assert_eq!(texts, expected);
+            assert!(matches!(end, Err(UpstreamError::StreamCut(_))), "{end:?}");
+            assert_eq!(stream.usage().last().unwrap().outcome, Outcome::StreamCut);
+        }
+    };
+    cut(vec!["Bon", "jo"]).await; // Anthropic: no message_stop
+    a.push(Reply::status(500));
+    cut(vec!["Hel"]).await; // OpenAI: no [DONE]
+    assert_eq!(b.requests(), 1, "a cut stream is not replayed elsewhere: its tokens were already sent");
+}
+
+/// An upstream on a raw socket that sends one SSE event of an unfinished stream, then goes
+/// silent (or hangs up, with `hang_up`).
+async fn stalling_upstream(hang_up: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let _ = socket.read(&mut buf).await;
+        let event = "data: {\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"partial\"}}]}\n\n";
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        let reply = format!("{head}{:x}\r\n{event}\r\n", event.len());
+        socket.write_all(reply.as_bytes()).await.unwrap();
+        if hang_up {
+            drop(socket);
+        } else {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test]
+async fn a_stream_that_stalls_or_hangs_up_mid_answer_ends_with_an_error() {
+    for hang_up in [false, true] {
+        let (a, b) = two().await;
+        let upstream = stalling_upstream(hang_up).await;
+        let yaml = TWO_OPENAI
+            .replace("'{a}'", &format!("'{upstream}'"))
+            .replace("model-a, timeout_ms: 2000", "model-a, timeout_ms: 300");
+        let gw = gateway(&yaml, &a, &b, Arc::default());
+        let started = Instant::now();
+        let mut stream = gw.chat_stream("r", &hello()).await.unwrap();
+        let (texts, end) = drain(&mut stream).await;
+        assert_eq!(texts, vec!["partial"]);
+        match end {
+            Err(UpstreamError::StreamCut(why)) => {
+                assert_eq!(why.starts_with("no data for"), !hang_up, "{why}");
+            }
+            other => panic!("expected a cut, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(b.requests(), 0);
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_cannot_open_anywhere_reports_every_attempt() {
+    let (a, b) = two().await;
+    a.set_default(Reply::status(500));
+    b.set_default(Reply::status(400));
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let failure = gw.chat_stream("r", &hello()).await.err().unwrap();
+    assert!(
+        matches!(failure.error, Error::Rejected { ref target, .. } if target == "b/model-b"),
+        "{:?}",
+        failure.error
+    );
+    let outcomes: Vec<_> = failure.usage.iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, vec![Outcome::HttpError(500), Outcome::HttpError(400)]);
+}
