@@ -147,6 +147,24 @@ pub(crate) struct Inner {
     pub opts: EngineOptions,
 }
 
+/// A result waiter's registration; the last waiter of a workflow id removes the entry, so the map
+/// holds only ids someone is waiting for (also when the waiting request is dropped).
+struct Watch<'a> {
+    engine: &'a Engine,
+    key: (String, String),
+    notify: Arc<Notify>,
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        let mut w = lock(&self.engine.inner.watchers);
+        // Ours and the map's: nobody else waits.
+        if Arc::strong_count(&self.notify) <= 3 && w.get(&self.key).is_some_and(|n| Arc::ptr_eq(n, &self.notify)) {
+            w.remove(&self.key);
+        }
+    }
+}
+
 /// The last few thousand finished runs, oldest evicted first.
 #[derive(Default)]
 pub(crate) struct RecentResults {
@@ -238,6 +256,11 @@ impl Engine {
     /// Executions whose state is in memory.
     pub fn cached_executions(&self) -> usize {
         lock(&self.inner.execs).len()
+    }
+
+    /// Workflow ids someone waits on a result for.
+    pub fn result_waiters(&self) -> usize {
+        lock(&self.inner.watchers).len()
     }
 
     /// Timers armed in memory.
@@ -461,10 +484,9 @@ impl Engine {
     /// or `wait` passes; returns the latest row either way.
     pub async fn wait_result(&self, tenant: &str, workflow_id: &str, wait: Duration) -> Result<ExecutionRow> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
-        let notify = lock(&self.inner.watchers)
-            .entry((tenant.to_string(), workflow_id.to_string()))
-            .or_insert_with(|| Arc::new(Notify::new()))
-            .clone();
+        let key = (tenant.to_string(), workflow_id.to_string());
+        let notify = lock(&self.inner.watchers).entry(key.clone()).or_insert_with(|| Arc::new(Notify::new())).clone();
+        let _watch = Watch { engine: self, key, notify: notify.clone() };
         loop {
             let notified = notify.notified();
             tokio::pin!(notified);

@@ -46,6 +46,7 @@ async fn parked_executions_beyond_the_cache_capacity_reload_and_complete() {
         let row = engine.wait_result("t", &format!("p-{n}"), Duration::from_secs(10)).await.unwrap();
         assert_eq!(row.output, Some(json!(1000 + n)), "p-{n}");
     }
+    assert_eq!(engine.result_waiters(), 0, "waiter registrations are released");
     // Another tenant sees none of it.
     assert!(engine.get_execution("other", "p-1", None).await.is_err());
 }
