@@ -6,12 +6,14 @@
 //! tenant. Backends store what they are given: ids and timestamps are made by the engine.
 
 mod rows;
+mod sharded;
 pub mod suite;
 
 use std::future::Future;
 use std::pin::Pin;
 
 pub use rows::*;
+pub use sharded::ShardedStore;
 
 /// A boxed future, so that `Store` can be used as `Arc<dyn Store>`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

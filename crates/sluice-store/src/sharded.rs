@@ -1,0 +1,182 @@
+//! Several stores as one: each execution lives on the shard chosen by a stable hash of its
+//! workflow id's first segment (the part before the first `.`), so a parent and its children
+//! (`order-7.charge`) and every run of a continue-as-new chain share a shard and one batch stays
+//! one transaction. Lookups by run id and listings ask every shard; workflow definitions are
+//! written to all of them.
+
+use std::sync::Arc;
+
+use sluice_core::Event;
+
+use crate::{
+    Batch, BoxFuture, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow, TimerRow,
+    WorkflowSummary, WorkflowVersion,
+};
+
+pub struct ShardedStore {
+    shards: Vec<Arc<dyn Store>>,
+}
+
+impl ShardedStore {
+    /// Panics never; with one shard it behaves exactly like that store.
+    pub fn new(shards: Vec<Arc<dyn Store>>) -> Result<Self> {
+        if shards.is_empty() {
+            return Err(StoreError::Internal("a sharded store needs at least one shard".into()));
+        }
+        Ok(Self { shards })
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard of a workflow id: stable across restarts and builds (FNV-1a of its first segment).
+    pub fn shard_of(&self, workflow_id: &str) -> usize {
+        let key = workflow_id.split('.').next().unwrap_or(workflow_id);
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % self.shards.len() as u64) as usize
+    }
+
+    pub fn shard(&self, i: usize) -> &Arc<dyn Store> {
+        &self.shards[i % self.shards.len()]
+    }
+}
+
+async fn all<T>(futs: Vec<BoxFuture<'_, Result<T>>>) -> Result<Vec<T>> {
+    let mut out = Vec::with_capacity(futs.len());
+    // Sequential awaits keep this free of extra dependencies; shards are few.
+    for f in futs {
+        out.push(f.await?);
+    }
+    Ok(out)
+}
+
+impl Store for ShardedStore {
+    fn commit(&self, batch: Batch) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let mut targets: Vec<usize> = batch
+                .execs
+                .iter()
+                .map(|c| self.shard_of(&c.row.workflow_id))
+                .chain(batch.add_tasks.iter().map(|t| self.shard_of(&t.workflow_id)))
+                .chain(batch.add_timers.iter().map(|t| self.shard_of(&t.workflow_id)))
+                .collect();
+            targets.sort_unstable();
+            targets.dedup();
+            match targets.as_slice() {
+                [one] => self.shards[*one].commit(batch).await,
+                // Only removals: deleting what is not there is a no-op, so every shard gets them.
+                [] => {
+                    all(self.shards.iter().map(|s| s.commit(batch.clone())).collect()).await?;
+                    Ok(())
+                }
+                _ => Err(StoreError::Internal(
+                    "a batch touches executions on different shards; related executions must share the first segment of their workflow id".into(),
+                )),
+            }
+        })
+    }
+
+    fn put_workflow(&self, tenant: &str, version: WorkflowVersion) -> BoxFuture<'_, Result<bool>> {
+        let tenant = tenant.to_string();
+        Box::pin(async move {
+            let created = all(self.shards.iter().map(|s| s.put_workflow(&tenant, version.clone())).collect()).await?;
+            Ok(created.into_iter().any(|c| c))
+        })
+    }
+
+    fn get_workflow(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> BoxFuture<'_, Result<Option<WorkflowVersion>>> {
+        self.shards[0].get_workflow(tenant, name, version)
+    }
+
+    fn list_workflows(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<WorkflowSummary>>> {
+        self.shards[0].list_workflows(tenant)
+    }
+
+    fn list_versions(&self, tenant: &str, name: &str) -> BoxFuture<'_, Result<Vec<WorkflowVersion>>> {
+        self.shards[0].list_versions(tenant, name)
+    }
+
+    fn get_execution(
+        &self,
+        tenant: &str,
+        workflow_id: &str,
+        run_id: Option<&str>,
+    ) -> BoxFuture<'_, Result<Option<ExecutionRow>>> {
+        self.shards[self.shard_of(workflow_id)].get_execution(tenant, workflow_id, run_id)
+    }
+
+    fn get_run(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<Option<ExecutionRow>>> {
+        let (tenant, run_id) = (tenant.to_string(), run_id.to_string());
+        Box::pin(async move {
+            for s in &self.shards {
+                if let Some(row) = s.get_run(&tenant, &run_id).await? {
+                    return Ok(Some(row));
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    fn list_executions(&self, tenant: &str, filter: ExecutionFilter) -> BoxFuture<'_, Result<Page<ExecutionRow>>> {
+        let tenant = tenant.to_string();
+        Box::pin(async move {
+            if let Some(wid) = &filter.workflow_id {
+                return self.shards[self.shard_of(wid)].list_executions(&tenant, filter).await;
+            }
+            let limit = match filter.limit {
+                0 => 100,
+                n => n.min(1000),
+            };
+            let pages = all(self.shards.iter().map(|s| s.list_executions(&tenant, filter.clone())).collect()).await?;
+            let more = pages.iter().any(|p| p.next_cursor.is_some());
+            let mut items: Vec<ExecutionRow> = pages.into_iter().flat_map(|p| p.items).collect();
+            // Newest first across shards: run ids are time-ordered.
+            items.sort_by(|a, b| b.run_id.cmp(&a.run_id));
+            let cut = items.len() > limit;
+            items.truncate(limit);
+            let next_cursor = if cut || more { items.last().map(|r| r.run_id.clone()) } else { None };
+            Ok(Page { items, next_cursor })
+        })
+    }
+
+    fn history(&self, tenant: &str, run_id: &str, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Event>>> {
+        let (tenant, run_id) = (tenant.to_string(), run_id.to_string());
+        Box::pin(async move {
+            for s in &self.shards {
+                if s.get_run(&tenant, &run_id).await?.is_some() {
+                    return s.history(&tenant, &run_id, after, limit).await;
+                }
+            }
+            Ok(Vec::new())
+        })
+    }
+
+    fn load_tasks(&self) -> BoxFuture<'_, Result<Vec<TaskRow>>> {
+        Box::pin(async move {
+            Ok(all(self.shards.iter().map(|s| s.load_tasks()).collect()).await?.into_iter().flatten().collect())
+        })
+    }
+
+    fn load_timers(&self) -> BoxFuture<'_, Result<Vec<TimerRow>>> {
+        Box::pin(async move {
+            Ok(all(self.shards.iter().map(|s| s.load_timers()).collect()).await?.into_iter().flatten().collect())
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            all(self.shards.iter().map(|s| s.ping()).collect()).await?;
+            Ok(())
+        })
+    }
+}
