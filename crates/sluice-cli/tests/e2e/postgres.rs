@@ -73,3 +73,103 @@ async fn workflows_run_and_survive_a_restart_on_postgres() {
     assert_eq!(api.wait(&id, 20).await["output"], json!({"got": 7}));
     assert!(assert_replays(&api).await >= 3);
 }
+
+/// A PostgreSQL cluster of this test's own (so stopping it disturbs nothing else), dropped on drop.
+struct PrivateCluster {
+    version: String,
+    name: String,
+    port: u16,
+}
+
+impl PrivateCluster {
+    fn create() -> Self {
+        let version = std::fs::read_dir("/etc/postgresql")
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .expect("PostgreSQL is installed (scripts/ensure-postgres)");
+        let port = sluice_testkit::free_port();
+        let name = format!("sluice_outage_{}", std::process::id());
+        let c = Self { version, name, port };
+        c.run("pg_createcluster", &[&c.version, &c.name, "-p", &port.to_string(), "--start", "--", "--auth=trust"]);
+        c
+    }
+
+    fn run(&self, cmd: &str, args: &[&str]) {
+        let out = std::process::Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+        assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn stop(&self) {
+        self.run("pg_ctlcluster", &[&self.version, &self.name, "stop", "-m", "fast"]);
+    }
+
+    fn start(&self) {
+        self.run("pg_ctlcluster", &[&self.version, &self.name, "start"]);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pg_dropcluster").args(["--stop", &self.version, &self.name]).output();
+    }
+}
+
+/// PostgreSQL goes away under a running server: writes answer 503 with Retry-After, reads of what
+/// is cached still work, and once it is back the server reconnects by itself and nothing that was
+/// accepted is lost.
+#[tokio::test]
+async fn a_postgres_outage_gives_503_and_loses_nothing() {
+    let cluster = PrivateCluster::create();
+    let dir = TempDir::new("pg-outage");
+    let server = ServerProcess::start_on(&bin(), dir.path(), &cluster.url()).await;
+    let api = server.api();
+    api.publish(&json!({"name": "gated", "steps": [
+        {"id": "gate", "type": "wait_signal", "signal": "go"},
+        {"id": "done", "type": "transform", "expr": "{n: .input.n, got: .steps.gate}"}
+    ]}))
+    .await;
+    for n in 0..20 {
+        api.start("gated", json!({"n": n}), Some(&format!("gated-{n}"))).await;
+    }
+
+    cluster.stop();
+    let fresh = Api::new(&server.base);
+    let (status, body) = fresh.post("/v1/executions", &json!({"workflow": "gated", "workflow_id": "during"})).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "storage_unavailable");
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/executions/gated-0/signals/go", server.base))
+        .json(&json!(0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().get("retry-after").is_some(), "503 carries Retry-After");
+    assert_eq!(fresh.get("/readyz").await.0, 503, "not ready while the database is down");
+    assert_eq!(fresh.get("/healthz").await.0, 200, "but alive");
+
+    cluster.start();
+    // The server reconnects by itself: keep signalling until accepted.
+    for n in 0..20 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let (status, body) = fresh.post(&format!("/v1/executions/gated-{n}/signals/go"), &json!(n * 10)).await;
+            if status == 202 {
+                break;
+            }
+            assert!(status == 503 && std::time::Instant::now() < deadline, "signal {n}: {status} {body}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    for n in 0..20 {
+        let row = fresh.wait(&format!("gated-{n}"), 20).await;
+        assert_eq!(row["output"], json!({"n": n, "got": n * 10}), "gated-{n}");
+    }
+    assert!(assert_replays(&fresh).await >= 20);
+}
