@@ -45,9 +45,14 @@ pub struct ServeArgs {
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     bind: String,
-    /// Where state lives: a SQLite file path, or a PostgreSQL URL (`postgres://user@host/db`).
+    /// Where state lives: a SQLite file path, a PostgreSQL URL (`postgres://user@host/db`), or
+    /// several PostgreSQL URLs separated by commas to shard executions by workflow id.
     #[arg(long, default_value = "sluice.db", env = "SLUICE_DATABASE")]
     database: String,
+    /// AI gateway config (YAML or JSON): providers, routes, prices. Serves the OpenAI-compatible
+    /// `/v1/chat/completions`; see docs/ai-gateway.md and examples/gateway.yaml.
+    #[arg(long, value_name = "FILE", env = "SLUICE_GATEWAY")]
+    gateway: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]

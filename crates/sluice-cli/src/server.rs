@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use sluice_engine::{Engine, EngineOptions};
-use sluice_store::Store;
+use sluice_server::sluice_gateway::{Config as GatewayConfig, Gateway};
+use sluice_store::{ShardedStore, Store};
 use sluice_store_postgres::PostgresStore;
 use sluice_store_sqlite::SqliteStore;
 use tokio::net::TcpListener;
@@ -14,7 +15,23 @@ use tokio::net::TcpListener;
 use crate::ServeArgs;
 
 /// Opens the store named by `database`: a PostgreSQL URL, or else a SQLite file path.
+/// Several PostgreSQL URLs separated by commas make a sharded store: each execution lives on the
+/// shard of its workflow id.
 pub async fn open_store(database: &str) -> Result<Arc<dyn Store>> {
+    let parts: Vec<&str> = database.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    if parts.len() > 1 {
+        let mut shards = Vec::with_capacity(parts.len());
+        for p in &parts {
+            if !(p.starts_with("postgres://") || p.starts_with("postgresql://")) {
+                anyhow::bail!(
+                    "only PostgreSQL databases can be sharded; `{}` is not a postgres:// URL",
+                    describe_database(p)
+                );
+            }
+            shards.push(Box::pin(open_store(p)).await?);
+        }
+        return Ok(Arc::new(ShardedStore::new(shards).map_err(|e| anyhow::anyhow!("{e}"))?));
+    }
     if database.starts_with("postgres://") || database.starts_with("postgresql://") {
         let store = PostgresStore::connect(database)
             .await
@@ -28,6 +45,9 @@ pub async fn open_store(database: &str) -> Result<Arc<dyn Store>> {
 
 /// The database for logs and banners: a URL without its password.
 pub fn describe_database(database: &str) -> String {
+    if database.contains(',') {
+        return database.split(',').map(describe_database).collect::<Vec<_>>().join(",");
+    }
     match (database.find("://"), database.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let creds = &database[scheme + 3..at];
@@ -49,6 +69,25 @@ pub async fn start(database: &str, bind: &str, port: u16) -> Result<(Engine, Tcp
     })?;
     let addr = listener.local_addr()?;
     Ok((engine, listener, addr))
+}
+
+/// Loads the gateway config (`.json` as JSON, anything else as YAML) and builds the gateway,
+/// with API keys from the environment variables the config names.
+pub fn load_gateway(path: &Path) -> Result<Arc<Gateway>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the gateway config {}", path.display()))?;
+    let config = if path.extension().is_some_and(|e| e == "json") {
+        GatewayConfig::from_json(&text)
+    } else {
+        GatewayConfig::from_yaml(&text)
+    }
+    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let gateway = Gateway::from_config(&config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(Arc::new(gateway))
+}
+
+fn gateway_of(args: &ServeArgs) -> Result<Option<Arc<Gateway>>> {
+    args.gateway.as_deref().map(load_gateway).transpose()
 }
 
 async fn shutdown_signal() {
@@ -74,17 +113,20 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
+    let gateway = gateway_of(&args)?;
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port).await?;
-    tracing::info!(%addr, database = %describe_database(&args.database), "sluice serving");
-    sluice_server::serve(listener, engine, shutdown_signal()).await?;
+    let gateway_file = args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    tracing::info!(%addr, database = %describe_database(&args.database), gateway = %gateway_file, "sluice serving");
+    sluice_server::serve_with(listener, engine, gateway, shutdown_signal()).await?;
     Ok(())
 }
 
 pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()> {
+    let gateway = gateway_of(&args)?;
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port).await?;
     let url = format!("http://{addr}");
     let published = publish_examples(&engine, &examples).await;
-    let server = tokio::spawn(sluice_server::serve(listener, engine, shutdown_signal()));
+    let server = tokio::spawn(sluice_server::serve_with(listener, engine, gateway, shutdown_signal()));
     if worker {
         let url = url.clone();
         tokio::spawn(async move {
@@ -102,6 +144,12 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()>
     );
     eprintln!("  try        sluice run examples/hello.yaml --input '{{\"name\": \"Ada\"}}'");
     eprintln!("  API        {url}/openapi.json   metrics {url}/metrics");
+    match &args.gateway {
+        Some(file) => {
+            eprintln!("  gateway    {url}/v1/chat/completions   config {}", file.display())
+        }
+        None => eprintln!("  gateway    off (start with --gateway FILE; see examples/gateway.yaml)"),
+    }
     eprintln!();
     server.await??;
     Ok(())
@@ -113,6 +161,8 @@ async fn publish_examples(engine: &Engine, dir: &Path) -> Vec<String> {
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json"))
+        // `gateway.yaml` there is the AI gateway's example config, not a workflow.
+        .filter(|p| p.file_stem().is_none_or(|s| s != "gateway"))
         .collect();
     files.sort();
     for file in files {

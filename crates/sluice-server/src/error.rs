@@ -17,11 +17,14 @@ pub struct ApiError {
 pub const CODES: &[(&str, u16)] = &[
     ("invalid_json", 400),
     ("invalid_request", 400),
+    ("upstream_rejected", 400),
     ("not_found", 404),
     ("workflow_not_found", 404),
     ("execution_not_found", 404),
     ("query_not_found", 404),
     ("task_not_found", 404),
+    ("gateway_not_configured", 404),
+    ("route_not_found", 404),
     ("method_not_allowed", 405),
     ("execution_not_running", 409),
     ("conflict", 409),
@@ -29,6 +32,8 @@ pub const CODES: &[(&str, u16)] = &[
     ("unsupported_media_type", 415),
     ("invalid_definition", 422),
     ("internal", 500),
+    ("upstream_failed", 502),
+    ("upstream_unavailable", 503),
     ("storage_unavailable", 503),
 ];
 

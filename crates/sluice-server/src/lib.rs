@@ -1,6 +1,6 @@
 //! The Sluice HTTP API: workflows, executions, signals, queries, the dead-letter queue and the
-//! worker protocol under `/v1`, plus `/healthz`, `/readyz`, `/metrics` and `/openapi.json`.
-//! Only this crate serves HTTP.
+//! worker protocol under `/v1`, the OpenAI-compatible `/v1/chat/completions` of the AI gateway,
+//! plus `/healthz`, `/readyz`, `/metrics` and `/openapi.json`. Only this crate serves HTTP.
 
 pub mod body;
 pub mod error;
@@ -17,20 +17,31 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use sluice_engine::Engine;
+use sluice_gateway::Gateway;
 use tokio::net::TcpListener;
 
+/// The gateway library, for callers that build the [`Gateway`] given to [`router_with`].
+pub use sluice_gateway;
+
 use crate::error::ApiError;
-use crate::routes::{executions, ops, tasks, workflows};
+use crate::routes::{chat, executions, ops, tasks, workflows};
 
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
     pub metrics: Arc<metrics::Metrics>,
+    /// The AI gateway behind `/v1/chat/completions`; without one that route answers 404.
+    pub gateway: Option<Arc<Gateway>>,
+}
+
+/// Every route of the API, without an AI gateway.
+pub fn router(engine: Engine) -> Router {
+    router_with(engine, None)
 }
 
 /// Every route of the API. The OpenAPI document lists the same paths (a test keeps them equal).
-pub fn router(engine: Engine) -> Router {
-    let state = AppState { engine, metrics: Arc::new(metrics::Metrics::default()) };
+pub fn router_with(engine: Engine, gateway: Option<Arc<Gateway>>) -> Router {
+    let state = AppState { engine, metrics: Arc::new(metrics::Metrics::default()), gateway };
     Router::new()
         .route("/v1/workflows", post(workflows::publish).get(workflows::list))
         .route("/v1/workflows/{name}", get(workflows::get))
@@ -50,6 +61,7 @@ pub fn router(engine: Engine) -> Router {
         .route("/v1/tasks/fail", post(tasks::fail))
         .route("/v1/tasks/heartbeat", post(tasks::heartbeat))
         .route("/v1/tasks/complete-batch", post(tasks::complete_batch))
+        .route("/v1/chat/completions", post(chat::completions))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -93,5 +105,15 @@ pub async fn serve(
     engine: Engine,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine)).with_graceful_shutdown(shutdown).await
+    serve_with(listener, engine, None, shutdown).await
+}
+
+/// Like [`serve`], with the AI gateway behind `/v1/chat/completions`.
+pub async fn serve_with(
+    listener: TcpListener,
+    engine: Engine,
+    gateway: Option<Arc<Gateway>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router_with(engine, gateway)).with_graceful_shutdown(shutdown).await
 }

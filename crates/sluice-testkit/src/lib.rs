@@ -47,6 +47,8 @@ pub struct ServerProcess {
     pub base: String,
     child: Option<Child>,
     log: PathBuf,
+    /// Given to `serve` after the port and database (kept for restarts).
+    extra_args: Vec<String>,
 }
 
 impl ServerProcess {
@@ -58,6 +60,11 @@ impl ServerProcess {
 
     /// Like `start`, on the given database (a SQLite path or a PostgreSQL URL).
     pub async fn start_on(bin: &Path, dir: &Path, database: &str) -> Self {
+        Self::start_with_args(bin, dir, database, &[]).await
+    }
+
+    /// Like `start_on`, with more arguments for `serve` (e.g. `--gateway FILE`).
+    pub async fn start_with_args(bin: &Path, dir: &Path, database: &str, extra_args: &[&str]) -> Self {
         let port = free_port();
         let mut s = Self {
             bin: bin.to_path_buf(),
@@ -66,6 +73,7 @@ impl ServerProcess {
             base: format!("http://127.0.0.1:{port}"),
             child: None,
             log: dir.join("server.log"),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn().await;
         s
@@ -76,6 +84,7 @@ impl ServerProcess {
         let stderr = log.map(Stdio::from).unwrap_or_else(Stdio::null);
         let child = Command::new(&self.bin)
             .args(["serve", "--port", &self.port.to_string(), "--database", &self.database])
+            .args(&self.extra_args)
             .env("SLUICE_LOG_FORMAT", "json")
             .env("SLUICE_LOG", "info")
             .stdout(Stdio::null())

@@ -1,5 +1,6 @@
 //! HTTP handlers, one module per resource. Handlers are thin: parse, call the engine, map.
 
+pub mod chat;
 pub mod executions;
 pub mod ops;
 pub mod tasks;
