@@ -587,49 +587,32 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                         from: run.clone(),
                         parent: st.parent.clone(),
                     }),
-                    EventKind::ExecutionCompleted { output } => {
-                        if let Some(p) = &st.parent {
-                            follows.push(Follow::Notify {
-                                tenant: entry.tenant.clone(),
-                                run_id: p.run_id.clone(),
-                                event: EventKind::ChildCompleted {
-                                    step: p.step.clone(),
-                                    attempt: p.attempt,
-                                    output: output.clone(),
-                                },
-                            });
-                        }
-                    }
-                    EventKind::ExecutionFailed { error, .. } => {
-                        if let Some(p) = &st.parent {
-                            follows.push(Follow::Notify {
-                                tenant: entry.tenant.clone(),
-                                run_id: p.run_id.clone(),
-                                event: EventKind::ChildFailed {
-                                    step: p.step.clone(),
-                                    attempt: p.attempt,
-                                    error: error.clone(),
-                                },
-                            });
-                        }
-                    }
-                    EventKind::ExecutionCancelled { .. } => {
-                        if let Some(p) = &st.parent {
-                            follows.push(Follow::Notify {
-                                tenant: entry.tenant.clone(),
-                                run_id: p.run_id.clone(),
-                                event: EventKind::ChildFailed {
-                                    step: p.step.clone(),
-                                    attempt: p.attempt,
-                                    error: ErrorInfo::new("child.cancelled", "child execution was cancelled"),
-                                },
-                            });
-                        }
-                    }
+                    EventKind::ExecutionCompleted { output } => tell_parent(entry, follows, |step, attempt| {
+                        EventKind::ChildCompleted { step, attempt, output: output.clone() }
+                    }),
+                    EventKind::ExecutionFailed { error, .. } => tell_parent(entry, follows, |step, attempt| {
+                        EventKind::ChildFailed { step, attempt, error: error.clone() }
+                    }),
+                    EventKind::ExecutionCancelled { .. } => tell_parent(entry, follows, |step, attempt| {
+                        let error = ErrorInfo::new("child.cancelled", "child execution was cancelled");
+                        EventKind::ChildFailed { step, attempt, error }
+                    }),
                     _ => {}
                 }
             }
             _ => {}
         }
+    }
+}
+
+/// Sends the parent of a run that just ended (if it has one) the event `make` builds from the
+/// parent's step and attempt.
+fn tell_parent(entry: &ExecEntry, follows: &mut Vec<Follow>, make: impl FnOnce(String, u32) -> EventKind) {
+    if let Some(p) = &entry.state.parent {
+        follows.push(Follow::Notify {
+            tenant: entry.tenant.clone(),
+            run_id: p.run_id.clone(),
+            event: make(p.step.clone(), p.attempt),
+        });
     }
 }

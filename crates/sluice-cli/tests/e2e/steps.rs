@@ -311,3 +311,43 @@ async fn replay_command_proves_decisions_and_shows_the_timeline() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("execution_not_found"));
 }
+
+#[tokio::test]
+async fn a_failing_child_is_retried_then_fails_its_parent() {
+    let dir = TempDir::new("child-fail");
+    let server = ServerProcess::start(&bin(), dir.path()).await;
+    let api = server.api();
+    api.publish(
+        &json!({"name": "broken", "steps": [{"id": "no", "type": "fail", "error": "broken", "message": "\"nope\""}]}),
+    )
+    .await;
+    api.publish(&json!({"name": "parent", "steps": [
+        {"id": "kid", "type": "child", "workflow": "broken", "retry": {"max_attempts": 2, "initial_interval": "10ms"}}
+    ]}))
+    .await;
+    let id = api.start("parent", Value::Null, Some("fam")).await;
+    let row = api.wait(&id, 20).await;
+    assert_eq!(row["status"], "failed", "{row}");
+    assert_eq!(row["dead_letter"], true);
+    assert_eq!(row["error"]["type"], "broken");
+    assert_eq!(row["failed_step"], "kid");
+    for child in ["fam.kid", "fam.kid.attempt-2"] {
+        let (status, c) = api.get(&format!("/v1/executions/{child}")).await;
+        assert_eq!((status, c["status"].as_str()), (200, Some("failed")), "{child}: {c}");
+    }
+    let events = api.history(&id, None).await;
+    assert_eq!(of_type(&events, "child_failed").len(), 2);
+
+    // A cancelled child fails its parent's step too.
+    api.publish(&json!({"name": "slow", "steps": [{"id": "w", "type": "wait_signal", "signal": "never"}]})).await;
+    api.publish(&json!({"name": "waits-for-slow", "steps": [
+        {"id": "kid", "type": "child", "workflow": "slow", "retry": {"max_attempts": 1}}
+    ]}))
+    .await;
+    let id = api.start("waits-for-slow", Value::Null, Some("fam2")).await;
+    api.wait_until("fam2.kid", 10, |r| r["status"] == "running").await;
+    assert_eq!(api.post("/v1/executions/fam2.kid/cancel", &Value::Null).await.0, 202);
+    let row = api.wait(&id, 10).await;
+    assert_eq!(row["error"]["type"], "child.cancelled", "{row}");
+    assert_replays(&api).await;
+}

@@ -191,7 +191,12 @@ pub async fn cancel(
     Path(id): Path<String>,
     Body(body): Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let body: CancelBody = if body.is_empty() { CancelBody::default() } else { parse_json(&body)? };
+    // No body, `null` and `{}` all mean "no reason given".
+    let body: CancelBody = if body.is_empty() {
+        CancelBody::default()
+    } else {
+        parse_json::<Option<CancelBody>>(&body)?.unwrap_or_default()
+    };
     app.engine.cancel(DEFAULT_TENANT, &id, body.reason).await?;
     tracing::info!("execution cancelled");
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))))
