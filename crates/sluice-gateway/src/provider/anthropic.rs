@@ -1,7 +1,6 @@
 //! Client of Anthropic's Messages API: `POST {base_url}/messages` with `x-api-key` and
 //! `anthropic-version`.
 
-use std::fmt;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -22,20 +21,12 @@ pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 const JSON_INSTRUCTION: &str = "Answer with a single JSON object and nothing else.";
 
 /// An Anthropic Messages API upstream.
-#[derive(Clone)]
+// Debug is derived: `ApiKey` prints itself redacted.
+#[derive(Clone, Debug)]
 pub struct Anthropic {
     client: reqwest::Client,
     base_url: String,
     api_key: Option<ApiKey>,
-}
-
-impl fmt::Debug for Anthropic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Anthropic")
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
 }
 
 impl Anthropic {

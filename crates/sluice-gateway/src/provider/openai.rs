@@ -1,7 +1,6 @@
 //! Client of the OpenAI Chat Completions API and everything compatible with it (xAI Grok,
 //! Ollama, vLLM): `POST {base_url}/chat/completions` with a bearer key.
 
-use std::fmt;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
@@ -15,20 +14,12 @@ use crate::error::UpstreamError;
 use crate::model::{ChatRequest, ChatResponse, FinishReason, Message, Role, ToolCall, Usage};
 
 /// An OpenAI-compatible upstream.
-#[derive(Clone)]
+// Debug is derived: `ApiKey` prints itself redacted.
+#[derive(Clone, Debug)]
 pub struct OpenAi {
     client: reqwest::Client,
     base_url: String,
     api_key: Option<ApiKey>,
-}
-
-impl fmt::Debug for OpenAi {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenAi")
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
 }
 
 impl OpenAi {
