@@ -140,35 +140,30 @@ impl WorkerProcess {
     pub fn rust(bin: &Path, base: &str, queues: &[&str], record: Option<&Path>) -> Self {
         let mut cmd = Command::new(bin);
         cmd.args(["--server", base, "worker"]);
-        for q in queues {
-            cmd.args(["--queue", q]);
-        }
-        if let Some(r) = record {
-            cmd.arg("--record").arg(r);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start worker: {e}"));
-        Self(child)
+        Self::spawn(cmd, queues, record)
     }
 
     /// The Python example worker (standard library only).
     pub fn python(repo: &Path, base: &str, queues: &[&str], record: Option<&Path>) -> Self {
         let mut cmd = Command::new("python3");
         cmd.arg(repo.join("examples/workers/python_worker.py")).args(["--server", base]);
+        Self::spawn(cmd, queues, record)
+    }
+
+    /// Both workers take the same `--queue` and `--record` options.
+    fn spawn(mut cmd: Command, queues: &[&str], record: Option<&Path>) -> Self {
         for q in queues {
             cmd.args(["--queue", q]);
         }
         if let Some(r) = record {
             cmd.arg("--record").arg(r);
         }
+        let program = cmd.get_program().to_string_lossy().to_string();
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start python3: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start the worker {program}: {e}"));
         Self(child)
     }
 }
