@@ -1,5 +1,5 @@
-//! The gateway's config file (YAML or JSON): providers, routes of targets, prices and breaker
-//! settings. Unknown fields are errors, and every error names where it is.
+//! The gateway's config file (YAML or JSON): providers, routes of targets, precision tiers,
+//! experiments, prices and breaker settings. Unknown fields are errors, and every error names where it is.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -39,6 +39,9 @@ pub struct Config {
     /// Defaults for every target's breaker.
     #[serde(default)]
     pub breaker: BreakerSettings,
+    /// A/B experiments: arms of routes, assigned by a sticky key.
+    #[serde(default)]
+    pub experiments: BTreeMap<String, ExperimentConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -77,6 +80,9 @@ pub struct RouteConfig {
     pub targets: Vec<TargetConfig>,
     #[serde(default)]
     pub retry: RetrySettings,
+    /// The route that serves callers asking for the precision tier of this one.
+    #[serde(default)]
+    pub precision: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -94,6 +100,26 @@ pub struct TargetConfig {
     /// Overrides the top-level `breaker` for this target.
     #[serde(default)]
     pub breaker: Option<BreakerSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// The first arm is the control: a paused experiment sends everyone there.
+    pub arms: Vec<ArmConfig>,
+    /// What the sticky key is hashed with; defaults to the experiment's name. Changing it
+    /// reassigns everyone; keeping it across a rename keeps every assignment.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArmConfig {
+    pub name: String,
+    pub route: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -214,6 +240,18 @@ impl Config {
                 }
                 names.push(target_name);
             }
+            if let Some(precision) = &route.precision {
+                if !self.routes.contains_key(precision) {
+                    let message = format!("unknown route `{precision}`; name a route declared under `routes`");
+                    return Err(invalid(format!("{at}.precision"), &message));
+                }
+                if precision == name {
+                    return Err(invalid(format!("{at}.precision"), "a route cannot be its own precision tier"));
+                }
+            }
+        }
+        for (name, experiment) in &self.experiments {
+            experiment.validate(format!("experiments.{name}"), &self.routes)?;
         }
         Ok(())
     }
@@ -239,6 +277,31 @@ impl RouteConfig {
             PolicyConfig::Fallback => Policy::Fallback,
             PolicyConfig::Weighted => Policy::Weighted,
         }
+    }
+}
+
+impl ExperimentConfig {
+    fn validate(&self, at: String, routes: &BTreeMap<String, RouteConfig>) -> Result<(), Error> {
+        if self.arms.is_empty() {
+            return Err(invalid(format!("{at}.arms"), "an experiment needs at least one arm"));
+        }
+        if self.arms.iter().all(|a| a.weight == 0) {
+            return Err(invalid(format!("{at}.arms"), "an experiment needs an arm with weight > 0"));
+        }
+        for (index, arm) in self.arms.iter().enumerate() {
+            let at = format!("{at}.arms[{index}]");
+            if arm.name.is_empty() {
+                return Err(invalid(format!("{at}.name"), "must not be empty"));
+            }
+            if self.arms[..index].iter().any(|a| a.name == arm.name) {
+                return Err(invalid(format!("{at}.name"), "two arms of an experiment have the same name"));
+            }
+            if !routes.contains_key(&arm.route) {
+                let message = format!("unknown route `{}`; name a route declared under `routes`", arm.route);
+                return Err(invalid(format!("{at}.route"), &message));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -368,6 +431,16 @@ breaker: {failure_threshold: 4}
             ("breaker: {failure_threshold: 0}", "at breaker.failure_threshold: must be at least 1"),
             ("prices: {m: {input_per_mtok: -1, output_per_mtok: 1}}", "at prices.m: prices must be finite"),
             ("prices: {m: {input_per_mtok: 1}}", "missing field `output_per_mtok`"),
+            (
+                "routes: {r: {precision: nope, targets: [{provider: o, model: m}]}}",
+                "at routes.r.precision: unknown route `nope`",
+            ),
+            ("routes: {r: {precision: r, targets: [{provider: o, model: m}]}}", "its own precision tier"),
+            ("experiments: {e: {arms: []}}", "at experiments.e.arms: an experiment needs at least one arm"),
+            ("experiments: {e: {arms: [{name: a, route: nope}]}}", "at experiments.e.arms[0].route: unknown route `nope`"),
+            ("routes: {r: {targets: [{provider: o, model: m}]}}\nexperiments: {e: {arms: [{name: a, route: r, weight: 0}]}}", "experiments.e.arms: an experiment needs an arm"),
+            ("routes: {r: {targets: [{provider: o, model: m}]}}\nexperiments: {e: {arms: [{name: a, route: r}, {name: a, route: r}]}}", "experiments.e.arms[1].name"),
+            ("routes: {r: {targets: [{provider: o, model: m}]}}\nexperiments: {e: {arms: [{name: a, route: r, wieght: 1}]}}", "unknown field `wieght`"),
         ];
         for (text, expect) in cases {
             let full = if text.starts_with("providers") { text.to_string() } else { format!("{p}{text}") };
@@ -375,5 +448,30 @@ breaker: {failure_threshold: 4}
             assert!(got.contains(expect), "{text}\n  expected: {expect}\n  got: {got}");
         }
         assert_eq!(check(p), "ok");
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let c = Config::from_yaml(include_str!("../../../examples/gateway.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.routes["chat"].precision.as_deref(), Some("precise"));
+        assert_eq!(c.experiments["small-model"].arms[0].name, "control");
+    }
+
+    #[test]
+    fn precision_tiers_and_experiments_parse() {
+        let text = "
+providers: {o: {kind: openai, base_url: 'http://h'}}
+routes:
+  fast: {precision: precise, targets: [{provider: o, model: small}]}
+  precise: {targets: [{provider: o, model: large}]}
+experiments:
+  tone: {key: tone-v2, arms: [{name: control, route: fast, weight: 3}, {name: precise, route: precise}]}
+";
+        let c = Config::from_yaml(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.routes["fast"].precision.as_deref(), Some("precise"));
+        assert_eq!(c.routes["precise"].precision, None);
+        let tone = &c.experiments["tone"];
+        assert_eq!(tone.key.as_deref(), Some("tone-v2"));
+        assert_eq!((tone.arms[0].weight, tone.arms[1].weight), (3, 1));
     }
 }

@@ -1,4 +1,5 @@
-//! The gateway: named routes, the price table and the clock, built from a [`Config`].
+//! The gateway: named routes, their precision tiers, experiments, the price table and the
+//! clock, built from a [`Config`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -9,14 +10,64 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Error as ConfigError, ProviderKind};
 use crate::cost::PriceTable;
 use crate::error::Error;
-use crate::model::ChatRequest;
+use crate::experiment::{self, Arm, Experiment, ExperimentArm};
+use crate::model::{ChatRequest, ChatResponse};
+use crate::precision::PrecisionTiers;
 use crate::provider::{Anthropic, ApiKey, OpenAi, Provider};
 use crate::route::{Call, Route, RouteStream, StreamFailure, Target};
+use crate::structured;
+use crate::usage::UsageRecord;
 
 pub struct Gateway {
     routes: HashMap<String, Route>,
+    precision: PrecisionTiers,
+    experiments: HashMap<String, Experiment>,
     prices: PriceTable,
     clock: Arc<dyn Clock>,
+}
+
+/// How [`Gateway::chat_with`] serves a call.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallOptions {
+    /// Served by the route's precision tier (the route itself if it names none).
+    pub precision: bool,
+    /// A JSON Schema the answer must be valid against, with one repair call if it is not.
+    pub schema: Option<serde_json::Value>,
+}
+
+/// Why a call made with [`Gateway::chat_with`] or [`Gateway::chat_experiment`] failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Route(#[from] Error),
+    #[error(transparent)]
+    Experiment(#[from] experiment::Error),
+    #[error(transparent)]
+    Structured(#[from] structured::Error),
+}
+
+/// What [`Gateway::chat_with`] returns: the answer or the error, and a usage record for every
+/// attempt of every call made (both calls when a repair was tried).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub result: Result<ChatResponse, CallError>,
+    /// With a schema: the answer parsed as JSON, valid against it.
+    pub json: Option<serde_json::Value>,
+    /// With an experiment: its arm that served the call.
+    pub arm: Option<ExperimentArm>,
+    pub usage: Vec<UsageRecord>,
+}
+
+impl From<Call> for Answer {
+    fn from(call: Call) -> Self {
+        Self { result: call.result.map_err(CallError::from), json: None, arm: None, usage: call.usage }
+    }
+}
+
+impl Answer {
+    fn failed(error: impl Into<CallError>) -> Self {
+        Self { result: Err(error.into()), json: None, arm: None, usage: Vec::new() }
+    }
 }
 
 impl fmt::Debug for Gateway {
@@ -27,7 +78,24 @@ impl fmt::Debug for Gateway {
 
 impl Gateway {
     pub fn new(routes: Vec<Route>, prices: PriceTable, clock: Arc<dyn Clock>) -> Self {
-        Self { routes: routes.into_iter().map(|r| (r.name.clone(), r)).collect(), prices, clock }
+        Self {
+            routes: routes.into_iter().map(|r| (r.name.clone(), r)).collect(),
+            precision: PrecisionTiers::default(),
+            experiments: HashMap::new(),
+            prices,
+            clock,
+        }
+    }
+
+    /// Callers of `route` asking for precision are served by the route `precision`.
+    pub fn with_precision(mut self, route: &str, precision: &str) -> Self {
+        self.precision.insert(route, precision);
+        self
+    }
+
+    pub fn with_experiment(mut self, experiment: Experiment) -> Self {
+        self.experiments.insert(experiment.name.clone(), experiment);
+        self
     }
 
     /// Builds the gateway with keys read from the process environment and the system clock.
@@ -73,7 +141,17 @@ impl Gateway {
             }
             routes.push(Route { name: name.clone(), policy: r.policy(), targets, retry: r.retry.policy() });
         }
-        Ok(Self::new(routes, config.price_table(), clock))
+        let mut gateway = Self::new(routes, config.price_table(), clock);
+        for (name, r) in &config.routes {
+            if let Some(precision) = &r.precision {
+                gateway = gateway.with_precision(name, precision);
+            }
+        }
+        for (name, e) in &config.experiments {
+            let arms = e.arms.iter().map(|a| Arm { name: a.name.clone(), route: a.route.clone(), weight: a.weight });
+            gateway = gateway.with_experiment(Experiment::new(name, e.key.clone(), arms.collect()));
+        }
+        Ok(gateway)
     }
 
     pub fn route(&self, name: &str) -> Option<&Route> {
@@ -84,12 +162,79 @@ impl Gateway {
         &self.prices
     }
 
+    pub fn precision_tiers(&self) -> &PrecisionTiers {
+        &self.precision
+    }
+
+    pub fn experiment(&self, name: &str) -> Option<&Experiment> {
+        self.experiments.get(name)
+    }
+
+    /// Sends every caller of the experiment `name` to its control (first) arm until resumed.
+    /// The pause lives in this process only.
+    pub fn pause_experiment(&self, name: &str) -> Result<(), experiment::Error> {
+        self.experiment_named(name)?.pause();
+        Ok(())
+    }
+
+    pub fn resume_experiment(&self, name: &str) -> Result<(), experiment::Error> {
+        self.experiment_named(name)?.resume();
+        Ok(())
+    }
+
+    fn experiment_named(&self, name: &str) -> Result<&Experiment, experiment::Error> {
+        self.experiments.get(name).ok_or_else(|| experiment::Error::UnknownExperiment(name.to_string()))
+    }
+
     /// Sends `req` through the route `route`; the result comes with a usage record per attempt.
     pub async fn chat(&self, route: &str, req: &ChatRequest) -> Call {
         match self.routes.get(route) {
             Some(r) => r.call(req, &self.prices, self.clock.as_ref()).await,
             None => Call { result: Err(Error::UnknownRoute(route.to_string())), usage: Vec::new() },
         }
+    }
+
+    /// Sends `req` through the route `route`, or its precision tier, and checks the answer
+    /// against a schema when `options` gives one.
+    pub async fn chat_with(&self, route: &str, req: &ChatRequest, options: &CallOptions) -> Answer {
+        let route = self.precision.resolve(route, options.precision);
+        let Some(schema) = &options.schema else {
+            return self.chat(route, req).await.into();
+        };
+        let outcome = structured::call(schema, req, |req| async move { self.chat(route, &req).await }).await;
+        let (result, json) = match outcome.result {
+            Ok((resp, json)) => (Ok(resp), Some(json)),
+            Err(e) => (Err(e), None),
+        };
+        Answer { result, json, arm: None, usage: outcome.usage }
+    }
+
+    /// Sends `req` through the route of the arm of experiment `name` that `sticky_key` is
+    /// assigned to (see [`Experiment::assign`]); every usage record carries the arm.
+    pub async fn chat_experiment(&self, name: &str, sticky_key: &str, req: &ChatRequest) -> Answer {
+        self.chat_experiment_with(name, sticky_key, req, &CallOptions::default()).await
+    }
+
+    /// [`Gateway::chat_experiment`] with the options of [`Gateway::chat_with`].
+    pub async fn chat_experiment_with(
+        &self,
+        name: &str,
+        sticky_key: &str,
+        req: &ChatRequest,
+        options: &CallOptions,
+    ) -> Answer {
+        let arm = match self.experiment_named(name).map(|e| e.assign(sticky_key)) {
+            Ok(Some(arm)) => arm,
+            Ok(None) => return Answer::failed(experiment::Error::NoArms(name.to_string())),
+            Err(e) => return Answer::failed(e),
+        };
+        let tag = ExperimentArm { experiment: name.to_string(), arm: arm.name.clone() };
+        let mut answer = self.chat_with(&arm.route, req, options).await;
+        for record in &mut answer.usage {
+            record.experiment = Some(tag.clone());
+        }
+        answer.arm = Some(tag);
+        answer
     }
 
     /// Opens a streamed answer through the route `route` (see [`Route::stream`]).

@@ -231,6 +231,7 @@ impl Route {
             cost_usd,
             latency,
             outcome,
+            experiment: None,
         }
     }
 }

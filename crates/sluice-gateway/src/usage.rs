@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::error::UpstreamError;
+use crate::experiment::ExperimentArm;
 
 /// How one attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,4 +52,6 @@ pub struct UsageRecord {
     pub cost_usd: Option<f64>,
     pub latency: Duration,
     pub outcome: Outcome,
+    /// The experiment and arm the call was made for, if any.
+    pub experiment: Option<ExperimentArm>,
 }

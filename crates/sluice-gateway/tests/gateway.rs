@@ -1,14 +1,17 @@
 //! The gateway against fake vendors on real sockets: wire formats, fallback, retries with
-//! `Retry-After`, circuit breakers and cost records.
+//! `Retry-After`, circuit breakers, cost records, precision tiers, experiments and structured
+//! output.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use sluice_gateway::experiment::Error as ExperimentError;
+use sluice_gateway::structured::Error as StructuredError;
 use sluice_gateway::{
-    BreakerState, ChatRequest, Clock, Config, Error, FinishReason, Gateway, ManualClock, Message, Outcome, StreamEvent,
-    UpstreamError, Usage,
+    BreakerState, CallError, CallOptions, ChatRequest, Clock, Config, Error, ExperimentArm, FinishReason, Gateway,
+    ManualClock, Message, Outcome, StreamEvent, UpstreamError, Usage,
 };
 use sluice_testkit::vendor::{FakeVendor, Reply};
 
@@ -567,4 +570,232 @@ async fn a_stream_that_cannot_open_anywhere_reports_every_attempt() {
     );
     let outcomes: Vec<_> = failure.usage.iter().map(|r| r.outcome).collect();
     assert_eq!(outcomes, vec![Outcome::HttpError(500), Outcome::HttpError(400)]);
+}
+
+const TIERS: &str = "
+providers:
+  a: {kind: openai, base_url: '{a}', api_key_env: A_KEY}
+  b: {kind: openai, base_url: '{b}', api_key_env: B_KEY}
+routes:
+  fast:
+    precision: precise
+    retry: {max_attempts: 2, initial_backoff_ms: 1, jitter: 0}
+    targets: [{provider: a, model: model-a, timeout_ms: 2000}]
+  precise:
+    retry: {max_attempts: 1}
+    targets: [{provider: b, model: model-b, timeout_ms: 2000}]
+experiments:
+  tone:
+    arms:
+      - {name: control, route: fast, weight: 3}
+      - {name: treatment, route: precise, weight: 1}
+";
+
+fn precise() -> CallOptions {
+    CallOptions { precision: true, ..CallOptions::default() }
+}
+
+#[tokio::test]
+async fn the_precision_tier_serves_only_callers_who_ask_for_it() {
+    let (a, b) = two().await;
+    let gw = gateway(TIERS, &a, &b, Arc::default());
+    let plain = gw.chat("fast", &hello()).await;
+    assert_eq!(plain.result.unwrap().model, "model-a");
+    let same = gw.chat_with("fast", &hello(), &CallOptions::default()).await;
+    assert_eq!(same.result.unwrap().model, "model-a");
+    let tier = gw.chat_with("fast", &hello(), &precise()).await;
+    assert_eq!(tier.result.unwrap().model, "model-b");
+    assert_eq!((tier.usage[0].route.as_str(), tier.usage[0].target.as_str()), ("precise", "b/model-b"));
+    // A route that names no precision tier is its own.
+    let own = gw.chat_with("precise", &hello(), &precise()).await;
+    assert_eq!(own.result.unwrap().model, "model-b");
+    assert_eq!((a.requests(), b.requests()), (2, 2));
+    let unknown = gw.chat_with("nope", &hello(), &precise()).await;
+    assert_eq!(unknown.result, Err(CallError::Route(Error::UnknownRoute("nope".into()))));
+}
+
+fn arm_of(gw: &Gateway, key: &str) -> String {
+    gw.experiment("tone").and_then(|e| e.assign(key)).map(|a| a.name.clone()).unwrap()
+}
+
+/// With weights 3:1, each key lands on the control with p = 0.75 if the hash spreads keys
+/// evenly; over 1,000 keys the count's standard deviation is sqrt(1000 * 0.75 * 0.25) ≈ 13.7,
+/// so ±60 (over 4 sigma) fails only for a hash that is biased, not by bad luck. The hash has no
+/// randomness, so the count is the same on every run.
+#[tokio::test]
+async fn experiment_keys_split_by_weight_and_keep_their_arm() {
+    let (a, b) = two().await;
+    let gw = gateway(TIERS, &a, &b, Arc::default());
+    // A second gateway stands for another process or a restart.
+    let other = gateway(TIERS, &a, &b, Arc::default());
+    let keys: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
+    let arms: Vec<String> = keys.iter().map(|k| arm_of(&gw, k)).collect();
+    let control = arms.iter().filter(|a| *a == "control").count();
+    assert!((690..=810).contains(&control), "{control} of 1000 keys on the control, expected 750 ± 60");
+    assert_eq!(arms.iter().filter(|a| *a == "treatment").count(), 1000 - control);
+    for (key, arm) in keys.iter().zip(&arms) {
+        assert_eq!(&arm_of(&gw, key), arm, "{key} changed arm");
+        assert_eq!(&arm_of(&other, key), arm, "{key} has another arm in another gateway");
+    }
+}
+
+#[tokio::test]
+async fn experiment_calls_go_to_the_arms_route_and_every_usage_record_carries_the_arm() {
+    let (a, b) = two().await;
+    let gw = gateway(TIERS, &a, &b, Arc::default());
+    let keys: Vec<String> = (0..50).map(|i| format!("user-{i}")).collect();
+    let on = |arm: &str| keys.iter().find(|k| arm_of(&gw, k) == arm).cloned().unwrap();
+    let (control_key, treatment_key) = (on("control"), on("treatment"));
+
+    a.push(Reply::status(500));
+    let answer = gw.chat_experiment("tone", &control_key, &hello()).await;
+    assert_eq!(answer.result.unwrap().model, "model-a");
+    let tag = Some(ExperimentArm { experiment: "tone".into(), arm: "control".into() });
+    assert_eq!(answer.arm, tag);
+    assert_eq!(
+        outcomes_of(&answer.usage),
+        vec![o("a/model-a", Outcome::HttpError(500)), o("a/model-a", Outcome::Success)]
+    );
+    assert!(answer.usage.iter().all(|r| r.experiment == tag), "{:?}", answer.usage);
+
+    let answer = gw.chat_experiment("tone", &treatment_key, &hello()).await;
+    assert_eq!(answer.result.unwrap().model, "model-b");
+    assert_eq!(answer.usage.len(), 1);
+    assert_eq!(answer.usage[0].experiment.as_ref().map(|t| t.arm.as_str()), Some("treatment"));
+
+    // Plain calls carry no arm.
+    assert_eq!(gw.chat("fast", &hello()).await.usage[0].experiment, None);
+    let unknown = gw.chat_experiment("nope", "user-1", &hello()).await;
+    let expect = Err(CallError::Experiment(ExperimentError::UnknownExperiment("nope".into())));
+    assert_eq!((unknown.result, unknown.usage.len()), (expect, 0));
+}
+
+#[tokio::test]
+async fn a_paused_experiment_sends_everyone_to_the_control_until_resumed() {
+    let (a, b) = two().await;
+    let gw = gateway(TIERS, &a, &b, Arc::default());
+    let keys: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
+    let before: Vec<String> = keys.iter().map(|k| arm_of(&gw, k)).collect();
+    let treatment_key = keys.iter().zip(&before).find(|(_, a)| *a == "treatment").map(|(k, _)| k.clone()).unwrap();
+
+    gw.pause_experiment("tone").unwrap();
+    assert!(keys.iter().all(|k| arm_of(&gw, k) == "control"));
+    let answer = gw.chat_experiment("tone", &treatment_key, &hello()).await;
+    assert_eq!(answer.result.unwrap().model, "model-a");
+    assert_eq!(answer.usage[0].experiment.as_ref().map(|t| t.arm.as_str()), Some("control"));
+    assert_eq!(b.requests(), 0);
+
+    gw.resume_experiment("tone").unwrap();
+    let after: Vec<String> = keys.iter().map(|k| arm_of(&gw, k)).collect();
+    assert_eq!(after, before, "resuming restores every assignment");
+    assert_eq!(gw.pause_experiment("nope"), Err(ExperimentError::UnknownExperiment("nope".into())));
+}
+
+fn outcomes_of(usage: &[sluice_gateway::UsageRecord]) -> Vec<(String, Outcome)> {
+    usage.iter().map(|r| (r.target.clone(), r.outcome)).collect()
+}
+
+fn label_schema() -> CallOptions {
+    let schema = json!({
+        "type": "object",
+        "required": ["label", "score"],
+        "properties": {"label": {"enum": ["spam", "ham"]}, "score": {"type": "number"}},
+        "additionalProperties": false,
+    });
+    CallOptions { schema: Some(schema), ..CallOptions::default() }
+}
+
+#[tokio::test]
+async fn structured_output_valid_the_first_time_takes_one_call() {
+    let (a, b) = two().await;
+    a.push(Reply::text(r#"{"label": "spam", "score": 0.9}"#, 10, 5));
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let answer = gw.chat_with("r", &hello(), &label_schema()).await;
+    assert!(answer.result.is_ok(), "{:?}", answer.result);
+    assert_eq!(answer.json, Some(json!({"label": "spam", "score": 0.9})));
+    assert_eq!(answer.usage.len(), 1);
+    assert_eq!(a.requests(), 1);
+}
+
+#[tokio::test]
+async fn invalid_structured_output_is_repaired_once_with_the_validation_errors() {
+    let (a, b) = two().await;
+    let bad = r#"{"label": "eggs", "score": 0.9}"#;
+    a.push(Reply::text(bad, 10, 5));
+    a.push(Reply::text(r#"{"label": "ham", "score": 0.2}"#, 30, 6));
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let answer = gw.chat_with("r", &hello(), &label_schema()).await;
+    assert_eq!(answer.json, Some(json!({"label": "ham", "score": 0.2})));
+    assert_eq!(answer.result.unwrap().text, r#"{"label": "ham", "score": 0.2}"#);
+    let tokens: Vec<(u64, u64)> = answer.usage.iter().map(|r| (r.input_tokens, r.output_tokens)).collect();
+    assert_eq!(tokens, vec![(10, 5), (30, 6)], "both calls are accounted");
+
+    let received = a.received();
+    assert_eq!(received.len(), 2);
+    let messages = received[1].body["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 4, "{messages:?}");
+    assert_eq!(&messages[..2], received[0].body["messages"].as_array().unwrap().as_slice());
+    assert_eq!(messages[2], json!({"role": "assistant", "content": bad}));
+    assert_eq!(messages[3]["role"], "user");
+    let repair = messages[3]["content"].as_str().unwrap();
+    assert!(repair.contains("- at `/label`: \"eggs\" is not one of"), "{repair}");
+    assert!(repair.contains("corrected JSON only"), "{repair}");
+}
+
+#[tokio::test]
+async fn structured_output_invalid_twice_fails_with_the_problems() {
+    let (a, b) = two().await;
+    a.push(Reply::text(r#"{"label": "eggs"}"#, 1, 1));
+    a.push(Reply::text(r#"{"label": "spam", "score": "high", "why": "because"}"#, 1, 1));
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let answer = gw.chat_with("r", &hello(), &label_schema()).await;
+    let Err(CallError::Structured(StructuredError::Invalid { errors, answer: last })) = &answer.result else {
+        panic!("{:?}", answer.result)
+    };
+    assert_eq!(last, r#"{"label": "spam", "score": "high", "why": "because"}"#);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors.iter().any(|e| e.starts_with("at `/score`: \"high\" is not of type \"number\"")), "{errors:?}");
+    assert!(
+        errors.contains(&"at the root: Additional properties are not allowed ('why' was unexpected)".to_string()),
+        "{errors:?}"
+    );
+    let message = answer.result.as_ref().err().map(ToString::to_string).unwrap_or_default();
+    assert!(message.contains("/score") && message.contains("even after one repair"), "{message}");
+    assert_eq!((answer.json, answer.usage.len(), a.requests()), (None, 2, 2), "one repair, no more");
+}
+
+#[tokio::test]
+async fn a_non_json_answer_counts_as_invalid() {
+    let (a, b) = two().await;
+    a.push(Reply::text("Sure! The label is spam.", 1, 1));
+    a.push(Reply::text(r#"{"label": "spam", "score": 1}"#, 1, 1));
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let answer = gw.chat_with("r", &hello(), &label_schema()).await;
+    assert_eq!(answer.json, Some(json!({"label": "spam", "score": 1})));
+    let repair = a.received()[1].body["messages"][3]["content"].as_str().unwrap().to_string();
+    assert!(repair.contains("- the answer is not JSON: expected value at line 1 column 1"), "{repair}");
+
+    a.push(Reply::text("no", 1, 1));
+    a.push(Reply::text("still no", 1, 1));
+    let answer = gw.chat_with("r", &hello(), &label_schema()).await;
+    let Err(CallError::Structured(StructuredError::Invalid { errors, .. })) = &answer.result else {
+        panic!("{:?}", answer.result)
+    };
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].starts_with("the answer is not JSON"), "{errors:?}");
+}
+
+#[tokio::test]
+async fn a_bad_schema_or_a_failed_call_is_reported_as_such() {
+    let (a, b) = two().await;
+    let gw = gateway(TWO_OPENAI, &a, &b, Arc::default());
+    let options = CallOptions { schema: Some(json!({"type": "no-such-type"})), ..CallOptions::default() };
+    let answer = gw.chat_with("r", &hello(), &options).await;
+    assert!(matches!(answer.result, Err(CallError::Structured(StructuredError::BadSchema(_)))), "{:?}", answer.result);
+    assert_eq!((answer.usage.len(), a.requests()), (0, 0), "nothing is sent with a bad schema");
+
+    a.set_default(Reply::status(400));
+    let answer = gw.chat_with("r", &hello(), &label_schema()).await;
+    assert!(matches!(answer.result, Err(CallError::Route(Error::Rejected { .. }))), "{:?}", answer.result);
+    assert_eq!(answer.usage.len(), 1, "an upstream failure is not repaired");
 }
