@@ -76,7 +76,7 @@ pub async fn run(args: BenchArgs, server: &str, json_out: bool) -> Result<()> {
                 p.display().to_string()
             }
         };
-        let (engine, listener, addr) = crate::server::start(&db, "127.0.0.1", 0).await?;
+        let (engine, listener, addr) = crate::server::start(&db, "127.0.0.1", 0, None).await?;
         tokio::spawn(sluice_server::serve(listener, engine, std::future::pending()));
         format!("http://{addr}")
     };

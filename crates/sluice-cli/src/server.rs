@@ -59,9 +59,14 @@ pub fn describe_database(database: &str) -> String {
 }
 
 /// Opens the store, recovers the engine and binds the listener.
-pub async fn start(database: &str, bind: &str, port: u16) -> Result<(Engine, TcpListener, SocketAddr)> {
+pub async fn start(
+    database: &str,
+    bind: &str,
+    port: u16,
+    gateway: Option<Arc<Gateway>>,
+) -> Result<(Engine, TcpListener, SocketAddr)> {
     let store = open_store(database).await?;
-    let (engine, _bg) = Engine::start(store, EngineOptions::default())
+    let (engine, _bg) = Engine::start(store, EngineOptions { gateway, ..EngineOptions::default() })
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the engine: {e}"))?;
     let listener = TcpListener::bind((bind, port)).await.with_context(|| {
@@ -114,7 +119,7 @@ async fn shutdown_signal() {
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let gateway = gateway_of(&args)?;
-    let (engine, listener, addr) = start(&args.database, &args.bind, args.port).await?;
+    let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
     let gateway_file = args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     tracing::info!(%addr, database = %describe_database(&args.database), gateway = %gateway_file, "sluice serving");
     sluice_server::serve_with(listener, engine, gateway, shutdown_signal()).await?;
@@ -123,7 +128,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 
 pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()> {
     let gateway = gateway_of(&args)?;
-    let (engine, listener, addr) = start(&args.database, &args.bind, args.port).await?;
+    let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
     let url = format!("http://{addr}");
     let published = publish_examples(&engine, &examples).await;
     let server = tokio::spawn(sluice_server::serve_with(listener, engine, gateway, shutdown_signal()));

@@ -151,6 +151,7 @@ impl Decider<'_> {
                 (TaskKind::Worker, t.queue.clone(), input)
             }
             StepKind::Http(h) => (TaskKind::Http, String::new(), self.http_request(h, scope)),
+            StepKind::Llm(l) => (TaskKind::Llm, String::new(), self.llm_request(l, scope)),
             _ => return Flow::Pending,
         };
         let input = match input {
@@ -184,6 +185,34 @@ impl Decider<'_> {
         Ok(serde_json::json!({"method": h.method, "url": url, "headers": headers, "body": body}))
     }
 
+    /// The gateway call of an `llm` step: `{route, precision, messages, max_tokens?,
+    /// temperature?, schema?}`, all expressions evaluated, so the task carries no jq.
+    fn llm_request(&self, l: &crate::def::LlmStep, scope: &Scope) -> Result<Value, ExprError> {
+        let messages = match (&l.prompt, &l.messages) {
+            (Some(prompt), _) => {
+                let mut m = Vec::with_capacity(2);
+                if let Some(system) = &l.system {
+                    m.push(serde_json::json!({"role": "system", "content": system.eval_string(self.ctx(scope))?}));
+                }
+                m.push(serde_json::json!({"role": "user", "content": prompt.eval_string(self.ctx(scope))?}));
+                Value::Array(m)
+            }
+            (None, Some(messages)) => self.eval(messages, scope)?,
+            (None, None) => Value::Array(Vec::new()),
+        };
+        let mut req = serde_json::json!({"route": l.route, "precision": l.precision, "messages": messages});
+        if let Some(n) = l.max_tokens {
+            req["max_tokens"] = n.into();
+        }
+        if let Some(t) = l.temperature {
+            req["temperature"] = t.into();
+        }
+        if let Some(schema) = &l.schema {
+            req["schema"] = schema.clone();
+        }
+        Ok(req)
+    }
+
     fn start_child(&mut self, step: &Step, scope: &Scope, key: &str, attempt: u32) -> Flow {
         let StepKind::Child(c) = &step.kind else { return Flow::Pending };
         let input = match &c.input {
@@ -212,7 +241,7 @@ impl Decider<'_> {
 
     fn start(&mut self, step: &Step, scope: &Scope, key: &str) -> Flow {
         match &step.kind {
-            StepKind::Task(_) | StepKind::Http(_) => self.schedule_task(step, scope, key, 1, 0),
+            StepKind::Task(_) | StepKind::Http(_) | StepKind::Llm(_) => self.schedule_task(step, scope, key, 1, 0),
             StepKind::Child(_) => self.start_child(step, scope, key, 1),
             StepKind::Transform(t) => match self.eval(&t.expr, scope) {
                 Ok(output) => {
@@ -317,7 +346,7 @@ impl Decider<'_> {
         let Some(s) = self.st.steps.get(key) else { return Flow::Pending };
         let status = s.status;
         match &step.kind {
-            StepKind::Task(_) | StepKind::Http(_) | StepKind::Child(_) => {
+            StepKind::Task(_) | StepKind::Http(_) | StepKind::Llm(_) | StepKind::Child(_) => {
                 if status != StepStatus::AttemptFailed {
                     return Flow::Pending;
                 }

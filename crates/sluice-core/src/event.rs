@@ -44,6 +44,8 @@ pub enum TaskKind {
     Worker,
     /// An HTTP request made by the engine itself.
     Http,
+    /// A chat call through the AI gateway, made by the engine itself.
+    Llm,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

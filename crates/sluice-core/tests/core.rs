@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use sluice_core::event::{Event, EventKind};
+use sluice_core::event::{Event, EventKind, TaskKind};
 use sluice_core::{decide, parse_definition, ExecState, ExecStatus, Format, WorkflowDef};
 
 fn repo_file(rel: &str) -> std::path::PathBuf {
@@ -118,6 +118,58 @@ fn decide_runs_a_sequence_of_tasks_and_transforms() {
             "execution_completed"
         ]
     );
+}
+
+#[test]
+fn llm_steps_schedule_engine_tasks_with_evaluated_messages() {
+    let d = def(json!({"name": "ai", "steps": [
+        {"id": "a", "type": "llm", "route": "fast", "system": "\"Be brief.\"", "prompt": "\"Hi \\(.input.name)\"",
+         "max_tokens": 7, "temperature": 0.2, "precision": true, "schema": {"type": "object"}},
+        {"id": "b", "type": "llm", "route": "fast", "messages": "[{role: \"user\", content: .steps.a.text}]"}
+    ]}));
+    let (st, history) = drive(&d, json!({"name": "Ada"}), |step, _, _| Ok(json!({"text": format!("from {step}")})));
+    assert_eq!(st.status, ExecStatus::Completed);
+    let sent: Vec<(TaskKind, Value)> = history
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::TaskScheduled { task, input, .. } => Some((*task, input.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            (
+                TaskKind::Llm,
+                json!({"route": "fast", "precision": true, "max_tokens": 7, "temperature": 0.2, "schema": {"type": "object"},
+                       "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi Ada"}]})
+            ),
+            (
+                TaskKind::Llm,
+                json!({"route": "fast", "precision": false, "messages": [{"role": "user", "content": "from a"}]})
+            ),
+        ]
+    );
+}
+
+#[test]
+fn llm_step_mistakes_name_their_field() {
+    let bad = |step: Value| {
+        let errs = sluice_core::def::parse_value(&json!({"name": "x", "steps": [step]})).err().unwrap_or_default();
+        errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+    };
+    let e = bad(json!({"id": "a", "type": "llm", "prompt": "\"x\""}));
+    assert!(e.contains("steps[0].route"), "{e}");
+    let e = bad(json!({"id": "a", "type": "llm", "route": "r", "prompt": "\"x\"", "messages": "[]"}));
+    assert!(e.contains("exactly one of `prompt`"), "{e}");
+    let e = bad(json!({"id": "a", "type": "llm", "route": "r", "messages": "[]", "system": "\"s\""}));
+    assert!(e.contains("steps[0].system"), "{e}");
+    let e = bad(json!({"id": "a", "type": "llm", "route": "r", "prompt": "\"x\"", "schema": "yes"}));
+    assert!(e.contains("steps[0].schema") && e.contains("JSON Schema object"), "{e}");
+    let e = bad(json!({"id": "a", "type": "llm", "route": "r", "prompt": "\"x\"", "max_tokens": 0}));
+    assert!(e.contains("steps[0].max_tokens"), "{e}");
+    let e = bad(json!({"id": "a", "type": "llm", "route": "r", "prompt": "(", "colour": 1}));
+    assert!(e.contains("steps[0].prompt") && e.contains("steps[0].colour"), "{e}");
 }
 
 #[test]

@@ -12,7 +12,15 @@ use crate::{lock, Engine};
 const MAX_BODY: usize = 1024 * 1024;
 
 impl Engine {
-    pub(crate) fn run_http(&self, row: TaskRow) {
+    /// Runs a task that the engine does itself (`http`, `llm`) rather than a worker.
+    pub(crate) fn run_engine_task(&self, row: TaskRow) {
+        match row.kind {
+            sluice_core::event::TaskKind::Llm => self.run_llm(row),
+            _ => self.run_http(row),
+        }
+    }
+
+    fn run_http(&self, row: TaskRow) {
         let engine = self.clone();
         tokio::spawn(async move {
             let outcome = engine.http_call(&row).await;

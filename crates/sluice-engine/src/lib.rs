@@ -9,6 +9,7 @@ mod cache;
 mod clock;
 mod error;
 mod http;
+mod llm;
 mod tasks;
 mod txn;
 
@@ -40,6 +41,8 @@ pub struct EngineOptions {
     pub cache_capacity: usize,
     /// Wall-clock limit on the expressions of one decision, behind their step budget.
     pub decide_time_limit: Duration,
+    /// The AI gateway that serves `llm` steps; without one they fail with `llm.no_gateway`.
+    pub gateway: Option<Arc<sluice_gateway::Gateway>>,
 }
 
 impl Default for EngineOptions {
@@ -48,6 +51,7 @@ impl Default for EngineOptions {
             reap_interval: Duration::from_millis(200),
             cache_capacity: 100_000,
             decide_time_limit: Duration::from_secs(1),
+            gateway: None,
         }
     }
 }
@@ -229,7 +233,7 @@ impl Engine {
             }
         }
         for row in to_run {
-            engine.run_http(row);
+            engine.run_engine_task(row);
         }
         let timers = engine.inner.store.load_timers().await?;
         {
@@ -284,7 +288,7 @@ impl Engine {
             }
             let to_run = lock(&self.inner.tasks).promote_due(now);
             for row in to_run {
-                self.run_http(row);
+                self.run_engine_task(row);
             }
             if now - last_reap >= self.inner.opts.reap_interval.as_millis() as i64 {
                 last_reap = now;
@@ -362,6 +366,10 @@ impl Engine {
     /// Validates and stores a workflow version (content-hashed: publishing the same text twice
     /// is a no-op).
     pub async fn publish(&self, tenant: &str, def: WorkflowDef) -> Result<Published> {
+        let problems = llm::check_definition(&def, self.inner.opts.gateway.as_deref());
+        if !problems.is_empty() {
+            return Err(Error::InvalidDefinition(problems));
+        }
         let canonical = def.to_canonical_json();
         let version = content_hash(&canonical);
         let created = self

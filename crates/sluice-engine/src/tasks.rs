@@ -49,7 +49,8 @@ pub(crate) struct TaskTable {
 }
 
 impl TaskTable {
-    /// Adds a persisted task; returns it back if the engine must run it itself (HTTP) now.
+    /// Adds a persisted task; returns it back if the engine must run it itself (`http`, `llm`)
+    /// now.
     pub fn insert(&mut self, row: TaskRow, now: i64) -> Option<TaskRow> {
         let id = row.id.clone();
         if row.visible_at_ms > now {
@@ -62,7 +63,7 @@ impl TaskTable {
 
     fn make_ready(&mut self, row: TaskRow, now: i64) -> Option<TaskRow> {
         let id = row.id.clone();
-        if row.kind == sluice_core::event::TaskKind::Http {
+        if row.kind != sluice_core::event::TaskKind::Worker {
             let lease = Lease { deadline_ms: now + row.start_to_close_ms as i64, heartbeat_deadline_ms: None };
             self.entries.insert(id, Entry { row: row.clone(), slot: Slot::Leased(lease) });
             return Some(row);

@@ -436,7 +436,7 @@ impl Engine {
             }
         }
         for row in to_run {
-            self.run_http(row);
+            self.run_engine_task(row);
         }
         let mut statuses = Vec::new();
         let mut map = lock(&self.inner.execs);

@@ -158,6 +158,11 @@ impl Gateway {
         self.routes.get(name)
     }
 
+    /// The names of every route, in no order.
+    pub fn route_names(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
+    }
+
     pub fn prices(&self) -> &PriceTable {
         &self.prices
     }

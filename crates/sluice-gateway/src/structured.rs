@@ -35,6 +35,11 @@ pub(crate) struct Outcome {
     pub usage: Vec<UsageRecord>,
 }
 
+/// Whether `schema` compiles as a JSON Schema; the compiler's complaint if not.
+pub fn check_schema(schema: &Value) -> Result<(), String> {
+    jsonschema::validator_for(schema).map(|_| ()).map_err(|e| e.to_string())
+}
+
 /// Sends `req` with `send`, checks the answer against `schema`, and sends one repair request if it
 /// is invalid.
 pub(crate) async fn call<F, Fut>(schema: &Value, req: &ChatRequest, mut send: F) -> Outcome

@@ -62,8 +62,14 @@ async fn bad_input_gets_precise_errors() {
         "unknown field `colour`",
     )
     .await;
-    expect(&api, yaml("name: x\nsteps:\n  - id: a\n    type: llm\n").await, 422, "invalid_definition", "AI gateway")
-        .await;
+    expect(
+        &api,
+        yaml("name: x\nsteps:\n  - id: a\n    type: llm\n    route: r\n    prompt: '\"x\"'\n").await,
+        422,
+        "invalid_definition",
+        "AI gateway",
+    )
+    .await;
     expect(
         &api,
         yaml("name: x\nsteps:\n  - {id: a, type: sleep, duration: soon}\n").await,

@@ -6,6 +6,7 @@ mod chat;
 mod durability;
 mod errors;
 mod examples;
+mod llm;
 mod postgres;
 mod steps;
 

@@ -63,6 +63,8 @@ pub enum StepKind {
     Task(TaskStep),
     /// An HTTP request made by the engine.
     Http(HttpStep),
+    /// A chat call through the AI gateway, made by the engine; its answer is journaled.
+    Llm(LlmStep),
     /// A pure jq transformation, evaluated inside the engine.
     Transform(TransformStep),
     /// Runs the steps of the first case whose condition holds, else `default`.
@@ -106,6 +108,35 @@ pub struct HttpStep {
     /// jq producing the JSON body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<Expr>,
+}
+
+/// A chat call through one of the gateway's routes. Exactly one of `prompt` and `messages`.
+/// Output: `{text, json?, model, provider, target, finish_reason, usage}`.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct LlmStep {
+    /// The gateway route that serves the call.
+    pub route: String,
+    /// Served by the route's precision tier.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub precision: bool,
+    /// jq producing the system prompt string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<Expr>,
+    /// jq producing the user message string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Expr>,
+    /// jq producing the whole message list: `[{role, content}]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Expr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// A JSON Schema the answer must match; the answer is then parsed into `json`, with one
+    /// repair call when it does not match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
@@ -208,6 +239,7 @@ impl StepKind {
         match self {
             Self::Task(_) => "task",
             Self::Http(_) => "http",
+            Self::Llm(_) => "llm",
             Self::Transform(_) => "transform",
             Self::Switch(_) => "switch",
             Self::Parallel(_) => "parallel",

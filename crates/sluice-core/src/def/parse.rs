@@ -494,16 +494,72 @@ impl Parser {
             }
             "return" => StepKind::Return(ReturnStep { output: self.opt_expr(o, "output") }),
             "llm" => {
-                self.err(
-                    join(&path, "type"),
-                    "the `llm` step needs the AI gateway, which this build does not include yet",
-                );
-                return None;
+                let route = self.req_string(o, "route");
+                if let Some(r) = &route {
+                    if !valid_name(r, 128, &['.']) {
+                        self.err(
+                            join(&path, "route"),
+                            "expected a route name: 1 to 128 letters, digits, `_`, `-` or `.`",
+                        );
+                    }
+                }
+                let precision = match self.get(o, "precision") {
+                    None => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(other) => {
+                        self.err(join(&path, "precision"), format!("expected true or false, got {}", type_name(other)));
+                        false
+                    }
+                };
+                let system = self.opt_expr(o, "system");
+                let prompt = self.opt_expr(o, "prompt");
+                let messages = self.opt_expr(o, "messages");
+                if prompt.is_some() == messages.is_some() {
+                    self.err(&path, "an `llm` step needs exactly one of `prompt` (a jq string) and `messages` (jq producing [{role, content}])");
+                }
+                if messages.is_some() && system.is_some() {
+                    self.err(
+                        join(&path, "system"),
+                        "`system` goes with `prompt`; with `messages`, put the system message in the list",
+                    );
+                }
+                let max_tokens = self.opt_int(o, "max_tokens", 1, 1_000_000);
+                let temperature = match self.get(o, "temperature") {
+                    None => None,
+                    Some(v) => match v.as_f64() {
+                        Some(t) if (0.0..=2.0).contains(&t) => Some(t),
+                        _ => {
+                            self.err(join(&path, "temperature"), format!("expected a number from 0 to 2, got {v}"));
+                            None
+                        }
+                    },
+                };
+                let schema = match self.get(o, "schema") {
+                    None => None,
+                    Some(v @ Value::Object(_)) => Some(v.clone()),
+                    Some(other) => {
+                        self.err(
+                            join(&path, "schema"),
+                            format!("expected a JSON Schema object, got {}", type_name(other)),
+                        );
+                        None
+                    }
+                };
+                StepKind::Llm(LlmStep {
+                    route: route?,
+                    precision,
+                    system,
+                    prompt,
+                    messages,
+                    max_tokens,
+                    temperature,
+                    schema,
+                })
             }
             other => {
                 self.err(
                     join(&path, "type"),
-                    format!("unknown step type `{other}`, expected one of: task, http, transform, switch, parallel, map, sleep, wait_signal, child, continue_as_new, fail, return"),
+                    format!("unknown step type `{other}`, expected one of: task, http, llm, transform, switch, parallel, map, sleep, wait_signal, child, continue_as_new, fail, return"),
                 );
                 return None;
             }
