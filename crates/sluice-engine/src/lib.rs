@@ -9,6 +9,7 @@ mod cache;
 mod clock;
 mod error;
 mod http;
+mod ledger;
 mod llm;
 mod tasks;
 mod txn;
@@ -27,6 +28,7 @@ use tokio::task::JoinHandle;
 
 pub use clock::now_ms;
 pub use error::Error;
+pub use ledger::{outcome_name, CallContext, Ledger, Refused};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -680,6 +682,18 @@ impl Engine {
         output: Option<Value>,
         failure: Option<(ErrorInfo, bool)>,
     ) -> Result<()> {
+        self.finish_task_with(row, output, failure, Ledger::default()).await
+    }
+
+    /// [`Engine::finish_task`] with the ledger rows of the gateway calls the task made, committed
+    /// in the same batch as its outcome (or alone if the execution has ended meanwhile).
+    pub(crate) async fn finish_task_with(
+        &self,
+        row: TaskRow,
+        output: Option<Value>,
+        failure: Option<(ErrorInfo, bool)>,
+        ledger: Ledger,
+    ) -> Result<()> {
         let event = match (output, failure) {
             (Some(output), _) => EventKind::TaskCompleted { step: row.step.clone(), attempt: row.attempt, output },
             (None, Some((error, retryable))) => {
@@ -688,7 +702,9 @@ impl Engine {
             (None, None) => return Err(Error::Internal("task finished without outcome".into())),
         };
         let completed = matches!(event, EventKind::TaskCompleted { .. });
-        let result = self.advance(&row.tenant, &row.run_id, move |_| Ok(vec![event]), txn::Extra::task(&row.id)).await;
+        let orphan = (!ledger.is_empty()).then(|| ledger.clone());
+        let extra = txn::Extra::task(&row.id).with_ledger(ledger);
+        let result = self.advance(&row.tenant, &row.run_id, move |_| Ok(vec![event]), extra).await;
         match result {
             Ok(()) => {
                 let c =
@@ -696,7 +712,11 @@ impl Engine {
                 c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
-            Err(Error::NotRunning(_)) | Err(Error::NotFound { .. }) => Ok(()),
+            // The execution ended while the task ran: the calls were still made and paid for.
+            Err(Error::NotRunning(_)) | Err(Error::NotFound { .. }) => match orphan {
+                Some(ledger) => self.record_usage(ledger).await,
+                None => Ok(()),
+            },
             Err(e) => {
                 let now = now_ms();
                 let mut t = lock(&self.inner.tasks);

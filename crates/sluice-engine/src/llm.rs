@@ -9,14 +9,15 @@ use sluice_core::{DefError, ErrorInfo, WorkflowDef};
 use sluice_gateway::{CallError, CallOptions, ChatRequest, Error as RouteError, Gateway, Message, Outcome};
 use sluice_store::TaskRow;
 
-use crate::{lock, Engine};
+use crate::{lock, CallContext, Engine, Ledger, Refused};
 
 impl Engine {
     pub(crate) fn run_llm(&self, row: TaskRow) {
         let engine = self.clone();
         tokio::spawn(async move {
             let limit = Duration::from_millis(row.start_to_close_ms.max(1));
-            let outcome = match tokio::time::timeout(limit, engine.llm_call(&row)).await {
+            let mut ledger = Ledger::default();
+            let outcome = match tokio::time::timeout(limit, engine.llm_call(&row, &mut ledger)).await {
                 Ok(outcome) => outcome,
                 Err(_) => {
                     Err((ErrorInfo::new("llm.timeout", format!("no answer within {} ms", limit.as_millis())), true))
@@ -24,19 +25,23 @@ impl Engine {
             };
             // The reaper may have failed the attempt for taking too long; then it is not ours.
             if lock(&engine.inner.tasks).remove(&row.id).is_none() {
+                if let Err(e) = engine.record_usage(ledger).await {
+                    tracing::warn!(error = %e, "could not record the usage of a timed-out llm step");
+                }
                 return;
             }
             let (output, failure) = match outcome {
                 Ok(v) => (Some(v), None),
                 Err(f) => (None, Some(f)),
             };
-            if let Err(e) = engine.finish_task(row, output, failure).await {
+            if let Err(e) = engine.finish_task_with(row, output, failure, ledger).await {
                 tracing::warn!(error = %e, "could not record an llm step result");
             }
         });
     }
 
-    async fn llm_call(&self, row: &TaskRow) -> Result<Value, (ErrorInfo, bool)> {
+    /// Admits the call against the budgets, makes it, and leaves its usage in `ledger`.
+    async fn llm_call(&self, row: &TaskRow, ledger: &mut Ledger) -> Result<Value, (ErrorInfo, bool)> {
         let Some(gateway) = self.inner.opts.gateway.clone() else {
             return Err((
                 ErrorInfo::new(
@@ -47,7 +52,25 @@ impl Engine {
             ));
         };
         let (route, req, options) = request_of(&row.input).map_err(|e| (e, false))?;
+        let ctx = CallContext {
+            tenant: row.tenant.clone(),
+            api_key: None,
+            source: "llm_step",
+            run_id: Some(row.run_id.clone()),
+            workflow_id: Some(row.workflow_id.clone()),
+            step: Some(row.step.clone()),
+        };
+        let reservation = match self.admit_call(&gateway, &ctx, gateway.estimate_cost(&route, &req, &options)).await {
+            Ok(r) => r,
+            Err(Refused::Budget(e)) => {
+                let mut info = ErrorInfo::new("llm.budget_exceeded", e.to_string());
+                info.details = Some(json!({"budget": e.budget, "limit_usd": e.limit_usd, "spent_usd": e.spent_usd}));
+                return Err((info, false));
+            }
+            Err(Refused::Store(e)) => return Err((ErrorInfo::new("llm.ledger_unavailable", e.to_string()), true)),
+        };
         let answer = gateway.chat_with(&route, &req, &options).await;
+        *ledger = self.settle_call(&gateway, &ctx, reservation, &answer.usage);
         let served = answer.usage.iter().rev().find(|u| u.outcome == Outcome::Success);
         let cost: Option<f64> = answer.usage.iter().map(|u| u.cost_usd).sum();
         match answer.result {

@@ -12,18 +12,25 @@ use sluice_core::{decide, ErrorInfo, ExecState, ExecStatus};
 use sluice_store::{Batch, ExecChange, ExecutionRow, TaskRow, TimerRow};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use crate::{lock, new_id, now_ms, Engine, Error, ExecEntry, Result};
+use crate::{lock, new_id, now_ms, Engine, Error, ExecEntry, Ledger, Result};
 
 /// Removals that come with the triggering event (the finished task, the fired timer).
 #[derive(Default)]
 pub(crate) struct Extra {
     remove_tasks: Vec<String>,
     remove_timers: Vec<(String, String)>,
+    /// Ledger rows of the gateway calls that produced the event.
+    ledger: Ledger,
 }
 
 impl Extra {
     pub fn task(id: &str) -> Self {
         Self { remove_tasks: vec![id.to_string()], ..Self::default() }
+    }
+
+    pub fn with_ledger(mut self, ledger: Ledger) -> Self {
+        self.ledger = ledger;
+        self
     }
 
     pub fn timer(run: &str, step: &str) -> Self {
@@ -106,6 +113,8 @@ impl Engine {
         };
         tx.batch.remove_tasks = extra.remove_tasks;
         tx.batch.remove_timers = extra.remove_timers;
+        tx.batch.usage = extra.ledger.usage;
+        tx.batch.alerts = extra.ledger.alerts;
         tx.touched.push(Touched { run_id: run_id.to_string(), guard, events: Vec::new(), create: false });
         tx.work.push_back((tenant.to_string(), run_id.to_string(), events));
         self.run_txn(tx).await.map(|_| ())
@@ -293,6 +302,8 @@ impl Engine {
             remove_tasks: tx.batch.remove_tasks.clone(),
             add_timers: tx.batch.add_timers.clone(),
             remove_timers: tx.batch.remove_timers.clone(),
+            usage: Vec::new(),
+            alerts: Vec::new(),
         };
         let batch = std::mem::replace(&mut tx.batch, effects);
         let commit = self.inner.store.commit(batch).await;

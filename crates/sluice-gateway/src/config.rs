@@ -42,6 +42,9 @@ pub struct Config {
     /// A/B experiments: arms of routes, assigned by a sticky key.
     #[serde(default)]
     pub experiments: BTreeMap<String, ExperimentConfig>,
+    /// Spending limits per tenant or API key.
+    #[serde(default)]
+    pub budgets: Vec<crate::budget::BudgetConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -207,6 +210,20 @@ impl Config {
             }
         }
         self.breaker.validate("breaker".to_string())?;
+        for (i, b) in self.budgets.iter().enumerate() {
+            let at = format!("budgets[{i}]");
+            if b.name.is_empty() || self.budgets[..i].iter().any(|o| o.name == b.name) {
+                return Err(invalid(format!("{at}.name"), "budget names must be present and unique"));
+            }
+            for (field, v) in [("soft_usd", b.soft_usd), ("hard_usd", b.hard_usd)] {
+                if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                    return Err(invalid(format!("{at}.{field}"), "must be a finite amount of USD, not negative"));
+                }
+            }
+            if b.soft_usd.is_none() && b.hard_usd.is_none() {
+                return Err(invalid(at, "a budget needs `soft_usd`, `hard_usd` or both"));
+            }
+        }
         for (name, price) in &self.prices {
             let ok = |v: f64| v.is_finite() && v >= 0.0;
             if !ok(price.input_per_mtok) || !ok(price.output_per_mtok) {

@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::budget::Budgets;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Error as ConfigError, ProviderKind};
 use crate::cost::PriceTable;
@@ -23,6 +24,7 @@ pub struct Gateway {
     precision: PrecisionTiers,
     experiments: HashMap<String, Experiment>,
     prices: PriceTable,
+    budgets: Budgets,
     clock: Arc<dyn Clock>,
 }
 
@@ -83,8 +85,15 @@ impl Gateway {
             precision: PrecisionTiers::default(),
             experiments: HashMap::new(),
             prices,
+            budgets: Budgets::default(),
             clock,
         }
+    }
+
+    /// Spending limits checked by the callers of the gateway (the engine and the server).
+    pub fn with_budgets(mut self, budgets: Budgets) -> Self {
+        self.budgets = budgets;
+        self
     }
 
     /// Callers of `route` asking for precision are served by the route `precision`.
@@ -151,6 +160,7 @@ impl Gateway {
             let arms = e.arms.iter().map(|a| Arm { name: a.name.clone(), route: a.route.clone(), weight: a.weight });
             gateway = gateway.with_experiment(Experiment::new(name, e.key.clone(), arms.collect()));
         }
+        gateway.budgets = Budgets::new(config.budgets.clone());
         Ok(gateway)
     }
 
@@ -161,6 +171,31 @@ impl Gateway {
     /// The names of every route, in no order.
     pub fn route_names(&self) -> impl Iterator<Item = &str> {
         self.routes.keys().map(String::as_str)
+    }
+
+    /// The spending limits of the config.
+    pub fn budgets(&self) -> &Budgets {
+        &self.budgets
+    }
+
+    /// An upper estimate in USD of one call through `route` (or its precision tier): the input at
+    /// about four characters a token plus `max_tokens` of output, at the dearest price among the
+    /// route's targets, twice with a schema (one repair call). Unpriced models count as free, and
+    /// without `max_tokens` the output is not estimated.
+    pub fn estimate_cost(&self, route: &str, req: &ChatRequest, options: &CallOptions) -> f64 {
+        let route = self.precision.resolve(route, options.precision);
+        let Some(r) = self.routes.get(route) else { return 0.0 };
+        let chars: usize = req.messages.iter().map(|m| m.content.chars().count()).sum();
+        let usage = crate::model::Usage {
+            input_tokens: chars.div_ceil(4) as u64,
+            output_tokens: u64::from(req.max_tokens.unwrap_or(0)),
+        };
+        let one = r.targets.iter().filter_map(|t| self.prices.cost(&t.model, usage)).fold(0.0, f64::max);
+        if options.schema.is_some() {
+            2.0 * one
+        } else {
+            one
+        }
     }
 
     pub fn prices(&self) -> &PriceTable {

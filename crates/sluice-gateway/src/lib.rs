@@ -8,6 +8,7 @@
 //! [`Gateway::chat_experiment`] serves a caller by its sticky arm of an A/B experiment.
 
 pub mod breaker;
+pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod cost;
@@ -23,6 +24,7 @@ pub mod structured;
 pub mod usage;
 
 pub use breaker::{Breaker, BreakerConfig, BreakerState};
+pub use budget::{BudgetConfig, Budgets, Exceeded, Period};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Config;
 pub use cost::{Price, PriceTable};

@@ -18,6 +18,7 @@ pub const CODES: &[(&str, u16)] = &[
     ("invalid_json", 400),
     ("invalid_request", 400),
     ("upstream_rejected", 400),
+    ("budget_exceeded", 402),
     ("not_found", 404),
     ("workflow_not_found", 404),
     ("execution_not_found", 404),

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 pub use sluice_gateway;
 
 use crate::error::ApiError;
-use crate::routes::{chat, executions, ops, tasks, workflows};
+use crate::routes::{chat, executions, ops, tasks, usage, workflows};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -62,6 +62,8 @@ pub fn router_with(engine: Engine, gateway: Option<Arc<Gateway>>) -> Router {
         .route("/v1/tasks/heartbeat", post(tasks::heartbeat))
         .route("/v1/tasks/complete-batch", post(tasks::complete_batch))
         .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/usage", get(usage::list))
+        .route("/v1/budgets", get(usage::budgets))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -18,8 +18,8 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use sluice_core::Event;
 use sluice_store::{
-    Batch, BoxFuture, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow, TimerRow,
-    WorkflowSummary, WorkflowVersion,
+    Batch, BoxFuture, BudgetAlertRow, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow,
+    TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 use tokio_postgres::NoTls;
 
@@ -162,6 +162,21 @@ impl Store for PostgresStore {
 
     fn load_timers(&self) -> BoxFuture<'_, Result<Vec<TimerRow>>> {
         Box::pin(read::load_timers(&self.pool))
+    }
+
+    fn list_usage(&self, tenant: &str, filter: UsageFilter) -> BoxFuture<'_, Result<Page<UsageRow>>> {
+        let tenant = tenant.to_owned();
+        Box::pin(async move { read::list_usage(&self.pool, &tenant, &filter).await })
+    }
+
+    fn usage_total(&self, tenant: &str, api_key: Option<&str>, since_ms: i64) -> BoxFuture<'_, Result<UsageTotal>> {
+        let (tenant, api_key) = (tenant.to_owned(), api_key.map(str::to_owned));
+        Box::pin(async move { read::usage_total(&self.pool, &tenant, api_key.as_deref(), since_ms).await })
+    }
+
+    fn list_alerts(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<BudgetAlertRow>>> {
+        let tenant = tenant.to_owned();
+        Box::pin(async move { read::list_alerts(&self.pool, &tenant).await })
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<()>> {

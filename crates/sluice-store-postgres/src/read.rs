@@ -4,7 +4,8 @@
 use deadpool_postgres::Pool;
 use sluice_core::Event;
 use sluice_store::{
-    ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow, TimerRow, WorkflowSummary, WorkflowVersion,
+    BudgetAlertRow, ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow, TimerRow, UsageFilter, UsageRow,
+    UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
@@ -289,4 +290,104 @@ pub(crate) async fn load_timers(pool: &Pool) -> Result<Vec<TimerRow>, StoreError
 
 pub(crate) async fn ping(pool: &Pool) -> Result<(), StoreError> {
     query(pool, "SELECT 1", &[]).await.map(|_| ())
+}
+
+fn usage_row(r: &Row) -> Result<UsageRow, StoreError> {
+    Ok(UsageRow {
+        id: get(r, 0)?,
+        tenant: get(r, 1)?,
+        at_ms: get(r, 2)?,
+        api_key: get(r, 3)?,
+        source: get(r, 4)?,
+        route: get(r, 5)?,
+        target: get(r, 6)?,
+        provider: get(r, 7)?,
+        model: get(r, 8)?,
+        attempt: from_i64(get(r, 9)?, "attempt")?,
+        input_tokens: from_i64(get(r, 10)?, "input_tokens")?,
+        output_tokens: from_i64(get(r, 11)?, "output_tokens")?,
+        cost_usd: get(r, 12)?,
+        latency_us: from_i64(get(r, 13)?, "latency_us")?,
+        outcome: get(r, 14)?,
+        experiment: get(r, 15)?,
+        arm: get(r, 16)?,
+        run_id: get(r, 17)?,
+        workflow_id: get(r, 18)?,
+        step: get(r, 19)?,
+    })
+}
+
+/// Filters that are not given are bound as NULL.
+pub(crate) async fn list_usage(pool: &Pool, tenant: &str, filter: &UsageFilter) -> Result<Page<UsageRow>, StoreError> {
+    let limit = match filter.limit {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+    let rows = query(
+        pool,
+        "SELECT id, tenant, at_ms, api_key, source, route, target, provider, model, attempt,
+                input_tokens, output_tokens, cost_usd, latency_us, outcome, experiment, arm, run_id,
+                workflow_id, step
+         FROM usage
+         WHERE tenant = $1 AND ($2::text IS NULL OR run_id = $2) AND ($3::text IS NULL OR api_key = $3)
+           AND ($4::bigint IS NULL OR at_ms >= $4) AND ($5::text IS NULL OR id < $5)
+         ORDER BY id DESC LIMIT $6",
+        &[&tenant, &filter.run_id, &filter.api_key, &filter.since_ms, &filter.cursor, &fetch],
+    )
+    .await?;
+    let mut items = rows.iter().map(usage_row).collect::<Result<Vec<_>, _>>()?;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    Ok(Page { items, next_cursor })
+}
+
+pub(crate) async fn usage_total(
+    pool: &Pool,
+    tenant: &str,
+    api_key: Option<&str>,
+    since_ms: i64,
+) -> Result<UsageTotal, StoreError> {
+    let rows = query(
+        pool,
+        "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(output_tokens), 0)::bigint,
+                COALESCE(SUM(cost_usd), 0)::double precision
+         FROM usage WHERE tenant = $1 AND at_ms >= $2 AND ($3::text IS NULL OR api_key = $3)",
+        &[&tenant, &since_ms, &api_key],
+    )
+    .await?;
+    let r = rows.first().ok_or_else(|| StoreError::Internal("a sum returned no row".into()))?;
+    Ok(UsageTotal {
+        calls: from_i64(get(r, 0)?, "count")?,
+        input_tokens: from_i64(get(r, 1)?, "input_tokens")?,
+        output_tokens: from_i64(get(r, 2)?, "output_tokens")?,
+        cost_usd: get(r, 3)?,
+    })
+}
+
+pub(crate) async fn list_alerts(pool: &Pool, tenant: &str) -> Result<Vec<BudgetAlertRow>, StoreError> {
+    let rows = query(
+        pool,
+        "SELECT tenant, budget, period_start_ms, level, limit_usd, spent_usd, at_ms FROM budget_alerts
+         WHERE tenant = $1 ORDER BY at_ms DESC, budget, level LIMIT 1000",
+        &[&tenant],
+    )
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(BudgetAlertRow {
+                tenant: get(r, 0)?,
+                budget: get(r, 1)?,
+                period_start_ms: get(r, 2)?,
+                level: get(r, 3)?,
+                limit_usd: get(r, 4)?,
+                spent_usd: get(r, 5)?,
+                at_ms: get(r, 6)?,
+            })
+        })
+        .collect()
 }

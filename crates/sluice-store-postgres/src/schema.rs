@@ -85,6 +85,46 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (run_id, step)
     );
     "#,
+    // 2: the usage ledger of AI gateway calls and budget alerts.
+    r#"
+    CREATE TABLE usage (
+        id            TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+        tenant        TEXT COLLATE "C" NOT NULL,
+        at_ms         BIGINT NOT NULL,
+        api_key       TEXT COLLATE "C",
+        source        TEXT   NOT NULL,
+        route         TEXT   NOT NULL,
+        target        TEXT   NOT NULL,
+        provider      TEXT   NOT NULL,
+        model         TEXT   NOT NULL,
+        attempt       BIGINT NOT NULL,
+        input_tokens  BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        cost_usd      DOUBLE PRECISION,
+        latency_us    BIGINT NOT NULL,
+        outcome       TEXT   NOT NULL,
+        experiment    TEXT,
+        arm           TEXT,
+        run_id        TEXT COLLATE "C",
+        workflow_id   TEXT COLLATE "C",
+        step          TEXT
+    );
+    CREATE INDEX usage_by_tenant ON usage (tenant, id);
+    CREATE INDEX usage_by_time ON usage (tenant, at_ms);
+    CREATE INDEX usage_by_key ON usage (tenant, api_key, at_ms) WHERE api_key IS NOT NULL;
+    CREATE INDEX usage_by_run ON usage (tenant, run_id, id) WHERE run_id IS NOT NULL;
+
+    CREATE TABLE budget_alerts (
+        tenant          TEXT COLLATE "C" NOT NULL,
+        budget          TEXT COLLATE "C" NOT NULL,
+        period_start_ms BIGINT NOT NULL,
+        level           TEXT COLLATE "C" NOT NULL,
+        limit_usd       DOUBLE PRECISION NOT NULL,
+        spent_usd       DOUBLE PRECISION NOT NULL,
+        at_ms           BIGINT NOT NULL,
+        PRIMARY KEY (tenant, budget, period_start_ms, level)
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -119,6 +119,61 @@ async fn apply_batch(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure>
     if !batch.add_timers.is_empty() {
         upsert_timers(tx, &batch.add_timers).await?;
     }
+    for u in &batch.usage {
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO usage (id, tenant, at_ms, api_key, source, route, target, provider, model,
+                     attempt, input_tokens, output_tokens, cost_usd, latency_us, outcome, experiment, arm,
+                     run_id, workflow_id, step)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+                     $19, $20)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .await?;
+        let attempt = i64::from(u.attempt);
+        let (input, output, latency) = (
+            to_i64(u.input_tokens, "input_tokens")?,
+            to_i64(u.output_tokens, "output_tokens")?,
+            to_i64(u.latency_us, "latency_us")?,
+        );
+        tx.execute(
+            &st,
+            &[
+                &u.id,
+                &u.tenant,
+                &u.at_ms,
+                &u.api_key,
+                &u.source,
+                &u.route,
+                &u.target,
+                &u.provider,
+                &u.model,
+                &attempt,
+                &input,
+                &output,
+                &u.cost_usd,
+                &latency,
+                &u.outcome,
+                &u.experiment,
+                &u.arm,
+                &u.run_id,
+                &u.workflow_id,
+                &u.step,
+            ],
+        )
+        .await?;
+    }
+    for a in &batch.alerts {
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO budget_alerts (tenant, budget, period_start_ms, level, limit_usd, spent_usd, at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (tenant, budget, period_start_ms, level) DO NOTHING",
+            )
+            .await?;
+        tx.execute(&st, &[&a.tenant, &a.budget, &a.period_start_ms, &a.level, &a.limit_usd, &a.spent_usd, &a.at_ms])
+            .await?;
+    }
     Ok(())
 }
 

@@ -13,8 +13,8 @@ use serde_json::json;
 use sluice_core::event::EventKind;
 use sluice_core::{Event, ExecStatus};
 use sluice_store::{
-    Batch, BoxFuture, ExecChange, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow, TimerRow,
-    WorkflowSummary, WorkflowVersion,
+    Batch, BoxFuture, BudgetAlertRow, ExecChange, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError,
+    TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 use sluice_store_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
 use tokio_postgres::NoTls;
@@ -181,6 +181,15 @@ impl Store for TestStore {
     }
     fn load_timers(&self) -> BoxFuture<'_, Result<Vec<TimerRow>>> {
         self.store.load_timers()
+    }
+    fn list_usage(&self, tenant: &str, filter: UsageFilter) -> BoxFuture<'_, Result<Page<UsageRow>>> {
+        self.store.list_usage(tenant, filter)
+    }
+    fn usage_total(&self, tenant: &str, api_key: Option<&str>, since_ms: i64) -> BoxFuture<'_, Result<UsageTotal>> {
+        self.store.usage_total(tenant, api_key, since_ms)
+    }
+    fn list_alerts(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<BudgetAlertRow>>> {
+        self.store.list_alerts(tenant)
     }
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         self.store.ping()

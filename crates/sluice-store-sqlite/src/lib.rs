@@ -25,8 +25,8 @@ use std::time::Duration;
 use rusqlite::Connection;
 use sluice_core::Event;
 use sluice_store::{
-    Batch, BoxFuture, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow, TimerRow,
-    WorkflowSummary, WorkflowVersion,
+    Batch, BoxFuture, BudgetAlertRow, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow,
+    TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 use tokio::sync::oneshot;
 
@@ -202,6 +202,21 @@ impl Store for SqliteStore {
 
     fn load_timers(&self) -> BoxFuture<'_, Result<Vec<TimerRow>>> {
         Box::pin(self.readers.run(read::load_timers))
+    }
+
+    fn list_usage(&self, tenant: &str, filter: UsageFilter) -> BoxFuture<'_, Result<Page<UsageRow>>> {
+        let tenant = tenant.to_owned();
+        Box::pin(self.readers.run(move |c| read::list_usage(c, &tenant, &filter)))
+    }
+
+    fn usage_total(&self, tenant: &str, api_key: Option<&str>, since_ms: i64) -> BoxFuture<'_, Result<UsageTotal>> {
+        let (tenant, api_key) = (tenant.to_owned(), api_key.map(str::to_owned));
+        Box::pin(self.readers.run(move |c| read::usage_total(c, &tenant, api_key.as_deref(), since_ms)))
+    }
+
+    fn list_alerts(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<BudgetAlertRow>>> {
+        let tenant = tenant.to_owned();
+        Box::pin(self.readers.run(move |c| read::list_alerts(c, &tenant)))
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<()>> {

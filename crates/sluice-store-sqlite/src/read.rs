@@ -9,7 +9,8 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension};
 use sluice_core::Event;
 use sluice_store::{
-    ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow, TimerRow, WorkflowSummary, WorkflowVersion,
+    BudgetAlertRow, ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow, TimerRow, UsageFilter, UsageRow,
+    UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 use tokio::sync::Semaphore;
 
@@ -302,4 +303,111 @@ pub(crate) fn load_timers(conn: &Connection) -> rusqlite::Result<Vec<TimerRow>> 
 
 pub(crate) fn ping(conn: &Connection) -> rusqlite::Result<()> {
     conn.prepare_cached("SELECT 1")?.query_row([], |r| r.get::<_, i64>(0)).map(|_| ())
+}
+
+const USAGE_COLUMNS: &str = "id, tenant, at_ms, api_key, source, route, target, provider, model, attempt,
+    input_tokens, output_tokens, cost_usd, latency_us, outcome, experiment, arm, run_id, workflow_id, step";
+
+fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
+    Ok(UsageRow {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        at_ms: r.get(2)?,
+        api_key: r.get(3)?,
+        source: r.get(4)?,
+        route: r.get(5)?,
+        target: r.get(6)?,
+        provider: r.get(7)?,
+        model: r.get(8)?,
+        attempt: r.get(9)?,
+        input_tokens: u64::try_from(r.get::<_, i64>(10)?).unwrap_or(0),
+        output_tokens: u64::try_from(r.get::<_, i64>(11)?).unwrap_or(0),
+        cost_usd: r.get(12)?,
+        latency_us: u64::try_from(r.get::<_, i64>(13)?).unwrap_or(0),
+        outcome: r.get(14)?,
+        experiment: r.get(15)?,
+        arm: r.get(16)?,
+        run_id: r.get(17)?,
+        workflow_id: r.get(18)?,
+        step: r.get(19)?,
+    })
+}
+
+pub(crate) fn list_usage(conn: &Connection, tenant: &str, filter: &UsageFilter) -> rusqlite::Result<Page<UsageRow>> {
+    let limit = match filter.limit {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let mut sql = format!("SELECT {USAGE_COLUMNS} FROM usage WHERE tenant = ?");
+    let mut args = vec![SqlValue::Text(tenant.to_owned())];
+    if let Some(run_id) = &filter.run_id {
+        sql.push_str(" AND run_id = ?");
+        args.push(SqlValue::Text(run_id.clone()));
+    }
+    if let Some(key) = &filter.api_key {
+        sql.push_str(" AND api_key = ?");
+        args.push(SqlValue::Text(key.clone()));
+    }
+    if let Some(since) = filter.since_ms {
+        sql.push_str(" AND at_ms >= ?");
+        args.push(SqlValue::Integer(since));
+    }
+    if let Some(cursor) = &filter.cursor {
+        sql.push_str(" AND id < ?");
+        args.push(SqlValue::Text(cursor.clone()));
+    }
+    sql.push_str(" ORDER BY id DESC LIMIT ?");
+    args.push(SqlValue::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
+    let mut st = conn.prepare_cached(&sql)?;
+    let mut items = st.query_map(params_from_iter(args), usage_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    Ok(Page { items, next_cursor })
+}
+
+pub(crate) fn usage_total(
+    conn: &Connection,
+    tenant: &str,
+    api_key: Option<&str>,
+    since_ms: i64,
+) -> rusqlite::Result<UsageTotal> {
+    const SUMS: &str = "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),
+        COALESCE(SUM(cost_usd), 0.0) FROM usage WHERE tenant = ?1 AND at_ms >= ?2";
+    let total = |r: &rusqlite::Row<'_>| {
+        Ok(UsageTotal {
+            calls: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+            input_tokens: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+            output_tokens: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+            cost_usd: r.get(3)?,
+        })
+    };
+    match api_key {
+        Some(key) => {
+            conn.prepare_cached(&format!("{SUMS} AND api_key = ?3"))?.query_row(params![tenant, since_ms, key], total)
+        }
+        None => conn.prepare_cached(SUMS)?.query_row(params![tenant, since_ms], total),
+    }
+}
+
+pub(crate) fn list_alerts(conn: &Connection, tenant: &str) -> rusqlite::Result<Vec<BudgetAlertRow>> {
+    let mut st = conn.prepare_cached(
+        "SELECT tenant, budget, period_start_ms, level, limit_usd, spent_usd, at_ms FROM budget_alerts
+         WHERE tenant = ?1 ORDER BY at_ms DESC, budget, level LIMIT 1000",
+    )?;
+    let rows = st.query_map([tenant], |r| {
+        Ok(BudgetAlertRow {
+            tenant: r.get(0)?,
+            budget: r.get(1)?,
+            period_start_ms: r.get(2)?,
+            level: r.get(3)?,
+            limit_usd: r.get(4)?,
+            spent_usd: r.get(5)?,
+            at_ms: r.get(6)?,
+        })
+    })?;
+    rows.collect()
 }

@@ -78,6 +78,46 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (run_id, step)
     ) WITHOUT ROWID, STRICT;
     ",
+    // 2: the usage ledger of AI gateway calls and budget alerts.
+    "
+    CREATE TABLE usage (
+        id            TEXT    NOT NULL PRIMARY KEY,
+        tenant        TEXT    NOT NULL,
+        at_ms         INTEGER NOT NULL,
+        api_key       TEXT,
+        source        TEXT    NOT NULL,
+        route         TEXT    NOT NULL,
+        target        TEXT    NOT NULL,
+        provider      TEXT    NOT NULL,
+        model         TEXT    NOT NULL,
+        attempt       INTEGER NOT NULL,
+        input_tokens  INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        cost_usd      REAL,
+        latency_us    INTEGER NOT NULL,
+        outcome       TEXT    NOT NULL,
+        experiment    TEXT,
+        arm           TEXT,
+        run_id        TEXT,
+        workflow_id   TEXT,
+        step          TEXT
+    ) STRICT;
+    CREATE INDEX usage_by_tenant ON usage (tenant, id);
+    CREATE INDEX usage_by_time ON usage (tenant, at_ms);
+    CREATE INDEX usage_by_key ON usage (tenant, api_key, at_ms) WHERE api_key IS NOT NULL;
+    CREATE INDEX usage_by_run ON usage (tenant, run_id, id) WHERE run_id IS NOT NULL;
+
+    CREATE TABLE budget_alerts (
+        tenant          TEXT    NOT NULL,
+        budget          TEXT    NOT NULL,
+        period_start_ms INTEGER NOT NULL,
+        level           TEXT    NOT NULL,
+        limit_usd       REAL    NOT NULL,
+        spent_usd       REAL    NOT NULL,
+        at_ms           INTEGER NOT NULL,
+        PRIMARY KEY (tenant, budget, period_start_ms, level)
+    ) WITHOUT ROWID, STRICT;
+    ",
 ];
 
 /// The schema version this build writes.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use sluice_core::Event;
-use sluice_store::{Batch, ExecChange, StoreError, TaskRow, TimerRow, WorkflowVersion};
+use sluice_store::{Batch, BudgetAlertRow, ExecChange, StoreError, TaskRow, TimerRow, UsageRow, WorkflowVersion};
 use tokio::sync::oneshot;
 
 use crate::codec::{enum_name, opt_json, to_json};
@@ -156,6 +156,62 @@ fn apply_batch(conn: &Connection, batch: &Batch) -> Result<(), StoreError> {
     for timer in &batch.add_timers {
         insert_timer(conn, timer)?;
     }
+    for row in &batch.usage {
+        insert_usage(conn, row)?;
+    }
+    for alert in &batch.alerts {
+        insert_alert(conn, alert)?;
+    }
+    Ok(())
+}
+
+fn insert_usage(conn: &Connection, u: &UsageRow) -> Result<(), StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "INSERT INTO usage (id, tenant, at_ms, api_key, source, route, target, provider, model,
+                 attempt, input_tokens, output_tokens, cost_usd, latency_us, outcome, experiment, arm,
+                 run_id, workflow_id, step)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                 ?19, ?20)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .map_err(db_err)?;
+    st.execute(params![
+        u.id,
+        u.tenant,
+        u.at_ms,
+        u.api_key,
+        u.source,
+        u.route,
+        u.target,
+        u.provider,
+        u.model,
+        u.attempt,
+        i64::try_from(u.input_tokens).unwrap_or(i64::MAX),
+        i64::try_from(u.output_tokens).unwrap_or(i64::MAX),
+        u.cost_usd,
+        i64::try_from(u.latency_us).unwrap_or(i64::MAX),
+        u.outcome,
+        u.experiment,
+        u.arm,
+        u.run_id,
+        u.workflow_id,
+        u.step,
+    ])
+    .map_err(db_err)?;
+    Ok(())
+}
+
+fn insert_alert(conn: &Connection, a: &BudgetAlertRow) -> Result<(), StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "INSERT INTO budget_alerts (tenant, budget, period_start_ms, level, limit_usd, spent_usd, at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (tenant, budget, period_start_ms, level) DO NOTHING",
+        )
+        .map_err(db_err)?;
+    st.execute(params![a.tenant, a.budget, a.period_start_ms, a.level, a.limit_usd, a.spent_usd, a.at_ms])
+        .map_err(db_err)?;
     Ok(())
 }
 

@@ -39,6 +39,7 @@ sluice_store::store_suite!(@borrowed async { two_shards() };
     tasks_and_timers,
     tenant_isolation,
     list_executions_order_and_filters,
+    usage_ledger,
     ping,
 );
 sluice_store::store_suite!(@shared async { two_shards() };

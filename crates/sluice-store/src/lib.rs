@@ -82,6 +82,13 @@ pub trait Store: Send + Sync + 'static {
     /// Every pending timer, for rebuilding the timer wheel at start.
     fn load_timers(&self) -> BoxFuture<'_, Result<Vec<TimerRow>>>;
 
+    /// Ledger rows, newest first, with keyset pagination.
+    fn list_usage(&self, tenant: &str, filter: UsageFilter) -> BoxFuture<'_, Result<Page<UsageRow>>>;
+    /// Sums of the ledger rows of a tenant (of one API key when given) since `since_ms`.
+    fn usage_total(&self, tenant: &str, api_key: Option<&str>, since_ms: i64) -> BoxFuture<'_, Result<UsageTotal>>;
+    /// Budget alerts of a tenant, newest first.
+    fn list_alerts(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<BudgetAlertRow>>>;
+
     /// Whether the database answers.
     fn ping(&self) -> BoxFuture<'_, Result<()>>;
 }

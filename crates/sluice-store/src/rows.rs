@@ -105,6 +105,10 @@ pub struct Batch {
     pub add_timers: Vec<TimerRow>,
     /// `(run_id, step)` pairs.
     pub remove_timers: Vec<(String, String)>,
+    /// Ledger rows of AI gateway calls, journaled with the result they paid for.
+    pub usage: Vec<UsageRow>,
+    /// Budget alerts; one with the key of a stored alert is ignored.
+    pub alerts: Vec<BudgetAlertRow>,
 }
 
 impl Batch {
@@ -114,6 +118,8 @@ impl Batch {
             && self.remove_tasks.is_empty()
             && self.add_timers.is_empty()
             && self.remove_timers.is_empty()
+            && self.usage.is_empty()
+            && self.alerts.is_empty()
     }
 }
 
@@ -133,4 +139,67 @@ pub struct ExecutionFilter {
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next_cursor: Option<String>,
+}
+
+/// One upstream attempt of an AI gateway call, in the usage ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRow {
+    /// Unique and time-ordered (made by the caller); the ledger's order and cursor.
+    pub id: String,
+    pub tenant: String,
+    pub at_ms: i64,
+    /// The API key the call was made with, if any.
+    pub api_key: Option<String>,
+    /// What made the call: `llm_step` or `chat`.
+    pub source: String,
+    pub route: String,
+    pub target: String,
+    pub provider: String,
+    pub model: String,
+    pub attempt: u32,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// USD; `None` when the price table has no price for the model.
+    pub cost_usd: Option<f64>,
+    pub latency_us: u64,
+    /// `success`, `http_429`, `timeout`, `circuit_open`, ...
+    pub outcome: String,
+    pub experiment: Option<String>,
+    pub arm: Option<String>,
+    pub run_id: Option<String>,
+    pub workflow_id: Option<String>,
+    pub step: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UsageFilter {
+    pub run_id: Option<String>,
+    pub api_key: Option<String>,
+    pub since_ms: Option<i64>,
+    /// Opaque cursor from a previous page.
+    pub cursor: Option<String>,
+    pub limit: usize,
+}
+
+/// Sums over ledger rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct UsageTotal {
+    pub calls: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
+}
+
+/// A budget crossed its soft or hard limit in one period. `(tenant, budget, period_start_ms,
+/// level)` is its key: each is recorded once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetAlertRow {
+    pub tenant: String,
+    pub budget: String,
+    pub period_start_ms: i64,
+    /// `soft` or `hard`.
+    pub level: String,
+    pub limit_usd: f64,
+    pub spent_usd: f64,
+    pub at_ms: i64,
 }

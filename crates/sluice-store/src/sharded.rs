@@ -9,8 +9,8 @@ use std::sync::Arc;
 use sluice_core::Event;
 
 use crate::{
-    Batch, BoxFuture, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow, TimerRow,
-    WorkflowSummary, WorkflowVersion,
+    Batch, BoxFuture, BudgetAlertRow, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow,
+    TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 
 pub struct ShardedStore {
@@ -64,6 +64,9 @@ impl Store for ShardedStore {
                 .map(|c| self.shard_of(&c.row.workflow_id))
                 .chain(batch.add_tasks.iter().map(|t| self.shard_of(&t.workflow_id)))
                 .chain(batch.add_timers.iter().map(|t| self.shard_of(&t.workflow_id)))
+                // Ledger rows live with their execution; the rest (chat calls, alerts) on shard 0.
+                .chain(batch.usage.iter().map(|u| u.workflow_id.as_deref().map_or(0, |w| self.shard_of(w))))
+                .chain(batch.alerts.iter().map(|_| 0))
                 .collect();
             targets.sort_unstable();
             targets.dedup();
@@ -171,6 +174,43 @@ impl Store for ShardedStore {
         Box::pin(async move {
             Ok(all(self.shards.iter().map(|s| s.load_timers()).collect()).await?.into_iter().flatten().collect())
         })
+    }
+
+    fn list_usage(&self, tenant: &str, filter: UsageFilter) -> BoxFuture<'_, Result<Page<UsageRow>>> {
+        let tenant = tenant.to_string();
+        Box::pin(async move {
+            let limit = match filter.limit {
+                0 => 100,
+                n => n.min(1000),
+            };
+            let pages = all(self.shards.iter().map(|s| s.list_usage(&tenant, filter.clone())).collect()).await?;
+            let more = pages.iter().any(|p| p.next_cursor.is_some());
+            let mut items: Vec<UsageRow> = pages.into_iter().flat_map(|p| p.items).collect();
+            // Newest first across shards: ledger ids are time-ordered.
+            items.sort_by(|a, b| b.id.cmp(&a.id));
+            let cut = items.len() > limit;
+            items.truncate(limit);
+            let next_cursor = if cut || more { items.last().map(|r| r.id.clone()) } else { None };
+            Ok(Page { items, next_cursor })
+        })
+    }
+
+    fn usage_total(&self, tenant: &str, api_key: Option<&str>, since_ms: i64) -> BoxFuture<'_, Result<UsageTotal>> {
+        let (tenant, api_key) = (tenant.to_string(), api_key.map(str::to_string));
+        Box::pin(async move {
+            let parts =
+                all(self.shards.iter().map(|s| s.usage_total(&tenant, api_key.as_deref(), since_ms)).collect()).await?;
+            Ok(parts.into_iter().fold(UsageTotal::default(), |a, b| UsageTotal {
+                calls: a.calls + b.calls,
+                input_tokens: a.input_tokens + b.input_tokens,
+                output_tokens: a.output_tokens + b.output_tokens,
+                cost_usd: a.cost_usd + b.cost_usd,
+            }))
+        })
+    }
+
+    fn list_alerts(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<BudgetAlertRow>>> {
+        self.shards[0].list_alerts(tenant)
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<()>> {

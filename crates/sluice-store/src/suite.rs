@@ -16,8 +16,8 @@ use sluice_core::{ErrorInfo, Event, ExecStatus};
 use tokio::task::JoinSet;
 
 use crate::{
-    Batch, ExecChange, ExecutionFilter, ExecutionRow, Store, StoreError, TaskRow, TimerRow, WorkflowSummary,
-    WorkflowVersion,
+    Batch, BudgetAlertRow, ExecChange, ExecutionFilter, ExecutionRow, Store, StoreError, TaskRow, TimerRow,
+    UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 
 /// Expands to one `#[tokio::test]` per conformance case; `$make` is an async expression that
@@ -37,6 +37,7 @@ macro_rules! store_suite {
             tenant_isolation,
             list_executions_order_and_filters,
             list_executions_pagination,
+            usage_ledger,
             ping,
         );
         $crate::store_suite!(@shared $make;
@@ -59,6 +60,123 @@ macro_rules! store_suite {
             $crate::suite::$case(store).await;
         }
     )*};
+}
+
+/// Ledger rows are stored with the batch that carries them (also beside an execution change),
+/// listed newest first with filters and a cursor, summed per tenant and key, and never shown to
+/// another tenant; budget alerts are recorded once per key.
+pub async fn usage_ledger(s: &dyn Store) {
+    let fx = Fixture::new();
+    let (t, other) = (fx.tenant("usage"), fx.tenant("usage-other"));
+    let r = row(&fx.run_id(1), "wf-usage", "w", 1);
+    let usage = |n: u32, tenant: &str, key: Option<&str>, at_ms: i64, run: Option<&ExecutionRow>| UsageRow {
+        id: format!("{}-u{n:04}", fx.tag),
+        tenant: tenant.into(),
+        at_ms,
+        api_key: key.map(str::to_string),
+        source: if run.is_some() { "llm_step" } else { "chat" }.into(),
+        route: "default".into(),
+        target: "openai/gpt".into(),
+        provider: "openai".into(),
+        model: "gpt".into(),
+        attempt: 1,
+        input_tokens: 100 * u64::from(n),
+        output_tokens: 10,
+        cost_usd: if n == 3 { None } else { Some(0.25) },
+        latency_us: 1500,
+        outcome: if n == 2 { "http_500" } else { "success" }.into(),
+        experiment: (n == 4).then(|| "exp".to_string()),
+        arm: (n == 4).then(|| "b".to_string()),
+        run_id: run.map(|r| r.run_id.clone()),
+        workflow_id: run.map(|r| r.workflow_id.clone()),
+        step: run.map(|_| "ask".to_string()),
+    };
+    let mut with_run = batch(vec![create(&t, r.clone())]);
+    with_run.usage = vec![usage(1, &t, None, 1_000, Some(&r)), usage(2, &t, None, 1_001, Some(&r))];
+    s.commit(with_run).await.expect("the ledger answers");
+    let rows = vec![
+        usage(3, &t, Some("key-a"), 2_000, None),
+        usage(4, &t, Some("key-a"), 3_000, None),
+        usage(5, &t, Some("key-b"), 4_000, None),
+        usage(6, &other, Some("key-a"), 5_000, None),
+    ];
+    s.commit(Batch { usage: rows.clone(), ..Batch::default() }).await.expect("the ledger answers");
+    // A replayed row (same id) is ignored, not doubled.
+    s.commit(Batch { usage: vec![rows[0].clone()], ..Batch::default() }).await.expect("the ledger answers");
+
+    let all = s.list_usage(&t, UsageFilter::default()).await.expect("the ledger answers");
+    let ids: Vec<&str> = all.items.iter().map(|u| &u.id[u.id.len() - 4..]).collect();
+    assert_eq!(ids, ["0005", "0004", "0003", "0002", "0001"]);
+    assert_eq!(all.items[1], rows[1], "a ledger row must round-trip exactly");
+    assert_eq!(all.items[2].cost_usd, None);
+    assert_eq!(all.next_cursor, None);
+
+    let by_run = s
+        .list_usage(&t, UsageFilter { run_id: Some(r.run_id.clone()), ..UsageFilter::default() })
+        .await
+        .expect("the ledger answers");
+    assert_eq!(by_run.items.len(), 2);
+    assert!(by_run.items.iter().all(|u| u.step.as_deref() == Some("ask")));
+    let by_key = s
+        .list_usage(&t, UsageFilter { api_key: Some("key-a".into()), ..UsageFilter::default() })
+        .await
+        .expect("the ledger answers");
+    assert_eq!(by_key.items.len(), 2);
+    let since = s
+        .list_usage(&t, UsageFilter { since_ms: Some(3_000), ..UsageFilter::default() })
+        .await
+        .expect("the ledger answers");
+    assert_eq!(since.items.len(), 2);
+
+    let mut cursor = None;
+    let mut pages = Vec::new();
+    loop {
+        let page = s
+            .list_usage(&t, UsageFilter { cursor, limit: 2, ..UsageFilter::default() })
+            .await
+            .expect("the ledger answers");
+        pages.push(page.items.len());
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(pages.iter().sum::<usize>(), 5);
+    assert!(pages.iter().all(|&n| n <= 2), "{pages:?}");
+
+    let total = s.usage_total(&t, None, 0).await.expect("the ledger answers");
+    assert_eq!((total.calls, total.input_tokens, total.output_tokens), (5, 1500, 50));
+    assert!((total.cost_usd - 1.0).abs() < 1e-9, "{total:?}");
+    let key_a = s.usage_total(&t, Some("key-a"), 0).await.expect("the ledger answers");
+    assert_eq!((key_a.calls, key_a.input_tokens), (2, 700));
+    assert!((key_a.cost_usd - 0.25).abs() < 1e-9, "{key_a:?}");
+    let late = s.usage_total(&t, Some("key-a"), 2_500).await.expect("the ledger answers");
+    assert_eq!(late.calls, 1);
+    let nothing = s.usage_total(&fx.tenant("nobody"), None, 0).await.expect("the ledger answers");
+    assert_eq!(nothing, UsageTotal::default());
+    // Tenant scoping: the other tenant sees only its own row.
+    let theirs = s.list_usage(&other, UsageFilter::default()).await.expect("the ledger answers");
+    assert_eq!(theirs.items.len(), 1);
+    assert_eq!(s.usage_total(&other, None, 0).await.expect("the ledger answers").calls, 1);
+
+    let alert = |level: &str, spent: f64| BudgetAlertRow {
+        tenant: t.clone(),
+        budget: "monthly".into(),
+        period_start_ms: 1_000,
+        level: level.into(),
+        limit_usd: 10.0,
+        spent_usd: spent,
+        at_ms: 7_000,
+    };
+    s.commit(Batch { alerts: vec![alert("soft", 8.5)], ..Batch::default() }).await.expect("the ledger answers");
+    s.commit(Batch { alerts: vec![alert("soft", 9.0), alert("hard", 10.0)], ..Batch::default() })
+        .await
+        .expect("the ledger answers");
+    let alerts = s.list_alerts(&t).await.expect("the ledger answers");
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    let soft = alerts.iter().find(|a| a.level == "soft").expect("the ledger answers");
+    assert_eq!(soft.spent_usd, 8.5, "the first alert of a period stays");
+    assert!(s.list_alerts(&other).await.expect("the ledger answers").is_empty());
 }
 
 /// Stores versions; reads one by hash, the latest by `created_at_ms`, and the listings.

@@ -178,3 +178,134 @@ async fn llm_steps_fall_back_fail_precisely_and_are_checked_at_publish() {
     }
     assert!(assert_replays(&api).await >= 3);
 }
+
+/// Polls the usage ledger until it holds `n` rows (chat calls are recorded off the answer's path).
+async fn ledger(api: &Api, n: usize) -> Vec<serde_json::Value> {
+    for _ in 0..400 {
+        let (status, body) = api.get("/v1/usage?limit=500").await;
+        assert_eq!(status, 200, "{body}");
+        let rows = body["usage"].as_array().cloned().unwrap_or_default();
+        if rows.len() >= n {
+            return rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the ledger never held {n} rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_budget_stops_spending_at_its_cap_and_the_ledger_prices_every_attempt() {
+    let vendor = FakeVendor::start().await;
+    let dir = TempDir::new("llm-budget");
+    // Each answer: 1 input and 100 output tokens at $2 / $10 per Mtok = $0.001002, which is also
+    // the estimate of a call with `max_tokens: 100` and a prompt of up to 4 characters.
+    let config = format!(
+        "
+providers:
+  fake: {{kind: openai, base_url: '{base}'}}
+routes:
+  chat:
+    retry: {{max_attempts: 1}}
+    targets:
+      - {{provider: fake, model: flaky-model}}
+      - {{provider: fake, model: fake-model}}
+prices:
+  fake-model: {{input_per_mtok: 2, output_per_mtok: 10}}
+  flaky-model: {{input_per_mtok: 2, output_per_mtok: 10}}
+budgets:
+  - {{name: monthly, period: month, soft_usd: 0.002, hard_usd: 0.0035}}
+",
+        base = vendor.base_url()
+    );
+    let file = dir.path().join("gateway.yaml");
+    std::fs::write(&file, config).unwrap();
+    let database = dir.path().join("sluice.db").display().to_string();
+    let mut server =
+        ServerProcess::start_with_args(&bin(), dir.path(), &database, &["--gateway", &file.display().to_string()])
+            .await;
+    let api = server.api();
+    let ask = json!({"model": "chat", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
+
+    // Call 1: the first target fails with 500 and the second answers: two ledger rows.
+    vendor.push(Reply::status(500));
+    vendor.set_default(Reply::text("ok", 1, 100));
+    let (status, body) = api.post("/v1/chat/completions", &ask).await;
+    assert_eq!(status, 200, "{body}");
+    let rows = ledger(&api, 2).await;
+    let outcomes: Vec<(&str, &str)> =
+        rows.iter().map(|r| (r["target"].as_str().unwrap(), r["outcome"].as_str().unwrap())).collect();
+    assert_eq!(outcomes, [("fake/fake-model", "success"), ("fake/flaky-model", "http_500")]);
+    assert_eq!((rows[0]["input_tokens"].as_u64(), rows[0]["output_tokens"].as_u64()), (Some(1), Some(100)));
+    assert!((rows[0]["cost_usd"].as_f64().unwrap() - 0.001_002).abs() < 1e-12, "{}", rows[0]);
+    assert_eq!(rows[0]["source"], "chat");
+
+    // Calls 2 and 3 fit under the $0.0035 cap; call 4 would pass it and is refused, naming it.
+    for _ in 0..2 {
+        let (status, body) = api.post("/v1/chat/completions", &ask).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    ledger(&api, 4).await;
+    let calls_before = vendor.requests();
+    let (status, body) = api.post("/v1/chat/completions", &ask).await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    assert_eq!(body["error"]["details"]["budget"], "monthly");
+    assert!(body["error"]["message"].as_str().unwrap().contains("budget `monthly`"), "{body}");
+    assert_eq!(vendor.requests(), calls_before, "a refused call reached the upstream");
+
+    // The recorded cost is the price table times the tokens, and never passed the cap.
+    let (_, budgets) = api.get("/v1/budgets").await;
+    let b = &budgets["budgets"][0];
+    assert_eq!(b["calls"], 4, "{budgets}");
+    let spent = b["spent_usd"].as_f64().unwrap();
+    assert!((spent - 3.0 * 0.001_002).abs() < 1e-12 && spent <= 0.0035, "{budgets}");
+    // The soft limit raised one alert, when call 2 reached it.
+    let alerts = budgets["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 1, "{budgets}");
+    assert_eq!((alerts[0]["budget"].as_str(), alerts[0]["level"].as_str()), (Some("monthly"), Some("soft")));
+
+    // After a SIGKILL the spend is read back from the ledger: still refused, for `llm` steps too.
+    server.kill();
+    server.restart().await;
+    let (status, _) = api.post("/v1/chat/completions", &ask).await;
+    assert_eq!(status, 402);
+    api.publish(&json!({"name": "spend", "steps": [
+        {"id": "ask", "type": "llm", "route": "chat", "prompt": "\"hi\"", "max_tokens": 100}
+    ]}))
+    .await;
+    api.start("spend", json!({}), Some("spend-1")).await;
+    let failed = api.wait("spend-1", 10).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["type"], "llm.budget_exceeded", "{failed}");
+    assert_eq!(vendor.requests(), calls_before, "a refused llm step reached the upstream");
+    assert!(assert_replays(&api).await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_step_calls_are_in_the_ledger_with_their_execution_and_step() {
+    let vendor = FakeVendor::start().await;
+    let dir = TempDir::new("llm-ledger");
+    let server = server_for(&vendor, &dir).await;
+    let api = server.api();
+    api.publish(&json!({"name": "one", "steps": [
+        {"id": "ask", "type": "llm", "route": "resilient", "prompt": "\"hi\""}
+    ]}))
+    .await;
+    vendor.push(Reply::status(503));
+    vendor.push(Reply::text("fine", 40, 2));
+    api.start("one", json!({}), Some("one-1")).await;
+    assert_eq!(api.wait("one-1", 10).await["status"], "completed");
+    let (status, body) = api.get("/v1/usage?workflow_id=one-1").await;
+    assert_eq!(status, 200, "{body}");
+    let rows = body["usage"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{body}");
+    for r in rows {
+        assert_eq!((r["workflow_id"].as_str(), r["step"].as_str()), (Some("one-1"), Some("ask")), "{r}");
+        assert_eq!(r["source"], "llm_step");
+    }
+    assert_eq!(rows[0]["outcome"], "success");
+    assert_eq!(rows[1]["outcome"], "http_503");
+    let (status, body) = api.get("/v1/usage?limit=0").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("limit"));
+}

@@ -14,14 +14,17 @@ use bytes::Bytes;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
+use sluice_engine::{CallContext, Engine, Refused};
+use sluice_gateway::budget::Reservation;
 use sluice_gateway::{
-    ChatRequest, ChatResponse, Error as GatewayError, Gateway, Message, Role, StreamEvent, Tool, ToolCall,
+    CallOptions, ChatRequest, ChatResponse, Error as GatewayError, Gateway, Message, Role, StreamEvent, Tool, ToolCall,
     UpstreamError, Usage, UsageRecord,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::body::{parse_json, Body as RequestBody};
 use crate::error::ApiError;
+use crate::routes::DEFAULT_TENANT;
 use crate::AppState;
 
 /// The request as OpenAI clients send it. Fields this gateway does not use are ignored, as
@@ -234,16 +237,50 @@ pub async fn completions(State(app): State<AppState>, RequestBody(bytes): Reques
     if gateway.route(&body.model).is_none() {
         return route_not_found(&body.model).into_response();
     }
+    // Until API keys exist every call is the default tenant's, without a key.
+    let ctx = CallContext { tenant: DEFAULT_TENANT.to_string(), source: "chat", ..CallContext::default() };
+    let estimate = gateway.estimate_cost(&body.model, &req, &CallOptions::default());
+    let reservation = match app.engine.admit_call(&gateway, &ctx, estimate).await {
+        Ok(r) => r,
+        Err(Refused::Budget(e)) => {
+            return ApiError::new("budget_exceeded", e.to_string())
+                .with_details(json!({"budget": e.budget, "limit_usd": e.limit_usd, "spent_usd": e.spent_usd}))
+                .into_response()
+        }
+        Err(Refused::Store(e)) => return ApiError::from(e).into_response(),
+    };
     let meta = Meta {
         id: format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()),
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         route: body.model.clone(),
     };
+    let acct = Accounting { engine: app.engine.clone(), gateway: gateway.clone(), ctx, reservation };
     if body.stream == Some(true) {
         let include_usage = body.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
-        stream(gateway, meta, req, include_usage).await
+        stream(gateway, meta, req, include_usage, acct).await
     } else {
-        complete(&gateway, &meta, &req).await
+        complete(&gateway, &meta, &req, acct).await
+    }
+}
+
+/// Settles a call with its budgets and writes its ledger rows, off the answer's path.
+struct Accounting {
+    engine: Engine,
+    gateway: Arc<Gateway>,
+    ctx: CallContext,
+    reservation: Reservation,
+}
+
+impl Accounting {
+    fn done(self, route: &str, usage: &[UsageRecord], latency: Duration, outcome: &str, stream: bool) {
+        log_call(route, usage, latency, outcome, stream);
+        let ledger = self.engine.settle_call(&self.gateway, &self.ctx, self.reservation, usage);
+        let engine = self.engine;
+        tokio::spawn(async move {
+            if let Err(e) = engine.record_usage(ledger).await {
+                tracing::warn!(error = %e, "could not record the usage of a chat completion");
+            }
+        });
     }
 }
 
@@ -262,17 +299,17 @@ fn route_not_found(route: &str) -> ApiError {
     .with_details(json!({"route": route}))
 }
 
-async fn complete(gateway: &Gateway, meta: &Meta, req: &ChatRequest) -> Response {
+async fn complete(gateway: &Gateway, meta: &Meta, req: &ChatRequest, acct: Accounting) -> Response {
     let started = Instant::now();
     let call = gateway.chat(&meta.route, req).await;
     match call.result {
         Ok(resp) => {
-            log_call(&meta.route, &call.usage, started.elapsed(), "success", false);
+            acct.done(&meta.route, &call.usage, started.elapsed(), "success", false);
             let model = answered_model(&resp, &call.usage);
             axum::Json(completion_json(meta, &model, &resp)).into_response()
         }
         Err(e) => {
-            log_call(&meta.route, &call.usage, started.elapsed(), outcome_of(&e), false);
+            acct.done(&meta.route, &call.usage, started.elapsed(), outcome_of(&e), false);
             gateway_error(gateway, e)
         }
     }
@@ -427,11 +464,17 @@ fn failure_json(target: &str, e: &UpstreamError) -> Value {
 
 /// Streams the answer. The route is opened (with fallback and retries) before the answer's
 /// status is chosen, so a call that cannot start still gets a JSON error with its status.
-async fn stream(gateway: Arc<Gateway>, meta: Meta, req: ChatRequest, include_usage: bool) -> Response {
+async fn stream(
+    gateway: Arc<Gateway>,
+    meta: Meta,
+    req: ChatRequest,
+    include_usage: bool,
+    acct: Accounting,
+) -> Response {
     let (opened_tx, opened_rx) = oneshot::channel();
     let (tx, rx) = mpsc::channel(64);
     let pump_gateway = gateway.clone();
-    tokio::spawn(async move { pump(pump_gateway, meta, req, include_usage, opened_tx, tx).await });
+    tokio::spawn(async move { pump(pump_gateway, meta, req, include_usage, opened_tx, tx, acct).await });
     match opened_rx.await {
         Ok(Ok(())) => {
             let headers = [
@@ -458,12 +501,13 @@ async fn pump(
     include_usage: bool,
     opened: oneshot::Sender<Result<(), GatewayError>>,
     tx: mpsc::Sender<Bytes>,
+    acct: Accounting,
 ) {
     let started = Instant::now();
     let mut upstream = match gateway.chat_stream(&meta.route, &req).await {
         Ok(s) => s,
         Err(failure) => {
-            log_call(&meta.route, &failure.usage, started.elapsed(), outcome_of(&failure.error), true);
+            acct.done(&meta.route, &failure.usage, started.elapsed(), outcome_of(&failure.error), true);
             let _ = opened.send(Err(failure.error));
             return;
         }
@@ -474,7 +518,7 @@ async fn pump(
         .map(|t| t.model.clone())
         .unwrap_or_default();
     if opened.send(Ok(())).is_err() {
-        return;
+        return acct.done(&meta.route, upstream.usage(), started.elapsed(), "client_closed", true);
     }
     let chunk = |delta: Value, finish_reason: Value| {
         let mut c = json!({
@@ -491,7 +535,7 @@ async fn pump(
     };
     let send = |v: &Value| tx.send(Bytes::from(format!("data: {v}\n\n")));
     if send(&chunk(json!({"role": "assistant", "content": ""}), Value::Null)).await.is_err() {
-        return log_call(&meta.route, upstream.usage(), started.elapsed(), "client_closed", true);
+        return acct.done(&meta.route, upstream.usage(), started.elapsed(), "client_closed", true);
     }
     loop {
         let event = upstream.next().await;
@@ -548,7 +592,7 @@ async fn pump(
                 "stream_cut"
             }
         };
-        return log_call(&meta.route, upstream.usage(), started.elapsed(), outcome, true);
+        return acct.done(&meta.route, upstream.usage(), started.elapsed(), outcome, true);
     }
 }
 

@@ -4,6 +4,7 @@ pub mod chat;
 pub mod executions;
 pub mod ops;
 pub mod tasks;
+pub mod usage;
 pub mod workflows;
 
 use serde_json::{json, Value};

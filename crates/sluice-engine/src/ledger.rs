@@ -1,0 +1,159 @@
+//! The usage ledger and budgets around AI gateway calls: a call is admitted against the budgets
+//! of its tenant and API key (their spend loaded from the ledger when first needed), and every
+//! upstream attempt becomes a [`UsageRow`]. An `llm` step's rows are committed with the result
+//! they paid for; other calls (the chat endpoint) commit theirs on their own.
+
+use sluice_gateway::budget::{Alert, Reservation};
+use sluice_gateway::{Exceeded, Gateway, Outcome, UsageRecord};
+use sluice_store::{Batch, BudgetAlertRow, UsageRow};
+
+use crate::{new_id, now_ms, Engine, Error, Result};
+
+/// Who a gateway call is made for, as recorded in its ledger rows.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    pub tenant: String,
+    /// The API key of the caller, for per-key budgets.
+    pub api_key: Option<String>,
+    /// `llm_step` or `chat`.
+    pub source: &'static str,
+    pub run_id: Option<String>,
+    pub workflow_id: Option<String>,
+    pub step: Option<String>,
+}
+
+/// Why a call was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error(transparent)]
+    Budget(#[from] Exceeded),
+    /// The spend could not be read from the ledger.
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+/// What one call leaves in the ledger.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    pub usage: Vec<UsageRow>,
+    pub alerts: Vec<BudgetAlertRow>,
+}
+
+impl Ledger {
+    pub fn is_empty(&self) -> bool {
+        self.usage.is_empty() && self.alerts.is_empty()
+    }
+}
+
+/// The ledger's name of an outcome.
+pub fn outcome_name(o: Outcome) -> String {
+    match o {
+        Outcome::Success => "success".into(),
+        Outcome::HttpError(status) => format!("http_{status}"),
+        Outcome::Timeout => "timeout".into(),
+        Outcome::Connect => "connect".into(),
+        Outcome::Malformed => "malformed".into(),
+        Outcome::StreamCut => "stream_cut".into(),
+        Outcome::RequestFailed => "request_failed".into(),
+        Outcome::CircuitOpen => "circuit_open".into(),
+    }
+}
+
+impl Engine {
+    /// Admits a call estimated at `estimate_usd` against the budgets of its tenant and key.
+    pub async fn admit_call(
+        &self,
+        gateway: &Gateway,
+        ctx: &CallContext,
+        estimate_usd: f64,
+    ) -> std::result::Result<Reservation, Refused> {
+        let budgets = gateway.budgets();
+        if budgets.is_empty() {
+            return Ok(Reservation::default());
+        }
+        let now = now_ms();
+        for load in budgets.missing(&ctx.tenant, ctx.api_key.as_deref(), now) {
+            let total = self
+                .inner
+                .store
+                .usage_total(&load.tenant, load.key.as_deref(), load.since_ms)
+                .await
+                .map_err(Error::from)?;
+            budgets.load(&load, total.cost_usd);
+        }
+        Ok(budgets.reserve(&ctx.tenant, ctx.api_key.as_deref(), estimate_usd, now)?)
+    }
+
+    /// Settles a call's reservation with what its attempts cost, and returns its ledger rows
+    /// and the budget alerts it raised.
+    pub fn settle_call(
+        &self,
+        gateway: &Gateway,
+        ctx: &CallContext,
+        reservation: Reservation,
+        usage: &[UsageRecord],
+    ) -> Ledger {
+        let cost: f64 = usage.iter().filter_map(|u| u.cost_usd).sum();
+        let now = now_ms();
+        let alerts = gateway.budgets().settle(reservation, cost);
+        for a in &alerts {
+            tracing::warn!(
+                budget = %a.budget,
+                tenant = %a.tenant,
+                level = a.level,
+                limit_usd = a.limit_usd,
+                spent_usd = a.spent_usd,
+                "budget limit reached"
+            );
+        }
+        Ledger {
+            usage: usage
+                .iter()
+                .map(|u| UsageRow {
+                    id: new_id(),
+                    tenant: ctx.tenant.clone(),
+                    at_ms: now,
+                    api_key: ctx.api_key.clone(),
+                    source: ctx.source.to_string(),
+                    route: u.route.clone(),
+                    target: u.target.clone(),
+                    provider: u.provider.clone(),
+                    model: u.model.clone(),
+                    attempt: u.attempt,
+                    input_tokens: u.input_tokens,
+                    output_tokens: u.output_tokens,
+                    cost_usd: u.cost_usd,
+                    latency_us: u64::try_from(u.latency.as_micros()).unwrap_or(u64::MAX),
+                    outcome: outcome_name(u.outcome),
+                    experiment: u.experiment.as_ref().map(|e| e.experiment.clone()),
+                    arm: u.experiment.as_ref().map(|e| e.arm.clone()),
+                    run_id: ctx.run_id.clone(),
+                    workflow_id: ctx.workflow_id.clone(),
+                    step: ctx.step.clone(),
+                })
+                .collect(),
+            alerts: alerts.into_iter().map(|a| alert_row(a, now)).collect(),
+        }
+    }
+
+    /// Commits ledger rows that no execution carries.
+    pub async fn record_usage(&self, ledger: Ledger) -> Result<()> {
+        if ledger.is_empty() {
+            return Ok(());
+        }
+        self.inner.store.commit(Batch { usage: ledger.usage, alerts: ledger.alerts, ..Batch::default() }).await?;
+        Ok(())
+    }
+}
+
+fn alert_row(a: Alert, at_ms: i64) -> BudgetAlertRow {
+    BudgetAlertRow {
+        tenant: a.tenant,
+        budget: a.budget,
+        period_start_ms: a.period_start_ms,
+        level: a.level.to_string(),
+        limit_usd: a.limit_usd,
+        spent_usd: a.spent_usd,
+        at_ms,
+    }
+}
