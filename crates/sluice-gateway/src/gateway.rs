@@ -158,6 +158,11 @@ impl Gateway {
         self.routes.get(name)
     }
 
+    /// The names of every route, in no particular order.
+    pub fn route_names(&self) -> Vec<String> {
+        self.routes.keys().cloned().collect()
+    }
+
     pub fn prices(&self) -> &PriceTable {
         &self.prices
     }
