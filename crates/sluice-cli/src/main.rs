@@ -1,10 +1,12 @@
 //! The `sluice` command: run a server (`dev`, `serve`), a demo worker, and talk to a server
-//! (`run`, `start`, `status`, `history`, `signal`, `cancel`, `dlq`, `workflows`, `bench`).
+//! (`run`, `start`, `status`, `history`, `signal`, `cancel`, `dlq`, `workflows`, `bench`), and
+//! evaluate gateway routes on a labelled dataset (`eval`).
 //! Data goes to stdout (tables for people, `--json` for scripts); everything else to stderr.
 
 mod bench;
 mod client;
 mod demo;
+mod eval;
 mod server;
 
 use std::path::PathBuf;
@@ -139,6 +141,9 @@ enum Command {
     },
     /// Load generator: executions/s, steps/s and start-to-result latency percentiles.
     Bench(bench::BenchArgs),
+    /// Run a labelled JSONL dataset through a gateway route: accuracy, precision, recall and F1,
+    /// cost and latency per target; `--compare` another route with a confidence interval.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Subcommand)]
@@ -160,7 +165,13 @@ enum WorkflowsAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(&cli.log_format, matches!(cli.command, Command::Dev { .. } | Command::Serve { .. }));
+    let default_level = match cli.command {
+        Command::Dev { .. } | Command::Serve { .. } => "info",
+        // `eval` sums up its failed calls itself; a warning per attempt would bury the report.
+        Command::Eval(_) => "error",
+        _ => "warn",
+    };
+    init_logs(&cli.log_format, default_level);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -177,8 +188,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logs(format: &str, server: bool) {
-    let default = if server { "info" } else { "warn" };
+fn init_logs(format: &str, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -320,6 +330,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
         },
         Command::Bench(args) => bench::run(args, &cli.server, json).await,
+        Command::Eval(args) => eval::run(args, json).await,
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`Gateway::chat_stream`], whose streams end with `Done` or an explicit error, never silently).
 //! [`Gateway::chat_with`] adds the precision tier and structured output ([`CallOptions`]);
 //! [`Gateway::chat_experiment`] serves a caller by its sticky arm of an A/B experiment.
+//! [`eval`] runs a labelled dataset through a route and scores the answers.
 
 pub mod breaker;
 pub mod budget;
@@ -13,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod cost;
 pub mod error;
+pub mod eval;
 pub mod experiment;
 pub mod gateway;
 pub mod model;

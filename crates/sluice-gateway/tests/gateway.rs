@@ -799,3 +799,39 @@ async fn a_bad_schema_or_a_failed_call_is_reported_as_such() {
     assert!(matches!(answer.result, Err(CallError::Route(Error::Rejected { .. }))), "{:?}", answer.result);
     assert_eq!(answer.usage.len(), 1, "an upstream failure is not repaired");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eval_run_counts_failed_calls_and_invalid_answers_and_keeps_the_dataset_order() {
+    use sluice_gateway::eval::{self, Predicted, Subject};
+    let (a, b) = two().await;
+    let gw = Arc::new(gateway(TWO_OPENAI, &a, &b, Arc::default()));
+    let text = "{\"id\": \"x\", \"input\": \"I love it\", \"label\": \"positive\"}
+{\"id\": \"y\", \"input\": \"meh\", \"label\": \"neutral\"}
+{\"id\": \"z\", \"input\": \"what?\", \"label\": \"negative\"}
+{\"id\": \"w\", \"input\": \"awful\", \"label\": \"negative\"}";
+    let dataset = eval::dataset::parse(text).unwrap();
+    // One target alone: the 400 is not served by `b`, and the run goes on after it.
+    let subject = Subject::resolve(&gw, "r/a/model-a").unwrap();
+    assert_eq!(subject, Subject::Target { route: "r".into(), target: "a/model-a".into() });
+    a.push(Reply::text("Positive.", 10, 1)).push(Reply::status(400)).push(Reply::text("no idea", 10, 2));
+    a.push(Reply::text("negative", 10, 1));
+    let options = eval::Options { concurrency: 1, ..eval::Options::default() };
+    let run = eval::run(gw.clone(), &subject, &dataset, &options, Arc::new(|_| {})).await;
+    let predicted: Vec<Predicted> = run.results.iter().map(|r| r.predicted).collect();
+    // Labels sorted: negative, neutral, positive.
+    assert_eq!(predicted, [Predicted::Label(2), Predicted::Error, Predicted::Invalid, Predicted::Label(0)]);
+    assert!(run.results[1].answer.as_ref().is_err_and(|e| e.contains("refused the request")), "{:?}", run.results[1]);
+    assert_eq!((run.scores.correct, run.scores.errors, run.scores.invalid), (2, 1, 1));
+    assert_eq!(b.requests(), 0, "a target alone does not fall back");
+    let t = &run.targets[0];
+    assert_eq!((t.calls, t.failed, t.input_tokens, t.output_tokens), (4, 1, 30, 4));
+    // model-a: $2.5 in, $10 out per million.
+    assert!((run.cost_usd.unwrap() - (30.0 * 2.5 + 4.0 * 10.0) / 1e6).abs() < 1e-12, "{:?}", run.cost_usd);
+
+    assert!(matches!(Subject::resolve(&gw, "zzz"), Err(eval::run::Error::Unknown { .. })));
+    assert_eq!(Subject::resolve(&gw, "r").unwrap(), Subject::Route("r".into()));
+    assert_eq!(
+        Subject::resolve(&gw, "b/model-b").unwrap(),
+        Subject::Target { route: "r".into(), target: "b/model-b".into() }
+    );
+}

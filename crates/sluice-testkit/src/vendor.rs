@@ -32,6 +32,10 @@ pub enum Reply {
     Hang,
     /// A 200 whose body is not valid JSON.
     Malformed,
+    /// A deterministic classifier: answers with the label of the first rule whose keyword occurs
+    /// (ignoring case) in the text of the request's last user message, else with `fallback`.
+    /// Meant as the default reply (`set_default`) for evaluations.
+    Classify { rules: Vec<(String, String)>, fallback: String, input_tokens: u64, output_tokens: u64 },
 }
 
 impl Reply {
@@ -59,6 +63,22 @@ impl Reply {
             output_tokens: 0,
             cut: true,
         }
+    }
+
+    /// A [`Reply::Classify`] from `(keyword, label)` rules.
+    pub fn classify(rules: &[(&str, &str)], fallback: &str, input_tokens: u64, output_tokens: u64) -> Self {
+        Self::Classify {
+            rules: rules.iter().map(|(k, l)| (k.to_string(), l.to_string())).collect(),
+            fallback: fallback.to_string(),
+            input_tokens,
+            output_tokens,
+        }
+    }
+
+    /// The answer of a [`Reply::Classify`] to a last user message `text`.
+    pub fn classify_text(rules: &[(String, String)], fallback: &str, text: &str) -> String {
+        let text = text.to_lowercase();
+        rules.iter().find(|(k, _)| text.contains(&k.to_lowercase())).map_or(fallback, |(_, l)| l).to_string()
     }
 
     /// A 429 with `Retry-After: value` (seconds or an HTTP date).
@@ -171,6 +191,7 @@ async fn handle(shared: Arc<Shared>, format: Format, path: &str, headers: Header
         .iter()
         .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
+    let last_user = last_user_text(&body);
     let n = {
         let mut received = shared.received.lock().unwrap_or_else(|p| p.into_inner());
         received.push(Received { path: path.to_string(), headers, body });
@@ -200,12 +221,28 @@ async fn handle(shared: Arc<Shared>, format: Format, path: &str, headers: Header
                 headers.insert("cache-control", HeaderValue::from_static("no-cache"));
                 return (StatusCode::OK, headers, stream.body(format)).into_response();
             }
+            Reply::Classify { rules, fallback, input_tokens, output_tokens } => {
+                let text = Reply::classify_text(&rules, &fallback, &last_user);
+                reply = Reply::Text { text, input_tokens, output_tokens };
+            }
             Reply::ToolCall { id, name, arguments, input_tokens, output_tokens } => {
                 let tool = Some((id.as_str(), name.as_str(), &arguments));
                 let answer = Answer { n, model: &model, text: None, tool, input_tokens, output_tokens };
                 return json_response(StatusCode::OK, None, answer.body(format).to_string());
             }
         }
+    }
+}
+
+/// The text of the last `user` message, in either wire format (a string or text parts).
+fn last_user_text(body: &Value) -> String {
+    let Some(message) = body["messages"].as_array().and_then(|m| m.iter().rev().find(|m| m["role"] == "user")) else {
+        return String::new();
+    };
+    match &message["content"] {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+        _ => String::new(),
     }
 }
 

@@ -5,6 +5,7 @@
 mod chat;
 mod durability;
 mod errors;
+mod eval;
 mod examples;
 mod llm;
 mod postgres;
