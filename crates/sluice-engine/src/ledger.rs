@@ -7,7 +7,7 @@ use sluice_gateway::budget::{Alert, Reservation};
 use sluice_gateway::{Exceeded, Gateway, Outcome, UsageRecord};
 use sluice_store::{Batch, BudgetAlertRow, UsageRow};
 
-use crate::{new_id, now_ms, Engine, Error, Result};
+use crate::{lock, new_id, now_ms, Engine, Error, Result};
 
 /// Who a gateway call is made for, as recorded in its ledger rows.
 #[derive(Debug, Clone, Default)]
@@ -43,6 +43,16 @@ impl Ledger {
     pub fn is_empty(&self) -> bool {
         self.usage.is_empty() && self.alerts.is_empty()
     }
+}
+
+/// Totals of gateway attempts by `(route, target, outcome)`, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct CallStats {
+    pub attempts: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
+    pub latency_seconds: f64,
 }
 
 /// The ledger's name of an outcome.
@@ -95,6 +105,17 @@ impl Engine {
     ) -> Ledger {
         let cost: f64 = usage.iter().filter_map(|u| u.cost_usd).sum();
         let now = now_ms();
+        {
+            let mut stats = lock(&self.inner.call_stats);
+            for u in usage {
+                let s = stats.entry((u.route.clone(), u.target.clone(), outcome_name(u.outcome))).or_default();
+                s.attempts += 1;
+                s.input_tokens += u.input_tokens;
+                s.output_tokens += u.output_tokens;
+                s.cost_usd += u.cost_usd.unwrap_or(0.0);
+                s.latency_seconds += u.latency.as_secs_f64();
+            }
+        }
         let alerts = gateway.budgets().settle(reservation, cost);
         for a in &alerts {
             tracing::warn!(
@@ -134,6 +155,13 @@ impl Engine {
                 .collect(),
             alerts: alerts.into_iter().map(|a| alert_row(a, now)).collect(),
         }
+    }
+
+    /// Totals of the gateway attempts made through this engine, sorted by key.
+    pub fn call_stats(&self) -> Vec<((String, String, String), CallStats)> {
+        let mut out: Vec<_> = lock(&self.inner.call_stats).iter().map(|(k, v)| (k.clone(), *v)).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Commits ledger rows that no execution carries.

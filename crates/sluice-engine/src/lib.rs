@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 
 pub use clock::now_ms;
 pub use error::Error;
-pub use ledger::{outcome_name, CallContext, Ledger, Refused};
+pub use ledger::{outcome_name, CallContext, CallStats, Ledger, Refused};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -150,6 +150,8 @@ pub(crate) struct Inner {
     /// Recently finished runs by (tenant, workflow_id), so result waiters need no store read.
     pub results: SyncMutex<RecentResults>,
     pub counters: Counters,
+    /// Gateway attempts by (route, target, outcome).
+    pub call_stats: SyncMutex<HashMap<(String, String, String), ledger::CallStats>>,
     pub opts: EngineOptions,
 }
 
@@ -221,6 +223,7 @@ impl Engine {
             latest: SyncMutex::new(HashMap::new()),
             results: SyncMutex::new(RecentResults::default()),
             counters: Counters::default(),
+            call_stats: SyncMutex::new(HashMap::new()),
             opts,
         });
         let engine = Engine { inner };

@@ -173,6 +173,18 @@ impl Gateway {
         self.routes.keys().map(String::as_str)
     }
 
+    /// The state of every target's circuit breaker: `(route, target, state)`, sorted.
+    pub fn breaker_states(&self) -> Vec<(String, String, crate::breaker::BreakerState)> {
+        let now = self.clock.now();
+        let mut out: Vec<_> = self
+            .routes
+            .values()
+            .flat_map(|r| r.targets.iter().map(move |t| (r.name.clone(), t.name.clone(), t.breaker().state(now))))
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
+    }
+
     /// The spending limits of the config.
     pub fn budgets(&self) -> &Budgets {
         &self.budgets

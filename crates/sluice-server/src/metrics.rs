@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use sluice_engine::Engine;
+use sluice_engine::{CallStats, Engine};
+use sluice_gateway::{BreakerState, Gateway};
 
 const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -37,8 +38,11 @@ impl Metrics {
         h.sum += secs;
     }
 
-    pub fn render(&self, engine: &Engine) -> String {
+    pub fn render(&self, engine: &Engine, gateway: Option<&Gateway>) -> String {
         let mut out = String::new();
+        if let Some(gateway) = gateway {
+            render_gateway(&mut out, engine, gateway);
+        }
         let c = engine.counters();
         let counters = [
             ("sluice_executions_started_total", "Executions started.", &c.executions_started),
@@ -107,6 +111,47 @@ impl Metrics {
         out
     }
 }
+
+/// Circuit breaker states and attempt totals per route, target and outcome.
+fn render_gateway(out: &mut String, engine: &Engine, gateway: &Gateway) {
+    let _ = writeln!(
+        out,
+        "# HELP sluice_gateway_breaker_state Circuit breaker of a target: 0 closed, 1 open, 2 half-open.\n# TYPE sluice_gateway_breaker_state gauge"
+    );
+    for (route, target, state) in gateway.breaker_states() {
+        let v = match state {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        let _ =
+            writeln!(out, "sluice_gateway_breaker_state{{route=\"{}\",target=\"{}\"}} {v}", esc(&route), esc(&target));
+    }
+    let stats = engine.call_stats();
+    let series: [Series; 5] = [
+        ("sluice_gateway_attempts_total", "Upstream attempts by outcome.", |s| s.attempts as f64),
+        ("sluice_gateway_input_tokens_total", "Input tokens counted by upstreams.", |s| s.input_tokens as f64),
+        ("sluice_gateway_output_tokens_total", "Output tokens counted by upstreams.", |s| s.output_tokens as f64),
+        ("sluice_gateway_cost_usd_total", "Cost in USD from the price table.", |s| s.cost_usd),
+        ("sluice_gateway_attempt_seconds_total", "Time spent in upstream attempts.", |s| s.latency_seconds),
+    ];
+    for (name, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for ((route, target, outcome), s) in &stats {
+            let _ = writeln!(
+                out,
+                "{name}{{route=\"{}\",target=\"{}\",outcome=\"{}\"}} {}",
+                esc(route),
+                esc(target),
+                esc(outcome),
+                value(s)
+            );
+        }
+    }
+}
+
+/// A counter of gateway attempts: its name, its help and how to read it from the totals.
+type Series = (&'static str, &'static str, fn(&CallStats) -> f64);
 
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")

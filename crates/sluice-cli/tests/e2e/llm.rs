@@ -309,3 +309,63 @@ async fn llm_step_calls_are_in_the_ledger_with_their_execution_and_step() {
     assert_eq!(status, 400, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("limit"));
 }
+
+/// The value of one metric series in the Prometheus text, if present.
+async fn metric(base: &str, series: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_then_half_opens_in_metrics_and_the_ledger() {
+    let vendor = FakeVendor::start().await;
+    let dir = TempDir::new("llm-breaker");
+    let config = format!(
+        "
+providers:
+  fake: {{kind: openai, base_url: '{base}'}}
+routes:
+  guarded:
+    retry: {{max_attempts: 1}}
+    targets:
+      - {{provider: fake, model: primary, breaker: {{failure_threshold: 2, cool_down_ms: 400}}}}
+      - {{provider: fake, model: backup}}
+",
+        base = vendor.base_url()
+    );
+    let file = dir.path().join("gateway.yaml");
+    std::fs::write(&file, config).unwrap();
+    let database = dir.path().join("sluice.db").display().to_string();
+    let server =
+        ServerProcess::start_with_args(&bin(), dir.path(), &database, &["--gateway", &file.display().to_string()])
+            .await;
+    let api = server.api();
+    let state = r#"sluice_gateway_breaker_state{route="guarded",target="fake/primary"}"#;
+    let ask = json!({"model": "guarded", "messages": [{"role": "user", "content": "hi"}]});
+    vendor.set_default(Reply::text("ok", 1, 1));
+    assert_eq!(metric(&server.base, state).await, Some(0.0));
+
+    // Two failures of the primary (each served by the backup) open its breaker.
+    for _ in 0..2 {
+        vendor.push(Reply::status(500));
+        let (status, body) = api.post("/v1/chat/completions", &ask).await;
+        assert_eq!((status, body["model"].as_str()), (200, Some("backup")), "{body}");
+    }
+    assert_eq!(metric(&server.base, state).await, Some(1.0));
+    // Open: the primary is skipped without a request, and the skip is in the ledger.
+    let before = vendor.requests();
+    let (status, _) = api.post("/v1/chat/completions", &ask).await;
+    assert_eq!(status, 200);
+    assert_eq!(vendor.requests() - before, 1, "an open breaker let a request through");
+    let rows = ledger(&api, 6).await;
+    assert_eq!((rows[1]["target"].as_str(), rows[1]["outcome"].as_str()), (Some("fake/primary"), Some("circuit_open")));
+    let failed = r#"sluice_gateway_attempts_total{route="guarded",target="fake/primary",outcome="http_500"}"#;
+    assert_eq!(metric(&server.base, failed).await, Some(2.0));
+
+    // After the cool-down it half-opens; a successful trial closes it.
+    tokio::time::sleep(std::time::Duration::from_millis(450)).await;
+    assert_eq!(metric(&server.base, state).await, Some(2.0));
+    let (status, body) = api.post("/v1/chat/completions", &ask).await;
+    assert_eq!((status, body["model"].as_str()), (200, Some("primary")), "{body}");
+    assert_eq!(metric(&server.base, state).await, Some(0.0));
+}
