@@ -174,12 +174,22 @@ async fn a_postgres_outage_gives_503_and_loses_nothing() {
     assert!(assert_replays(&fresh).await >= 20);
 }
 
+/// Runs in one shard's database, read with `psql`. Under a loaded test run the server may be
+/// out of connection slots for a moment: retried, and never read as zero.
 fn count_runs(db: &PgDatabase) -> usize {
-    let out = std::process::Command::new("psql")
-        .args([&db.url(), "-tA", "-c", "SELECT count(*) FROM executions"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    let mut last = String::new();
+    for _ in 0..50 {
+        let out = std::process::Command::new("psql")
+            .args([&db.url(), "-tA", "-c", "SELECT count(*) FROM executions"])
+            .output()
+            .unwrap();
+        if let (true, Ok(n)) = (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().parse()) {
+            return n;
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("psql could not count the runs: {last}");
 }
 
 /// Two shards: executions land on both, and lookups, lists, signals and children work across
