@@ -216,33 +216,7 @@ async fn without_a_gateway_the_endpoint_says_how_to_configure_one() {
 
 /// A virtualenv with `openai`, made once under the target's temp dir and reused.
 async fn openai_python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
-    let python = venv.join("bin/python");
-    let has_openai = |python: PathBuf| async move {
-        tokio::process::Command::new(python)
-            .args(["-c", "import openai"])
-            .output()
-            .await
-            .is_ok_and(|o| o.status.success())
-    };
-    if has_openai(python.clone()).await {
-        return python;
-    }
-    let out = tokio::process::Command::new("python3").arg("-m").arg("venv").arg(&venv).output().await;
-    let out = out.unwrap_or_else(|e| panic!("cannot run python3 -m venv (is python3 installed?): {e}"));
-    assert!(out.status.success(), "python3 -m venv failed: {}", String::from_utf8_lossy(&out.stderr));
-    let out = tokio::process::Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "openai"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pip install openai failed; this test needs PyPI (or a venv with openai at {}): {}",
-        venv.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    python
+    python_venv("openai-venv", "openai", "openai").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

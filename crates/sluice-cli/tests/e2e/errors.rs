@@ -194,3 +194,28 @@ async fn openapi_lists_every_route_and_metrics_are_exposed() {
     assert!(text.contains("sluice_executions_completed_total 1"));
     assert!(text.contains("sluice_http_request_duration_seconds_bucket{route=\"/v1/executions\",le=\"+Inf\"}"));
 }
+
+/// Schemathesis (from PyPI) generates requests for every operation of `/openapi.json`, valid and
+/// not, and checks that none is answered with a 5xx. The long-poll is left out: waiting is what
+/// it is for (its bad input is covered above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_in_the_api() {
+    let python = python_venv("schemathesis-venv", "schemathesis", "schemathesis").await;
+    let dir = TempDir::new("schemathesis");
+    let server = ServerProcess::start(&bin(), dir.path()).await;
+    let api = server.api();
+    api.publish(&json!({"name": "hello", "steps": [{"id": "a", "type": "transform", "expr": ".input"}]})).await;
+    api.start("hello", json!({"n": 1}), Some("hello-1")).await;
+    let out = tokio::process::Command::new(python.with_file_name("schemathesis"))
+        .args(["run", &format!("{}/openapi.json", server.base)])
+        .args(["--checks", "not_a_server_error", "--max-examples", "25", "--seed", "20261123"])
+        .args(["--exclude-path", "/v1/tasks/poll", "--request-timeout", "10", "--no-color"])
+        .output()
+        .await
+        .unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "schemathesis found problems:\n{report}");
+    assert!(report.contains("passed"), "{report}");
+    // The server is still up and healthy after the run.
+    assert_eq!(api.get("/healthz").await.0, 200);
+}

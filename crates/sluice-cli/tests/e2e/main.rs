@@ -35,3 +35,35 @@ pub async fn server_with_worker(label: &str) -> (TempDir, ServerProcess, WorkerP
 pub fn of_type<'a>(events: &'a [serde_json::Value], ty: &str) -> Vec<&'a serde_json::Value> {
     events.iter().filter(|e| e["type"] == ty).collect()
 }
+
+/// A virtualenv under the target's temp dir with a package from PyPI, made once and reused;
+/// returns its python. `module` is what `import` checks for.
+pub async fn python_venv(name: &str, package: &str, module: &str) -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let python = venv.join("bin/python");
+    let has = |python: PathBuf| async move {
+        tokio::process::Command::new(python)
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .await
+            .is_ok_and(|o| o.status.success())
+    };
+    if has(python.clone()).await {
+        return python;
+    }
+    let out = tokio::process::Command::new("python3").arg("-m").arg("venv").arg(&venv).output().await;
+    let out = out.unwrap_or_else(|e| panic!("cannot run python3 -m venv (is python3 installed?): {e}"));
+    assert!(out.status.success(), "python3 -m venv failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::process::Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", package])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pip install {package} failed; this test needs PyPI (or a venv with it at {}): {}",
+        venv.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    python
+}
