@@ -1,13 +1,14 @@
 //! `sluice bench`: a load generator. Starts its own server on a temporary SQLite file (or uses
 //! `--server` when given), publishes a K-step workflow, runs W workers, starts N executions with
 //! C in flight, and reports executions/s, steps/s and start-to-result latency percentiles.
+//! `sluice bench gateway` measures the AI gateway instead (`bench_gateway.rs`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
@@ -22,8 +23,18 @@ pub enum StepKind {
     Transform,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum BenchMode {
+    /// The latency the AI gateway adds over calling a loopback upstream directly (open loop).
+    Gateway(crate::bench_gateway::GatewayBenchArgs),
+}
+
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// Without a mode: the workflow bench, with the flags below.
+    #[command(subcommand)]
+    mode: Option<BenchMode>,
     #[arg(long, default_value_t = 1000)]
     executions: usize,
     #[arg(long, default_value_t = 5)]
@@ -61,6 +72,9 @@ fn rss_kib() -> Option<u64> {
 }
 
 pub async fn run(args: BenchArgs, server: &str, json_out: bool) -> Result<()> {
+    if let Some(BenchMode::Gateway(gateway)) = args.mode {
+        return crate::bench_gateway::run(gateway, json_out).await;
+    }
     if args.executions == 0 || args.steps == 0 || args.concurrency == 0 {
         bail!("--executions, --steps and --concurrency must be at least 1");
     }

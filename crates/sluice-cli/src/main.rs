@@ -4,6 +4,7 @@
 //! Data goes to stdout (tables for people, `--json` for scripts); everything else to stderr.
 
 mod bench;
+mod bench_gateway;
 mod client;
 mod demo;
 mod eval;
@@ -139,7 +140,8 @@ enum Command {
         #[command(subcommand)]
         action: Option<WorkflowsAction>,
     },
-    /// Load generator: executions/s, steps/s and start-to-result latency percentiles.
+    /// Load generator: executions/s, steps/s and start-to-result latency percentiles;
+    /// `bench gateway`: the latency the AI gateway adds over a loopback upstream.
     Bench(bench::BenchArgs),
     /// Run a labelled JSONL dataset through a gateway route: accuracy, precision, recall and F1,
     /// cost and latency per target; `--compare` another route with a confidence interval.
@@ -167,8 +169,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Dev { .. } | Command::Serve { .. } => "info",
-        // `eval` sums up its failed calls itself; a warning per attempt would bury the report.
-        Command::Eval(_) => "error",
+        // `eval` and `bench` count their failed calls themselves; a warning per attempt would
+        // bury the report.
+        Command::Eval(_) | Command::Bench(_) => "error",
         _ => "warn",
     };
     init_logs(&cli.log_format, default_level);

@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod error;
+pub mod loopback;
 pub mod metrics;
 pub mod routes;
 
@@ -15,10 +16,11 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::{ListenerExt, TapIo};
 use axum::Router;
 use sluice_engine::Engine;
 use sluice_gateway::Gateway;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// The gateway library, for callers that build the [`Gateway`] given to [`router_with`].
 pub use sluice_gateway;
@@ -117,5 +119,20 @@ pub async fn serve_with(
     gateway: Option<Arc<Gateway>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router_with(engine, gateway)).with_graceful_shutdown(shutdown).await
+    axum::serve(tuned(listener), router_with(engine, gateway).into_make_service())
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The listener with `TCP_NODELAY` on every accepted connection: an answer written in more than
+/// one piece (a streamed chunk, a large body) goes out at once instead of waiting, under Nagle's
+/// algorithm, for the peer's delayed ACK (up to 40 ms).
+pub fn tuned(listener: TcpListener) -> TapIo<TcpListener, fn(&mut TcpStream)> {
+    listener.tap_io(set_nodelay as fn(&mut TcpStream))
+}
+
+fn set_nodelay(tcp: &mut TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
 }

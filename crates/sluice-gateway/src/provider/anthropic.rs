@@ -25,14 +25,16 @@ const JSON_INSTRUCTION: &str = "Answer with a single JSON object and nothing els
 #[derive(Clone, Debug)]
 pub struct Anthropic {
     client: reqwest::Client,
-    base_url: String,
+    /// `{base_url}/messages`, parsed once rather than on every call (or why it does not parse).
+    endpoint: Result<reqwest::Url, String>,
     api_key: Option<ApiKey>,
 }
 
 impl Anthropic {
     /// `base_url` ends before `/messages`, e.g. `https://api.anthropic.com/v1`.
     pub fn new(client: reqwest::Client, base_url: &str, api_key: Option<ApiKey>) -> Self {
-        Self { client, base_url: base_url.trim_end_matches('/').to_string(), api_key }
+        let endpoint = super::http::endpoint(base_url.trim_end_matches('/'), "messages");
+        Self { client, endpoint, api_key }
     }
 
     fn headers(&self) -> Result<HeaderMap, UpstreamError> {
@@ -48,8 +50,8 @@ impl Anthropic {
     }
 
     pub async fn chat(&self, model: &str, req: &ChatRequest, timeout: Duration) -> Result<ChatResponse, UpstreamError> {
-        let url = format!("{}/messages", self.base_url);
-        let body = post_json(&self.client, &url, self.headers()?, &to_wire(model, req), timeout).await?;
+        let url = self.endpoint.clone().map_err(UpstreamError::Request)?;
+        let body = post_json(&self.client, url, self.headers()?, &to_wire(model, req), timeout).await?;
         let wire: WireResponse =
             serde_json::from_slice(&body).map_err(|e| UpstreamError::Malformed(format!("message: {e}")))?;
         Ok(from_wire(wire))
@@ -61,10 +63,10 @@ impl Anthropic {
         req: &ChatRequest,
         timeout: Duration,
     ) -> Result<ChatStream, UpstreamError> {
-        let url = format!("{}/messages", self.base_url);
+        let url = self.endpoint.clone().map_err(UpstreamError::Request)?;
         let mut wire = to_wire(model, req);
         wire.stream = true;
-        let resp = post_for_stream(&self.client, &url, self.headers()?, &wire, timeout).await?;
+        let resp = post_for_stream(&self.client, url, self.headers()?, &wire, timeout).await?;
         Ok(ChatStream::new(resp, timeout, Decoder::Anthropic(StreamDecoder::default())))
     }
 }

@@ -10,11 +10,18 @@ use crate::retry::parse_retry_after;
 /// How much of an upstream's error body is kept in an error message.
 const MAX_MESSAGE: usize = 500;
 
+/// `{base_url}/{path}` as a URL: parsed once per provider, since parsing one costs more than the
+/// rest of building a request.
+pub(crate) fn endpoint(base_url: &str, path: &str) -> Result<reqwest::Url, String> {
+    reqwest::Url::parse(&format!("{base_url}/{path}"))
+        .map_err(|e| format!("the base URL `{base_url}` is not valid: {e}"))
+}
+
 /// Posts `body` and returns the answer's body on a 2xx; everything else becomes an
 /// [`UpstreamError`]. The whole exchange, body included, must finish within `timeout`.
 pub(crate) async fn post_json(
     client: &reqwest::Client,
-    url: &str,
+    url: reqwest::Url,
     headers: HeaderMap,
     body: &impl serde::Serialize,
     timeout: Duration,
@@ -30,7 +37,7 @@ pub(crate) async fn post_json(
 /// its body (a stream) is the caller's to read.
 pub(crate) async fn post_for_stream(
     client: &reqwest::Client,
-    url: &str,
+    url: reqwest::Url,
     headers: HeaderMap,
     body: &impl serde::Serialize,
     timeout: Duration,
@@ -42,7 +49,7 @@ pub(crate) async fn post_for_stream(
 
 async fn send(
     client: &reqwest::Client,
-    url: &str,
+    url: reqwest::Url,
     headers: HeaderMap,
     body: &impl serde::Serialize,
 ) -> Result<reqwest::Response, UpstreamError> {

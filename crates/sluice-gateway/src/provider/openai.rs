@@ -18,7 +18,8 @@ use crate::model::{ChatRequest, ChatResponse, FinishReason, Message, Role, ToolC
 #[derive(Clone, Debug)]
 pub struct OpenAi {
     client: reqwest::Client,
-    base_url: String,
+    /// `{base_url}/chat/completions`, parsed once rather than on every call (or why it does not parse).
+    endpoint: Result<reqwest::Url, String>,
     api_key: Option<ApiKey>,
 }
 
@@ -26,7 +27,8 @@ impl OpenAi {
     /// `base_url` ends before `/chat/completions`, e.g. `https://api.openai.com/v1` or
     /// `http://localhost:11434/v1`; local servers often need no key.
     pub fn new(client: reqwest::Client, base_url: &str, api_key: Option<ApiKey>) -> Self {
-        Self { client, base_url: base_url.trim_end_matches('/').to_string(), api_key }
+        let endpoint = super::http::endpoint(base_url.trim_end_matches('/'), "chat/completions");
+        Self { client, endpoint, api_key }
     }
 
     fn headers(&self) -> Result<HeaderMap, UpstreamError> {
@@ -41,8 +43,8 @@ impl OpenAi {
     }
 
     pub async fn chat(&self, model: &str, req: &ChatRequest, timeout: Duration) -> Result<ChatResponse, UpstreamError> {
-        let url = format!("{}/chat/completions", self.base_url);
-        let body = post_json(&self.client, &url, self.headers()?, &to_wire(model, req), timeout).await?;
+        let url = self.endpoint.clone().map_err(UpstreamError::Request)?;
+        let body = post_json(&self.client, url, self.headers()?, &to_wire(model, req), timeout).await?;
         let wire: WireResponse =
             serde_json::from_slice(&body).map_err(|e| UpstreamError::Malformed(format!("chat completion: {e}")))?;
         from_wire(wire)
@@ -55,11 +57,11 @@ impl OpenAi {
         req: &ChatRequest,
         timeout: Duration,
     ) -> Result<ChatStream, UpstreamError> {
-        let url = format!("{}/chat/completions", self.base_url);
+        let url = self.endpoint.clone().map_err(UpstreamError::Request)?;
         let mut wire = to_wire(model, req);
         wire.stream = true;
         wire.stream_options = Some(StreamOptions { include_usage: true });
-        let resp = post_for_stream(&self.client, &url, self.headers()?, &wire, timeout).await?;
+        let resp = post_for_stream(&self.client, url, self.headers()?, &wire, timeout).await?;
         Ok(ChatStream::new(resp, timeout, Decoder::OpenAi(StreamDecoder::default())))
     }
 }

@@ -1,0 +1,43 @@
+//! `sluice bench` smoke tests: the workflow bench keeps its flags, and `bench gateway` reports
+//! the gateway's added latency in its JSON shape with every request answered.
+
+use serde_json::Value;
+
+use super::*;
+
+async fn sluice_json(args: &[&str]) -> Value {
+    let out = tokio::process::Command::new(bin()).args(args).output().await.unwrap();
+    assert!(out.status.success(), "sluice {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[tokio::test]
+async fn bench_gateway_reports_direct_and_via_sluice_latencies() {
+    let r = sluice_json(&["bench", "gateway", "--rps", "200", "--duration", "1s", "--warmup", "200ms", "--json"]).await;
+    assert_eq!((r["bench"].as_str(), r["unit"].as_str()), (Some("gateway"), Some("us")), "{r}");
+    assert_eq!(r["latency_from"], "scheduled_send");
+    let rates = r["rates"].as_array().unwrap();
+    assert_eq!(rates.len(), 1, "{r}");
+    let rate = &rates[0];
+    assert_eq!(rate["rps"], 200);
+    for path in ["direct", "via_sluice"] {
+        let p = &rate[path];
+        assert_eq!((p["requests"].as_u64(), p["failed"].as_u64()), (Some(200), Some(0)), "{path}: {p}");
+        let (p50, p99, max) = (p["p50"].as_f64().unwrap(), p["p99"].as_f64().unwrap(), p["max"].as_f64().unwrap());
+        assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{path}: {p}");
+    }
+    let added = rate["via_sluice"]["p50"].as_f64().unwrap() - rate["direct"]["p50"].as_f64().unwrap();
+    assert!((rate["added"]["p50"].as_f64().unwrap() - added).abs() < 1e-9, "{rate}");
+    assert!(rate["added"]["p99"].is_f64() && rate["send_lag"]["p99"].is_f64(), "{rate}");
+}
+
+#[tokio::test]
+async fn the_workflow_bench_keeps_its_flags() {
+    let dir = TempDir::new("bench");
+    let db = dir.path().join("bench.db").display().to_string();
+    let args = ["bench", "--executions", "20", "--steps", "2", "--concurrency", "4", "--database", &db, "--json"];
+    let r = sluice_json(&args).await;
+    assert_eq!((r["completed"].as_u64(), r["failed"].as_u64()), (Some(20), Some(0)), "{r}");
+    assert_eq!(r["steps_per_execution"], 2);
+}
