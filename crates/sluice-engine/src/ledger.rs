@@ -70,12 +70,13 @@ pub fn outcome_name(o: Outcome) -> String {
 }
 
 impl Engine {
-    /// Admits a call estimated at `estimate_usd` against the budgets of its tenant and key.
+    /// Admits a call estimated at `estimate_usd()` against the budgets of its tenant and key;
+    /// without budgets nothing is estimated.
     pub async fn admit_call(
         &self,
         gateway: &Gateway,
         ctx: &CallContext,
-        estimate_usd: f64,
+        estimate_usd: impl FnOnce() -> f64,
     ) -> std::result::Result<Reservation, Refused> {
         let budgets = gateway.budgets();
         if budgets.is_empty() {
@@ -91,7 +92,7 @@ impl Engine {
                 .map_err(Error::from)?;
             budgets.load(&load, total.cost_usd);
         }
-        Ok(budgets.reserve(&ctx.tenant, ctx.api_key.as_deref(), estimate_usd, now)?)
+        Ok(budgets.reserve(&ctx.tenant, ctx.api_key.as_deref(), estimate_usd(), now)?)
     }
 
     /// Settles a call's reservation with what its attempts cost, and returns its ledger rows

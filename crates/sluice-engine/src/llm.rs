@@ -60,11 +60,12 @@ impl Engine {
             workflow_id: Some(row.workflow_id.clone()),
             step: Some(row.step.clone()),
         };
-        let reservation = match self.admit_call(&gateway, &ctx, gateway.estimate_cost(&route, &req, &options)).await {
+        let estimate = || gateway.estimate_cost(&route, &req, &options);
+        let reservation = match self.admit_call(&gateway, &ctx, estimate).await {
             Ok(r) => r,
             Err(Refused::Budget(e)) => {
                 let mut info = ErrorInfo::new("llm.budget_exceeded", e.to_string());
-                info.details = Some(json!({"budget": e.budget, "limit_usd": e.limit_usd, "spent_usd": e.spent_usd}));
+                info.details = Some(e.details());
                 return Err((info, false));
             }
             Err(Refused::Store(e)) => return Err((ErrorInfo::new("llm.ledger_unavailable", e.to_string()), true)),

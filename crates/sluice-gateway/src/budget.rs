@@ -106,6 +106,13 @@ pub struct Exceeded {
     pub estimate_usd: f64,
 }
 
+impl Exceeded {
+    /// The error details callers show: the budget, its limit and the spend.
+    pub fn details(&self) -> serde_json::Value {
+        serde_json::json!({"budget": self.budget, "limit_usd": self.limit_usd, "spent_usd": self.spent_usd})
+    }
+}
+
 impl fmt::Display for Exceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scope = match &self.key {

@@ -56,6 +56,14 @@ impl ApiError {
         self
     }
 
+    /// For routes of the AI gateway on a server started without one.
+    pub fn gateway_not_configured() -> Self {
+        Self::new(
+            "gateway_not_configured",
+            "the AI gateway is not configured; start the server with --gateway FILE (see docs/ai-gateway.md)",
+        )
+    }
+
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
         Self::new("invalid_request", format!("{field}: {}", message.into())).with_details(json!({"field": field}))
     }

@@ -55,6 +55,23 @@ async fn all<T>(futs: Vec<BoxFuture<'_, Result<T>>>) -> Result<Vec<T>> {
     Ok(out)
 }
 
+/// One page, newest first, out of one page per shard. Every shard was asked with the same cursor
+/// (items older than it), so the page is the `limit` newest of theirs; another follows if any
+/// shard had more or some were cut here. `key` is the time-ordered id the cursor is made of.
+fn merge_pages<T>(pages: Vec<Page<T>>, limit: usize, key: impl Fn(&T) -> &String) -> Page<T> {
+    let limit = match limit {
+        0 => 100,
+        n => n.min(1000),
+    };
+    let more = pages.iter().any(|p| p.next_cursor.is_some());
+    let mut items: Vec<T> = pages.into_iter().flat_map(|p| p.items).collect();
+    items.sort_by(|a, b| key(b).cmp(key(a)));
+    let cut = items.len() > limit;
+    items.truncate(limit);
+    let next_cursor = if cut || more { items.last().map(|r| key(r).clone()) } else { None };
+    Page { items, next_cursor }
+}
+
 impl Store for ShardedStore {
     fn commit(&self, batch: Batch) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
@@ -136,19 +153,9 @@ impl Store for ShardedStore {
             if let Some(wid) = &filter.workflow_id {
                 return self.shards[self.shard_of(wid)].list_executions(&tenant, filter).await;
             }
-            let limit = match filter.limit {
-                0 => 100,
-                n => n.min(1000),
-            };
             let pages = all(self.shards.iter().map(|s| s.list_executions(&tenant, filter.clone())).collect()).await?;
-            let more = pages.iter().any(|p| p.next_cursor.is_some());
-            let mut items: Vec<ExecutionRow> = pages.into_iter().flat_map(|p| p.items).collect();
-            // Newest first across shards: run ids are time-ordered.
-            items.sort_by(|a, b| b.run_id.cmp(&a.run_id));
-            let cut = items.len() > limit;
-            items.truncate(limit);
-            let next_cursor = if cut || more { items.last().map(|r| r.run_id.clone()) } else { None };
-            Ok(Page { items, next_cursor })
+            // Run ids are time-ordered.
+            Ok(merge_pages(pages, filter.limit, |r| &r.run_id))
         })
     }
 
@@ -179,19 +186,9 @@ impl Store for ShardedStore {
     fn list_usage(&self, tenant: &str, filter: UsageFilter) -> BoxFuture<'_, Result<Page<UsageRow>>> {
         let tenant = tenant.to_string();
         Box::pin(async move {
-            let limit = match filter.limit {
-                0 => 100,
-                n => n.min(1000),
-            };
             let pages = all(self.shards.iter().map(|s| s.list_usage(&tenant, filter.clone())).collect()).await?;
-            let more = pages.iter().any(|p| p.next_cursor.is_some());
-            let mut items: Vec<UsageRow> = pages.into_iter().flat_map(|p| p.items).collect();
-            // Newest first across shards: ledger ids are time-ordered.
-            items.sort_by(|a, b| b.id.cmp(&a.id));
-            let cut = items.len() > limit;
-            items.truncate(limit);
-            let next_cursor = if cut || more { items.last().map(|r| r.id.clone()) } else { None };
-            Ok(Page { items, next_cursor })
+            // Ledger ids are time-ordered.
+            Ok(merge_pages(pages, filter.limit, |u| &u.id))
         })
     }
 

@@ -220,11 +220,7 @@ impl CompletionRequest {
 
 pub async fn completions(State(app): State<AppState>, RequestBody(bytes): RequestBody) -> Response {
     let Some(gateway) = app.gateway.clone() else {
-        return ApiError::new(
-            "gateway_not_configured",
-            "the AI gateway is not configured; start the server with --gateway FILE (see docs/ai-gateway.md)",
-        )
-        .into_response();
+        return ApiError::gateway_not_configured().into_response();
     };
     let body: CompletionRequest = match parse_json(&bytes) {
         Ok(b) => b,
@@ -239,13 +235,11 @@ pub async fn completions(State(app): State<AppState>, RequestBody(bytes): Reques
     }
     // Until API keys exist every call is the default tenant's, without a key.
     let ctx = CallContext { tenant: DEFAULT_TENANT.to_string(), source: "chat", ..CallContext::default() };
-    let estimate = gateway.estimate_cost(&body.model, &req, &CallOptions::default());
+    let estimate = || gateway.estimate_cost(&body.model, &req, &CallOptions::default());
     let reservation = match app.engine.admit_call(&gateway, &ctx, estimate).await {
         Ok(r) => r,
         Err(Refused::Budget(e)) => {
-            return ApiError::new("budget_exceeded", e.to_string())
-                .with_details(json!({"budget": e.budget, "limit_usd": e.limit_usd, "spent_usd": e.spent_usd}))
-                .into_response()
+            return ApiError::new("budget_exceeded", e.to_string()).with_details(e.details()).into_response()
         }
         Err(Refused::Store(e)) => return ApiError::from(e).into_response(),
     };

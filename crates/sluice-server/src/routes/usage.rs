@@ -70,10 +70,7 @@ pub async fn list(State(app): State<AppState>, Query(q): Query<UsageQuery>) -> R
 /// the alerts raised so far.
 pub async fn budgets(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
     let Some(gateway) = app.gateway.clone() else {
-        return Err(ApiError::new(
-            "gateway_not_configured",
-            "the AI gateway is not configured; start the server with --gateway FILE (see docs/ai-gateway.md)",
-        ));
+        return Err(ApiError::gateway_not_configured());
     };
     let now = now_ms();
     let store = app.engine.store();
