@@ -18,8 +18,8 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use sluice_core::Event;
 use sluice_store::{
-    Batch, BoxFuture, BudgetAlertRow, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow,
-    TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
+    AuditFilter, AuditRow, Batch, BoxFuture, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, Result, Store,
+    StoreError, TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 use tokio_postgres::NoTls;
 
@@ -177,6 +177,44 @@ impl Store for PostgresStore {
     fn list_alerts(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<BudgetAlertRow>>> {
         let tenant = tenant.to_owned();
         Box::pin(async move { read::list_alerts(&self.pool, &tenant).await })
+    }
+
+    fn put_doc(&self, doc: Doc) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async move { writer::put_doc(&self.pool, &doc).await })
+    }
+
+    fn get_doc(&self, tenant: &str, kind: &str, id: &str) -> BoxFuture<'_, Result<Option<Doc>>> {
+        let (tenant, kind, id) = (tenant.to_owned(), kind.to_owned(), id.to_owned());
+        Box::pin(async move { read::get_doc(&self.pool, &tenant, &kind, &id).await })
+    }
+
+    fn list_docs(&self, tenant: &str, kind: &str) -> BoxFuture<'_, Result<Vec<Doc>>> {
+        let (tenant, kind) = (tenant.to_owned(), kind.to_owned());
+        Box::pin(async move { read::list_docs(&self.pool, &tenant, &kind).await })
+    }
+
+    fn delete_doc(&self, tenant: &str, kind: &str, id: &str) -> BoxFuture<'_, Result<bool>> {
+        let (tenant, kind, id) = (tenant.to_owned(), kind.to_owned(), id.to_owned());
+        Box::pin(async move { writer::delete_doc(&self.pool, &tenant, &kind, &id).await })
+    }
+
+    fn find_doc(&self, kind: &str, id: &str) -> BoxFuture<'_, Result<Option<Doc>>> {
+        let (kind, id) = (kind.to_owned(), id.to_owned());
+        Box::pin(async move { read::find_doc(&self.pool, &kind, &id).await })
+    }
+
+    fn append_audit(&self, rows: Vec<AuditRow>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if rows.is_empty() {
+                return Ok(());
+            }
+            writer::append_audit(&self.pool, &rows).await
+        })
+    }
+
+    fn list_audit(&self, tenant: &str, filter: AuditFilter) -> BoxFuture<'_, Result<Page<AuditRow>>> {
+        let tenant = tenant.to_owned();
+        Box::pin(async move { read::list_audit(&self.pool, &tenant, &filter).await })
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<()>> {

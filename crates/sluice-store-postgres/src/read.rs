@@ -4,8 +4,8 @@
 use deadpool_postgres::Pool;
 use sluice_core::Event;
 use sluice_store::{
-    BudgetAlertRow, ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow, TimerRow, UsageFilter, UsageRow,
-    UsageTotal, WorkflowSummary, WorkflowVersion,
+    AuditFilter, AuditRow, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow, TimerRow,
+    UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
@@ -390,4 +390,93 @@ pub(crate) async fn list_alerts(pool: &Pool, tenant: &str) -> Result<Vec<BudgetA
             })
         })
         .collect()
+}
+
+/// The most directory documents one listing returns; directories are small, this only bounds a
+/// runaway.
+const MAX_DOCS: i64 = 10_000;
+
+fn doc_row(r: &Row) -> Result<Doc, StoreError> {
+    Ok(Doc {
+        tenant: get(r, 0)?,
+        kind: get(r, 1)?,
+        id: get(r, 2)?,
+        body: from_json(get(r, 3)?, "body")?,
+        version: get(r, 4)?,
+        updated_at_ms: get(r, 5)?,
+    })
+}
+
+pub(crate) async fn get_doc(pool: &Pool, tenant: &str, kind: &str, id: &str) -> Result<Option<Doc>, StoreError> {
+    let rows = query(
+        pool,
+        "SELECT tenant, kind, id, body, version, updated_at_ms FROM docs WHERE tenant = $1 AND kind = $2 AND id = $3",
+        &[&tenant, &kind, &id],
+    )
+    .await?;
+    rows.first().map(doc_row).transpose()
+}
+
+pub(crate) async fn list_docs(pool: &Pool, tenant: &str, kind: &str) -> Result<Vec<Doc>, StoreError> {
+    let rows = query(
+        pool,
+        "SELECT tenant, kind, id, body, version, updated_at_ms FROM docs WHERE tenant = $1 AND kind = $2
+         ORDER BY id LIMIT $3",
+        &[&tenant, &kind, &MAX_DOCS],
+    )
+    .await?;
+    rows.iter().map(doc_row).collect()
+}
+
+pub(crate) async fn find_doc(pool: &Pool, kind: &str, id: &str) -> Result<Option<Doc>, StoreError> {
+    let rows = query(
+        pool,
+        "SELECT tenant, kind, id, body, version, updated_at_ms FROM docs WHERE kind = $1 AND id = $2 LIMIT 1",
+        &[&kind, &id],
+    )
+    .await?;
+    rows.first().map(doc_row).transpose()
+}
+
+pub(crate) async fn list_audit(pool: &Pool, tenant: &str, filter: &AuditFilter) -> Result<Page<AuditRow>, StoreError> {
+    let limit = match filter.limit {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+    let rows = query(
+        pool,
+        "SELECT id, tenant, at_ms, actor, role, action, target, status, source_ip, trace_id FROM audit
+         WHERE tenant = $1 AND ($2::text IS NULL OR actor = $2) AND ($3::bigint IS NULL OR at_ms >= $3)
+           AND ($4::text IS NULL OR id < $4)
+         ORDER BY id DESC LIMIT $5",
+        &[&tenant, &filter.actor, &filter.since_ms, &filter.cursor, &fetch],
+    )
+    .await?;
+    let mut items = rows
+        .iter()
+        .map(|r| {
+            let status: i32 = get(r, 7)?;
+            Ok(AuditRow {
+                id: get(r, 0)?,
+                tenant: get(r, 1)?,
+                at_ms: get(r, 2)?,
+                actor: get(r, 3)?,
+                role: get(r, 4)?,
+                action: get(r, 5)?,
+                target: get(r, 6)?,
+                status: u16::try_from(status)
+                    .map_err(|_| StoreError::Internal(format!("invalid status {status} in the audit log")))?,
+                source_ip: get(r, 8)?,
+                trace_id: get(r, 9)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    Ok(Page { items, next_cursor })
 }

@@ -125,6 +125,33 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, budget, period_start_ms, level)
     );
     "#,
+    // 3: the identity directory and the audit log.
+    r#"
+    CREATE TABLE docs (
+        tenant        TEXT COLLATE "C" NOT NULL,
+        kind          TEXT COLLATE "C" NOT NULL,
+        id            TEXT COLLATE "C" NOT NULL,
+        body          TEXT   NOT NULL,
+        version       BIGINT NOT NULL,
+        updated_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (tenant, kind, id)
+    );
+    CREATE INDEX docs_by_id ON docs (kind, id);
+
+    CREATE TABLE audit (
+        id        TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+        tenant    TEXT COLLATE "C" NOT NULL,
+        at_ms     BIGINT  NOT NULL,
+        actor     TEXT COLLATE "C" NOT NULL,
+        role      TEXT,
+        action    TEXT    NOT NULL,
+        target    TEXT    NOT NULL,
+        status    INTEGER NOT NULL,
+        source_ip TEXT,
+        trace_id  TEXT
+    );
+    CREATE INDEX audit_by_tenant ON audit (tenant, id);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 
 use deadpool_postgres::{Client, Pool, Transaction};
-use sluice_store::{Batch, ExecChange, StoreError, TimerRow, WorkflowVersion};
+use sluice_store::{AuditRow, Batch, Doc, ExecChange, StoreError, TimerRow, WorkflowVersion};
 
 use crate::codec::{enum_name, opt_json, opt_to_i64, to_i64, to_json};
 use crate::error::{db_err, describe, is_transient, is_unique_violation, pool_err};
@@ -92,6 +92,77 @@ pub(crate) async fn put_workflow(pool: &Pool, tenant: &str, v: &WorkflowVersion)
     let n =
         client.execute(&st, &[&tenant, &v.name, &v.version, &v.definition, &v.created_at_ms]).await.map_err(db_err)?;
     Ok(n == 1)
+}
+
+/// Compare-and-set on the stored version: an insert when the caller read none (`version` 0).
+pub(crate) async fn put_doc(pool: &Pool, d: &Doc) -> Result<bool, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let body = to_json(&d.body)?;
+    let n = if d.version == 0 {
+        let st = client
+            .prepare_cached(
+                "INSERT INTO docs (tenant, kind, id, body, version, updated_at_ms) VALUES ($1, $2, $3, $4, 1, $5)
+                 ON CONFLICT (tenant, kind, id) DO NOTHING",
+            )
+            .await
+            .map_err(db_err)?;
+        client.execute(&st, &[&d.tenant, &d.kind, &d.id, &body, &d.updated_at_ms]).await
+    } else {
+        let st = client
+            .prepare_cached(
+                "UPDATE docs SET body = $4, version = version + 1, updated_at_ms = $5
+                 WHERE tenant = $1 AND kind = $2 AND id = $3 AND version = $6",
+            )
+            .await
+            .map_err(db_err)?;
+        client.execute(&st, &[&d.tenant, &d.kind, &d.id, &body, &d.updated_at_ms, &d.version]).await
+    }
+    .map_err(db_err)?;
+    Ok(n == 1)
+}
+
+pub(crate) async fn delete_doc(pool: &Pool, tenant: &str, kind: &str, id: &str) -> Result<bool, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let st =
+        client.prepare_cached("DELETE FROM docs WHERE tenant = $1 AND kind = $2 AND id = $3").await.map_err(db_err)?;
+    Ok(client.execute(&st, &[&tenant, &kind, &id]).await.map_err(db_err)? == 1)
+}
+
+/// One statement for all rows (arrays unnested), so a flush of the audit buffer is one round trip.
+pub(crate) async fn append_audit(pool: &Pool, rows: &[AuditRow]) -> Result<(), StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let st = client
+        .prepare_cached(
+            "INSERT INTO audit (id, tenant, at_ms, actor, role, action, target, status, source_ip, trace_id)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                                  $7::text[], $8::int[], $9::text[], $10::text[])
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .await
+        .map_err(db_err)?;
+    let col = |f: fn(&AuditRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
+    let opt = |f: fn(&AuditRow) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
+    let at: Vec<i64> = rows.iter().map(|r| r.at_ms).collect();
+    let status: Vec<i32> = rows.iter().map(|r| i32::from(r.status)).collect();
+    client
+        .execute(
+            &st,
+            &[
+                &col(|r| &r.id),
+                &col(|r| &r.tenant),
+                &at,
+                &col(|r| &r.actor),
+                &opt(|r| r.role.as_deref()),
+                &col(|r| &r.action),
+                &col(|r| &r.target),
+                &status,
+                &opt(|r| r.source_ip.as_deref()),
+                &opt(|r| r.trace_id.as_deref()),
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+    Ok(())
 }
 
 async fn apply_batch(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure> {

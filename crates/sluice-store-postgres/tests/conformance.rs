@@ -13,8 +13,8 @@ use serde_json::json;
 use sluice_core::event::EventKind;
 use sluice_core::{Event, ExecStatus};
 use sluice_store::{
-    Batch, BoxFuture, BudgetAlertRow, ExecChange, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError,
-    TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
+    AuditFilter, AuditRow, Batch, BoxFuture, BudgetAlertRow, Doc, ExecChange, ExecutionFilter, ExecutionRow, Page,
+    Result, Store, StoreError, TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 use sluice_store_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
 use tokio_postgres::NoTls;
@@ -190,6 +190,27 @@ impl Store for TestStore {
     }
     fn list_alerts(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<BudgetAlertRow>>> {
         self.store.list_alerts(tenant)
+    }
+    fn put_doc(&self, doc: Doc) -> BoxFuture<'_, Result<bool>> {
+        self.store.put_doc(doc)
+    }
+    fn get_doc(&self, tenant: &str, kind: &str, id: &str) -> BoxFuture<'_, Result<Option<Doc>>> {
+        self.store.get_doc(tenant, kind, id)
+    }
+    fn list_docs(&self, tenant: &str, kind: &str) -> BoxFuture<'_, Result<Vec<Doc>>> {
+        self.store.list_docs(tenant, kind)
+    }
+    fn delete_doc(&self, tenant: &str, kind: &str, id: &str) -> BoxFuture<'_, Result<bool>> {
+        self.store.delete_doc(tenant, kind, id)
+    }
+    fn find_doc(&self, kind: &str, id: &str) -> BoxFuture<'_, Result<Option<Doc>>> {
+        self.store.find_doc(kind, id)
+    }
+    fn append_audit(&self, rows: Vec<AuditRow>) -> BoxFuture<'_, Result<()>> {
+        self.store.append_audit(rows)
+    }
+    fn list_audit(&self, tenant: &str, filter: AuditFilter) -> BoxFuture<'_, Result<Page<AuditRow>>> {
+        self.store.list_audit(tenant, filter)
     }
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         self.store.ping()

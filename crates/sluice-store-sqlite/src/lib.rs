@@ -25,8 +25,8 @@ use std::time::Duration;
 use rusqlite::Connection;
 use sluice_core::Event;
 use sluice_store::{
-    Batch, BoxFuture, BudgetAlertRow, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow,
-    TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
+    AuditFilter, AuditRow, Batch, BoxFuture, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, Result, Store,
+    StoreError, TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 use tokio::sync::oneshot;
 
@@ -217,6 +217,44 @@ impl Store for SqliteStore {
     fn list_alerts(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<BudgetAlertRow>>> {
         let tenant = tenant.to_owned();
         Box::pin(self.readers.run(move |c| read::list_alerts(c, &tenant)))
+    }
+
+    fn put_doc(&self, doc: Doc) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(self.write(Op::PutDoc(doc)))
+    }
+
+    fn get_doc(&self, tenant: &str, kind: &str, id: &str) -> BoxFuture<'_, Result<Option<Doc>>> {
+        let (tenant, kind, id) = (tenant.to_owned(), kind.to_owned(), id.to_owned());
+        Box::pin(self.readers.run(move |c| read::get_doc(c, &tenant, &kind, &id)))
+    }
+
+    fn list_docs(&self, tenant: &str, kind: &str) -> BoxFuture<'_, Result<Vec<Doc>>> {
+        let (tenant, kind) = (tenant.to_owned(), kind.to_owned());
+        Box::pin(self.readers.run(move |c| read::list_docs(c, &tenant, &kind)))
+    }
+
+    fn delete_doc(&self, tenant: &str, kind: &str, id: &str) -> BoxFuture<'_, Result<bool>> {
+        let (tenant, kind, id) = (tenant.to_owned(), kind.to_owned(), id.to_owned());
+        Box::pin(self.write(Op::DeleteDoc { tenant, kind, id }))
+    }
+
+    fn find_doc(&self, kind: &str, id: &str) -> BoxFuture<'_, Result<Option<Doc>>> {
+        let (kind, id) = (kind.to_owned(), id.to_owned());
+        Box::pin(self.readers.run(move |c| read::find_doc(c, &kind, &id)))
+    }
+
+    fn append_audit(&self, rows: Vec<AuditRow>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if rows.is_empty() {
+                return Ok(());
+            }
+            self.write(Op::Audit(rows)).await.map(|_| ())
+        })
+    }
+
+    fn list_audit(&self, tenant: &str, filter: AuditFilter) -> BoxFuture<'_, Result<Page<AuditRow>>> {
+        let tenant = tenant.to_owned();
+        Box::pin(self.readers.run(move |c| read::list_audit(c, &tenant, &filter)))
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<()>> {

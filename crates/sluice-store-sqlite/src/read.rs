@@ -9,8 +9,8 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension};
 use sluice_core::Event;
 use sluice_store::{
-    BudgetAlertRow, ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow, TimerRow, UsageFilter, UsageRow,
-    UsageTotal, WorkflowSummary, WorkflowVersion,
+    AuditFilter, AuditRow, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow, TimerRow,
+    UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 use tokio::sync::Semaphore;
 
@@ -410,4 +410,90 @@ pub(crate) fn list_alerts(conn: &Connection, tenant: &str) -> rusqlite::Result<V
         })
     })?;
     rows.collect()
+}
+
+/// The most directory documents one listing returns; directories are small (users and keys of a
+/// tenant), this only bounds a runaway.
+const MAX_DOCS: i64 = 10_000;
+
+const DOC_COLUMNS: &str = "tenant, kind, id, body, version, updated_at_ms";
+
+fn doc_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Doc> {
+    Ok(Doc {
+        tenant: r.get(0)?,
+        kind: r.get(1)?,
+        id: r.get(2)?,
+        body: json_col(r, 3)?,
+        version: r.get(4)?,
+        updated_at_ms: r.get(5)?,
+    })
+}
+
+pub(crate) fn get_doc(conn: &Connection, tenant: &str, kind: &str, id: &str) -> rusqlite::Result<Option<Doc>> {
+    conn.prepare_cached(&format!("SELECT {DOC_COLUMNS} FROM docs WHERE tenant = ?1 AND kind = ?2 AND id = ?3"))?
+        .query_row(params![tenant, kind, id], doc_row)
+        .optional()
+}
+
+pub(crate) fn list_docs(conn: &Connection, tenant: &str, kind: &str) -> rusqlite::Result<Vec<Doc>> {
+    conn.prepare_cached(&format!(
+        "SELECT {DOC_COLUMNS} FROM docs WHERE tenant = ?1 AND kind = ?2 ORDER BY id LIMIT ?3"
+    ))?
+    .query_map(params![tenant, kind, MAX_DOCS], doc_row)?
+    .collect()
+}
+
+pub(crate) fn find_doc(conn: &Connection, kind: &str, id: &str) -> rusqlite::Result<Option<Doc>> {
+    conn.prepare_cached(&format!("SELECT {DOC_COLUMNS} FROM docs WHERE kind = ?1 AND id = ?2 LIMIT 1"))?
+        .query_row(params![kind, id], doc_row)
+        .optional()
+}
+
+const AUDIT_COLUMNS: &str = "id, tenant, at_ms, actor, role, action, target, status, source_ip, trace_id";
+
+fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
+    Ok(AuditRow {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        at_ms: r.get(2)?,
+        actor: r.get(3)?,
+        role: r.get(4)?,
+        action: r.get(5)?,
+        target: r.get(6)?,
+        status: r.get(7)?,
+        source_ip: r.get(8)?,
+        trace_id: r.get(9)?,
+    })
+}
+
+pub(crate) fn list_audit(conn: &Connection, tenant: &str, filter: &AuditFilter) -> rusqlite::Result<Page<AuditRow>> {
+    let limit = match filter.limit {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE tenant = ?");
+    let mut args = vec![SqlValue::Text(tenant.to_owned())];
+    if let Some(actor) = &filter.actor {
+        sql.push_str(" AND actor = ?");
+        args.push(SqlValue::Text(actor.clone()));
+    }
+    if let Some(since) = filter.since_ms {
+        sql.push_str(" AND at_ms >= ?");
+        args.push(SqlValue::Integer(since));
+    }
+    if let Some(cursor) = &filter.cursor {
+        sql.push_str(" AND id < ?");
+        args.push(SqlValue::Text(cursor.clone()));
+    }
+    sql.push_str(" ORDER BY id DESC LIMIT ?");
+    args.push(SqlValue::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
+    let mut st = conn.prepare_cached(&sql)?;
+    let mut items = st.query_map(params_from_iter(args), audit_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    Ok(Page { items, next_cursor })
 }

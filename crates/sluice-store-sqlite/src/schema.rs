@@ -118,6 +118,33 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, budget, period_start_ms, level)
     ) WITHOUT ROWID, STRICT;
     ",
+    // 3: the identity directory and the audit log.
+    "
+    CREATE TABLE docs (
+        tenant        TEXT    NOT NULL,
+        kind          TEXT    NOT NULL,
+        id            TEXT    NOT NULL,
+        body          TEXT    NOT NULL,
+        version       INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (tenant, kind, id)
+    ) WITHOUT ROWID, STRICT;
+    CREATE INDEX docs_by_id ON docs (kind, id);
+
+    CREATE TABLE audit (
+        id         TEXT    NOT NULL PRIMARY KEY,
+        tenant     TEXT    NOT NULL,
+        at_ms      INTEGER NOT NULL,
+        actor      TEXT    NOT NULL,
+        role       TEXT,
+        action     TEXT    NOT NULL,
+        target     TEXT    NOT NULL,
+        status     INTEGER NOT NULL,
+        source_ip  TEXT,
+        trace_id   TEXT
+    ) WITHOUT ROWID, STRICT;
+    CREATE INDEX audit_by_tenant ON audit (tenant, id);
+    ",
 ];
 
 /// The schema version this build writes.

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use sluice_core::Event;
-use sluice_store::{Batch, BudgetAlertRow, ExecChange, StoreError, TaskRow, TimerRow, UsageRow, WorkflowVersion};
+use sluice_store::{
+    AuditRow, Batch, BudgetAlertRow, Doc, ExecChange, StoreError, TaskRow, TimerRow, UsageRow, WorkflowVersion,
+};
 use tokio::sync::oneshot;
 
 use crate::codec::{enum_name, opt_json, to_json};
@@ -20,6 +22,9 @@ const MAX_GROUP: usize = 1_000;
 pub(crate) enum Op {
     Commit(Batch),
     PutWorkflow { tenant: String, version: WorkflowVersion },
+    PutDoc(Doc),
+    DeleteDoc { tenant: String, kind: String, id: String },
+    Audit(Vec<AuditRow>),
 }
 
 /// One write and where its result goes. The result says whether the write changed anything.
@@ -119,7 +124,61 @@ fn apply(conn: &Connection, op: &Op) -> Result<bool, StoreError> {
     match op {
         Op::Commit(batch) => apply_batch(conn, batch).map(|()| true),
         Op::PutWorkflow { tenant, version } => put_workflow(conn, tenant, version),
+        Op::PutDoc(doc) => put_doc(conn, doc),
+        Op::DeleteDoc { tenant, kind, id } => {
+            let mut st =
+                conn.prepare_cached("DELETE FROM docs WHERE tenant = ?1 AND kind = ?2 AND id = ?3").map_err(db_err)?;
+            Ok(st.execute(params![tenant, kind, id]).map_err(db_err)? == 1)
+        }
+        Op::Audit(rows) => append_audit(conn, rows).map(|()| true),
     }
+}
+
+/// Compare-and-set on the stored version: an insert when the caller read none (`version` 0).
+fn put_doc(conn: &Connection, d: &Doc) -> Result<bool, StoreError> {
+    let body = to_json(&d.body)?;
+    let n = if d.version == 0 {
+        conn.prepare_cached(
+            "INSERT INTO docs (tenant, kind, id, body, version, updated_at_ms) VALUES (?1, ?2, ?3, ?4, 1, ?5)
+             ON CONFLICT (tenant, kind, id) DO NOTHING",
+        )
+        .map_err(db_err)?
+        .execute(params![d.tenant, d.kind, d.id, body, d.updated_at_ms])
+    } else {
+        conn.prepare_cached(
+            "UPDATE docs SET body = ?4, version = version + 1, updated_at_ms = ?5
+             WHERE tenant = ?1 AND kind = ?2 AND id = ?3 AND version = ?6",
+        )
+        .map_err(db_err)?
+        .execute(params![d.tenant, d.kind, d.id, body, d.updated_at_ms, d.version])
+    }
+    .map_err(db_err)?;
+    Ok(n == 1)
+}
+
+fn append_audit(conn: &Connection, rows: &[AuditRow]) -> Result<(), StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "INSERT INTO audit (id, tenant, at_ms, actor, role, action, target, status, source_ip, trace_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
+        )
+        .map_err(db_err)?;
+    for r in rows {
+        st.execute(params![
+            r.id,
+            r.tenant,
+            r.at_ms,
+            r.actor,
+            r.role,
+            r.action,
+            r.target,
+            r.status,
+            r.source_ip,
+            r.trace_id
+        ])
+        .map_err(db_err)?;
+    }
+    Ok(())
 }
 
 fn put_workflow(conn: &Connection, tenant: &str, v: &WorkflowVersion) -> Result<bool, StoreError> {

@@ -89,6 +89,24 @@ pub trait Store: Send + Sync + 'static {
     /// Budget alerts of a tenant, newest first.
     fn list_alerts(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<BudgetAlertRow>>>;
 
+    /// Writes a directory document if the stored version still equals `doc.version` (0: only if
+    /// absent); the stored version becomes `doc.version + 1`. Returns false, changing nothing,
+    /// when another write came first.
+    fn put_doc(&self, doc: Doc) -> BoxFuture<'_, Result<bool>>;
+    fn get_doc(&self, tenant: &str, kind: &str, id: &str) -> BoxFuture<'_, Result<Option<Doc>>>;
+    /// Every document of a kind in a tenant, by id.
+    fn list_docs(&self, tenant: &str, kind: &str) -> BoxFuture<'_, Result<Vec<Doc>>>;
+    /// Removes a document; false when there was none.
+    fn delete_doc(&self, tenant: &str, kind: &str, id: &str) -> BoxFuture<'_, Result<bool>>;
+    /// The one lookup across tenants: a document by a globally unique id (an API key's id,
+    /// which is how a request names its tenant). Callers check what they find.
+    fn find_doc(&self, kind: &str, id: &str) -> BoxFuture<'_, Result<Option<Doc>>>;
+
+    /// Appends audit rows (each names its tenant); a row whose id is stored already is ignored.
+    fn append_audit(&self, rows: Vec<AuditRow>) -> BoxFuture<'_, Result<()>>;
+    /// Audit rows of a tenant, newest first, with keyset pagination.
+    fn list_audit(&self, tenant: &str, filter: AuditFilter) -> BoxFuture<'_, Result<Page<AuditRow>>>;
+
     /// Whether the database answers.
     fn ping(&self) -> BoxFuture<'_, Result<()>>;
 }

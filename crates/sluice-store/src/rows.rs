@@ -203,3 +203,47 @@ pub struct BudgetAlertRow {
     pub spent_usd: f64,
     pub at_ms: i64,
 }
+
+/// A small JSON document of the identity directory (tenants, users, API keys, signing keys,
+/// shares): read often, written rarely, cached by its owner. `(tenant, kind, id)` is its key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Doc {
+    pub tenant: String,
+    pub kind: String,
+    pub id: String,
+    pub body: Value,
+    /// Bumped by every write; 0 means "not stored yet" in a write (create only).
+    pub version: i64,
+    pub updated_at_ms: i64,
+}
+
+/// One line of the audit log: who did what, to what, when and from where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRow {
+    /// Unique and time-ordered (made by the caller); the log's order and cursor.
+    pub id: String,
+    pub tenant: String,
+    pub at_ms: i64,
+    /// `user:<email>`, `key:<id>` or `anonymous`.
+    pub actor: String,
+    /// The actor's role, when known.
+    pub role: Option<String>,
+    /// What was done, e.g. `POST /v1/executions` or `auth.login`.
+    pub action: String,
+    /// What it was done to: a request path or an object id.
+    pub target: String,
+    /// The HTTP status of the answer.
+    pub status: u16,
+    /// The client's address.
+    pub source_ip: Option<String>,
+    pub trace_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditFilter {
+    pub actor: Option<String>,
+    pub since_ms: Option<i64>,
+    /// Opaque cursor from a previous page.
+    pub cursor: Option<String>,
+    pub limit: usize,
+}

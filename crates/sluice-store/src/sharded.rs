@@ -2,15 +2,15 @@
 //! workflow id's first segment (the part before the first `.`), so a parent and its children
 //! (`order-7.charge`) and every run of a continue-as-new chain share a shard and one batch stays
 //! one transaction. Lookups by run id and listings ask every shard; workflow definitions are
-//! written to all of them.
+//! written to all of them. The identity directory and the audit log live on the first shard.
 
 use std::sync::Arc;
 
 use sluice_core::Event;
 
 use crate::{
-    Batch, BoxFuture, BudgetAlertRow, ExecutionFilter, ExecutionRow, Page, Result, Store, StoreError, TaskRow,
-    TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
+    AuditFilter, AuditRow, Batch, BoxFuture, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, Result, Store,
+    StoreError, TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 
 pub struct ShardedStore {
@@ -208,6 +208,34 @@ impl Store for ShardedStore {
 
     fn list_alerts(&self, tenant: &str) -> BoxFuture<'_, Result<Vec<BudgetAlertRow>>> {
         self.shards[0].list_alerts(tenant)
+    }
+
+    fn put_doc(&self, doc: Doc) -> BoxFuture<'_, Result<bool>> {
+        self.shards[0].put_doc(doc)
+    }
+
+    fn get_doc(&self, tenant: &str, kind: &str, id: &str) -> BoxFuture<'_, Result<Option<Doc>>> {
+        self.shards[0].get_doc(tenant, kind, id)
+    }
+
+    fn list_docs(&self, tenant: &str, kind: &str) -> BoxFuture<'_, Result<Vec<Doc>>> {
+        self.shards[0].list_docs(tenant, kind)
+    }
+
+    fn delete_doc(&self, tenant: &str, kind: &str, id: &str) -> BoxFuture<'_, Result<bool>> {
+        self.shards[0].delete_doc(tenant, kind, id)
+    }
+
+    fn find_doc(&self, kind: &str, id: &str) -> BoxFuture<'_, Result<Option<Doc>>> {
+        self.shards[0].find_doc(kind, id)
+    }
+
+    fn append_audit(&self, rows: Vec<AuditRow>) -> BoxFuture<'_, Result<()>> {
+        self.shards[0].append_audit(rows)
+    }
+
+    fn list_audit(&self, tenant: &str, filter: AuditFilter) -> BoxFuture<'_, Result<Page<AuditRow>>> {
+        self.shards[0].list_audit(tenant, filter)
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<()>> {

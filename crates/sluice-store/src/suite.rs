@@ -16,8 +16,8 @@ use sluice_core::{ErrorInfo, Event, ExecStatus};
 use tokio::task::JoinSet;
 
 use crate::{
-    Batch, BudgetAlertRow, ExecChange, ExecutionFilter, ExecutionRow, Store, StoreError, TaskRow, TimerRow,
-    UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
+    AuditFilter, AuditRow, Batch, BudgetAlertRow, Doc, ExecChange, ExecutionFilter, ExecutionRow, Store, StoreError,
+    TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 
 /// Expands to one `#[tokio::test]` per conformance case; `$make` is an async expression that
@@ -38,6 +38,7 @@ macro_rules! store_suite {
             list_executions_order_and_filters,
             list_executions_pagination,
             usage_ledger,
+            directory_and_audit,
             ping,
         );
         $crate::store_suite!(@shared $make;
@@ -177,6 +178,98 @@ pub async fn usage_ledger(s: &dyn Store) {
     let soft = alerts.iter().find(|a| a.level == "soft").expect("the ledger answers");
     assert_eq!(soft.spent_usd, 8.5, "the first alert of a period stays");
     assert!(s.list_alerts(&other).await.expect("the ledger answers").is_empty());
+}
+
+/// Directory documents: create-only and compare-and-set writes, reads scoped by tenant, the one
+/// cross-tenant lookup by id, deletes. The audit log: idempotent appends, newest first, filters
+/// and pages, scoped by tenant.
+pub async fn directory_and_audit(s: &dyn Store) {
+    let fx = Fixture::new();
+    let (t, other) = (fx.tenant("dir"), fx.tenant("dir-other"));
+    let key_id = format!("{}-key", fx.tag);
+    let doc = |tenant: &str, kind: &str, id: &str, version: i64, n: i64| Doc {
+        tenant: tenant.into(),
+        kind: kind.into(),
+        id: id.into(),
+        body: json!({"n": n, "name": "Ada"}),
+        version,
+        updated_at_ms: 1_000 + n,
+    };
+    assert!(s.put_doc(doc(&t, "user", "ada@example.com", 0, 1)).await.expect("directory answers"));
+    assert!(!s.put_doc(doc(&t, "user", "ada@example.com", 0, 2)).await.expect("directory answers"), "create twice");
+    let got = s.get_doc(&t, "user", "ada@example.com").await.expect("directory answers").expect("stored");
+    assert_eq!((got.version, got.body["n"].clone(), got.updated_at_ms), (1, json!(1), 1_001));
+    // Compare-and-set: the writer that read version 1 wins, a second one that read 1 loses.
+    assert!(s.put_doc(doc(&t, "user", "ada@example.com", 1, 3)).await.expect("directory answers"));
+    assert!(!s.put_doc(doc(&t, "user", "ada@example.com", 1, 4)).await.expect("directory answers"), "stale write");
+    let got = s.get_doc(&t, "user", "ada@example.com").await.expect("directory answers").expect("stored");
+    assert_eq!((got.version, got.body["n"].clone()), (2, json!(3)));
+    // A write to a document that is not there is refused, not turned into an insert.
+    assert!(!s.put_doc(doc(&t, "user", "nobody@example.com", 5, 1)).await.expect("directory answers"));
+
+    assert!(s.put_doc(doc(&t, "user", "bob@example.com", 0, 5)).await.expect("directory answers"));
+    assert!(s.put_doc(doc(&t, "api_key", &key_id, 0, 6)).await.expect("directory answers"));
+    assert!(s.put_doc(doc(&other, "user", "ada@example.com", 0, 7)).await.expect("directory answers"));
+    let users = s.list_docs(&t, "user").await.expect("directory answers");
+    let ids: Vec<&str> = users.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["ada@example.com", "bob@example.com"], "by id, one kind, one tenant");
+    assert_eq!(
+        s.get_doc(&other, "user", "ada@example.com").await.expect("directory answers").expect("theirs").body["n"],
+        7
+    );
+    assert!(s.get_doc(&other, "api_key", &key_id).await.expect("directory answers").is_none(), "tenant scoped");
+
+    let found = s.find_doc("api_key", &key_id).await.expect("directory answers").expect("found across tenants");
+    assert_eq!((found.tenant.as_str(), found.body["n"].clone()), (t.as_str(), json!(6)));
+    assert!(s.find_doc("api_key", "no-such-key").await.expect("directory answers").is_none());
+
+    assert!(s.delete_doc(&t, "user", "bob@example.com").await.expect("directory answers"));
+    assert!(!s.delete_doc(&t, "user", "bob@example.com").await.expect("directory answers"));
+    assert!(s.delete_doc(&t, "user", "ada@example.com").await.expect("directory answers"));
+    assert!(s.get_doc(&t, "user", "ada@example.com").await.expect("directory answers").is_none());
+    assert!(s.get_doc(&other, "user", "ada@example.com").await.expect("directory answers").is_some(), "theirs stays");
+
+    let audit = |n: u32, tenant: &str, actor: &str| AuditRow {
+        id: format!("{}-a{n:04}", fx.tag),
+        tenant: tenant.into(),
+        at_ms: 10_000 + i64::from(n),
+        actor: actor.into(),
+        role: Some("admin".into()),
+        action: "POST /v1/executions".into(),
+        target: format!("/v1/executions/{n}"),
+        status: 201,
+        source_ip: (n % 2 == 0).then(|| "127.0.0.1".to_string()),
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+    };
+    let rows: Vec<AuditRow> =
+        (1..=5).map(|n| audit(n, &t, if n <= 3 { "user:ada" } else { "key:k1" })).collect::<Vec<_>>();
+    s.append_audit(rows.clone()).await.expect("audit answers");
+    s.append_audit(vec![rows[0].clone(), audit(6, &other, "user:ada")]).await.expect("a replayed row is ignored");
+    s.append_audit(Vec::new()).await.expect("nothing to append");
+    let page = s.list_audit(&t, AuditFilter::default()).await.expect("audit answers");
+    let ns: Vec<&str> = page.items.iter().map(|a| &a.id[a.id.len() - 4..]).collect();
+    assert_eq!(ns, ["0005", "0004", "0003", "0002", "0001"]);
+    assert_eq!(page.items[3], rows[1], "an audit row must round-trip exactly");
+    let by_actor = s
+        .list_audit(&t, AuditFilter { actor: Some("key:k1".into()), ..AuditFilter::default() })
+        .await
+        .expect("audit answers");
+    assert_eq!(by_actor.items.len(), 2);
+    let since = s
+        .list_audit(&t, AuditFilter { since_ms: Some(10_003), ..AuditFilter::default() })
+        .await
+        .expect("audit answers");
+    assert_eq!(since.items.len(), 3);
+    let first = s.list_audit(&t, AuditFilter { limit: 2, ..AuditFilter::default() }).await.expect("audit answers");
+    assert_eq!(first.items.len(), 2);
+    let rest = s
+        .list_audit(&t, AuditFilter { cursor: first.next_cursor.clone(), limit: 10, ..AuditFilter::default() })
+        .await
+        .expect("audit answers");
+    assert_eq!(rest.items.len(), 3);
+    assert_eq!(rest.next_cursor, None);
+    let theirs = s.list_audit(&other, AuditFilter::default()).await.expect("audit answers");
+    assert_eq!(theirs.items.len(), 1, "tenant scoped");
 }
 
 /// Stores versions; reads one by hash, the latest by `created_at_ms`, and the listings.
