@@ -68,6 +68,7 @@ const ORDER: &[&str] = &[
     "sluice-store-sqlite",
     "sluice-store-postgres",
     "sluice-gateway",
+    "sluice-auth",
     "sluice-engine",
     "sluice-server",
     "sluice-worker",

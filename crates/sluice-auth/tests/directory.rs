@@ -1,0 +1,155 @@
+//! The directory against a real SQLite store: users and passwords, session tokens and key
+//! rotation, API keys from creation to revocation, and the grant rules.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_auth::{Actor, AuthConfig, AuthError, Directory, NewApiKey, NewUser, Principal, Role};
+use sluice_store::Store;
+use sluice_store_sqlite::SqliteStore;
+
+fn store(label: &str) -> (std::path::PathBuf, Arc<dyn Store>) {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let dir = std::env::temp_dir().join(format!("sluice-auth-{label}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("db.sqlite")).unwrap());
+    (dir, s)
+}
+
+fn admin(tenant: &str) -> Principal {
+    Principal { tenant: tenant.into(), actor: Actor::User { email: "root@acme.io".into() }, role: Role::Admin }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_log_in_and_sessions_follow_the_directory() {
+    let (dir, s) = store("users");
+    let d = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    assert!(!d.has_credentials().await.unwrap());
+    assert!(d.create_tenant("acme", "Acme").await.unwrap());
+    assert!(!d.create_tenant("acme", "Acme again").await.unwrap());
+    assert!(matches!(d.create_tenant("Bad_Tenant", "x").await, Err(AuthError::Invalid { .. })));
+    assert!(matches!(d.create_tenant("_system", "x").await, Err(AuthError::Invalid { .. })));
+
+    let new = |email: &str, role| NewUser { email: email.into(), password: Some("correct horse battery".into()), role };
+    let ada = d.create_user("acme", None, new("Ada@Example.com", Role::Editor)).await.unwrap();
+    assert_eq!(ada.email, "ada@example.com", "emails are normalized");
+    assert!(d.has_credentials().await.unwrap());
+    assert!(matches!(
+        d.create_user("acme", None, new("ada@example.com", Role::Viewer)).await,
+        Err(AuthError::Conflict(_))
+    ));
+    assert!(
+        matches!(d.create_user("acme", None, new("not-an-email", Role::Viewer)).await, Err(AuthError::Invalid { field, .. }) if field == "email")
+    );
+    let short = NewUser { email: "bob@example.com".into(), password: Some("short".into()), role: Role::Viewer };
+    assert!(
+        matches!(d.create_user("acme", None, short).await, Err(AuthError::Invalid { field, .. }) if field == "password")
+    );
+    // Admins cannot make owners.
+    assert!(matches!(
+        d.create_user("acme", Some(&admin("acme")), new("o@x.io", Role::Owner)).await,
+        Err(AuthError::Forbidden(_))
+    ));
+
+    // Stored hashes are argon2id, never the password.
+    let raw = s.get_doc("acme", "user", "ada@example.com").await.unwrap().unwrap();
+    let text = raw.body.to_string();
+    assert!(text.contains("$argon2id$") && !text.contains("correct horse"), "{text}");
+
+    let (token, exp) = d.login("acme", "ADA@example.com", "correct horse battery").await.unwrap();
+    assert!(exp > sluice_auth::now_ms());
+    let p = d.authenticate(&token).await.unwrap();
+    assert_eq!((p.tenant.as_str(), p.role, p.user()), ("acme", Role::Editor, Some("ada@example.com")));
+    for (tenant, email, pw) in [
+        ("acme", "ada@example.com", "wrong password!!"),
+        ("acme", "nobody@example.com", "correct horse battery"),
+        ("other", "ada@example.com", "correct horse battery"),
+        ("_system", "ada@example.com", "correct horse battery"),
+    ] {
+        assert_eq!(d.login(tenant, email, pw).await.unwrap_err(), AuthError::InvalidCredentials, "{tenant} {email}");
+    }
+
+    // A rotated signing key keeps old sessions valid; a second node loads the new key on demand.
+    let other_node = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    let rotating =
+        Directory::open(Arc::clone(&s), AuthConfig { rotate_after: Duration::from_millis(1), ..AuthConfig::default() })
+            .await
+            .unwrap();
+    let kids = rotating.signing_kids();
+    assert!(kids.len() >= 2, "rotation made a second key: {kids:?}");
+    assert!(rotating.authenticate(&token).await.is_ok(), "a session of the old key survives rotation");
+    let (fresh, _) = rotating.login("acme", "ada@example.com", "correct horse battery").await.unwrap();
+    assert!(other_node.authenticate(&fresh).await.is_ok(), "another node learns the new kid from the store");
+
+    // Removing the user ends their sessions.
+    d.delete_user("acme", &admin("acme"), "ada@example.com").await.unwrap();
+    assert!(matches!(d.authenticate(&token).await, Err(AuthError::Unauthenticated(_))));
+    assert!(matches!(d.authenticate("a.b.c").await, Err(AuthError::Unauthenticated(_))));
+    assert!(matches!(d.authenticate("hello").await, Err(AuthError::Unauthenticated(_))));
+    drop((d, other_node, rotating, s));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
+    let (dir, s) = store("keys");
+    let d = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    d.create_tenant("acme", "Acme").await.unwrap();
+    d.create_tenant("globex", "Globex").await.unwrap();
+    let (view, key) = d
+        .create_api_key("acme", None, NewApiKey { name: "ci".into(), role: Role::Worker, expires_in: None })
+        .await
+        .unwrap();
+    assert!(key.starts_with("slk_") && key.contains(&view.id));
+    let stored = s.get_doc("acme", "api_key", &view.id).await.unwrap().unwrap().body.to_string();
+    assert!(!stored.contains(&key[21..]), "the secret is not stored");
+
+    let p = d.authenticate(&key).await.unwrap();
+    assert_eq!((p.tenant.as_str(), p.role, p.api_key()), ("acme", Role::Worker, Some(view.id.as_str())));
+    // A key with one changed character is refused.
+    let mut forged = key.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'a' { 'b' } else { 'a' });
+    assert!(matches!(d.authenticate(&forged).await, Err(AuthError::Unauthenticated(_))));
+
+    // Last use is recorded in the background.
+    for _ in 0..100 {
+        if d.list_api_keys("acme").await.unwrap()[0].last_used_ms.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(d.list_api_keys("acme").await.unwrap()[0].last_used_ms.is_some(), "last use recorded");
+
+    // Another tenant's admin cannot see or revoke it.
+    assert!(d.list_api_keys("globex").await.unwrap().is_empty());
+    assert!(matches!(d.revoke_api_key("globex", &admin("globex"), &view.id).await, Err(AuthError::NotFound(_))));
+    let revoked = d.revoke_api_key("acme", &admin("acme"), &view.id).await.unwrap();
+    assert!(revoked.revoked_at_ms.is_some());
+    assert!(matches!(d.authenticate(&key).await, Err(AuthError::Unauthenticated(_))), "revoked at once on this node");
+    let again = d.revoke_api_key("acme", &admin("acme"), &view.id).await.unwrap();
+    assert_eq!(again.revoked_at_ms, revoked.revoked_at_ms, "revoking twice keeps the first time");
+
+    // Expiry.
+    let (_, short) = d
+        .create_api_key(
+            "acme",
+            None,
+            NewApiKey { name: "short".into(), role: Role::Viewer, expires_in: Some(Duration::from_millis(1)) },
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(matches!(d.authenticate(&short).await, Err(AuthError::Unauthenticated(m)) if m.contains("expired")));
+    // Grants.
+    let editor = Principal { role: Role::Editor, ..admin("acme") };
+    let want = || NewApiKey { name: "x".into(), role: Role::Viewer, expires_in: None };
+    assert!(matches!(d.create_api_key("acme", Some(&editor), want()).await, Err(AuthError::Forbidden(_))));
+    assert!(matches!(
+        d.create_api_key("acme", None, NewApiKey { name: " ".into(), ..want() }).await,
+        Err(AuthError::Invalid { field, .. }) if field == "name"
+    ));
+    drop((d, s));
+    let _ = std::fs::remove_dir_all(dir);
+}
