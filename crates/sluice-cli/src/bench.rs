@@ -12,6 +12,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+use sluice_server::sluice_auth::{NewApiKey, Role};
+
 use crate::client::Api;
 use crate::out;
 
@@ -52,9 +54,21 @@ pub struct BenchArgs {
     /// PostgreSQL URL.
     #[arg(long)]
     database: Option<String>,
-    /// Use the server named by --server instead of starting one.
+    /// Use the server named by --server instead of starting one (with --api-key when it needs
+    /// one).
     #[arg(long)]
     external: bool,
+    /// Authentication on the bench's own server: `on` (an API key per request, as in
+    /// production), `off`, or `both`: off then on, in this process, and the ratio of their P99.
+    #[arg(long, value_enum, default_value_t = AuthMode::On)]
+    auth: AuthMode,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum, Debug)]
+pub enum AuthMode {
+    On,
+    Off,
+    Both,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -71,30 +85,105 @@ fn rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-pub async fn run(args: BenchArgs, server: &str, json_out: bool) -> Result<()> {
+pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out: bool) -> Result<()> {
     if let Some(BenchMode::Gateway(gateway)) = args.mode {
         return crate::bench_gateway::run(gateway, json_out).await;
     }
     if args.executions == 0 || args.steps == 0 || args.concurrency == 0 {
         bail!("--executions, --steps and --concurrency must be at least 1");
     }
-    let mut _tmp_db = None;
-    let base = if args.external {
-        server.to_string()
-    } else {
+    if args.external {
+        let report = measure(&args, server, api_key).await?;
+        return finish(&args, vec![report], json_out);
+    }
+    let modes: &[bool] = match args.auth {
+        AuthMode::On => &[true],
+        AuthMode::Off => &[false],
+        AuthMode::Both => &[false, true],
+    };
+    let mut reports = Vec::new();
+    for &auth in modes {
+        let mut tmp_db = None;
         let db = match &args.database {
             Some(p) => p.clone(),
             None => {
-                let p = std::env::temp_dir().join(format!("sluice-bench-{}.db", std::process::id()));
-                _tmp_db = Some(p.clone());
+                let p = std::env::temp_dir().join(format!("sluice-bench-{}-{auth}.db", std::process::id()));
+                tmp_db = Some(p.clone());
                 p.display().to_string()
             }
         };
         let (engine, listener, addr) = crate::server::start(&db, "127.0.0.1", 0, None).await?;
-        tokio::spawn(sluice_server::serve(listener, engine, std::future::pending()));
-        format!("http://{addr}")
+        let (directory, key) = if auth {
+            let dir = crate::server::open_directory(engine.store()).await?;
+            dir.create_tenant(sluice_server::routes::DEFAULT_TENANT, "Default").await?;
+            let new = NewApiKey { name: "bench".into(), role: Role::Admin, expires_in: None };
+            let (_, key) = dir.create_api_key(sluice_server::routes::DEFAULT_TENANT, None, new).await?;
+            (Some(dir), Some(key))
+        } else {
+            (None, None)
+        };
+        let opts = sluice_server::Options { directory, ..sluice_server::Options::default() };
+        let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(sluice_server::serve_with(listener, engine, opts, async move {
+            let _ = stopped.await;
+        }));
+        let mut report = measure(&args, &format!("http://{addr}"), key.as_deref()).await;
+        if let Ok(r) = &mut report {
+            r["auth"] = json!(auth);
+        }
+        let _ = stop_server.send(());
+        let _ = server.await;
+        if let Some(p) = tmp_db {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", p.display()));
+            }
+        }
+        reports.push(report?);
+    }
+    finish(&args, reports, json_out)
+}
+
+/// Prints the reports (and, with two, the ratio of auth on to off); fails when executions failed.
+fn finish(args: &BenchArgs, reports: Vec<Value>, json_out: bool) -> Result<()> {
+    let ratio = match reports.as_slice() {
+        [off, on] => {
+            let p99 = |r: &Value| r["latency_ms"]["p99"].as_f64().unwrap_or(0.0);
+            Some(if p99(off) > 0.0 { p99(on) / p99(off) } else { 0.0 })
+        }
+        _ => None,
     };
-    let api = Api::new(&base);
+    if json_out {
+        match ratio {
+            Some(ratio) => out(&json!({"runs": reports, "p99_auth_on_over_off": ratio}).to_string()),
+            None => out(&reports[0].to_string()),
+        }
+    } else {
+        for report in &reports {
+            out(&format!(
+                "{} executions x {} {} steps, concurrency {}, workers {}, auth {}\n  {:.2} s  {:.0} executions/s  {:.0} steps/s\n  start->result ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}\n  failed {}",
+                args.executions, args.steps, report["step_kind"].as_str().unwrap_or(""), args.concurrency, args.workers,
+                match report["auth"].as_bool() { Some(true) => "on", Some(false) => "off", None => "as the server has it" },
+                report["seconds"].as_f64().unwrap_or(0.0), report["executions_per_s"].as_f64().unwrap_or(0.0),
+                report["steps_per_s"].as_f64().unwrap_or(0.0),
+                report["latency_ms"]["p50"].as_f64().unwrap_or(0.0), report["latency_ms"]["p95"].as_f64().unwrap_or(0.0),
+                report["latency_ms"]["p99"].as_f64().unwrap_or(0.0), report["latency_ms"]["max"].as_f64().unwrap_or(0.0),
+                report["failed"]
+            ));
+        }
+        if let Some(ratio) = ratio {
+            out(&format!("  p99 auth on / auth off: {ratio:.3}"));
+        }
+    }
+    let failed: u64 = reports.iter().map(|r| r["failed"].as_u64().unwrap_or(0)).sum();
+    if failed > 0 {
+        bail!("{failed} executions did not complete");
+    }
+    Ok(())
+}
+
+/// One run against the server at `base`.
+async fn measure(args: &BenchArgs, base: &str, api_key: Option<&str>) -> Result<Value> {
+    let api = Api::new(base, api_key);
     let name = format!(
         "bench-{}-{}",
         match args.step_kind {
@@ -115,7 +204,10 @@ pub async fn run(args: BenchArgs, server: &str, json_out: bool) -> Result<()> {
     if args.step_kind == StepKind::Task {
         for _ in 0..args.workers {
             let stop = stop.clone();
-            let w = sluice_worker::Worker::new(&base).concurrency(256).queue("bench", |t| async move { Ok(t.input) });
+            let w = sluice_worker::Worker::new(base)
+                .api_key(api_key)
+                .concurrency(256)
+                .queue("bench", |t| async move { Ok(t.input) });
             tokio::spawn(w.run(async move { stop.notified().await }));
         }
     }
@@ -170,25 +262,5 @@ pub async fn run(args: BenchArgs, server: &str, json_out: bool) -> Result<()> {
         "rss_mib": rss_kib().map(|k| k as f64 / 1024.0),
         "server": if args.external { "external" } else { "in-process" },
     });
-    if let Some(p) = _tmp_db {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", p.display()));
-        }
-    }
-    if json_out {
-        out(&report.to_string());
-    } else {
-        out(&format!(
-            "{} executions x {} {} steps, concurrency {}, workers {}\n  {:.2} s  {:.0} executions/s  {:.0} steps/s\n  start->result ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}\n  failed {}",
-            args.executions, args.steps, report["step_kind"].as_str().unwrap_or(""), args.concurrency, args.workers,
-            elapsed, report["executions_per_s"].as_f64().unwrap_or(0.0), report["steps_per_s"].as_f64().unwrap_or(0.0),
-            report["latency_ms"]["p50"].as_f64().unwrap_or(0.0), report["latency_ms"]["p95"].as_f64().unwrap_or(0.0),
-            report["latency_ms"]["p99"].as_f64().unwrap_or(0.0), report["latency_ms"]["max"].as_f64().unwrap_or(0.0),
-            report["failed"]
-        ));
-    }
-    if failed.load(Ordering::Relaxed) > 0 {
-        bail!("{} executions did not complete", failed.load(Ordering::Relaxed));
-    }
-    Ok(())
+    Ok(report)
 }

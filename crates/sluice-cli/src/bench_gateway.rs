@@ -104,7 +104,10 @@ breaker: {{failure_threshold: 1000000000, cool_down_ms: 1}}
     let started = crate::server::start(&db.display().to_string(), "127.0.0.1", 0, Some(gateway.clone())).await;
     let result = match started {
         Ok((engine, listener, addr)) => {
-            tokio::spawn(sluice_server::serve_with(listener, engine, Some(gateway), std::future::pending()));
+            // Authentication off: this measures the gateway's own cost (`sluice bench --auth both`
+            // measures authentication's).
+            let opts = sluice_server::Options { gateway: Some(gateway), ..sluice_server::Options::default() };
+            tokio::spawn(sluice_server::serve_with(listener, engine, opts, std::future::pending()));
             measure_all(&args, [upstream_addr, addr]).await
         }
         Err(e) => Err(e),

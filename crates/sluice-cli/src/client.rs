@@ -13,8 +13,18 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(base: &str) -> Self {
-        Self { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_string() }
+    /// A client of the server at `base`, sending `api_key` (an API key or a session token) on
+    /// every request when given.
+    pub fn new(base: &str, api_key: Option<&str>) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = api_key {
+            if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")) {
+                v.set_sensitive(true);
+                headers.insert(reqwest::header::AUTHORIZATION, v);
+            }
+        }
+        let http = reqwest::Client::builder().default_headers(headers).build().unwrap_or_default();
+        Self { http, base: base.trim_end_matches('/').to_string() }
     }
 
     async fn decode(&self, resp: std::result::Result<reqwest::Response, reqwest::Error>) -> Result<Value> {
@@ -22,6 +32,14 @@ impl Api {
             anyhow!("cannot reach the server at {}: {e}; start one with `sluice dev` or set --server", self.base)
         })?;
         let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            return Err(anyhow!(
+                "{} (unauthenticated): pass --api-key or set SLUICE_API_KEY (`sluice dev` prints one; \
+                 `sluice admin init` makes one)",
+                body["error"]["message"].as_str().unwrap_or("the server wants credentials")
+            ));
+        }
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if status.is_client_error() || status.is_server_error() {
             let err = &body["error"];

@@ -27,6 +27,7 @@ impl Recorder {
 
 pub async fn run_worker(
     server: &str,
+    api_key: Option<&str>,
     queues: Vec<String>,
     concurrency: usize,
     record: Option<PathBuf>,
@@ -43,7 +44,7 @@ pub async fn run_worker(
         )))),
         None => None,
     };
-    let mut w = Worker::new(server).concurrency(concurrency);
+    let mut w = Worker::new(server).api_key(api_key).concurrency(concurrency);
     if let Some(r) = recorder.clone() {
         w = w.on_result(Arc::new(move |token: &str, ok: bool| {
             if ok {

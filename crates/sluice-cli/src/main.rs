@@ -18,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::client::Api;
+use sluice_server::sluice_auth::{Quota, RateLimitConfig};
 
 // Many small, short-lived allocations per step (JSON, events): mimalloc handles them far better
 // than the system allocator.
@@ -33,6 +34,9 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// API key or session token sent to the server as `Authorization: Bearer ...`.
+    #[arg(long, global = true, env = "SLUICE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Log format on stderr: text or json.
     #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -56,6 +60,37 @@ pub struct ServeArgs {
     /// `/v1/chat/completions`; see docs/ai-gateway.md and examples/gateway.yaml.
     #[arg(long, value_name = "FILE", env = "SLUICE_GATEWAY")]
     gateway: Option<PathBuf>,
+    /// Serve without authentication: every caller is the owner of the tenant `default`. For
+    /// throwaway local servers only; logged loudly.
+    #[arg(long, env = "SLUICE_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+    /// Requests per API key, e.g. `1000/hour` (GCRA: the whole quota at once, then evenly).
+    #[arg(long, value_name = "N/PERIOD", env = "SLUICE_RATE_LIMIT_PER_KEY", value_parser = parse_quota)]
+    rate_limit_per_key: Option<Quota>,
+    /// Requests per user of a session token, e.g. `100/hour`.
+    #[arg(long, value_name = "N/PERIOD", env = "SLUICE_RATE_LIMIT_PER_USER", value_parser = parse_quota)]
+    rate_limit_per_user: Option<Quota>,
+    /// Requests per tenant, all its keys and users together.
+    #[arg(long, value_name = "N/PERIOD", env = "SLUICE_RATE_LIMIT_PER_TENANT", value_parser = parse_quota)]
+    rate_limit_per_tenant: Option<Quota>,
+    /// Requests to this node from everyone, e.g. `10000/hour`.
+    #[arg(long, value_name = "N/PERIOD", env = "SLUICE_RATE_LIMIT_GLOBAL", value_parser = parse_quota)]
+    rate_limit_global: Option<Quota>,
+}
+
+impl ServeArgs {
+    fn limits(&self) -> RateLimitConfig {
+        RateLimitConfig {
+            per_key: self.rate_limit_per_key,
+            per_user: self.rate_limit_per_user,
+            per_tenant: self.rate_limit_per_tenant,
+            global: self.rate_limit_global,
+        }
+    }
+}
+
+fn parse_quota(s: &str) -> Result<Quota, String> {
+    Quota::parse(s)
 }
 
 #[derive(Subcommand)]
@@ -143,9 +178,40 @@ enum Command {
     /// Load generator: executions/s, steps/s and start-to-result latency percentiles;
     /// `bench gateway`: the latency the AI gateway adds over a loopback upstream.
     Bench(bench::BenchArgs),
+    /// Administration straight on the database (no server needed): tenants and their first keys.
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// Run a labelled JSONL dataset through a gateway route: accuracy, precision, recall and F1,
     /// cost and latency per target; `--compare` another route with a confidence interval.
     Eval(eval::EvalArgs),
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Create a tenant (if absent) and a new owner API key for it, printed once on stdout. With
+    /// `--email`, also an owner user whose password is read from SLUICE_ADMIN_PASSWORD.
+    Init {
+        #[arg(long, default_value = "sluice.db", env = "SLUICE_DATABASE")]
+        database: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Name of the key.
+        #[arg(long, default_value = "admin")]
+        key_name: String,
+        /// Also create an owner user with this email.
+        #[arg(long)]
+        email: Option<String>,
+        /// Write the key to this file (created with mode 0600) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+    },
+    /// List the tenants.
+    Tenants {
+        #[arg(long, default_value = "sluice.db", env = "SLUICE_DATABASE")]
+        database: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -217,13 +283,23 @@ pub fn out(text: &str) {
 }
 
 async fn dispatch(cli: Cli) -> Result<()> {
-    let api = Api::new(&cli.server);
+    let api = Api::new(&cli.server, cli.api_key.as_deref());
     let json = cli.json;
     match cli.command {
         Command::Dev { serve, examples, no_worker } => server::dev(serve, examples, !no_worker).await,
         Command::Serve { serve } => server::serve(serve).await,
+        Command::Admin { action: AdminAction::Init { database, tenant, key_name, email, key_file } } => {
+            server::admin_init(&database, &tenant, &key_name, email.as_deref(), key_file.as_deref()).await
+        }
+        Command::Admin { action: AdminAction::Tenants { database } } => {
+            for t in server::tenants(&database).await? {
+                out(&t);
+            }
+            Ok(())
+        }
         Command::Worker { queues, concurrency, record } => {
-            demo::run_worker(&cli.server, queues, concurrency, record, std::future::pending()).await
+            demo::run_worker(&cli.server, cli.api_key.as_deref(), queues, concurrency, record, std::future::pending())
+                .await
         }
         Command::Run { file, input, workflow_id, timeout } => {
             let input = parse_json_arg("input", &input)?;
@@ -332,7 +408,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
-        Command::Bench(args) => bench::run(args, &cli.server, json).await,
+        Command::Bench(args) => bench::run(args, &cli.server, cli.api_key.as_deref(), json).await,
         Command::Eval(args) => eval::run(args, json).await,
     }
 }

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use sluice_engine::{Engine, EngineOptions};
+use sluice_server::routes::DEFAULT_TENANT;
+use sluice_server::sluice_auth::{AuthConfig, Directory, NewApiKey, NewUser, Role};
 use sluice_server::sluice_gateway::{Config as GatewayConfig, Gateway};
 use sluice_store::{ShardedStore, Store};
 use sluice_store_postgres::PostgresStore;
@@ -117,13 +119,102 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// The identity directory on `store`, with a current session signing key.
+pub async fn open_directory(store: &Arc<dyn Store>) -> Result<Arc<Directory>> {
+    Directory::open(Arc::clone(store), AuthConfig::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the identity directory: {e}"))
+}
+
+fn warn_insecure() {
+    tracing::warn!(
+        "AUTHENTICATION IS OFF (--insecure-no-auth): anyone who can reach this port is the owner of the \
+         tenant `default`; never run a server like this where others can reach it"
+    );
+}
+
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let gateway = gateway_of(&args)?;
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
+    let directory = if args.insecure_no_auth {
+        warn_insecure();
+        None
+    } else {
+        let dir = open_directory(engine.store()).await?;
+        if !dir.has_credentials().await? {
+            anyhow::bail!(
+                "no tenant has a user or an API key yet, so nobody could call this server. Create one with \
+                 `sluice admin init --database {}` (it prints an owner API key), or pass --insecure-no-auth \
+                 for a throwaway server without authentication",
+                describe_database(&args.database)
+            );
+        }
+        dir.spawn_maintenance();
+        Some(dir)
+    };
     let gateway_file = args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    tracing::info!(%addr, database = %describe_database(&args.database), gateway = %gateway_file, "sluice serving");
-    sluice_server::serve_with(listener, engine, gateway, shutdown_signal()).await?;
+    tracing::info!(%addr, database = %describe_database(&args.database), gateway = %gateway_file,
+        auth = directory.is_some(), "sluice serving");
+    let opts = sluice_server::Options { gateway, directory, limits: args.limits() };
+    sluice_server::serve_with(listener, engine, opts, shutdown_signal()).await?;
     Ok(())
+}
+
+/// `sluice admin init`: a tenant and a new owner key (and user), straight on the database.
+pub async fn admin_init(
+    database: &str,
+    tenant: &str,
+    key_name: &str,
+    email: Option<&str>,
+    key_file: Option<&Path>,
+) -> Result<()> {
+    let store = open_store(database).await?;
+    let dir = open_directory(&store).await?;
+    if dir.create_tenant(tenant, tenant).await? {
+        eprintln!("created tenant {tenant}");
+    }
+    if let Some(email) = email {
+        let password = std::env::var("SLUICE_ADMIN_PASSWORD").context(
+            "set SLUICE_ADMIN_PASSWORD to the new user's password (it is never taken from the command line)",
+        )?;
+        dir.create_user(tenant, None, NewUser { email: email.into(), password: Some(password), role: Role::Owner })
+            .await?;
+        eprintln!("created owner user {email}");
+    }
+    let (view, key) = dir
+        .create_api_key(tenant, None, NewApiKey { name: key_name.into(), role: Role::Owner, expires_in: None })
+        .await?;
+    match key_file {
+        Some(path) => {
+            write_secret(path, &key)?;
+            eprintln!("owner API key {} of tenant {tenant} written to {}", view.id, path.display());
+        }
+        None => {
+            eprintln!("owner API key {} of tenant {tenant} (shown once; store it):", view.id);
+            crate::out(&key);
+        }
+    }
+    Ok(())
+}
+
+/// Writes a secret to a new file that only its owner can read.
+fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(secret.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+pub async fn tenants(database: &str) -> Result<Vec<String>> {
+    let store = open_store(database).await?;
+    Ok(open_directory(&store).await?.tenants().await?)
 }
 
 pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()> {
@@ -131,11 +222,27 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()>
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
     let url = format!("http://{addr}");
     let published = publish_examples(&engine, &examples).await;
-    let server = tokio::spawn(sluice_server::serve_with(listener, engine, gateway, shutdown_signal()));
+    // A local tenant, a key for you (printed once) and one for the demo worker.
+    let (directory, owner_key, worker_key) = if args.insecure_no_auth {
+        warn_insecure();
+        (None, None, None)
+    } else {
+        let dir = open_directory(engine.store()).await?;
+        dir.create_tenant(DEFAULT_TENANT, "Local development").await?;
+        let key = |name: &str, role| NewApiKey { name: name.into(), role, expires_in: None };
+        let (_, owner) = dir.create_api_key(DEFAULT_TENANT, None, key("dev", Role::Owner)).await?;
+        let (_, worker) = dir.create_api_key(DEFAULT_TENANT, None, key("dev-worker", Role::Worker)).await?;
+        dir.spawn_maintenance();
+        (Some(dir), Some(owner), Some(worker))
+    };
+    let opts = sluice_server::Options { gateway, directory, limits: args.limits() };
+    let server = tokio::spawn(sluice_server::serve_with(listener, engine, opts, shutdown_signal()));
     if worker {
         let url = url.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::demo::run_worker(&url, Vec::new(), 64, None, std::future::pending()).await {
+            let run =
+                crate::demo::run_worker(&url, worker_key.as_deref(), Vec::new(), 64, None, std::future::pending());
+            if let Err(e) = run.await {
                 tracing::error!(error = %e, "demo worker stopped");
             }
         });
@@ -147,6 +254,13 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()>
         "  workflows  {}",
         if published.is_empty() { "none (no examples folder)".to_string() } else { published.join(", ") }
     );
+    match &owner_key {
+        Some(key) => {
+            eprintln!("  API key    {key}");
+            eprintln!("             (owner of tenant `default`; shown once: export SLUICE_API_KEY=<it>)");
+        }
+        None => eprintln!("  auth       OFF (--insecure-no-auth)"),
+    }
     eprintln!("  try        sluice run examples/hello.yaml --input '{{\"name\": \"Ada\"}}'");
     eprintln!("  API        {url}/openapi.json   metrics {url}/metrics");
     match &args.gateway {
@@ -173,7 +287,7 @@ async fn publish_examples(engine: &Engine, dir: &Path) -> Vec<String> {
     for file in files {
         let Ok(text) = std::fs::read_to_string(&file) else { continue };
         match sluice_core::parse_definition(&text, sluice_core::Format::Auto) {
-            Ok(def) => match engine.publish(sluice_server::routes::DEFAULT_TENANT, def).await {
+            Ok(def) => match engine.publish(DEFAULT_TENANT, def).await {
                 Ok(p) => names.push(p.name),
                 Err(e) => tracing::warn!(file = %file.display(), error = %e, "example not published"),
             },

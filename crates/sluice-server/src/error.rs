@@ -4,6 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
+use sluice_auth::AuthError;
 use sluice_engine::Error as EngineError;
 
 #[derive(Debug)]
@@ -18,13 +19,17 @@ pub const CODES: &[(&str, u16)] = &[
     ("invalid_json", 400),
     ("invalid_request", 400),
     ("upstream_rejected", 400),
+    ("unauthenticated", 401),
+    ("invalid_credentials", 401),
     ("budget_exceeded", 402),
+    ("forbidden", 403),
     ("not_found", 404),
     ("workflow_not_found", 404),
     ("execution_not_found", 404),
     ("query_not_found", 404),
     ("task_not_found", 404),
     ("gateway_not_configured", 404),
+    ("auth_disabled", 404),
     ("route_not_found", 404),
     ("method_not_allowed", 405),
     ("execution_not_running", 409),
@@ -32,6 +37,7 @@ pub const CODES: &[(&str, u16)] = &[
     ("payload_too_large", 413),
     ("unsupported_media_type", 415),
     ("invalid_definition", 422),
+    ("rate_limited", 429),
     ("internal", 500),
     ("upstream_failed", 502),
     ("upstream_unavailable", 503),
@@ -109,6 +115,30 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unauthenticated(m) => Self::new("unauthenticated", m),
+            AuthError::InvalidCredentials => Self::new("invalid_credentials", e.to_string()),
+            AuthError::Forbidden(m) => Self::new("forbidden", m),
+            AuthError::Invalid { ref field, .. } => {
+                let field = field.clone();
+                Self::new("invalid_request", e.to_string()).with_details(json!({"field": field}))
+            }
+            AuthError::Conflict(m) => Self::new("conflict", m),
+            AuthError::NotFound(m) => Self::new("not_found", m),
+            AuthError::Unavailable(ref cause) => {
+                tracing::warn!(cause = %cause, "storage unavailable");
+                Self::new("storage_unavailable", "storage is unavailable, retry shortly")
+            }
+            AuthError::Internal(ref cause) => {
+                tracing::error!(cause = %cause, "internal error");
+                Self::new("internal", "internal error; the cause is in the server log")
+            }
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = status_of(self.code);
@@ -119,6 +149,9 @@ impl IntoResponse for ApiError {
         let mut resp = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"sluice\""));
         }
         resp
     }

@@ -2,6 +2,7 @@
 //! worker protocol under `/v1`, the OpenAI-compatible `/v1/chat/completions` of the AI gateway,
 //! plus `/healthz`, `/readyz`, `/metrics` and `/openapi.json`. Only this crate serves HTTP.
 
+pub mod auth;
 pub mod body;
 pub mod error;
 pub mod loopback;
@@ -9,24 +10,29 @@ pub mod metrics;
 pub mod routes;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::serve::{ListenerExt, TapIo};
 use axum::Router;
+use sluice_auth::{Auditor, Directory, RateLimitConfig};
 use sluice_engine::Engine;
 use sluice_gateway::Gateway;
 use tokio::net::{TcpListener, TcpStream};
 
+/// The identity library, for callers that open the [`Directory`] given in [`Options`].
+pub use sluice_auth;
 /// The gateway library, for callers that build the [`Gateway`] given to [`router_with`].
 pub use sluice_gateway;
 
+use crate::auth::Security;
 use crate::error::ApiError;
-use crate::routes::{chat, executions, ops, tasks, usage, workflows};
+use crate::routes::{chat, executions, identity, ops, tasks, usage, workflows};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -34,17 +40,39 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// The AI gateway behind `/v1/chat/completions`; without one that route answers 404.
     pub gateway: Option<Arc<Gateway>>,
+    pub security: Arc<Security>,
 }
 
-/// Every route of the API, without an AI gateway.
+/// What a server serves besides the engine.
+#[derive(Default, Clone)]
+pub struct Options {
+    pub gateway: Option<Arc<Gateway>>,
+    /// Who may call: `None` switches authentication off (every caller is the owner of the
+    /// tenant `default`), which only `--insecure-no-auth` asks for.
+    pub directory: Option<Arc<Directory>>,
+    pub limits: RateLimitConfig,
+}
+
+/// Every route of the API, without an AI gateway and with authentication off (for tests of the
+/// engine's API).
 pub fn router(engine: Engine) -> Router {
-    router_with(engine, None)
+    router_with(engine, Options::default())
 }
 
 /// Every route of the API. The OpenAPI document lists the same paths (a test keeps them equal).
-pub fn router_with(engine: Engine, gateway: Option<Arc<Gateway>>) -> Router {
-    let state = AppState { engine, metrics: Arc::new(metrics::Metrics::default()), gateway };
+/// Needs a Tokio runtime (the audit writer starts here).
+pub fn router_with(engine: Engine, opts: Options) -> Router {
+    let auditor = Auditor::start(Arc::clone(engine.store()));
+    let security = Arc::new(Security::new(opts.directory, opts.limits, auditor));
+    let state = AppState { engine, metrics: Arc::new(metrics::Metrics::default()), gateway: opts.gateway, security };
     Router::new()
+        .route("/v1/auth/login", post(identity::login))
+        .route("/v1/auth/whoami", get(identity::whoami))
+        .route("/v1/users", get(identity::list_users).post(identity::create_user))
+        .route("/v1/users/{email}", delete(identity::delete_user))
+        .route("/v1/api-keys", get(identity::list_keys).post(identity::create_key))
+        .route("/v1/api-keys/{id}", delete(identity::revoke_key))
+        .route("/v1/audit", get(identity::audit))
         .route("/v1/workflows", post(workflows::publish).get(workflows::list))
         .route("/v1/workflows/{name}", get(workflows::get))
         .route("/v1/workflows/{name}/versions/{version}", get(workflows::get_version))
@@ -73,6 +101,7 @@ pub fn router_with(engine: Engine, gateway: Option<Arc<Gateway>>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
@@ -103,23 +132,24 @@ async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Respo
     resp
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `shutdown` resolves, with authentication off.
 pub async fn serve(
     listener: TcpListener,
     engine: Engine,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_with(listener, engine, None, shutdown).await
+    serve_with(listener, engine, Options::default(), shutdown).await
 }
 
-/// Like [`serve`], with the AI gateway behind `/v1/chat/completions`.
+/// Like [`serve`], with the gateway, authentication and limits of `opts`.
 pub async fn serve_with(
     listener: TcpListener,
     engine: Engine,
-    gateway: Option<Arc<Gateway>>,
+    opts: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(tuned(listener), router_with(engine, gateway).into_make_service())
+    let app = router_with(engine, opts);
+    axum::serve(tuned(listener), app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -49,6 +49,9 @@ pub struct ServerProcess {
     log: PathBuf,
     /// Given to `serve` after the port and database (kept for restarts).
     extra_args: Vec<String>,
+    /// The owner API key of the tenant `default` that `sluice admin init` made before the first
+    /// start (none when the server runs with `--insecure-no-auth`).
+    pub key: Option<String>,
 }
 
 impl ServerProcess {
@@ -74,7 +77,11 @@ impl ServerProcess {
             child: None,
             log: dir.join("server.log"),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            key: None,
         };
+        if !extra_args.contains(&"--insecure-no-auth") {
+            s.key = Some(admin_init(bin, dir, database, "default"));
+        }
         s.spawn().await;
         s
     }
@@ -117,8 +124,9 @@ impl ServerProcess {
         self.spawn().await;
     }
 
+    /// A client with the owner key.
     pub fn api(&self) -> Api {
-        Api::new(&self.base)
+        Api::with_key(&self.base, self.key.as_deref())
     }
 
     pub fn log_text(&self) -> String {
@@ -132,26 +140,45 @@ impl Drop for ServerProcess {
     }
 }
 
+/// Runs `sluice admin init` on `database` for `tenant` and returns the new owner API key.
+pub fn admin_init(bin: &Path, dir: &Path, database: &str, tenant: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let file = dir.join(format!("owner-{tenant}-{nanos}.key"));
+    let out = Command::new(bin)
+        .args(["admin", "init", "--database", database, "--tenant", tenant, "--key-file"])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} admin init: {e}", bin.display()));
+    assert!(out.status.success(), "sluice admin init failed: {}", String::from_utf8_lossy(&out.stderr));
+    let key = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+    let _ = std::fs::remove_file(&file);
+    key.trim().to_string()
+}
+
 /// A worker process, killed on drop.
 pub struct WorkerProcess(Child);
 
 impl WorkerProcess {
-    /// The Rust demo worker: `sluice worker --queue ...`.
-    pub fn rust(bin: &Path, base: &str, queues: &[&str], record: Option<&Path>) -> Self {
+    /// The Rust demo worker: `sluice worker --queue ...`, with the server's key.
+    pub fn rust(bin: &Path, server: &ServerProcess, queues: &[&str], record: Option<&Path>) -> Self {
         let mut cmd = Command::new(bin);
-        cmd.args(["--server", base, "worker"]);
-        Self::spawn(cmd, queues, record)
+        cmd.args(["--server", &server.base, "worker"]);
+        Self::spawn(cmd, server, queues, record)
     }
 
-    /// The Python example worker (standard library only).
-    pub fn python(repo: &Path, base: &str, queues: &[&str], record: Option<&Path>) -> Self {
+    /// The Python example worker (standard library only), with the server's key.
+    pub fn python(repo: &Path, server: &ServerProcess, queues: &[&str], record: Option<&Path>) -> Self {
         let mut cmd = Command::new("python3");
-        cmd.arg(repo.join("examples/workers/python_worker.py")).args(["--server", base]);
-        Self::spawn(cmd, queues, record)
+        cmd.arg(repo.join("examples/workers/python_worker.py")).args(["--server", &server.base]);
+        Self::spawn(cmd, server, queues, record)
     }
 
-    /// Both workers take the same `--queue` and `--record` options.
-    fn spawn(mut cmd: Command, queues: &[&str], record: Option<&Path>) -> Self {
+    /// Both workers take the same `--queue` and `--record` options, and `SLUICE_API_KEY`.
+    fn spawn(mut cmd: Command, server: &ServerProcess, queues: &[&str], record: Option<&Path>) -> Self {
+        match &server.key {
+            Some(key) => cmd.env("SLUICE_API_KEY", key),
+            None => cmd.env_remove("SLUICE_API_KEY"),
+        };
         for q in queues {
             cmd.args(["--queue", q]);
         }
@@ -183,8 +210,24 @@ pub struct Api {
 }
 
 impl Api {
+    /// A client without credentials.
     pub fn new(base: &str) -> Self {
-        Self { http: reqwest::Client::new(), base: base.to_string() }
+        Self::with_key(base, None)
+    }
+
+    /// A client that sends `key` (an API key or a session token) as a bearer token.
+    pub fn with_key(base: &str, key: Option<&str>) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(v) = key.and_then(|k| reqwest::header::HeaderValue::from_str(&format!("Bearer {k}")).ok()) {
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+        let http = reqwest::Client::builder().default_headers(headers).build().unwrap_or_default();
+        Self { http, base: base.to_string() }
+    }
+
+    /// The underlying HTTP client, which sends this client's credentials.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     async fn decode(r: reqwest::Response) -> (u16, Value) {

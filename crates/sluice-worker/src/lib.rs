@@ -97,7 +97,24 @@ pub struct Client {
 
 impl Client {
     pub fn new(server: &str) -> Self {
-        let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build().unwrap_or_default();
+        Self::with_key(server, None)
+    }
+
+    /// A client that sends `api_key` (a key with the worker role, typically) as a bearer token.
+    pub fn with_key(server: &str, api_key: Option<&str>) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = api_key {
+            if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")) {
+                v.set_sensitive(true);
+                headers.insert(reqwest::header::AUTHORIZATION, v);
+            }
+        }
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .default_headers(headers)
+            .build()
+            .unwrap_or_default();
         Self { http, base: server.trim_end_matches('/').into() }
     }
 
@@ -161,6 +178,13 @@ impl Worker {
         Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
     {
         self.handlers.insert(name.to_string(), Arc::new(move |t| Box::pin(f(t))));
+        self
+    }
+
+    /// Authenticates with `api_key` (a key with the worker role); `None` sends no credentials.
+    pub fn api_key(mut self, api_key: Option<&str>) -> Self {
+        let base = self.client.base().to_string();
+        self.client = Client::with_key(&base, api_key);
         self
     }
 

@@ -46,8 +46,8 @@ fn ask(route: &str, extra: Value) -> Value {
 }
 
 /// Posts a streamed request; returns the status, the content type and the `data:` payloads.
-async fn stream(base: &str, body: &Value) -> (u16, String, Vec<String>) {
-    let r = reqwest::Client::new().post(format!("{base}/v1/chat/completions")).json(body).send().await.unwrap();
+async fn stream(api: &Api, body: &Value) -> (u16, String, Vec<String>) {
+    let r = api.http().post(format!("{}/v1/chat/completions", api.base)).json(body).send().await.unwrap();
     let status = r.status().as_u16();
     let ct = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let text = r.text().await.unwrap();
@@ -129,7 +129,8 @@ async fn chat_completions_answer_fall_back_stream_and_report_cuts() {
     let (status, _) = api.post("/v1/chat/completions", &ask("fragile", json!({}))).await;
     assert_eq!(status, 502);
     let before = vendor.requests();
-    let r = reqwest::Client::new()
+    let r = api
+        .http()
         .post(format!("{}/v1/chat/completions", server.base))
         .json(&ask("fragile", json!({})))
         .send()
@@ -145,7 +146,7 @@ async fn chat_completions_answer_fall_back_stream_and_report_cuts() {
     // (3) A streamed call: role first, the pieces, the finish reason, usage, then [DONE].
     vendor.push(Reply::stream(&["Hel", "lo", " world"], 5, 3));
     let (status, ct, data) =
-        stream(&server.base, &ask("chat", json!({"stream": true, "stream_options": {"include_usage": true}}))).await;
+        stream(&api, &ask("chat", json!({"stream": true, "stream_options": {"include_usage": true}}))).await;
     assert_eq!(status, 200);
     assert!(ct.starts_with("text/event-stream"), "{ct}");
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
@@ -164,7 +165,7 @@ async fn chat_completions_answer_fall_back_stream_and_report_cuts() {
 
     // (4) A stream cut after tokens ends with an error event and no [DONE].
     vendor.push(Reply::cut_stream(&["Par", "tial"]));
-    let (status, _, data) = stream(&server.base, &ask("chat", json!({"stream": true}))).await;
+    let (status, _, data) = stream(&api, &ask("chat", json!({"stream": true}))).await;
     assert_eq!(status, 200);
     assert!(!data.iter().any(|d| d == "[DONE]"), "a cut stream must not end cleanly: {data:?}");
     let chunks = json_of(&data);
@@ -177,7 +178,8 @@ async fn chat_completions_answer_fall_back_stream_and_report_cuts() {
 
     // A stream that cannot open is a JSON error with its status, not an event stream.
     vendor.push(Reply::status(500)).push(Reply::status(500));
-    let r = reqwest::Client::new()
+    let r = api
+        .http()
         .post(format!("{}/v1/chat/completions", server.base))
         .json(&ask("fallback", json!({"stream": true})))
         .send()
@@ -230,7 +232,13 @@ async fn the_official_openai_python_package_works_against_sluice() {
         .push(Reply::stream(&["one ", "two ", "three"], 6, 3))
         .push(Reply::cut_stream(&["half"]));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/openai_client.py");
-    let out = tokio::process::Command::new(&python).arg(script).args([&server.base, "chat"]).output().await.unwrap();
+    let out = tokio::process::Command::new(&python)
+        .arg(script)
+        .args([&server.base, "chat"])
+        .env("SLUICE_API_KEY", server.key.as_deref().unwrap())
+        .output()
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "openai client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -48,7 +48,7 @@ async fn sigkill_under_load_loses_nothing_and_repeats_nothing() {
     let steps: Vec<Value> = (1..=5).map(|i| json!({"id": format!("s{i}"), "type": "task", "queue": "noop"})).collect();
     api.publish(&json!({"name": "five", "steps": steps})).await;
     let record = dir.path().join("worker.jsonl");
-    let _worker = WorkerProcess::rust(&bin(), &server.base, &["noop"], Some(&record));
+    let _worker = WorkerProcess::rust(&bin(), &server, &["noop"], Some(&record));
 
     // Start executions from 8 concurrent clients; remember every start the server acknowledged.
     let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -59,7 +59,8 @@ async fn sigkill_under_load_loses_nothing_and_repeats_nothing() {
             for i in (c..N).step_by(8) {
                 let id = format!("crash-{i}");
                 loop {
-                    let r = reqwest::Client::new()
+                    let r = api
+                        .http()
                         .post(format!("{}/v1/executions", api.base))
                         .json(&json!({"workflow": "five", "workflow_id": id}))
                         .send()

@@ -56,7 +56,7 @@ async fn examples_run_with_the_rust_worker() {
 async fn examples_run_with_the_python_worker() {
     let dir = TempDir::new("examples-python");
     let server = ServerProcess::start(&bin(), dir.path()).await;
-    let _worker = WorkerProcess::python(&repo(), &server.base, &["greet", "enrich", "flaky", "echo"], None);
+    let _worker = WorkerProcess::python(&repo(), &server, &["greet", "enrich", "flaky", "echo"], None);
     let api = server.api();
     run_examples(&api).await;
     assert!(assert_replays(&api).await >= 6);

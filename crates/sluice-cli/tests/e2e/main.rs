@@ -28,7 +28,7 @@ pub fn repo() -> PathBuf {
 pub async fn server_with_worker(label: &str) -> (TempDir, ServerProcess, WorkerProcess) {
     let dir = TempDir::new(label);
     let server = ServerProcess::start(&bin(), dir.path()).await;
-    let worker = WorkerProcess::rust(&bin(), &server.base, &[], None);
+    let worker = WorkerProcess::rust(&bin(), &server, &[], None);
     (dir, server, worker)
 }
 

@@ -6,14 +6,15 @@ upstream cuts (which must raise, not end quietly).
 """
 
 import json
+import os
 import sys
 
 import openai
 from openai import OpenAI
 
 base_url, route = sys.argv[1], sys.argv[2]
-# The gateway holds the upstream keys; the SDK insists on one of its own.
-client = OpenAI(base_url=f"{base_url}/v1", api_key="not-used", max_retries=0)
+# The OpenAI SDK sends its API key as a bearer token: a Sluice API key is what it needs.
+client = OpenAI(base_url=f"{base_url}/v1", api_key=os.environ["SLUICE_API_KEY"], max_retries=0)
 
 resp = client.chat.completions.create(
     model=route,

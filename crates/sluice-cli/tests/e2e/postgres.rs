@@ -50,7 +50,7 @@ async fn workflows_run_and_survive_a_restart_on_postgres() {
     let db = PgDatabase::create("restart");
     let dir = TempDir::new("pg");
     let mut server = ServerProcess::start_on(&bin(), dir.path(), &db.url()).await;
-    let _worker = WorkerProcess::rust(&bin(), &server.base, &[], None);
+    let _worker = WorkerProcess::rust(&bin(), &server, &[], None);
     let api = server.api();
     api.publish_file(&repo().join("examples/hello.yaml")).await;
     api.publish_file(&repo().join("examples/fan-out.yaml")).await;
@@ -139,11 +139,12 @@ async fn a_postgres_outage_gives_503_and_loses_nothing() {
     }
 
     cluster.stop();
-    let fresh = Api::new(&server.base);
+    let fresh = Api::with_key(&server.base, server.key.as_deref());
     let (status, body) = fresh.post("/v1/executions", &json!({"workflow": "gated", "workflow_id": "during"})).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "storage_unavailable");
-    let r = reqwest::Client::new()
+    let r = fresh
+        .http()
         .post(format!("{}/v1/executions/gated-0/signals/go", server.base))
         .json(&json!(0))
         .send()

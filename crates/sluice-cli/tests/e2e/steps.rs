@@ -17,7 +17,7 @@ async fn every_step_type_runs_end_to_end_with_the_rust_worker() {
 async fn every_step_type_runs_end_to_end_with_the_python_worker() {
     let dir = TempDir::new("steps-python");
     let server = ServerProcess::start(&bin(), dir.path()).await;
-    let _worker = WorkerProcess::python(&repo(), &server.base, &["greet", "echo"], None);
+    let _worker = WorkerProcess::python(&repo(), &server, &["greet", "echo"], None);
     every_step_type(&server).await;
 }
 
@@ -298,6 +298,7 @@ async fn replay_command_proves_decisions_and_shows_the_timeline() {
     api.wait(&id, 20).await;
     let out = std::process::Command::new(bin())
         .args(["--server", &server.base, "--json", "replay", "replay-me"])
+        .env("SLUICE_API_KEY", server.key.as_deref().unwrap())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -307,7 +308,11 @@ async fn replay_command_proves_decisions_and_shows_the_timeline() {
     assert_eq!(timeline.len(), api.history(&id, None).await.len());
     assert_eq!(timeline.last().unwrap()["status"], "completed");
     assert_eq!(timeline[2]["state"]["steps"]["greet"], json!({"greeting": "Hello, Grace"}));
-    let out = std::process::Command::new(bin()).args(["--server", &server.base, "replay", "nobody"]).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["--server", &server.base, "replay", "nobody"])
+        .env("SLUICE_API_KEY", server.key.as_deref().unwrap())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("execution_not_found"));
 }

@@ -22,9 +22,9 @@ use sluice_gateway::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::auth::Caller;
 use crate::body::{parse_json, Body as RequestBody};
 use crate::error::ApiError;
-use crate::routes::DEFAULT_TENANT;
 use crate::AppState;
 
 /// The request as OpenAI clients send it. Fields this gateway does not use are ignored, as
@@ -218,7 +218,7 @@ impl CompletionRequest {
     }
 }
 
-pub async fn completions(State(app): State<AppState>, RequestBody(bytes): RequestBody) -> Response {
+pub async fn completions(State(app): State<AppState>, Caller(p): Caller, RequestBody(bytes): RequestBody) -> Response {
     let Some(gateway) = app.gateway.clone() else {
         return ApiError::gateway_not_configured().into_response();
     };
@@ -233,8 +233,13 @@ pub async fn completions(State(app): State<AppState>, RequestBody(bytes): Reques
     if gateway.route(&body.model).is_none() {
         return route_not_found(&body.model).into_response();
     }
-    // Until API keys exist every call is the default tenant's, without a key.
-    let ctx = CallContext { tenant: DEFAULT_TENANT.to_string(), source: "chat", ..CallContext::default() };
+    // Budgets apply to the caller's tenant and, when it called with one, its API key.
+    let ctx = CallContext {
+        tenant: p.tenant.clone(),
+        api_key: p.api_key().map(str::to_string),
+        source: "chat",
+        ..CallContext::default()
+    };
     let estimate = || gateway.estimate_cost(&body.model, &req, &CallOptions::default());
     let reservation = match app.engine.admit_call(&gateway, &ctx, estimate).await {
         Ok(r) => r,

@@ -11,7 +11,8 @@ use sluice_core::ExecStatus;
 use sluice_engine::StartRequest;
 use sluice_store::ExecutionFilter;
 
-use super::{execution_json, DEFAULT_TENANT};
+use super::execution_json;
+use crate::auth::Caller;
 use crate::body::{parse_json, Body, JsonBody};
 use crate::error::ApiError;
 use crate::AppState;
@@ -34,6 +35,7 @@ pub struct StartBody {
 #[tracing::instrument(skip_all, fields(workflow = %body.workflow))]
 pub async fn start(
     State(app): State<AppState>,
+    Caller(p): Caller,
     JsonBody(body): JsonBody<StartBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if body.workflow.is_empty() {
@@ -42,7 +44,7 @@ pub async fn start(
     let started = app
         .engine
         .start_execution(
-            DEFAULT_TENANT,
+            &p.tenant,
             StartRequest {
                 workflow: body.workflow,
                 version: body.version,
@@ -89,14 +91,22 @@ fn filter_of(q: ListQuery, dead_letter: bool) -> Result<ExecutionFilter, ApiErro
     })
 }
 
-pub async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
-    let page = app.engine.list_executions(DEFAULT_TENANT, filter_of(q, false)?).await?;
+pub async fn list(
+    State(app): State<AppState>,
+    Caller(p): Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let page = app.engine.list_executions(&p.tenant, filter_of(q, false)?).await?;
     let items: Vec<Value> = page.items.iter().map(execution_json).collect();
     Ok(Json(json!({"executions": items, "next_cursor": page.next_cursor})))
 }
 
-pub async fn dlq(State(app): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
-    let page = app.engine.list_executions(DEFAULT_TENANT, filter_of(q, true)?).await?;
+pub async fn dlq(
+    State(app): State<AppState>,
+    Caller(p): Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let page = app.engine.list_executions(&p.tenant, filter_of(q, true)?).await?;
     let items: Vec<Value> = page.items.iter().map(execution_json).collect();
     Ok(Json(json!({"executions": items, "next_cursor": page.next_cursor})))
 }
@@ -109,10 +119,11 @@ pub struct RunQuery {
 #[tracing::instrument(skip_all, fields(workflow_id = %id))]
 pub async fn get(
     State(app): State<AppState>,
+    Caller(p): Caller,
     Path(id): Path<String>,
     Query(q): Query<RunQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let row = app.engine.get_execution(DEFAULT_TENANT, &id, q.run_id.as_deref()).await?;
+    let row = app.engine.get_execution(&p.tenant, &id, q.run_id.as_deref()).await?;
     Ok(Json(execution_json(&row)))
 }
 
@@ -124,11 +135,12 @@ pub struct WaitQuery {
 #[tracing::instrument(skip_all, fields(workflow_id = %id))]
 pub async fn result(
     State(app): State<AppState>,
+    Caller(p): Caller,
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000));
-    let row = app.engine.wait_result(DEFAULT_TENANT, &id, wait).await?;
+    let row = app.engine.wait_result(&p.tenant, &id, wait).await?;
     Ok(Json(execution_json(&row)))
 }
 
@@ -142,6 +154,7 @@ pub struct HistoryQuery {
 #[tracing::instrument(skip_all, fields(workflow_id = %id))]
 pub async fn history(
     State(app): State<AppState>,
+    Caller(p): Caller,
     Path(id): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -149,14 +162,14 @@ pub async fn history(
     if limit == 0 || limit > 10_000 {
         return Err(ApiError::invalid("limit", format!("expected 1 to 10000, got {limit}")));
     }
-    let (row, events) =
-        app.engine.history(DEFAULT_TENANT, &id, q.run_id.as_deref(), q.after.unwrap_or(0), limit).await?;
+    let (row, events) = app.engine.history(&p.tenant, &id, q.run_id.as_deref(), q.after.unwrap_or(0), limit).await?;
     Ok(Json(json!({"workflow_id": row.workflow_id, "run_id": row.run_id, "events": events})))
 }
 
 #[tracing::instrument(skip_all, fields(workflow_id = %id, signal = %name))]
 pub async fn signal(
     State(app): State<AppState>,
+    Caller(p): Caller,
     Path((id, name)): Path<(String, String)>,
     Body(body): Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -164,7 +177,7 @@ pub async fn signal(
         return Err(ApiError::invalid("name", "expected a signal name of 1 to 64 characters"));
     }
     let payload: Value = if body.is_empty() { Value::Null } else { parse_json(&body)? };
-    app.engine.signal(DEFAULT_TENANT, &id, &name, payload).await?;
+    app.engine.signal(&p.tenant, &id, &name, payload).await?;
     tracing::info!("signal delivered");
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))))
 }
@@ -172,9 +185,10 @@ pub async fn signal(
 #[tracing::instrument(skip_all, fields(workflow_id = %id, query = %name))]
 pub async fn query(
     State(app): State<AppState>,
+    Caller(p): Caller,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let result = app.engine.query(DEFAULT_TENANT, &id, &name).await?;
+    let result = app.engine.query(&p.tenant, &id, &name).await?;
     Ok(Json(json!({"result": result})))
 }
 
@@ -188,6 +202,7 @@ pub struct CancelBody {
 #[tracing::instrument(skip_all, fields(workflow_id = %id))]
 pub async fn cancel(
     State(app): State<AppState>,
+    Caller(p): Caller,
     Path(id): Path<String>,
     Body(body): Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -197,7 +212,7 @@ pub async fn cancel(
     } else {
         parse_json::<Option<CancelBody>>(&body)?.unwrap_or_default()
     };
-    app.engine.cancel(DEFAULT_TENANT, &id, body.reason).await?;
+    app.engine.cancel(&p.tenant, &id, body.reason).await?;
     tracing::info!("execution cancelled");
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))))
 }
@@ -205,9 +220,10 @@ pub async fn cancel(
 #[tracing::instrument(skip_all, fields(workflow_id = %id))]
 pub async fn redrive(
     State(app): State<AppState>,
+    Caller(p): Caller,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let run_id = app.engine.redrive(DEFAULT_TENANT, &id).await?;
+    let run_id = app.engine.redrive(&p.tenant, &id).await?;
     tracing::info!(run_id = %run_id, "execution redriven");
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true, "run_id": run_id}))))
 }

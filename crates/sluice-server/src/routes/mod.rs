@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod executions;
+pub mod identity;
 pub mod ops;
 pub mod tasks;
 pub mod usage;
@@ -10,7 +11,7 @@ pub mod workflows;
 use serde_json::{json, Value};
 use sluice_store::ExecutionRow;
 
-/// The tenant every request acts for until authentication assigns one per caller.
+/// The tenant of a server with authentication off, and the one `sluice dev` creates.
 pub const DEFAULT_TENANT: &str = "default";
 
 /// The API view of an execution.

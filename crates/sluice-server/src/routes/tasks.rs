@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_core::ErrorInfo;
 
-use super::DEFAULT_TENANT;
+use crate::auth::Caller;
 use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::AppState;
@@ -25,7 +25,11 @@ pub struct PollBody {
     wait_ms: Option<u64>,
 }
 
-pub async fn poll(State(app): State<AppState>, JsonBody(b): JsonBody<PollBody>) -> Result<Json<Value>, ApiError> {
+pub async fn poll(
+    State(app): State<AppState>,
+    Caller(p): Caller,
+    JsonBody(b): JsonBody<PollBody>,
+) -> Result<Json<Value>, ApiError> {
     if b.queue.is_empty() || b.queue.len() > 128 {
         return Err(ApiError::invalid("queue", "expected a queue name of 1 to 128 characters"));
     }
@@ -35,7 +39,7 @@ pub async fn poll(State(app): State<AppState>, JsonBody(b): JsonBody<PollBody>) 
     }
     let worker = b.worker_id.unwrap_or_default();
     let wait = Duration::from_millis(b.wait_ms.unwrap_or(20_000));
-    let tasks = app.engine.poll(DEFAULT_TENANT, &b.queue, &worker, max, wait).await?;
+    let tasks = app.engine.poll(&p.tenant, &b.queue, &worker, max, wait).await?;
     Ok(Json(json!({ "tasks": tasks })))
 }
 
@@ -49,9 +53,10 @@ pub struct CompleteBody {
 
 pub async fn complete(
     State(app): State<AppState>,
+    Caller(p): Caller,
     JsonBody(b): JsonBody<CompleteBody>,
 ) -> Result<Json<Value>, ApiError> {
-    app.engine.complete(DEFAULT_TENANT, &b.task_token, b.output).await?;
+    app.engine.complete(&p.tenant, &b.task_token, b.output).await?;
     Ok(Json(json!({"ok": true})))
 }
 
@@ -68,8 +73,12 @@ fn yes() -> bool {
     true
 }
 
-pub async fn fail(State(app): State<AppState>, JsonBody(b): JsonBody<FailBody>) -> Result<Json<Value>, ApiError> {
-    app.engine.fail(DEFAULT_TENANT, &b.task_token, b.error, b.retryable).await?;
+pub async fn fail(
+    State(app): State<AppState>,
+    Caller(p): Caller,
+    JsonBody(b): JsonBody<FailBody>,
+) -> Result<Json<Value>, ApiError> {
+    app.engine.fail(&p.tenant, &b.task_token, b.error, b.retryable).await?;
     Ok(Json(json!({"ok": true})))
 }
 
@@ -84,9 +93,10 @@ pub struct HeartbeatBody {
 
 pub async fn heartbeat(
     State(app): State<AppState>,
+    Caller(p): Caller,
     JsonBody(b): JsonBody<HeartbeatBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let cancel = app.engine.heartbeat(DEFAULT_TENANT, &b.task_token)?;
+    let cancel = app.engine.heartbeat(&p.tenant, &b.task_token)?;
     Ok(Json(json!({"cancel_requested": cancel})))
 }
 
@@ -111,17 +121,19 @@ pub struct BatchBody {
 /// Completes or fails many tasks in one request; each gets its own result.
 pub async fn complete_batch(
     State(app): State<AppState>,
+    Caller(p): Caller,
     JsonBody(b): JsonBody<BatchBody>,
 ) -> Result<Json<Value>, ApiError> {
     if b.results.len() > 1000 {
         return Err(ApiError::invalid("results", format!("at most 1000 results per request, got {}", b.results.len())));
     }
+    let tenant = p.tenant.as_str();
     let futures = b.results.into_iter().map(|item| {
         let engine = app.engine.clone();
         async move {
             let r = match item.error {
-                Some(error) => engine.fail(DEFAULT_TENANT, &item.task_token, error, item.retryable).await,
-                None => engine.complete(DEFAULT_TENANT, &item.task_token, item.output.unwrap_or(Value::Null)).await,
+                Some(error) => engine.fail(tenant, &item.task_token, error, item.retryable).await,
+                None => engine.complete(tenant, &item.task_token, item.output.unwrap_or(Value::Null)).await,
             };
             match r {
                 Ok(()) => json!({"ok": true}),

@@ -9,7 +9,7 @@ use sluice_engine::{now_ms, Error as EngineError};
 use sluice_store::{UsageFilter, UsageRow};
 
 use super::executions::MAX_PAGE;
-use super::DEFAULT_TENANT;
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -49,7 +49,11 @@ fn usage_json(u: &UsageRow) -> Value {
     })
 }
 
-pub async fn list(State(app): State<AppState>, Query(q): Query<UsageQuery>) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(app): State<AppState>,
+    Caller(p): Caller,
+    Query(q): Query<UsageQuery>,
+) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::invalid("limit", format!("expected 1 to {MAX_PAGE}, got {limit}")));
@@ -57,25 +61,25 @@ pub async fn list(State(app): State<AppState>, Query(q): Query<UsageQuery>) -> R
     let run_id = match (q.run_id, q.workflow_id) {
         (Some(_), Some(_)) => return Err(ApiError::invalid("workflow_id", "give `run_id` or `workflow_id`, not both")),
         (Some(run), None) => Some(run),
-        (None, Some(wid)) => Some(app.engine.get_execution(DEFAULT_TENANT, &wid, None).await?.run_id),
+        (None, Some(wid)) => Some(app.engine.get_execution(&p.tenant, &wid, None).await?.run_id),
         (None, None) => None,
     };
     let filter = UsageFilter { run_id, api_key: q.api_key, since_ms: q.since_ms, cursor: q.cursor, limit };
-    let page = app.engine.store().list_usage(DEFAULT_TENANT, filter).await.map_err(EngineError::from)?;
+    let page = app.engine.store().list_usage(&p.tenant, filter).await.map_err(EngineError::from)?;
     let items: Vec<Value> = page.items.iter().map(usage_json).collect();
     Ok(Json(json!({"usage": items, "next_cursor": page.next_cursor})))
 }
 
 /// Every budget of the tenant with its spend in the current period, read from the ledger, and
 /// the alerts raised so far.
-pub async fn budgets(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn budgets(State(app): State<AppState>, Caller(p): Caller) -> Result<Json<Value>, ApiError> {
     let Some(gateway) = app.gateway.clone() else {
         return Err(ApiError::gateway_not_configured());
     };
     let now = now_ms();
     let store = app.engine.store();
     let mut budgets = Vec::new();
-    for b in gateway.budgets().list().iter().filter(|b| b.tenant == DEFAULT_TENANT) {
+    for b in gateway.budgets().list().iter().filter(|b| b.tenant == p.tenant) {
         let since = b.period.start_ms(now);
         let total = store.usage_total(&b.tenant, b.key.as_deref(), since).await.map_err(EngineError::from)?;
         budgets.push(json!({
@@ -91,6 +95,6 @@ pub async fn budgets(State(app): State<AppState>) -> Result<Json<Value>, ApiErro
             "output_tokens": total.output_tokens,
         }));
     }
-    let alerts = store.list_alerts(DEFAULT_TENANT).await.map_err(EngineError::from)?;
+    let alerts = store.list_alerts(&p.tenant).await.map_err(EngineError::from)?;
     Ok(Json(json!({"budgets": budgets, "alerts": alerts})))
 }

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_core::def::{parse_definition, Format};
 
-use super::DEFAULT_TENANT;
+use crate::auth::Caller;
 use crate::body::Body;
 use crate::error::ApiError;
 use crate::AppState;
@@ -20,6 +20,7 @@ pub struct PublishQuery {
 
 pub async fn publish(
     State(app): State<AppState>,
+    Caller(p): Caller,
     Query(q): Query<PublishQuery>,
     headers: HeaderMap,
     Body(body): Body,
@@ -36,19 +37,23 @@ pub async fn publish(
     let text =
         std::str::from_utf8(&body).map_err(|_| ApiError::new("invalid_request", "definition is not UTF-8 text"))?;
     let def = parse_definition(text, format).map_err(sluice_engine::Error::InvalidDefinition)?;
-    let published = app.engine.publish(DEFAULT_TENANT, def).await?;
+    let published = app.engine.publish(&p.tenant, def).await?;
     tracing::info!(workflow = %published.name, version = %published.version, created = published.created, "workflow published");
     let status = if published.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(json!(published))))
 }
 
-pub async fn list(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let list = app.engine.store().list_workflows(DEFAULT_TENANT).await.map_err(sluice_engine::Error::from)?;
+pub async fn list(State(app): State<AppState>, Caller(p): Caller) -> Result<Json<Value>, ApiError> {
+    let list = app.engine.store().list_workflows(&p.tenant).await.map_err(sluice_engine::Error::from)?;
     Ok(Json(json!({ "workflows": list })))
 }
 
-pub async fn get(State(app): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let versions = app.engine.store().list_versions(DEFAULT_TENANT, &name).await.map_err(sluice_engine::Error::from)?;
+pub async fn get(
+    State(app): State<AppState>,
+    Caller(p): Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let versions = app.engine.store().list_versions(&p.tenant, &name).await.map_err(sluice_engine::Error::from)?;
     let Some(latest) = versions.first() else {
         return Err(sluice_engine::Error::NotFound { what: "workflow", id: name }.into());
     };
@@ -60,12 +65,13 @@ pub async fn get(State(app): State<AppState>, Path(name): Path<String>) -> Resul
 
 pub async fn get_version(
     State(app): State<AppState>,
+    Caller(p): Caller,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let row = app
         .engine
         .store()
-        .get_workflow(DEFAULT_TENANT, &name, Some(&version))
+        .get_workflow(&p.tenant, &name, Some(&version))
         .await
         .map_err(sluice_engine::Error::from)?
         .ok_or_else(|| sluice_engine::Error::NotFound { what: "workflow", id: format!("{name}@{version}") })?;

@@ -1,0 +1,204 @@
+//! Authentication, authorization, rate limiting and auditing of every request, as one
+//! middleware: the bearer credential becomes a [`Principal`] (or a 401), the route's
+//! [`Perm`] is checked (403), the caller's quotas are taken (429 with `Retry-After`), and
+//! handlers read the principal with the [`Caller`] extractor. Every change (any method but GET)
+//! and every refusal of a known caller is written to the audit log.
+//!
+//! Which permission each route needs is the table in [`need`]; a test walks the OpenAPI
+//! document and checks every operation against it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use sluice_auth::{Actor, Auditor, Directory, Perm, Principal, Quota, RateLimitConfig, RateLimiter, Role};
+use sluice_store::AuditRow;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// What a route asks of its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Health, metrics, the API document, login.
+    Public,
+    /// Any valid credential.
+    Authenticated,
+    Perm(Perm),
+}
+
+/// The permission each route needs. Unknown routes are public here because they answer 404.
+pub fn need(method: &Method, route: &str) -> Need {
+    use Perm::*;
+    let read_or = |write: Perm| if method == Method::GET { Need::Perm(Read) } else { Need::Perm(write) };
+    match route {
+        "/healthz" | "/readyz" | "/metrics" | "/openapi.json" | "/v1/auth/login" | "/v1/schemas/workflow" => {
+            Need::Public
+        }
+        "/v1/auth/whoami" => Need::Authenticated,
+        "/v1/workflows" => read_or(Publish),
+        "/v1/executions" => read_or(Operate),
+        "/v1/executions/{workflow_id}/signals/{name}"
+        | "/v1/executions/{workflow_id}/cancel"
+        | "/v1/dlq/{workflow_id}/redrive" => Need::Perm(Operate),
+        r if r.starts_with("/v1/tasks/") => Need::Perm(Work),
+        "/v1/chat/completions" => Need::Perm(Gateway),
+        r if r.starts_with("/v1/users") || r.starts_with("/v1/api-keys") || r == "/v1/audit" => Need::Perm(Manage),
+        r if r.starts_with("/v1/") => Need::Perm(Read),
+        _ => Need::Public,
+    }
+}
+
+/// How requests are authenticated and limited.
+pub struct Security {
+    /// `None`: authentication is off (`--insecure-no-auth`) and every request acts as the owner
+    /// of `open_tenant`.
+    pub directory: Option<Arc<Directory>>,
+    pub open_tenant: String,
+    pub limiter: RateLimiter,
+    /// Login attempts per account: 10 a minute.
+    pub login_limiter: RateLimiter,
+    pub auditor: Auditor,
+}
+
+impl Security {
+    pub fn new(directory: Option<Arc<Directory>>, limits: RateLimitConfig, auditor: Auditor) -> Self {
+        let login = RateLimitConfig { per_user: Quota::parse("10/minute").ok(), ..RateLimitConfig::default() };
+        Self {
+            directory,
+            open_tenant: "default".into(),
+            limiter: RateLimiter::new(limits),
+            login_limiter: RateLimiter::new(login),
+            auditor,
+        }
+    }
+}
+
+/// The principal of the request, put there by the middleware.
+pub struct Caller(pub Principal);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts.extensions.get::<Principal>().cloned().map(Caller).ok_or_else(|| {
+            tracing::error!(path = %parts.uri.path(), "a handler needs a caller but the route is public");
+            ApiError::new("internal", "internal error; the cause is in the server log")
+        })
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+fn perm_name(p: Perm) -> &'static str {
+    match p {
+        Perm::Read => "read",
+        Perm::Publish => "publish",
+        Perm::Operate => "operate",
+        Perm::Work => "work",
+        Perm::Gateway => "gateway",
+        Perm::Manage => "manage",
+    }
+}
+
+/// The middleware; see the module docs.
+pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string());
+    let need = route.as_deref().map_or(Need::Public, |r| need(req.method(), r));
+    if need == Need::Public {
+        return next.run(req).await;
+    }
+    let security = &app.security;
+    let principal = match &security.directory {
+        None => Principal { tenant: security.open_tenant.clone(), actor: Actor::Anonymous, role: Role::Owner },
+        Some(dir) => {
+            let Some(credential) = bearer(req.headers()) else {
+                return ApiError::new(
+                    "unauthenticated",
+                    "no credentials: send `Authorization: Bearer <API key or session token>`",
+                )
+                .into_response();
+            };
+            match dir.authenticate(credential).await {
+                Ok(p) => p,
+                Err(e) => return ApiError::from(e).into_response(),
+            }
+        }
+    };
+    let method = req.method().clone();
+    let target = req.uri().path().to_string();
+    let source_ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    let audit = |status: u16| AuditRow {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant: principal.tenant.clone(),
+        at_ms: sluice_auth::now_ms(),
+        actor: principal.label(),
+        role: Some(principal.role.as_str().to_string()),
+        action: format!("{method} {}", route.as_deref().unwrap_or("")),
+        target: target.clone(),
+        status,
+        source_ip: source_ip.clone(),
+        trace_id: None,
+    };
+    if let Need::Perm(perm) = need {
+        if !principal.can(perm) {
+            security.auditor.record(audit(403));
+            return ApiError::new(
+                "forbidden",
+                format!("the role {} does not allow this ({} permission needed)", principal.role, perm_name(perm)),
+            )
+            .with_details(json!({"role": principal.role.as_str(), "needs": perm_name(perm)}))
+            .into_response();
+        }
+    }
+    let rate = match security.limiter.check(&principal) {
+        Ok(state) => state,
+        Err(limited) => {
+            security.auditor.record(audit(429));
+            let secs = limited.retry_after_secs();
+            let mut resp = ApiError::new(
+                "rate_limited",
+                format!(
+                    "rate limit of {} reached ({} quota); retry in {secs} s",
+                    String::from(limited.quota),
+                    limited.scope
+                ),
+            )
+            .with_details(json!({"scope": limited.scope, "retry_after_s": secs}))
+            .into_response();
+            let h = resp.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            if let Ok(v) = HeaderValue::from_str(&limited.quota.policy()) {
+                h.insert("ratelimit-policy", v);
+            }
+            h.insert("ratelimit-limit", HeaderValue::from(limited.quota.requests));
+            h.insert("ratelimit-remaining", HeaderValue::from(0u32));
+            h.insert("ratelimit-reset", HeaderValue::from(secs));
+            return resp;
+        }
+    };
+    req.extensions_mut().insert(principal.clone());
+    let mut resp = next.run(req).await;
+    if let Some(state) = rate {
+        let h = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&state.quota.policy()) {
+            h.insert("ratelimit-policy", v);
+        }
+        h.insert("ratelimit-limit", HeaderValue::from(state.quota.requests));
+        h.insert("ratelimit-remaining", HeaderValue::from(state.remaining));
+        h.insert("ratelimit-reset", HeaderValue::from(state.reset_secs));
+    }
+    if method != Method::GET {
+        security.auditor.record(audit(resp.status().as_u16()));
+    }
+    resp
+}
