@@ -201,6 +201,8 @@ async fn schemathesis_finds_no_server_error_in_the_api() {
     api.publish(&json!({"name": "hello", "steps": [{"id": "a", "type": "transform", "expr": ".input"}]})).await;
     api.start("hello", json!({"n": 1}), Some("hello-1")).await;
     let out = tokio::process::Command::new(python.with_file_name("schemathesis"))
+        // Its cache of crashes goes to the working directory: keep it out of the source tree.
+        .current_dir(dir.path())
         .args(["run", &format!("{}/openapi.json", server.base)])
         .args(["--checks", "not_a_server_error", "--max-examples", "25", "--seed", "20261123"])
         .args(["--exclude-path", "/v1/tasks/poll", "--request-timeout", "10", "--no-color"])
