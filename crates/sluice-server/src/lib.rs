@@ -1,12 +1,16 @@
 //! The Sluice HTTP API: workflows, executions, signals, queries, the dead-letter queue and the
 //! worker protocol under `/v1`, the OpenAI-compatible `/v1/chat/completions` of the AI gateway,
-//! plus `/healthz`, `/readyz`, `/metrics` and `/openapi.json`. Only this crate serves HTTP.
+//! plus `/healthz`, `/readyz`, `/metrics` and `/openapi.json`, over plain TCP or TLS (mutual TLS
+//! included). Only this crate serves HTTP.
 
 pub mod body;
 pub mod error;
 pub mod loopback;
 pub mod metrics;
+pub mod peer;
 pub mod routes;
+pub mod tls;
+pub mod x509;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 pub use sluice_gateway;
 
 use crate::error::ApiError;
+pub use crate::peer::{ClientCert, Peer};
 use crate::routes::{chat, executions, ops, tasks, usage, workflows};
 
 #[derive(Clone)]
@@ -34,6 +39,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// The AI gateway behind `/v1/chat/completions`; without one that route answers 404.
     pub gateway: Option<Arc<Gateway>>,
+    /// The TLS state when the server speaks HTTPS, for `/metrics`.
+    pub tls: Option<tls::Tls>,
 }
 
 /// Every route of the API, without an AI gateway.
@@ -43,7 +50,12 @@ pub fn router(engine: Engine) -> Router {
 
 /// Every route of the API. The OpenAPI document lists the same paths (a test keeps them equal).
 pub fn router_with(engine: Engine, gateway: Option<Arc<Gateway>>) -> Router {
-    let state = AppState { engine, metrics: Arc::new(metrics::Metrics::default()), gateway };
+    router_with_tls(engine, gateway, None)
+}
+
+/// Every route of the API, with the certificate of `tls` reported by `/metrics`.
+pub fn router_with_tls(engine: Engine, gateway: Option<Arc<Gateway>>, tls: Option<tls::Tls>) -> Router {
+    let state = AppState { engine, metrics: Arc::new(metrics::Metrics::default()), gateway, tls };
     Router::new()
         .route("/v1/workflows", post(workflows::publish).get(workflows::list))
         .route("/v1/workflows/{name}", get(workflows::get))
@@ -119,7 +131,28 @@ pub async fn serve_with(
     gateway: Option<Arc<Gateway>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(tuned(listener), router_with(engine, gateway).into_make_service())
+    serve_router(listener, router_with(engine, gateway), shutdown).await
+}
+
+/// Like [`serve_with`], over TLS: see [`tls::serve`].
+pub async fn serve_tls(
+    listener: TcpListener,
+    engine: Engine,
+    gateway: Option<Arc<Gateway>>,
+    tls: tls::Tls,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    tls::serve(listener, router_with_tls(engine, gateway, Some(tls.clone())), tls, shutdown).await
+}
+
+/// Serves `app` over plain TCP (with `TCP_NODELAY`) until `shutdown` resolves. Handlers see each
+/// connection's [`Peer`] as `ConnectInfo<Peer>`, as they do over TLS.
+pub async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(peer::PlainListener::new(listener), app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -131,7 +164,7 @@ pub fn tuned(listener: TcpListener) -> TapIo<TcpListener, fn(&mut TcpStream)> {
     listener.tap_io(set_nodelay as fn(&mut TcpStream))
 }
 
-fn set_nodelay(tcp: &mut TcpStream) {
+pub(crate) fn set_nodelay(tcp: &mut TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }

@@ -1,7 +1,9 @@
 //! Test helpers shared by the end-to-end suites: a real `sluice serve` process on a free port
 //! (that a test can SIGKILL and restart), worker processes, a JSON HTTP client, and
-//! `assert_replays`, which re-runs `decide` over every history a server stores.
+//! `assert_replays`, which re-runs `decide` over every history a server stores, and certificates
+//! for TLS tests.
 
+pub mod pki;
 pub mod vendor;
 
 use std::net::TcpListener;
@@ -49,6 +51,8 @@ pub struct ServerProcess {
     log: PathBuf,
     /// Given to `serve` after the port and database (kept for restarts).
     extra_args: Vec<String>,
+    /// Checks readiness and is the client of [`ServerProcess::api`].
+    http: reqwest::Client,
 }
 
 impl ServerProcess {
@@ -65,15 +69,40 @@ impl ServerProcess {
 
     /// Like `start_on`, with more arguments for `serve` (e.g. `--gateway FILE`).
     pub async fn start_with_args(bin: &Path, dir: &Path, database: &str, extra_args: &[&str]) -> Self {
+        Self::launch(bin, dir, database, extra_args, "http", reqwest::Client::new()).await
+    }
+
+    /// Like `start_with_args` for a server that speaks HTTPS (`extra_args` hold its `--tls-*`
+    /// flags): `client`, which must trust the server's certificate (and carry a client
+    /// certificate where the server requires one), checks readiness and is the client of `api()`.
+    pub async fn start_https(
+        bin: &Path,
+        dir: &Path,
+        database: &str,
+        extra_args: &[&str],
+        client: reqwest::Client,
+    ) -> Self {
+        Self::launch(bin, dir, database, extra_args, "https", client).await
+    }
+
+    async fn launch(
+        bin: &Path,
+        dir: &Path,
+        database: &str,
+        extra_args: &[&str],
+        scheme: &str,
+        http: reqwest::Client,
+    ) -> Self {
         let port = free_port();
         let mut s = Self {
             bin: bin.to_path_buf(),
             database: database.to_string(),
             port,
-            base: format!("http://127.0.0.1:{port}"),
+            base: format!("{scheme}://127.0.0.1:{port}"),
             child: None,
             log: dir.join("server.log"),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            http,
         };
         s.spawn().await;
         s
@@ -92,7 +121,7 @@ impl ServerProcess {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
         self.child = Some(child);
-        let api = Api::new(&self.base);
+        let api = self.api();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok((200, _)) = api.try_get("/readyz").await {
@@ -118,7 +147,7 @@ impl ServerProcess {
     }
 
     pub fn api(&self) -> Api {
-        Api::new(&self.base)
+        Api::with_client(&self.base, self.http.clone())
     }
 
     pub fn log_text(&self) -> String {
@@ -184,7 +213,12 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: &str) -> Self {
-        Self { http: reqwest::Client::new(), base: base.to_string() }
+        Self::with_client(base, reqwest::Client::new())
+    }
+
+    /// An API client over `http`: one configured for TLS, say.
+    pub fn with_client(base: &str, http: reqwest::Client) -> Self {
+        Self { http, base: base.to_string() }
     }
 
     async fn decode(r: reqwest::Response) -> (u16, Value) {
