@@ -1,4 +1,5 @@
-//! `sluice serve` and `sluice dev`: the server on the embedded SQLite store.
+//! `sluice serve` and `sluice dev`: the server on the embedded SQLite store (or PostgreSQL), over
+//! HTTP or HTTPS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,12 +8,13 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use sluice_engine::{Engine, EngineOptions};
 use sluice_server::sluice_gateway::{Config as GatewayConfig, Gateway};
+use sluice_server::tls::{ClientAuth, Tls, TlsOptions, DEFAULT_HANDSHAKE_TIMEOUT};
 use sluice_store::{ShardedStore, Store};
 use sluice_store_postgres::PostgresStore;
 use sluice_store_sqlite::SqliteStore;
 use tokio::net::TcpListener;
 
-use crate::ServeArgs;
+use crate::{ServeArgs, TlsArgs};
 
 /// Opens the store named by `database`: a PostgreSQL URL, or else a SQLite file path.
 /// Several PostgreSQL URLs separated by commas make a sharded store: each execution lives on the
@@ -95,6 +97,72 @@ fn gateway_of(args: &ServeArgs) -> Result<Option<Arc<Gateway>>> {
     args.gateway.as_deref().map(load_gateway).transpose()
 }
 
+/// What the `--tls-*` flags ask for: `None` for plain HTTP. The error says which flags do not go
+/// together (a usage error).
+pub fn tls_options(args: &TlsArgs) -> Result<Option<TlsOptions>, String> {
+    let Some(cert) = &args.tls_cert else {
+        if args.tls_key.is_some() {
+            return Err("--tls-key needs --tls-cert, the certificate chain (PEM) that goes with the key".into());
+        }
+        if args.tls_client_ca.is_some() {
+            return Err("--tls-client-ca needs --tls-cert and --tls-key: client certificates need HTTPS".into());
+        }
+        return match args.tls_client_auth {
+            Some(mode) if mode != ClientAuth::None => {
+                Err(format!("--tls-client-auth {mode} needs --tls-cert, --tls-key and --tls-client-ca"))
+            }
+            _ => Ok(None),
+        };
+    };
+    let Some(key) = &args.tls_key else {
+        return Err("--tls-cert needs --tls-key, the private key (PEM) of the certificate".into());
+    };
+    let client_auth = match (args.tls_client_auth, &args.tls_client_ca) {
+        (None, Some(_)) => ClientAuth::Required,
+        (None, None) => ClientAuth::None,
+        (Some(ClientAuth::None), Some(_)) => {
+            return Err("--tls-client-ca is given with --tls-client-auth none: drop one of them".into())
+        }
+        (Some(mode @ (ClientAuth::Optional | ClientAuth::Required)), None) => {
+            return Err(format!(
+            "--tls-client-auth {mode} needs --tls-client-ca, the CA certificates (PEM) that sign client certificates"
+        ))
+        }
+        (Some(mode), _) => mode,
+    };
+    Ok(Some(TlsOptions {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+        client_auth,
+        reload_interval: args.tls_reload_interval,
+        handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+    }))
+}
+
+/// Reads the TLS files the flags name, before anything else starts: a bad file stops the start.
+fn tls_of(args: &ServeArgs) -> Result<Option<Tls>> {
+    let options = tls_options(&args.tls).map_err(anyhow::Error::msg)?;
+    Ok(options.map(Tls::load).transpose()?)
+}
+
+/// Serves the API over HTTPS when `tls` is given, else over HTTP.
+async fn run_server(
+    listener: TcpListener,
+    engine: Engine,
+    gateway: Option<Arc<Gateway>>,
+    tls: Option<Tls>,
+) -> std::io::Result<()> {
+    match tls {
+        Some(tls) => sluice_server::serve_tls(listener, engine, gateway, tls, shutdown_signal()).await,
+        None => sluice_server::serve_with(listener, engine, gateway, shutdown_signal()).await,
+    }
+}
+
+fn url_of(addr: SocketAddr, tls: Option<&Tls>) -> String {
+    format!("{}://{addr}", if tls.is_some() { "https" } else { "http" })
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -118,20 +186,30 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
+    let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
     let gateway_file = args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    tracing::info!(%addr, database = %describe_database(&args.database), gateway = %gateway_file, "sluice serving");
-    sluice_server::serve_with(listener, engine, gateway, shutdown_signal()).await?;
+    let client_auth = tls.as_ref().map(|t| t.options().client_auth.to_string()).unwrap_or_default();
+    tracing::info!(%addr, url = %url_of(addr, tls.as_ref()), database = %describe_database(&args.database),
+        gateway = %gateway_file, tls_client_auth = %client_auth, "sluice serving");
+    run_server(listener, engine, gateway, tls).await?;
     Ok(())
 }
 
 pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()> {
+    let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
-    let url = format!("http://{addr}");
+    let url = url_of(addr, tls.as_ref());
     let published = publish_examples(&engine, &examples).await;
-    let server = tokio::spawn(sluice_server::serve_with(listener, engine, gateway, shutdown_signal()));
+    let tls_line = tls.as_ref().map(|t| {
+        let o = t.options();
+        format!("certificate {}   client certificates {}", o.cert.display(), o.client_auth)
+    });
+    // The demo worker is a plain HTTP client: it neither trusts a private CA nor has a certificate.
+    let worker = worker && tls.is_none();
+    let server = tokio::spawn(run_server(listener, engine, gateway, tls));
     if worker {
         let url = url.clone();
         tokio::spawn(async move {
@@ -147,7 +225,13 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()>
         "  workflows  {}",
         if published.is_empty() { "none (no examples folder)".to_string() } else { published.join(", ") }
     );
-    eprintln!("  try        sluice run examples/hello.yaml --input '{{\"name\": \"Ada\"}}'");
+    match &tls_line {
+        None => eprintln!("  try        sluice run examples/hello.yaml --input '{{\"name\": \"Ada\"}}'"),
+        Some(line) => {
+            eprintln!("  tls        {line}");
+            eprintln!("  worker     off (the demo worker speaks plain HTTP)");
+        }
+    }
     eprintln!("  API        {url}/openapi.json   metrics {url}/metrics");
     match &args.gateway {
         Some(file) => {
