@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::out;
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     sluice_core::duration::Duration::parse(text).map(|d| Duration::from_millis(d.as_millis()))
 }
 

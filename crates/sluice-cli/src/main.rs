@@ -76,6 +76,8 @@ pub struct ServeArgs {
     /// Requests to this node from everyone, e.g. `10000/hour`.
     #[arg(long, value_name = "N/PERIOD", env = "SLUICE_RATE_LIMIT_GLOBAL", value_parser = parse_quota)]
     rate_limit_global: Option<Quota>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 impl ServeArgs {
@@ -91,6 +93,27 @@ impl ServeArgs {
 
 fn parse_quota(s: &str) -> Result<Quota, String> {
     Quota::parse(s)
+}
+
+/// HTTPS and mutual TLS; see docs/operations.md.
+#[derive(Args, Clone)]
+pub struct TlsArgs {
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); reloaded when the file changes.
+    #[arg(long, value_name = "FILE", env = "SLUICE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", env = "SLUICE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that sign client certificates: turns on mutual TLS.
+    #[arg(long, value_name = "FILE", env = "SLUICE_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+    /// Client certificates: none, optional or required (the default with --tls-client-ca).
+    #[arg(long, value_name = "MODE", env = "SLUICE_TLS_CLIENT_AUTH")]
+    tls_client_auth: Option<sluice_server::tls::ClientAuth>,
+    /// How often the TLS files are checked for changes (`0s`: never).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = bench_gateway::parse_duration,
+          env = "SLUICE_TLS_RELOAD_INTERVAL")]
+    tls_reload_interval: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -241,6 +264,12 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     init_logs(&cli.log_format, default_level);
+    if let Command::Dev { serve, .. } | Command::Serve { serve } = &cli.command {
+        if let Err(e) = server::tls_options(&serve.tls) {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

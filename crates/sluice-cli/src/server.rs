@@ -1,4 +1,5 @@
-//! `sluice serve` and `sluice dev`: the server on the embedded SQLite store.
+//! `sluice serve` and `sluice dev`: the server on the embedded SQLite store (or PostgreSQL), over
+//! HTTP or HTTPS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,12 +10,13 @@ use sluice_engine::{Engine, EngineOptions};
 use sluice_server::routes::DEFAULT_TENANT;
 use sluice_server::sluice_auth::{AuthConfig, Directory, NewApiKey, NewUser, Role};
 use sluice_server::sluice_gateway::{Config as GatewayConfig, Gateway};
+use sluice_server::tls::{ClientAuth, Tls, TlsOptions, DEFAULT_HANDSHAKE_TIMEOUT};
 use sluice_store::{ShardedStore, Store};
 use sluice_store_postgres::PostgresStore;
 use sluice_store_sqlite::SqliteStore;
 use tokio::net::TcpListener;
 
-use crate::ServeArgs;
+use crate::{ServeArgs, TlsArgs};
 
 /// Opens the store named by `database`: a PostgreSQL URL, or else a SQLite file path.
 /// Several PostgreSQL URLs separated by commas make a sharded store: each execution lives on the
@@ -97,6 +99,60 @@ fn gateway_of(args: &ServeArgs) -> Result<Option<Arc<Gateway>>> {
     args.gateway.as_deref().map(load_gateway).transpose()
 }
 
+/// What the `--tls-*` flags ask for: `None` for plain HTTP. The error says which flags do not go
+/// together (a usage error).
+pub fn tls_options(args: &TlsArgs) -> Result<Option<TlsOptions>, String> {
+    let Some(cert) = &args.tls_cert else {
+        if args.tls_key.is_some() {
+            return Err("--tls-key needs --tls-cert, the certificate chain (PEM) that goes with the key".into());
+        }
+        if args.tls_client_ca.is_some() {
+            return Err("--tls-client-ca needs --tls-cert and --tls-key: client certificates need HTTPS".into());
+        }
+        return match args.tls_client_auth {
+            Some(mode) if mode != ClientAuth::None => {
+                Err(format!("--tls-client-auth {mode} needs --tls-cert, --tls-key and --tls-client-ca"))
+            }
+            _ => Ok(None),
+        };
+    };
+    let Some(key) = &args.tls_key else {
+        return Err("--tls-cert needs --tls-key, the private key (PEM) of the certificate".into());
+    };
+    let client_auth = match (args.tls_client_auth, &args.tls_client_ca) {
+        (None, Some(_)) => ClientAuth::Required,
+        (None, None) => ClientAuth::None,
+        (Some(ClientAuth::None), Some(_)) => {
+            return Err("--tls-client-ca is given with --tls-client-auth none: drop one of them".into())
+        }
+        (Some(mode @ (ClientAuth::Optional | ClientAuth::Required)), None) => {
+            return Err(format!(
+            "--tls-client-auth {mode} needs --tls-client-ca, the CA certificates (PEM) that sign client certificates"
+        ))
+        }
+        (Some(mode), _) => mode,
+    };
+    Ok(Some(TlsOptions {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+        client_auth,
+        reload_interval: args.tls_reload_interval,
+        handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+    }))
+}
+
+/// Reads the TLS files the flags name, before anything else starts: a bad file stops the start.
+fn tls_of(args: &ServeArgs) -> Result<Option<Tls>> {
+    let options = tls_options(&args.tls).map_err(anyhow::Error::msg)?;
+    Ok(options.map(Tls::load).transpose()?)
+}
+
+/// Serves the API over HTTPS when `tls` is given, else over HTTP.
+fn url_of(addr: SocketAddr, tls: Option<&Tls>) -> String {
+    format!("{}://{addr}", if tls.is_some() { "https" } else { "http" })
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -134,6 +190,7 @@ fn warn_insecure() {
 }
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
+    let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
     let directory = if args.insecure_no_auth {
@@ -153,9 +210,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         Some(dir)
     };
     let gateway_file = args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    tracing::info!(%addr, database = %describe_database(&args.database), gateway = %gateway_file,
-        auth = directory.is_some(), "sluice serving");
-    let opts = sluice_server::Options { gateway, directory, limits: args.limits() };
+    let client_auth = tls.as_ref().map(|t| t.options().client_auth.to_string()).unwrap_or_default();
+    tracing::info!(%addr, url = %url_of(addr, tls.as_ref()), database = %describe_database(&args.database),
+        gateway = %gateway_file, tls_client_auth = %client_auth, auth = directory.is_some(), "sluice serving");
+    let opts = sluice_server::Options { gateway, directory, limits: args.limits(), tls };
     sluice_server::serve_with(listener, engine, opts, shutdown_signal()).await?;
     Ok(())
 }
@@ -218,9 +276,10 @@ pub async fn tenants(database: &str) -> Result<Vec<String>> {
 }
 
 pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()> {
+    let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
-    let url = format!("http://{addr}");
+    let url = url_of(addr, tls.as_ref());
     let published = publish_examples(&engine, &examples).await;
     // A local tenant, a key for you (printed once) and one for the demo worker.
     let (directory, owner_key, worker_key) = if args.insecure_no_auth {
@@ -235,7 +294,13 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()>
         dir.spawn_maintenance();
         (Some(dir), Some(owner), Some(worker))
     };
-    let opts = sluice_server::Options { gateway, directory, limits: args.limits() };
+    let tls_line = tls.as_ref().map(|t| {
+        let o = t.options();
+        format!("certificate {}   client certificates {}", o.cert.display(), o.client_auth)
+    });
+    // The demo worker is a plain HTTP client: it neither trusts a private CA nor has a certificate.
+    let worker = worker && tls.is_none();
+    let opts = sluice_server::Options { gateway, directory, limits: args.limits(), tls };
     let server = tokio::spawn(sluice_server::serve_with(listener, engine, opts, shutdown_signal()));
     if worker {
         let url = url.clone();
@@ -261,7 +326,13 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()>
         }
         None => eprintln!("  auth       OFF (--insecure-no-auth)"),
     }
-    eprintln!("  try        sluice run examples/hello.yaml --input '{{\"name\": \"Ada\"}}'");
+    match &tls_line {
+        None => eprintln!("  try        sluice run examples/hello.yaml --input '{{\"name\": \"Ada\"}}'"),
+        Some(line) => {
+            eprintln!("  tls        {line}");
+            eprintln!("  worker     off (the demo worker speaks plain HTTP)");
+        }
+    }
     eprintln!("  API        {url}/openapi.json   metrics {url}/metrics");
     match &args.gateway {
         Some(file) => {

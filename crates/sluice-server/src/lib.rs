@@ -1,16 +1,19 @@
 //! The Sluice HTTP API: workflows, executions, signals, queries, the dead-letter queue and the
 //! worker protocol under `/v1`, the OpenAI-compatible `/v1/chat/completions` of the AI gateway,
-//! plus `/healthz`, `/readyz`, `/metrics` and `/openapi.json`. Only this crate serves HTTP.
+//! plus `/healthz`, `/readyz`, `/metrics` and `/openapi.json`, over plain TCP or TLS (mutual TLS
+//! included). Only this crate serves HTTP.
 
 pub mod auth;
 pub mod body;
 pub mod error;
 pub mod loopback;
 pub mod metrics;
+pub mod peer;
 pub mod routes;
+pub mod tls;
+pub mod x509;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,6 +35,7 @@ pub use sluice_gateway;
 
 use crate::auth::Security;
 use crate::error::ApiError;
+pub use crate::peer::{ClientCert, Peer};
 use crate::routes::{chat, executions, identity, ops, tasks, usage, workflows};
 
 #[derive(Clone)]
@@ -41,6 +45,8 @@ pub struct AppState {
     /// The AI gateway behind `/v1/chat/completions`; without one that route answers 404.
     pub gateway: Option<Arc<Gateway>>,
     pub security: Arc<Security>,
+    /// The TLS state when the server speaks HTTPS, for `/metrics`.
+    pub tls: Option<tls::Tls>,
 }
 
 /// What a server serves besides the engine.
@@ -51,6 +57,8 @@ pub struct Options {
     /// tenant `default`), which only `--insecure-no-auth` asks for.
     pub directory: Option<Arc<Directory>>,
     pub limits: RateLimitConfig,
+    /// Serve HTTPS (and mutual TLS) with these certificates; `None`: plain HTTP.
+    pub tls: Option<tls::Tls>,
 }
 
 /// Every route of the API, without an AI gateway and with authentication off (for tests of the
@@ -64,7 +72,8 @@ pub fn router(engine: Engine) -> Router {
 pub fn router_with(engine: Engine, opts: Options) -> Router {
     let auditor = Auditor::start(Arc::clone(engine.store()));
     let security = Arc::new(Security::new(opts.directory, opts.limits, auditor));
-    let state = AppState { engine, metrics: Arc::new(metrics::Metrics::default()), gateway: opts.gateway, security };
+    let metrics = Arc::new(metrics::Metrics::default());
+    let state = AppState { engine, metrics, gateway: opts.gateway, security, tls: opts.tls };
     Router::new()
         .route("/v1/auth/login", post(identity::login))
         .route("/v1/auth/whoami", get(identity::whoami))
@@ -148,8 +157,20 @@ pub async fn serve_with(
     opts: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router_with(engine, opts);
-    axum::serve(tuned(listener), app.into_make_service_with_connect_info::<SocketAddr>())
+    match opts.tls.clone() {
+        Some(tls) => tls::serve(listener, router_with(engine, opts), tls, shutdown).await,
+        None => serve_router(listener, router_with(engine, opts), shutdown).await,
+    }
+}
+
+/// Serves `app` over plain TCP (with `TCP_NODELAY`) until `shutdown` resolves. Handlers see each
+/// connection's [`Peer`] as `ConnectInfo<Peer>`, as they do over TLS.
+pub async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(peer::PlainListener::new(listener), app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -161,7 +182,7 @@ pub fn tuned(listener: TcpListener) -> TapIo<TcpListener, fn(&mut TcpStream)> {
     listener.tap_io(set_nodelay as fn(&mut TcpStream))
 }
 
-fn set_nodelay(tcp: &mut TcpStream) {
+pub(crate) fn set_nodelay(tcp: &mut TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }

@@ -1,5 +1,5 @@
 //! Prometheus metrics: request counts and latency histograms per route, engine counters, queue
-//! depths. Rendered in the Prometheus text format.
+//! depths, the served TLS certificate. Rendered in the Prometheus text format.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use sluice_engine::{CallStats, Engine};
 use sluice_gateway::{BreakerState, Gateway};
+
+use crate::tls::Tls;
 
 const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -38,10 +40,13 @@ impl Metrics {
         h.sum += secs;
     }
 
-    pub fn render(&self, engine: &Engine, gateway: Option<&Gateway>) -> String {
+    pub fn render(&self, engine: &Engine, gateway: Option<&Gateway>, tls: Option<&Tls>) -> String {
         let mut out = String::new();
         if let Some(gateway) = gateway {
             render_gateway(&mut out, engine, gateway);
+        }
+        if let Some(tls) = tls {
+            render_tls(&mut out, tls);
         }
         let c = engine.counters();
         let counters = [
@@ -147,6 +152,35 @@ fn render_gateway(out: &mut String, engine: &Engine, gateway: &Gateway) {
                 value(s)
             );
         }
+    }
+}
+
+/// The served certificate's expiry, and how reloads and handshakes went.
+fn render_tls(out: &mut String, tls: &Tls) {
+    let _ = writeln!(
+        out,
+        "# HELP sluice_tls_certificate_expiry_timestamp_seconds When the served certificate expires (its notAfter), as Unix time.\n# TYPE sluice_tls_certificate_expiry_timestamp_seconds gauge\nsluice_tls_certificate_expiry_timestamp_seconds {}",
+        tls.not_after_unix()
+    );
+    let counters = [
+        (
+            "sluice_tls_certificate_reloads_total",
+            "Changes to the certificate files that took effect without a restart.",
+            tls.reloads(),
+        ),
+        (
+            "sluice_tls_certificate_reload_failures_total",
+            "Changes to the certificate files that could not be used; the previous certificate stayed.",
+            tls.reload_failures(),
+        ),
+        (
+            "sluice_tls_handshake_failures_total",
+            "TLS handshakes that failed or timed out, refused client certificates included.",
+            tls.handshake_failures(),
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     }
 }
 

@@ -1,7 +1,9 @@
 //! Test helpers shared by the end-to-end suites: a real `sluice serve` process on a free port
 //! (that a test can SIGKILL and restart), worker processes, a JSON HTTP client, and
-//! `assert_replays`, which re-runs `decide` over every history a server stores.
+//! `assert_replays`, which re-runs `decide` over every history a server stores, and certificates
+//! for TLS tests.
 
+pub mod pki;
 pub mod vendor;
 
 use std::net::TcpListener;
@@ -52,6 +54,8 @@ pub struct ServerProcess {
     /// The owner API key of the tenant `default` that `sluice admin init` made before the first
     /// start (none when the server runs with `--insecure-no-auth`).
     pub key: Option<String>,
+    /// Checks readiness and is the client of [`ServerProcess::api`].
+    http: reqwest::Client,
 }
 
 impl ServerProcess {
@@ -68,16 +72,41 @@ impl ServerProcess {
 
     /// Like `start_on`, with more arguments for `serve` (e.g. `--gateway FILE`).
     pub async fn start_with_args(bin: &Path, dir: &Path, database: &str, extra_args: &[&str]) -> Self {
+        Self::launch(bin, dir, database, extra_args, "http", reqwest::Client::new()).await
+    }
+
+    /// Like `start_with_args` for a server that speaks HTTPS (`extra_args` hold its `--tls-*`
+    /// flags): `client`, which must trust the server's certificate (and carry a client
+    /// certificate where the server requires one), checks readiness and is the client of `api()`.
+    pub async fn start_https(
+        bin: &Path,
+        dir: &Path,
+        database: &str,
+        extra_args: &[&str],
+        client: reqwest::Client,
+    ) -> Self {
+        Self::launch(bin, dir, database, extra_args, "https", client).await
+    }
+
+    async fn launch(
+        bin: &Path,
+        dir: &Path,
+        database: &str,
+        extra_args: &[&str],
+        scheme: &str,
+        http: reqwest::Client,
+    ) -> Self {
         let port = free_port();
         let mut s = Self {
             bin: bin.to_path_buf(),
             database: database.to_string(),
             port,
-            base: format!("http://127.0.0.1:{port}"),
+            base: format!("{scheme}://127.0.0.1:{port}"),
             child: None,
             log: dir.join("server.log"),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             key: None,
+            http,
         };
         if !extra_args.contains(&"--insecure-no-auth") {
             s.key = Some(admin_init(bin, dir, database, "default"));
@@ -99,7 +128,7 @@ impl ServerProcess {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
         self.child = Some(child);
-        let api = Api::new(&self.base);
+        let api = self.api();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok((200, _)) = api.try_get("/readyz").await {
@@ -126,7 +155,7 @@ impl ServerProcess {
 
     /// A client with the owner key.
     pub fn api(&self) -> Api {
-        Api::with_key(&self.base, self.key.as_deref())
+        Api { http: self.http.clone(), base: self.base.clone(), key: self.key.clone() }
     }
 
     pub fn log_text(&self) -> String {
@@ -207,27 +236,32 @@ impl Drop for WorkerProcess {
 pub struct Api {
     http: reqwest::Client,
     pub base: String,
+    key: Option<String>,
 }
 
 impl Api {
     /// A client without credentials.
     pub fn new(base: &str) -> Self {
-        Self::with_key(base, None)
+        Self::with_client(base, reqwest::Client::new())
     }
 
     /// A client that sends `key` (an API key or a session token) as a bearer token.
     pub fn with_key(base: &str, key: Option<&str>) -> Self {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(v) = key.and_then(|k| reqwest::header::HeaderValue::from_str(&format!("Bearer {k}")).ok()) {
-            headers.insert(reqwest::header::AUTHORIZATION, v);
-        }
-        let http = reqwest::Client::builder().default_headers(headers).build().unwrap_or_default();
-        Self { http, base: base.to_string() }
+        Self { http: reqwest::Client::new(), base: base.to_string(), key: key.map(str::to_string) }
     }
 
-    /// The underlying HTTP client, which sends this client's credentials.
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// An API client over `http`: one configured for TLS, say.
+    pub fn with_client(base: &str, http: reqwest::Client) -> Self {
+        Self { http, base: base.to_string(), key: None }
+    }
+
+    /// A request to `path` with this client's credentials, for what the helpers below do not cover.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
     }
 
     async fn decode(r: reqwest::Response) -> (u16, Value) {
@@ -237,7 +271,7 @@ impl Api {
     }
 
     pub async fn try_get(&self, path: &str) -> Result<(u16, Value), reqwest::Error> {
-        let r = self.http.get(format!("{}{path}", self.base)).send().await?;
+        let r = self.request(reqwest::Method::GET, path).send().await?;
         Ok(Self::decode(r).await)
     }
 
@@ -246,13 +280,12 @@ impl Api {
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.http.post(format!("{}{path}", self.base)).json(body).send().await;
+        let r = self.request(reqwest::Method::POST, path).json(body).send().await;
         Self::decode(r.unwrap_or_else(|e| panic!("POST {path}: {e}"))).await
     }
 
     pub async fn post_raw(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-        let r =
-            self.http.post(format!("{}{path}", self.base)).header("content-type", content_type).body(body).send().await;
+        let r = self.request(reqwest::Method::POST, path).header("content-type", content_type).body(body).send().await;
         Self::decode(r.unwrap_or_else(|e| panic!("POST {path}: {e}"))).await
     }
 

@@ -47,7 +47,7 @@ fn ask(route: &str, extra: Value) -> Value {
 
 /// Posts a streamed request; returns the status, the content type and the `data:` payloads.
 async fn stream(api: &Api, body: &Value) -> (u16, String, Vec<String>) {
-    let r = api.http().post(format!("{}/v1/chat/completions", api.base)).json(body).send().await.unwrap();
+    let r = api.request(reqwest::Method::POST, "/v1/chat/completions").json(body).send().await.unwrap();
     let status = r.status().as_u16();
     let ct = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let text = r.text().await.unwrap();
@@ -130,8 +130,7 @@ async fn chat_completions_answer_fall_back_stream_and_report_cuts() {
     assert_eq!(status, 502);
     let before = vendor.requests();
     let r = api
-        .http()
-        .post(format!("{}/v1/chat/completions", server.base))
+        .request(reqwest::Method::POST, "/v1/chat/completions")
         .json(&ask("fragile", json!({})))
         .send()
         .await
@@ -179,8 +178,7 @@ async fn chat_completions_answer_fall_back_stream_and_report_cuts() {
     // A stream that cannot open is a JSON error with its status, not an event stream.
     vendor.push(Reply::status(500)).push(Reply::status(500));
     let r = api
-        .http()
-        .post(format!("{}/v1/chat/completions", server.base))
+        .request(reqwest::Method::POST, "/v1/chat/completions")
         .json(&ask("fallback", json!({"stream": true})))
         .send()
         .await

@@ -60,8 +60,7 @@ async fn sigkill_under_load_loses_nothing_and_repeats_nothing() {
                 let id = format!("crash-{i}");
                 loop {
                     let r = api
-                        .http()
-                        .post(format!("{}/v1/executions", api.base))
+                        .request(reqwest::Method::POST, "/v1/executions")
                         .json(&json!({"workflow": "five", "workflow_id": id}))
                         .send()
                         .await;

@@ -143,13 +143,8 @@ async fn a_postgres_outage_gives_503_and_loses_nothing() {
     let (status, body) = fresh.post("/v1/executions", &json!({"workflow": "gated", "workflow_id": "during"})).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "storage_unavailable");
-    let r = fresh
-        .http()
-        .post(format!("{}/v1/executions/gated-0/signals/go", server.base))
-        .json(&json!(0))
-        .send()
-        .await
-        .unwrap();
+    let r =
+        fresh.request(reqwest::Method::POST, "/v1/executions/gated-0/signals/go").json(&json!(0)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 503);
     assert!(r.headers().get("retry-after").is_some(), "503 carries Retry-After");
     assert_eq!(fresh.get("/readyz").await.0, 503, "not ready while the database is down");

@@ -26,7 +26,7 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        app.metrics.render(&app.engine, app.gateway.as_deref()),
+        app.metrics.render(&app.engine, app.gateway.as_deref(), app.tls.as_ref()),
     )
 }
 
