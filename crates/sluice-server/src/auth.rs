@@ -7,7 +7,6 @@
 //! Which permission each route needs is the table in [`need`]; a test walks the OpenAPI
 //! document and checks every operation against it.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Request, State};
@@ -20,7 +19,7 @@ use sluice_auth::{Actor, Auditor, Directory, Perm, Principal, Quota, RateLimitCo
 use sluice_store::AuditRow;
 
 use crate::error::ApiError;
-use crate::AppState;
+use crate::{AppState, Peer};
 
 /// What a route asks of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +135,7 @@ pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: N
     };
     let method = req.method().clone();
     let target = req.uri().path().to_string();
-    let source_ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    let source_ip = req.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0.addr.ip().to_string());
     let audit = |status: u16| AuditRow {
         id: uuid::Uuid::now_v7().to_string(),
         tenant: principal.tenant.clone(),

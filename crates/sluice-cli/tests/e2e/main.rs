@@ -2,6 +2,7 @@
 //! and the Python module), real HTTP. Every test ends by replaying the histories it produced.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod auth;
 mod bench;
 mod chat;
 mod durability;

@@ -1,0 +1,305 @@
+//! Authentication, roles, tenants, rate limits and the audit log against a real `sluice serve`:
+//! every operation of the OpenAPI document is tried without credentials, with each role, and with
+//! another tenant's key.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::{bin, Api, ServerProcess, TempDir};
+
+/// Operations that need no credentials.
+const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/schemas/workflow", "/v1/auth/login"];
+
+/// What each role may do, written out here independently of the server's table.
+fn allowed(role: &str, method: &str, path: &str) -> bool {
+    let manage = path.starts_with("/v1/users") || path.starts_with("/v1/api-keys") || path == "/v1/audit";
+    let work = path.starts_with("/v1/tasks/");
+    let whoami = path == "/v1/auth/whoami";
+    let read = method == "GET" && !manage && !work;
+    let operate = path == "/v1/executions"
+        || path.ends_with("/cancel")
+        || path.contains("/signals/")
+        || path.ends_with("/redrive");
+    let publish = path == "/v1/workflows";
+    let gateway = path == "/v1/chat/completions";
+    match role {
+        "owner" | "admin" => true,
+        "editor" => whoami || read || operate || publish || gateway,
+        "viewer" => whoami || read,
+        "worker" => whoami || work,
+        _ => false,
+    }
+}
+
+/// Every `(method, path template)` of the OpenAPI document the server serves.
+async fn operations(api: &Api) -> Vec<(String, String)> {
+    let (status, doc) = Api::new(&api.base).get("/openapi.json").await;
+    assert_eq!(status, 200);
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            ops.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    assert!(ops.len() >= 30, "{ops:?}");
+    ops
+}
+
+fn fill(template: &str, values: &BTreeMap<&str, &str>) -> String {
+    let mut path = template.to_string();
+    for (k, v) in values {
+        path = path.replace(&format!("{{{k}}}"), v);
+    }
+    assert!(!path.contains('{'), "unfilled parameter in {path}");
+    path
+}
+
+async fn call(api: &Api, method: &str, path: &str) -> (u16, String, reqwest::header::HeaderMap) {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut req = api.request(m, path);
+    if method != "GET" && method != "DELETE" {
+        req = req.json(&json!({}));
+    }
+    // The long poll would wait for work; the matrix is about who may poll, not about waiting.
+    if path == "/v1/tasks/poll" {
+        req = req.json(&json!({"queue": "matrix", "wait_ms": 0}));
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, r.text().await.unwrap(), headers)
+}
+
+async fn key(owner: &Api, role: &str) -> String {
+    let (status, body) = owner.post("/v1/api-keys", &json!({"name": format!("{role} key"), "role": role})).await;
+    assert_eq!(status, 201, "{body}");
+    body["key"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_checks_credentials_roles_and_tenants() {
+    let dir = TempDir::new("auth-matrix");
+    let server = ServerProcess::start(&bin(), dir.path()).await;
+    let owner = server.api();
+    let database = server.database.clone();
+    let other_key = sluice_testkit::admin_init(&bin(), dir.path(), &database, "globex");
+    let other = Api::with_key(&server.base, Some(&other_key));
+
+    // The default tenant's data, with a marker that must never reach the other tenant.
+    let secret = "secret-of-default-7f3a";
+    owner
+        .publish(&json!({"name": "private-flow", "description": secret, "steps": [
+            {"id": "work", "type": "task", "queue": "default-queue", "input": ".input"}
+        ]}))
+        .await;
+    owner.start("private-flow", json!({"marker": secret}), Some("wf-default")).await;
+
+    let ops = operations(&owner).await;
+    let missing: BTreeMap<&str, &str> = [
+        ("name", "no-such-name"),
+        ("version", "no-such-version"),
+        ("workflow_id", "no-such-execution"),
+        ("email", "nobody@example.com"),
+        ("id", "0123456789abcdef"),
+    ]
+    .into();
+
+    // 1. No credentials, and made-up ones: 401 everywhere but the public operations.
+    let anonymous = Api::new(&server.base);
+    let forged = Api::with_key(&server.base, Some(&format!("slk_0123456789abcdef_{}", "0".repeat(64))));
+    for (method, template) in &ops {
+        let path = fill(template, &missing);
+        let (status, body, headers) = call(&anonymous, method, &path).await;
+        if PUBLIC.contains(&template.as_str()) {
+            assert_ne!(status, 401, "{method} {path} is public: {body}");
+            continue;
+        }
+        assert_eq!(status, 401, "{method} {path} without credentials: {body}");
+        assert!(body.contains("\"unauthenticated\""), "{body}");
+        assert!(headers.get("www-authenticate").is_some(), "{method} {path}");
+        let (status, body, _) = call(&forged, method, &path).await;
+        assert_eq!(status, 401, "{method} {path} with a made-up key: {body}");
+    }
+
+    // 2. Each role: 403 exactly where the role lacks the right, never 401.
+    for role in ["admin", "editor", "viewer", "worker"] {
+        let api = Api::with_key(&server.base, Some(&key(&owner, role).await));
+        for (method, template) in &ops {
+            if PUBLIC.contains(&template.as_str()) {
+                continue;
+            }
+            let path = fill(template, &missing);
+            let (status, body, _) = call(&api, method, &path).await;
+            assert_ne!(status, 401, "{role}: {method} {path}: {body}");
+            if allowed(role, method, template) {
+                assert_ne!(status, 403, "{role} may {method} {template}: {body}");
+            } else {
+                assert_eq!(status, 403, "{role} may not {method} {template}: {body}");
+                assert!(body.contains("\"forbidden\"") && body.contains(role), "{body}");
+            }
+        }
+    }
+
+    // 3. Another tenant's ids: 404, and no answer carries the default tenant's data.
+    let theirs: BTreeMap<&str, &str> = [
+        ("name", "private-flow"),
+        ("version", "no-such-version"),
+        ("workflow_id", "wf-default"),
+        ("email", "nobody@example.com"),
+        ("id", "0123456789abcdef"),
+    ]
+    .into();
+    for (method, template) in &ops {
+        if PUBLIC.contains(&template.as_str()) || template == "/v1/tasks/poll" {
+            continue;
+        }
+        let path = fill(template, &theirs);
+        let (status, body, _) = call(&other, method, &path).await;
+        assert!(!body.contains(secret), "{method} {path} leaked the other tenant's data: {body}");
+        if template.contains("{workflow_id}") || template.contains("{name}") {
+            assert_eq!(status, 404, "{method} {path} across tenants: {body}");
+        }
+    }
+    // A task token of the default tenant does not work for the other one.
+    let worker = Api::with_key(&server.base, Some(&key(&owner, "worker").await));
+    let (status, polled) = worker.post("/v1/tasks/poll", &json!({"queue": "default-queue", "wait_ms": 5000})).await;
+    assert_eq!(status, 200, "{polled}");
+    let token = polled["tasks"][0]["task_token"].as_str().expect("a task of the default tenant").to_string();
+    let (status, body) = other.post("/v1/tasks/complete", &json!({"task_token": token, "output": 1})).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = worker.post("/v1/tasks/complete", &json!({"task_token": token, "output": 1})).await;
+    assert_eq!(status, 200, "{body}");
+    // Listings are the caller's own.
+    let (_, listed) = other.get("/v1/executions").await;
+    assert_eq!(listed["executions"].as_array().unwrap().len(), 0, "{listed}");
+    let (_, flows) = other.get("/v1/workflows").await;
+    assert!(!flows.to_string().contains("private-flow"), "{flows}");
+    let (_, mine) = owner.get("/v1/executions").await;
+    assert_eq!(mine["executions"].as_array().unwrap().len(), 1);
+
+    // 4. The audit log saw the changes, with who and from where, and only the tenant's own.
+    let (status, audit) = owner.get("/v1/audit?limit=500").await;
+    assert_eq!(status, 200, "{audit}");
+    let entries = audit["entries"].as_array().unwrap();
+    let started = entries.iter().find(|e| e["action"] == "POST /v1/executions" && e["status"] == 201).unwrap();
+    assert!(started["actor"].as_str().unwrap().starts_with("key:"), "{started}");
+    assert_eq!(started["source_ip"], "127.0.0.1");
+    assert!(entries.iter().any(|e| e["status"] == 403 && e["role"] == "viewer"), "refusals are audited");
+    assert!(entries.iter().all(|e| e["tenant"] == "default"));
+    let (_, theirs) = other.get("/v1/audit?limit=500").await;
+    assert!(theirs["entries"].as_array().unwrap().iter().all(|e| e["tenant"] == "globex"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_log_in_keys_are_revoked_and_quotas_hold() {
+    let dir = TempDir::new("auth-limits");
+    let db = dir.path().join("sluice.db").display().to_string();
+    let server = ServerProcess::start_with_args(
+        &bin(),
+        dir.path(),
+        &db,
+        &["--rate-limit-per-user", "100/hour", "--rate-limit-global", "150/hour"],
+    )
+    .await;
+    let owner = server.api();
+
+    // A user logs in with a password; the session token works like a key.
+    let (status, body) = owner
+        .post("/v1/users", &json!({"email": "ada@example.com", "password": "correct horse battery", "role": "editor"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(!body.to_string().contains("argon2"), "the hash is never shown: {body}");
+    let anonymous = Api::new(&server.base);
+    let (status, body) = anonymous
+        .post(
+            "/v1/auth/login",
+            &json!({"tenant": "default", "email": "ada@example.com", "password": "wrong password!"}),
+        )
+        .await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("invalid_credentials")), "{body}");
+    let (status, login) = anonymous
+        .post(
+            "/v1/auth/login",
+            &json!({"tenant": "default", "email": "ada@example.com", "password": "correct horse battery"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{login}");
+    let ada = Api::with_key(&server.base, login["token"].as_str());
+    let (status, me) = ada.get("/v1/auth/whoami").await;
+    assert_eq!(
+        (status, me["role"].as_str(), me["actor"]["id"].as_str()),
+        (200, Some("editor"), Some("ada@example.com"))
+    );
+
+    // 100 requests an hour for the user: the 101st is refused with a Retry-After of 36 s.
+    for i in 1..100 {
+        let r = ada.request(reqwest::Method::GET, "/v1/workflows").send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "request {}", i + 1);
+        if i == 1 {
+            assert_eq!(r.headers()["ratelimit-limit"], "100");
+            assert_eq!(r.headers()["ratelimit-policy"], "100;w=3600");
+        }
+    }
+    let r = ada.request(reqwest::Method::GET, "/v1/workflows").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((35..=36).contains(&retry), "Retry-After {retry}");
+    assert_eq!(r.headers()["ratelimit-remaining"], "0");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (body["error"]["code"].as_str(), body["error"]["details"]["scope"].as_str()),
+        (Some("rate_limited"), Some("user"))
+    );
+
+    // The global limit (150 an hour) holds across callers: the owner's key gets the rest.
+    let mut ok = 0;
+    let mut refused = None;
+    for _ in 0..100 {
+        let r = owner.request(reqwest::Method::GET, "/v1/workflows").send().await.unwrap();
+        if r.status().as_u16() == 429 {
+            refused = Some(r.json::<Value>().await.unwrap());
+            break;
+        }
+        ok += 1;
+    }
+    // 100 + 1 (whoami) user requests plus the owner's user creation took global quota first.
+    assert!((40..=50).contains(&ok), "{ok} owner requests passed before the global limit");
+    assert_eq!(refused.unwrap()["error"]["details"]["scope"], "global");
+
+    // A revoked key stops working at once.
+    let fresh = ServerProcess::start(&bin(), TempDir::new("auth-revoke").path()).await;
+    let root = fresh.api();
+    let (_, made) = root.post("/v1/api-keys", &json!({"name": "ci", "role": "viewer"})).await;
+    let ci = Api::with_key(&fresh.base, made["key"].as_str());
+    assert_eq!(ci.get("/v1/workflows").await.0, 200);
+    let id = made["api_key"]["id"].as_str().unwrap();
+    let (_, listed) = root.get("/v1/api-keys").await;
+    let shown = listed["api_keys"].as_array().unwrap().iter().find(|k| k["id"] == id).unwrap().clone();
+    assert!(shown.get("key").is_none() && !listed.to_string().contains(made["key"].as_str().unwrap()));
+    let r = root.request(reqwest::Method::DELETE, &format!("/v1/api-keys/{id}")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (status, body) = ci.get("/v1/workflows").await;
+    assert_eq!(status, 401, "{body}");
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_without_credentials_unless_told_to() {
+    let dir = TempDir::new("auth-refuse");
+    let db = dir.path().join("sluice.db");
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--port", "0", "--database"])
+        .arg(&db)
+        .env_remove("SLUICE_INSECURE_NO_AUTH")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sluice admin init") && err.contains("--insecure-no-auth"), "{err}");
+
+    let server =
+        ServerProcess::start_with_args(&bin(), dir.path(), &db.display().to_string(), &["--insecure-no-auth"]).await;
+    let (status, me) = Api::new(&server.base).get("/v1/auth/whoami").await;
+    assert_eq!((status, me["role"].as_str(), me["tenant"].as_str()), (200, Some("owner"), Some("default")));
+    assert!(server.log_text().contains("AUTHENTICATION IS OFF"), "the insecure mode is logged loudly");
+}
