@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// production), `off`, or `both`: off then on, in this process, and the ratio of their P99.
     #[arg(long, value_enum, default_value_t = AuthMode::On)]
     auth: AuthMode,
+    /// With `--auth both`: alternate off and on this many times and compare the medians, so that
+    /// a noisy neighbour spreads over both.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum, Debug)]
@@ -96,13 +100,13 @@ pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out:
         let report = measure(&args, server, api_key).await?;
         return finish(&args, vec![report], json_out);
     }
-    let modes: &[bool] = match args.auth {
-        AuthMode::On => &[true],
-        AuthMode::Off => &[false],
-        AuthMode::Both => &[false, true],
+    let modes: Vec<bool> = match args.auth {
+        AuthMode::On => vec![true],
+        AuthMode::Off => vec![false],
+        AuthMode::Both => [false, true].repeat(args.rounds.max(1)),
     };
     let mut reports = Vec::new();
-    for &auth in modes {
+    for auth in modes {
         let mut tmp_db = None;
         let db = match &args.database {
             Some(p) => p.clone(),
@@ -143,18 +147,32 @@ pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out:
     finish(&args, reports, json_out)
 }
 
-/// Prints the reports (and, with two, the ratio of auth on to off); fails when executions failed.
+/// The median of the reports' `latency_ms[field]` among runs with `auth`.
+fn median(reports: &[Value], auth: bool, field: &str) -> f64 {
+    let mut v: Vec<f64> = reports
+        .iter()
+        .filter(|r| r["auth"].as_bool() == Some(auth))
+        .filter_map(|r| r["latency_ms"][field].as_f64())
+        .collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    percentile(&v, 50.0)
+}
+
+/// Prints the reports (and, with both modes, the medians and the ratio of auth on to off); fails
+/// when executions failed.
 fn finish(args: &BenchArgs, reports: Vec<Value>, json_out: bool) -> Result<()> {
-    let ratio = match reports.as_slice() {
-        [off, on] => {
-            let p99 = |r: &Value| r["latency_ms"]["p99"].as_f64().unwrap_or(0.0);
-            Some(if p99(off) > 0.0 { p99(on) / p99(off) } else { 0.0 })
-        }
-        _ => None,
-    };
+    let both = reports.iter().any(|r| r["auth"] == true) && reports.iter().any(|r| r["auth"] == false);
+    let summary = both.then(|| {
+        let (off, on) = (median(&reports, false, "p99"), median(&reports, true, "p99"));
+        json!({
+            "p50_ms": {"off": median(&reports, false, "p50"), "on": median(&reports, true, "p50")},
+            "p99_ms": {"off": off, "on": on},
+            "p99_auth_on_over_off": if off > 0.0 { on / off } else { 0.0 },
+        })
+    });
     if json_out {
-        match ratio {
-            Some(ratio) => out(&json!({"runs": reports, "p99_auth_on_over_off": ratio}).to_string()),
+        match summary {
+            Some(summary) => out(&json!({"runs": reports, "median": summary}).to_string()),
             None => out(&reports[0].to_string()),
         }
     } else {
@@ -170,8 +188,16 @@ fn finish(args: &BenchArgs, reports: Vec<Value>, json_out: bool) -> Result<()> {
                 report["failed"]
             ));
         }
-        if let Some(ratio) = ratio {
-            out(&format!("  p99 auth on / auth off: {ratio:.3}"));
+        if let Some(m) = summary {
+            out(&format!(
+                "median of {} rounds: p50 off {:.2} on {:.2} ms, p99 off {:.2} on {:.2} ms; p99 on/off {:.3}",
+                args.rounds.max(1),
+                m["p50_ms"]["off"].as_f64().unwrap_or(0.0),
+                m["p50_ms"]["on"].as_f64().unwrap_or(0.0),
+                m["p99_ms"]["off"].as_f64().unwrap_or(0.0),
+                m["p99_ms"]["on"].as_f64().unwrap_or(0.0),
+                m["p99_auth_on_over_off"].as_f64().unwrap_or(0.0)
+            ));
         }
     }
     let failed: u64 = reports.iter().map(|r| r["failed"].as_u64().unwrap_or(0)).sum();

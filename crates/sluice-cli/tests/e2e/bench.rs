@@ -41,3 +41,17 @@ async fn the_workflow_bench_keeps_its_flags() {
     assert_eq!((r["completed"].as_u64(), r["failed"].as_u64()), (Some(20), Some(0)), "{r}");
     assert_eq!(r["steps_per_execution"], 2);
 }
+
+#[tokio::test]
+async fn the_bench_compares_authentication_on_and_off_in_one_run() {
+    let args = ["bench", "--auth", "both", "--rounds", "2", "--executions", "40", "--steps", "1", "--json"];
+    let r = sluice_json(&args).await;
+    let runs = r["runs"].as_array().unwrap();
+    let auth: Vec<bool> = runs.iter().map(|x| x["auth"].as_bool().unwrap()).collect();
+    assert_eq!(auth, [false, true, false, true], "{r}");
+    assert!(runs.iter().all(|x| x["completed"] == 40 && x["failed"] == 0), "{r}");
+    let m = &r["median"];
+    let (off, on) = (m["p99_ms"]["off"].as_f64().unwrap(), m["p99_ms"]["on"].as_f64().unwrap());
+    assert!(off > 0.0 && on > 0.0, "{m}");
+    assert!((m["p99_auth_on_over_off"].as_f64().unwrap() - on / off).abs() < 1e-9, "{m}");
+}
