@@ -21,6 +21,8 @@ const TENANT: &str = "tenant";
 const USER: &str = "user";
 const API_KEY: &str = "api_key";
 const SIGNING_KEY: &str = "signing_key";
+/// A client certificate's SHA-256 fingerprint → the API key it stands for.
+const CLIENT_CERT: &str = "client_cert";
 /// A key's last-used time is written at most this often.
 const TOUCH_EVERY_MS: i64 = 60_000;
 /// Unknown `kid`s reload the keyring from the store at most this often (made-up tokens must not
@@ -73,6 +75,15 @@ struct KeyDoc {
     expires_at_ms: Option<i64>,
     revoked_at_ms: Option<i64>,
     last_used_ms: Option<i64>,
+    /// The client certificate this key is bound to: over mutual TLS the certificate alone
+    /// authenticates as this key, and the key works only over a connection with it.
+    #[serde(default)]
+    client_cert_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CertDoc {
+    key_id: String,
 }
 
 /// A user as the API shows it (never the password hash).
@@ -95,6 +106,7 @@ pub struct ApiKeyView {
     pub expires_at_ms: Option<i64>,
     pub revoked_at_ms: Option<i64>,
     pub last_used_ms: Option<i64>,
+    pub client_cert_sha256: Option<String>,
 }
 
 pub struct NewUser {
@@ -108,6 +120,18 @@ pub struct NewApiKey {
     pub name: String,
     pub role: Role,
     pub expires_in: Option<Duration>,
+    /// Bind the key to this client certificate (SHA-256 of its DER, hex; colons allowed).
+    pub client_cert_sha256: Option<String>,
+}
+
+/// A fingerprint as 64 lowercase hex characters, or why it is not one.
+fn check_fingerprint(fp: &str) -> Result<String, AuthError> {
+    let hex: String = fp.chars().filter(|c| *c != ':').collect::<String>().to_lowercase();
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(hex)
+    } else {
+        Err(AuthError::invalid("client_cert_sha256", "expected the SHA-256 of the certificate: 64 hex characters"))
+    }
 }
 
 type TenantKey = (String, KeyDoc);
@@ -159,6 +183,7 @@ fn key_view(id: &str, k: &KeyDoc) -> ApiKeyView {
         expires_at_ms: k.expires_at_ms,
         revoked_at_ms: k.revoked_at_ms,
         last_used_ms: k.last_used_ms,
+        client_cert_sha256: k.client_cert_sha256.clone(),
     }
 }
 
@@ -323,6 +348,7 @@ impl Directory {
             return Err(AuthError::invalid("name", "expected 1 to 100 characters naming the key"));
         }
         check_grant(by, new.role)?;
+        let fingerprint = new.client_cert_sha256.as_deref().map(check_fingerprint).transpose()?;
         let (id, key) = apikey::generate()?;
         let now = now_ms();
         let expires_at_ms =
@@ -336,7 +362,19 @@ impl Directory {
             expires_at_ms,
             revoked_at_ms: None,
             last_used_ms: None,
+            client_cert_sha256: fingerprint.clone(),
         };
+        if let Some(fp) = &fingerprint {
+            // One key per certificate, across tenants: the certificate names its key.
+            if self.store.find_doc(CLIENT_CERT, fp).await?.is_some()
+                || !self
+                    .store
+                    .put_doc(doc(tenant, CLIENT_CERT, fp, encode(&CertDoc { key_id: id.clone() })?, 0))
+                    .await?
+            {
+                return Err(AuthError::Conflict("that client certificate is bound to another key already".into()));
+            }
+        }
         if !self.store.put_doc(doc(tenant, API_KEY, &id, encode(&k)?, 0)).await? {
             return Err(AuthError::Internal("a fresh key id collided; try again".into()));
         }
@@ -421,19 +459,21 @@ impl Directory {
 
     // ---- authentication ----
 
-    /// The principal of a bearer credential: an API key or a session token.
-    pub async fn authenticate(&self, credential: &str) -> Result<Principal, AuthError> {
+    /// The principal of a bearer credential: an API key or a session token. `client_cert` is the
+    /// fingerprint of the connection's verified client certificate, if any.
+    pub async fn authenticate(&self, credential: &str, client_cert: Option<&str>) -> Result<Principal, AuthError> {
         let unknown = || AuthError::Unauthenticated("unknown or revoked API key".into());
         if let Some(id) = apikey::parse(credential) {
             let Some((tenant, k)) = self.key(id).await? else { return Err(unknown()) };
-            if !apikey::matches(credential, &k.digest) || k.revoked_at_ms.is_some() {
+            if !apikey::matches(credential, &k.digest) {
                 return Err(unknown());
             }
-            if k.expires_at_ms.is_some_and(|e| e <= now_ms()) {
-                return Err(AuthError::Unauthenticated("this API key has expired".into()));
+            if k.client_cert_sha256.as_deref().is_some_and(|bound| client_cert != Some(bound)) {
+                return Err(AuthError::Unauthenticated(
+                    "this API key is bound to a client certificate: connect with that certificate".into(),
+                ));
             }
-            self.touch(&tenant, id);
-            return Ok(Principal { tenant, actor: Actor::ApiKey { id: id.to_string(), name: k.name }, role: k.role });
+            return self.key_principal(tenant, id, k);
         }
         if credential.split('.').count() != 3 {
             return Err(AuthError::Unauthenticated(
@@ -445,6 +485,36 @@ impl Directory {
         let user = self.user(&claims.tid, &claims.sub).await?.ok_or_else(gone)?;
         // The current role counts, not the one at login.
         Ok(Principal { tenant: claims.tid, actor: Actor::User { email: user.email }, role: user.role })
+    }
+
+    /// The principal of a verified client certificate bound to a key (mutual TLS without a
+    /// bearer credential).
+    pub async fn authenticate_certificate(&self, fingerprint: &str) -> Result<Principal, AuthError> {
+        let unbound = || {
+            AuthError::Unauthenticated(
+                "no credentials: send `Authorization: Bearer <API key or session token>` (this client \
+                 certificate is bound to no key)"
+                    .into(),
+            )
+        };
+        let Some(found) = self.store.find_doc(CLIENT_CERT, fingerprint).await? else { return Err(unbound()) };
+        let bound: CertDoc = decode(&found)?;
+        let Some((tenant, k)) = self.key(&bound.key_id).await? else { return Err(unbound()) };
+        if tenant != found.tenant || k.client_cert_sha256.as_deref() != Some(fingerprint) {
+            return Err(unbound());
+        }
+        self.key_principal(tenant, &bound.key_id, k)
+    }
+
+    fn key_principal(&self, tenant: String, id: &str, k: KeyDoc) -> Result<Principal, AuthError> {
+        if k.revoked_at_ms.is_some() {
+            return Err(AuthError::Unauthenticated("unknown or revoked API key".into()));
+        }
+        if k.expires_at_ms.is_some_and(|e| e <= now_ms()) {
+            return Err(AuthError::Unauthenticated("this API key has expired".into()));
+        }
+        self.touch(&tenant, id);
+        Ok(Principal { tenant, actor: Actor::ApiKey { id: id.to_string(), name: k.name }, role: k.role })
     }
 
     async fn verify_token(&self, token: &str) -> Result<Claims, AuthError> {

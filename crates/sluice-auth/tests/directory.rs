@@ -59,7 +59,7 @@ async fn users_log_in_and_sessions_follow_the_directory() {
 
     let (token, exp) = d.login("acme", "ADA@example.com", "correct horse battery").await.unwrap();
     assert!(exp > sluice_auth::now_ms());
-    let p = d.authenticate(&token).await.unwrap();
+    let p = d.authenticate(&token, None).await.unwrap();
     assert_eq!((p.tenant.as_str(), p.role, p.user()), ("acme", Role::Editor, Some("ada@example.com")));
     for (tenant, email, pw) in [
         ("acme", "ada@example.com", "wrong password!!"),
@@ -78,15 +78,15 @@ async fn users_log_in_and_sessions_follow_the_directory() {
             .unwrap();
     let kids = rotating.signing_kids();
     assert!(kids.len() >= 2, "rotation made a second key: {kids:?}");
-    assert!(rotating.authenticate(&token).await.is_ok(), "a session of the old key survives rotation");
+    assert!(rotating.authenticate(&token, None).await.is_ok(), "a session of the old key survives rotation");
     let (fresh, _) = rotating.login("acme", "ada@example.com", "correct horse battery").await.unwrap();
-    assert!(other_node.authenticate(&fresh).await.is_ok(), "another node learns the new kid from the store");
+    assert!(other_node.authenticate(&fresh, None).await.is_ok(), "another node learns the new kid from the store");
 
     // Removing the user ends their sessions.
     d.delete_user("acme", &admin("acme"), "ada@example.com").await.unwrap();
-    assert!(matches!(d.authenticate(&token).await, Err(AuthError::Unauthenticated(_))));
-    assert!(matches!(d.authenticate("a.b.c").await, Err(AuthError::Unauthenticated(_))));
-    assert!(matches!(d.authenticate("hello").await, Err(AuthError::Unauthenticated(_))));
+    assert!(matches!(d.authenticate(&token, None).await, Err(AuthError::Unauthenticated(_))));
+    assert!(matches!(d.authenticate("a.b.c", None).await, Err(AuthError::Unauthenticated(_))));
+    assert!(matches!(d.authenticate("hello", None).await, Err(AuthError::Unauthenticated(_))));
     drop((d, other_node, rotating, s));
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -98,20 +98,24 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
     d.create_tenant("acme", "Acme").await.unwrap();
     d.create_tenant("globex", "Globex").await.unwrap();
     let (view, key) = d
-        .create_api_key("acme", None, NewApiKey { name: "ci".into(), role: Role::Worker, expires_in: None })
+        .create_api_key(
+            "acme",
+            None,
+            NewApiKey { name: "ci".into(), role: Role::Worker, expires_in: None, client_cert_sha256: None },
+        )
         .await
         .unwrap();
     assert!(key.starts_with("slk_") && key.contains(&view.id));
     let stored = s.get_doc("acme", "api_key", &view.id).await.unwrap().unwrap().body.to_string();
     assert!(!stored.contains(&key[21..]), "the secret is not stored");
 
-    let p = d.authenticate(&key).await.unwrap();
+    let p = d.authenticate(&key, None).await.unwrap();
     assert_eq!((p.tenant.as_str(), p.role, p.api_key()), ("acme", Role::Worker, Some(view.id.as_str())));
     // A key with one changed character is refused.
     let mut forged = key.clone();
     let last = forged.pop().unwrap();
     forged.push(if last == 'a' { 'b' } else { 'a' });
-    assert!(matches!(d.authenticate(&forged).await, Err(AuthError::Unauthenticated(_))));
+    assert!(matches!(d.authenticate(&forged, None).await, Err(AuthError::Unauthenticated(_))));
 
     // Last use is recorded in the background.
     for _ in 0..100 {
@@ -127,7 +131,10 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
     assert!(matches!(d.revoke_api_key("globex", &admin("globex"), &view.id).await, Err(AuthError::NotFound(_))));
     let revoked = d.revoke_api_key("acme", &admin("acme"), &view.id).await.unwrap();
     assert!(revoked.revoked_at_ms.is_some());
-    assert!(matches!(d.authenticate(&key).await, Err(AuthError::Unauthenticated(_))), "revoked at once on this node");
+    assert!(
+        matches!(d.authenticate(&key, None).await, Err(AuthError::Unauthenticated(_))),
+        "revoked at once on this node"
+    );
     let again = d.revoke_api_key("acme", &admin("acme"), &view.id).await.unwrap();
     assert_eq!(again.revoked_at_ms, revoked.revoked_at_ms, "revoking twice keeps the first time");
 
@@ -136,15 +143,20 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
         .create_api_key(
             "acme",
             None,
-            NewApiKey { name: "short".into(), role: Role::Viewer, expires_in: Some(Duration::from_millis(1)) },
+            NewApiKey {
+                name: "short".into(),
+                role: Role::Viewer,
+                expires_in: Some(Duration::from_millis(1)),
+                client_cert_sha256: None,
+            },
         )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert!(matches!(d.authenticate(&short).await, Err(AuthError::Unauthenticated(m)) if m.contains("expired")));
+    assert!(matches!(d.authenticate(&short, None).await, Err(AuthError::Unauthenticated(m)) if m.contains("expired")));
     // Grants.
     let editor = Principal { role: Role::Editor, ..admin("acme") };
-    let want = || NewApiKey { name: "x".into(), role: Role::Viewer, expires_in: None };
+    let want = || NewApiKey { name: "x".into(), role: Role::Viewer, expires_in: None, client_cert_sha256: None };
     assert!(matches!(d.create_api_key("acme", Some(&editor), want()).await, Err(AuthError::Forbidden(_))));
     assert!(matches!(
         d.create_api_key("acme", None, NewApiKey { name: " ".into(), ..want() }).await,

@@ -120,7 +120,7 @@ pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out:
         let (directory, key) = if auth {
             let dir = crate::server::open_directory(engine.store()).await?;
             dir.create_tenant(sluice_server::routes::DEFAULT_TENANT, "Default").await?;
-            let new = NewApiKey { name: "bench".into(), role: Role::Admin, expires_in: None };
+            let new = NewApiKey { name: "bench".into(), role: Role::Admin, expires_in: None, client_cert_sha256: None };
             let (_, key) = dir.create_api_key(sluice_server::routes::DEFAULT_TENANT, None, new).await?;
             (Some(dir), Some(key))
         } else {

@@ -240,7 +240,11 @@ pub async fn admin_init(
         eprintln!("created owner user {email}");
     }
     let (view, key) = dir
-        .create_api_key(tenant, None, NewApiKey { name: key_name.into(), role: Role::Owner, expires_in: None })
+        .create_api_key(
+            tenant,
+            None,
+            NewApiKey { name: key_name.into(), role: Role::Owner, expires_in: None, client_cert_sha256: None },
+        )
         .await?;
     match key_file {
         Some(path) => {
@@ -288,7 +292,7 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()>
     } else {
         let dir = open_directory(engine.store()).await?;
         dir.create_tenant(DEFAULT_TENANT, "Local development").await?;
-        let key = |name: &str, role| NewApiKey { name: name.into(), role, expires_in: None };
+        let key = |name: &str, role| NewApiKey { name: name.into(), role, expires_in: None, client_cert_sha256: None };
         let (_, owner) = dir.create_api_key(DEFAULT_TENANT, None, key("dev", Role::Owner)).await?;
         let (_, worker) = dir.create_api_key(DEFAULT_TENANT, None, key("dev-worker", Role::Worker)).await?;
         dir.spawn_maintenance();

@@ -117,17 +117,24 @@ pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: N
         return next.run(req).await;
     }
     let security = &app.security;
+    let peer = req.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0.clone());
+    let cert = peer.as_ref().and_then(|p| p.client_cert.as_ref()).map(|c| c.fingerprint_sha256.clone());
     let principal = match &security.directory {
         None => Principal { tenant: security.open_tenant.clone(), actor: Actor::Anonymous, role: Role::Owner },
         Some(dir) => {
-            let Some(credential) = bearer(req.headers()) else {
-                return ApiError::new(
-                    "unauthenticated",
-                    "no credentials: send `Authorization: Bearer <API key or session token>`",
-                )
-                .into_response();
+            let found = match (bearer(req.headers()), &cert) {
+                (Some(credential), _) => dir.authenticate(credential, cert.as_deref()).await,
+                // Mutual TLS: a certificate bound to a key stands for it.
+                (None, Some(fingerprint)) => dir.authenticate_certificate(fingerprint).await,
+                (None, None) => {
+                    return ApiError::new(
+                        "unauthenticated",
+                        "no credentials: send `Authorization: Bearer <API key or session token>`",
+                    )
+                    .into_response();
+                }
             };
-            match dir.authenticate(credential).await {
+            match found {
                 Ok(p) => p,
                 Err(e) => return ApiError::from(e).into_response(),
             }
@@ -135,7 +142,7 @@ pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: N
     };
     let method = req.method().clone();
     let target = req.uri().path().to_string();
-    let source_ip = req.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0.addr.ip().to_string());
+    let source_ip = peer.map(|p| p.addr.ip().to_string());
     let audit = |status: u16| AuditRow {
         id: uuid::Uuid::now_v7().to_string(),
         tenant: principal.tenant.clone(),

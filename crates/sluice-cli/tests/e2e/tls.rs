@@ -196,3 +196,58 @@ fn tls_flags_that_cannot_work_are_refused_with_the_reason() {
         assert_eq!(got_code, *code, "{args:?}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn a_client_certificate_bound_to_a_key_authenticates_as_that_key() {
+    let dir = TempDir::new("e2e-tls-identity");
+    let ca = Ca::new("sluice identity CA");
+    let (cert, key, client_ca) =
+        (dir.path().join("server.pem"), dir.path().join("server.key"), dir.path().join("clients-ca.pem"));
+    ca.server((2030, 1, 1)).install(&cert, &key);
+    std::fs::write(&client_ca, ca.pem()).unwrap();
+    let paths = [&cert, &key, &client_ca].map(|p| p.display().to_string());
+    let args = ["--tls-cert", &paths[0], "--tls-key", &paths[1], "--tls-client-ca", &paths[2]];
+    let db = dir.path().join("sluice.db").display().to_string();
+    let ops = https_client(&ca, Some(&ca.client("ops")));
+    let server = ServerProcess::start_https(&bin(), dir.path(), &db, &args, ops).await;
+    let owner = server.api();
+
+    let (bound, other) = (ca.client("worker-1"), ca.client("worker-2"));
+    let (status, made) = owner
+        .post(
+            "/v1/api-keys",
+            &serde_json::json!({"name": "worker-1", "role": "worker", "client_cert_sha256": bound.fingerprint()}),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let (id, secret) = (made["api_key"]["id"].as_str().unwrap(), made["key"].as_str().unwrap());
+    assert_eq!(made["api_key"]["client_cert_sha256"], bound.fingerprint().as_str());
+
+    let whoami = |client: reqwest::Client, bearer: Option<&str>| {
+        let (url, bearer) = (format!("{}/v1/auth/whoami", server.base), bearer.map(str::to_string));
+        async move {
+            let mut req = client.get(url);
+            if let Some(b) = bearer {
+                req = req.bearer_auth(b);
+            }
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    // The bound certificate alone is the key's identity, with the key's role.
+    let (status, me) = whoami(https_client(&ca, Some(&bound)), None).await;
+    assert_eq!((status, me["role"].as_str(), me["actor"]["id"].as_str()), (200, Some("worker"), Some(id)), "{me}");
+    let r = https_client(&ca, Some(&bound)).get(format!("{}/v1/workflows", server.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 403, "a worker's certificate cannot read workflows");
+    // Another certificate of the same CA is no one, and cannot use the bound key either.
+    let (status, body) = whoami(https_client(&ca, Some(&other)), None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = whoami(https_client(&ca, Some(&other)), Some(secret)).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("bound to a client certificate"), "{body}");
+    assert_eq!(whoami(https_client(&ca, Some(&bound)), Some(secret)).await.0, 200);
+    // Revoking the key ends the certificate's access too.
+    let r = owner.request(reqwest::Method::DELETE, &format!("/v1/api-keys/{id}")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(whoami(https_client(&ca, Some(&bound)), None).await.0, 401);
+}

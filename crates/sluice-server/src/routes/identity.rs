@@ -125,6 +125,10 @@ pub struct NewKeyBody {
     /// Seconds until the key stops working; none: it works until revoked.
     #[serde(default)]
     expires_in_s: Option<u64>,
+    /// Bind the key to a client certificate (SHA-256 of its DER, hex): over mutual TLS the
+    /// certificate alone authenticates as the key, and the key works only with it.
+    #[serde(default)]
+    client_cert_sha256: Option<String>,
 }
 
 pub async fn create_key(
@@ -136,7 +140,12 @@ pub async fn create_key(
     if b.expires_in_s == Some(0) || b.expires_in_s.is_some_and(|s| s > 10 * 365 * 86_400) {
         return Err(ApiError::invalid("expires_in_s", "expected 1 second to 10 years"));
     }
-    let new = NewApiKey { name: b.name, role, expires_in: b.expires_in_s.map(Duration::from_secs) };
+    let new = NewApiKey {
+        name: b.name,
+        role,
+        expires_in: b.expires_in_s.map(Duration::from_secs),
+        client_cert_sha256: b.client_cert_sha256,
+    };
     let (view, key) = directory(&app)?.create_api_key(&p.tenant, Some(&p), new).await?;
     Ok((StatusCode::CREATED, Json(json!({"api_key": view, "key": key, "note": "the key is shown only now; store it"}))))
 }
