@@ -2,7 +2,8 @@
 //! and authentication of a request's bearer credential against them.
 //!
 //! Lookups are cached per node for `AuthConfig::cache_ttl`; a change made on this node (revoking a
-//! key, removing a user) takes effect here at once and on other nodes within that time.
+//! key, removing a user) takes effect here at once and on other nodes within that time. While the
+//! database cannot be reached, what the node read before still authenticates.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -326,9 +327,13 @@ impl Directory {
                 return Ok(c.value.clone());
             }
         }
-        let user = match self.store.get_doc(tenant, USER, email).await? {
-            Some(d) => Some(decode::<UserDoc>(&d)?),
-            None => None,
+        let user = match self.store.get_doc(tenant, USER, email).await {
+            Ok(Some(d)) => Some(decode::<UserDoc>(&d)?),
+            Ok(None) => None,
+            Err(e) => match lock(&self.users).get(&key) {
+                Some(stale) => return Ok(stale.value.clone()),
+                None => return Err(e.into()),
+            },
         };
         lock(&self.users).insert(key, Cached { value: user.clone(), at: Instant::now() });
         Ok(user)
@@ -417,9 +422,15 @@ impl Directory {
                 return Ok(c.value.clone());
             }
         }
-        let found = match self.store.find_doc(API_KEY, id).await? {
-            Some(d) if d.tenant != SYSTEM_SCOPE => Some((d.tenant.clone(), decode::<KeyDoc>(&d)?)),
-            _ => None,
+        let found = match self.store.find_doc(API_KEY, id).await {
+            Ok(Some(d)) if d.tenant != SYSTEM_SCOPE => Some((d.tenant.clone(), decode::<KeyDoc>(&d)?)),
+            Ok(_) => None,
+            // The database is down: what this node knew still holds (reads keep working, writes
+            // answer 503 on their own), rather than failing every request.
+            Err(e) => match lock(&self.keys).get(id) {
+                Some(stale) => return Ok(stale.value.clone()),
+                None => return Err(e.into()),
+            },
         };
         let mut keys = lock(&self.keys);
         if keys.len() > 100_000 {
