@@ -7,6 +7,7 @@ pub mod error;
 pub mod loopback;
 pub mod metrics;
 pub mod routes;
+pub mod trace;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -74,6 +75,7 @@ pub fn router_with(engine: Engine, gateway: Option<Arc<Gateway>>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn(trace::middleware))
         .with_state(state)
 }
 
@@ -85,7 +87,8 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new("method_not_allowed", "this route does not accept that method; see /openapi.json")
 }
 
-/// Records metrics and logs every request with its route, status and latency.
+/// Records metrics and logs every request with its route, status and latency (inside the
+/// request's span, so with its trace id).
 async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().as_str().to_string();

@@ -125,6 +125,10 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, budget, period_start_ms, level)
     );
     "#,
+    // 3: the trace id of the execution a task belongs to, handed to workers.
+    r#"
+    ALTER TABLE tasks ADD COLUMN trace_id TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_core::ExecStatus;
@@ -14,6 +14,7 @@ use sluice_store::ExecutionFilter;
 use super::{execution_json, DEFAULT_TENANT};
 use crate::body::{parse_json, Body, JsonBody};
 use crate::error::ApiError;
+use crate::trace::TraceContext;
 use crate::AppState;
 
 /// Largest page of a list.
@@ -34,6 +35,7 @@ pub struct StartBody {
 #[tracing::instrument(skip_all, fields(workflow = %body.workflow))]
 pub async fn start(
     State(app): State<AppState>,
+    Extension(trace): Extension<TraceContext>,
     JsonBody(body): JsonBody<StartBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if body.workflow.is_empty() {
@@ -48,6 +50,7 @@ pub async fn start(
                 version: body.version,
                 workflow_id: body.workflow_id,
                 input: body.input,
+                trace_id: Some(trace.trace_id),
             },
         )
         .await?;
