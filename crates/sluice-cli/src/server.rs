@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use sluice_engine::{Engine, EngineOptions};
+use sluice_engine::{Engine, EngineOptions, TraceId};
 use sluice_server::sluice_gateway::{Config as GatewayConfig, Gateway};
 use sluice_store::{ShardedStore, Store};
 use sluice_store_postgres::PostgresStore;
@@ -117,16 +117,18 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-pub async fn serve(args: ServeArgs) -> Result<()> {
+/// Serves until SIGINT or SIGTERM. `process_trace` is the trace id of the lines that belong to
+/// no request or execution; the startup line names it.
+pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
     let gateway = gateway_of(&args)?;
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
     let gateway_file = args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    tracing::info!(%addr, database = %describe_database(&args.database), gateway = %gateway_file, "sluice serving");
+    tracing::info!(%addr, database = %describe_database(&args.database), gateway = %gateway_file, trace_id = %process_trace, "sluice serving");
     sluice_server::serve_with(listener, engine, gateway, shutdown_signal()).await?;
     Ok(())
 }
 
-pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()> {
+pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace: TraceId) -> Result<()> {
     let gateway = gateway_of(&args)?;
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
     let url = format!("http://{addr}");
@@ -140,6 +142,15 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()>
             }
         });
     }
+    if crate::logs::is_json() {
+        // Every line of a JSON log is a JSON object: the banner is one log line.
+        tracing::info!(%url, database = %describe_database(&args.database), workflows = %published.join(","),
+            gateway = %args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            trace_id = %process_trace, "sluice serving");
+        server.await??;
+        return Ok(());
+    }
+    tracing::debug!(trace_id = %process_trace, "process trace id");
     eprintln!();
     eprintln!("  Sluice is running at {url}");
     eprintln!("  database   {}", describe_database(&args.database));
