@@ -11,6 +11,7 @@ mod examples;
 mod llm;
 mod postgres;
 mod steps;
+mod trace;
 
 use std::path::{Path, PathBuf};
 
