@@ -9,7 +9,8 @@ SIGTERM: running tasks finish first.
 
 --record FILE appends one JSON line per task received and per task whose completion the server
 accepted, each written with fsync, so that a test can prove no step was completed twice:
-    {"event": "received" | "completed", "idempotency_key": ..., "workflow_id": ..., "step": ...}
+    {"event": "received" | "completed", "idempotency_key": ..., "workflow_id": ..., "step": ...,
+     "trace_id": ...}
 
 --fail-until-attempt N makes the flaky queue fail attempts below N when the task input does not
 say otherwise with "succeed_on_attempt".
@@ -77,6 +78,7 @@ class Recorder:
             "idempotency_key": task.idempotency_key,
             "workflow_id": task.workflow_id,
             "step": task.step,
+            "trace_id": task.trace_id,
         })
         with self._lock:
             self._file.write(line + "\n")

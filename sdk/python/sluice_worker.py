@@ -22,6 +22,11 @@ Delivery is at least once: after a worker or server crash the same task can arri
 the same ``task.idempotency_key``. Handlers with side effects should pass that key on (as an
 ``Idempotency-Key`` header, a unique column, ...) so that a repeat does no harm.
 
+Every task carries the trace id of its execution (``task.trace_id``) and a W3C ``traceparent``
+continuing that trace (``task.traceparent``): send the latter on the HTTP calls a handler makes
+to join them to the trace. The worker's own log records about a task have a ``trace_id``
+attribute (``%(trace_id)s`` in a format string).
+
 :class:`Client` covers the client API: publish workflows, start executions, wait for results,
 send signals. Both read the server address from ``SLUICE_SERVER`` (default
 ``http://127.0.0.1:7233``) and an optional API key from ``SLUICE_API_KEY``, sent as a bearer token
@@ -495,13 +500,23 @@ class Task:
         self.idempotency_key: str = data.get("idempotency_key") or self.token
         self.start_to_close_timeout_ms: Optional[int] = data.get("start_to_close_timeout_ms")
         self.heartbeat_timeout_ms: Optional[int] = data.get("heartbeat_timeout_ms")
+        #: Trace id of the execution (32 lowercase hex digits); None from servers without one.
+        self.trace_id: Optional[str] = data.get("trace_id")
+        #: W3C ``traceparent`` continuing the execution's trace: send it on outgoing calls.
+        self.traceparent: Optional[str] = data.get("traceparent")
         self.received_at = time.monotonic()
         self._transport = transport
         self._cancel = threading.Event()
 
     def __repr__(self) -> str:
         return (f"Task(queue={self.queue!r}, workflow_id={self.workflow_id!r}, step={self.step!r}, "
-                f"attempt={self.attempt})")
+                f"attempt={self.attempt}, trace_id={self.trace_id!r})")
+
+    @property
+    def log_extra(self) -> Dict[str, Any]:
+        """``extra=`` for :mod:`logging` calls about this task: the record gets ``trace_id``,
+        ``workflow_id`` and ``step`` attributes."""
+        return {"trace_id": self.trace_id, "workflow_id": self.workflow_id, "step": self.step}
 
     @property
     def deadline(self) -> Optional[float]:
@@ -532,7 +547,8 @@ class Task:
             if e.code == "task_not_found":
                 self._cancel.set()
             else:
-                log.warning("heartbeat failed: %s (workflow_id=%s step=%s)", e, self.workflow_id, self.step)
+                log.warning("heartbeat failed: %s (workflow_id=%s step=%s trace_id=%s)", e, self.workflow_id,
+                            self.step, self.trace_id, extra=self.log_extra)
             return self.cancel_requested
         except (TypeError, ValueError) as e:
             raise TypeError(f"heartbeat details are not JSON: {e}") from None
@@ -793,7 +809,7 @@ class Worker:
             self._slots.release()
 
     def _execute_inner(self, handler: Handler, task: Task) -> None:
-        log.debug("running %r", task)
+        log.debug("running %r", task, extra=task.log_extra)
         try:
             self.task_received(task)
         except Exception:
@@ -808,8 +824,9 @@ class Worker:
             tb = traceback.format_exc()
             if len(tb) > _MAX_TRACEBACK_CHARS:
                 tb = "..." + tb[-_MAX_TRACEBACK_CHARS:]
-            log.warning("handler of queue %s raised %s (workflow_id=%s step=%s attempt=%d)",
-                        task.queue, type(e).__name__, task.workflow_id, task.step, task.attempt)
+            log.warning("handler of queue %s raised %s (workflow_id=%s step=%s attempt=%d trace_id=%s)",
+                        task.queue, type(e).__name__, task.workflow_id, task.step, task.attempt, task.trace_id,
+                        extra=task.log_extra)
             error = {"type": type(e).__name__, "message": str(e) or type(e).__name__,
                      "details": {"traceback": tb}}
             self._fail(task, error, True)
@@ -820,7 +837,8 @@ class Worker:
             error = {"type": "invalid_output", "message": f"handler output is not JSON: {e}"}
             self._fail(task, error, False)
             return
-        log.debug("task %s done in %.3fs", task.idempotency_key, time.monotonic() - started)
+        log.debug("task %s done in %.3fs", task.idempotency_key, time.monotonic() - started,
+                  extra=task.log_extra)
         if self._report(task, "/v1/tasks/complete", body):
             try:
                 self.task_completed(task, output)
@@ -855,16 +873,16 @@ class Worker:
                 if e.code == "task_not_found":
                     hint = " (an earlier try may have been recorded)" if backoff.failures else ""
                     log.warning("task %s is unknown or already finished; dropping its result%s",
-                                task.idempotency_key, hint)
+                                task.idempotency_key, hint, extra=task.log_extra)
                     return False
                 if not e.transient:
                     if path.endswith("/complete") and e.status in (400, 413, 422):
                         # The output was refused (too large, ...): fail the task rather than
                         # leave it to time out.
-                        log.error("output of task %s refused: %s", task.idempotency_key, e)
+                        log.error("output of task %s refused: %s", task.idempotency_key, e, extra=task.log_extra)
                         self._fail(task, {"type": "output_rejected", "message": e.message}, False)
                         return False
-                    log.error("reporting task %s failed: %s", task.idempotency_key, e)
+                    log.error("reporting task %s failed: %s", task.idempotency_key, e, extra=task.log_extra)
                     return False
                 now = time.monotonic()
                 if self._stop.is_set() and stop_deadline is None:
@@ -873,7 +891,8 @@ class Worker:
                 delay = backoff.next_delay(e.retry_after)
                 if now + delay > limit:
                     log.error("giving up reporting task %s: %s; the server will time it out and retry",
-                              task.idempotency_key, e)
+                              task.idempotency_key, e, extra=task.log_extra)
                     return False
-                log.warning("reporting task %s failed: %s; retrying in %.1fs", task.idempotency_key, e, delay)
+                log.warning("reporting task %s failed: %s; retrying in %.1fs", task.idempotency_key, e, delay,
+                            extra=task.log_extra)
                 time.sleep(delay)

@@ -28,6 +28,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXAMPLE_WORKER = os.path.join(REPO, "examples", "workers", "python_worker.py")
 
 
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
 def make_task(token, queue, input=None, attempt=1, step="s1", workflow_id="wf-1"):
     run_id = f"run-{workflow_id}"
     return {
@@ -41,6 +44,8 @@ def make_task(token, queue, input=None, attempt=1, step="s1", workflow_id="wf-1"
         "idempotency_key": f"{run_id}/{step}/{attempt}",
         "start_to_close_timeout_ms": 300000,
         "heartbeat_timeout_ms": None,
+        "trace_id": TRACE_ID,
+        "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01",
     }
 
 
@@ -241,6 +246,8 @@ class WorkerTest(unittest.TestCase):
             self.assertIsInstance(task, Task)
             self.assertEqual((task.workflow_id, task.step, task.attempt), ("wf-1", "s1", 1))
             self.assertEqual(task.idempotency_key, "run-wf-1/s1/1")
+            self.assertEqual(task.trace_id, TRACE_ID)
+            self.assertEqual(task.traceparent, f"00-{TRACE_ID}-00f067aa0ba902b7-01")
             poll = fake.polls[0]
             self.assertEqual(poll["queue"], "greet")
             self.assertEqual(poll["worker_id"], "test-1")
@@ -267,6 +274,28 @@ class WorkerTest(unittest.TestCase):
             self.assertIs(f2["retryable"], True)
             self.assertIn("traceback", f2["error"]["details"])
             self.assertEqual(fake.completed, {})
+
+    def test_tasks_from_servers_without_trace_ids_still_parse(self):
+        data = make_task("t1", "q")
+        del data["trace_id"], data["traceparent"]
+        task = Task(data)
+        self.assertIsNone(task.trace_id)
+        self.assertIsNone(task.traceparent)
+        self.assertEqual(task.log_extra["trace_id"], None)
+
+    def test_log_records_about_a_task_carry_its_trace_id(self):
+        def handler(task):
+            raise ValueError("boom")
+
+        with FakeSluice() as fake:
+            fake.add(make_task("t1", "q"))
+            with self.assertLogs("sluice_worker", "WARNING") as logs:
+                self.start(Worker(fake.url, {"q": handler}, poll_wait_ms=100))
+                self.assertTrue(fake.wait_for(lambda: "t1" in fake.failed))
+            raised = [r for r in logs.records if "raised ValueError" in r.getMessage()]
+            self.assertEqual(len(raised), 1, logs.output)
+            self.assertEqual(raised[0].trace_id, TRACE_ID)
+            self.assertIn(f"trace_id={TRACE_ID}", raised[0].getMessage())
 
     def test_output_that_is_not_json_fails_without_retry(self):
         with FakeSluice() as fake:
@@ -523,7 +552,8 @@ class ExampleWorkerTest(unittest.TestCase):
             self.assertEqual(len(received), 5)
             self.assertEqual(completed, sorted(["run-wf-1/s1/1", "run-wf-1/flaky/2",
                                                 "run-wf-1/enrich_all[0]/enrich/1", "run-wf-1/echo/1"]))
-            self.assertEqual(set(lines[0]), {"event", "idempotency_key", "workflow_id", "step"})
+            self.assertEqual(set(lines[0]), {"event", "idempotency_key", "workflow_id", "step", "trace_id"})
+            self.assertTrue(all(r["trace_id"] == TRACE_ID for r in lines))
 
     def test_fail_until_attempt_applies_when_input_is_silent(self):
         sys.path.insert(0, os.path.dirname(EXAMPLE_WORKER))

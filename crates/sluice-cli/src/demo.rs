@@ -7,18 +7,23 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
-use sluice_worker::{TaskError, Worker};
+use sluice_worker::{Task, TaskError, Worker};
 
 pub const QUEUES: &[&str] = &["greet", "enrich", "flaky", "echo", "noop", "bench"];
 
-/// Appends one JSON line per task received and per result the server acknowledged, synced to
-/// disk, so a test can prove no step was completed twice.
+/// Appends one JSON line per task received (with its trace id and `traceparent`) and per result
+/// the server acknowledged, synced to disk, so a test can prove no step was completed twice.
 #[derive(Clone)]
 struct Recorder(Arc<Mutex<std::fs::File>>);
 
 impl Recorder {
-    fn write(&self, event: &str, token: &str) {
-        let line = json!({"event": event, "idempotency_key": token}).to_string();
+    fn write(&self, event: &str, token: &str, task: Option<&Task>) {
+        let mut line = json!({"event": event, "idempotency_key": token});
+        if let Some(t) = task {
+            line["trace_id"] = json!(t.trace_id);
+            line["traceparent"] = json!(t.traceparent);
+        }
+        let line = line.to_string();
         let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let _ = writeln!(f, "{line}");
         let _ = f.sync_data();
@@ -48,14 +53,16 @@ pub async fn run_worker(
     if let Some(r) = recorder.clone() {
         w = w.on_result(Arc::new(move |token: &str, ok: bool| {
             if ok {
-                r.write("completed", token);
+                r.write("completed", token, None);
             }
         }));
     }
     let rec = recorder.clone();
-    let received = move |token: &str| {
+    let received = move |task: &Task| {
+        // Inside the task's span: this line carries the execution's trace id.
+        tracing::debug!(queue = %task.queue, "demo worker received a task");
         if let Some(r) = &rec {
-            r.write("received", token);
+            r.write("received", &task.task_token, Some(task));
         }
     };
     let received = Arc::new(received);
@@ -64,7 +71,7 @@ pub async fn run_worker(
             "greet" => w.queue("greet", {
                 let rx = received.clone();
                 move |t| {
-                    rx(&t.task_token);
+                    rx(&t);
                     async move {
                         let name = t.input["name"].as_str().unwrap_or("world").to_string();
                         Ok(json!({"greeting": format!("Hello, {name}")}))
@@ -88,7 +95,7 @@ pub async fn run_worker(
             "echo" => w.queue("echo", {
                 let rx = received.clone();
                 move |t| {
-                    rx(&t.task_token);
+                    rx(&t);
                     async move { Ok(t.input) }
                 }
             }),
@@ -96,14 +103,18 @@ pub async fn run_worker(
             "noop" => w.queue("noop", {
                 let rx = received.clone();
                 move |t| {
-                    rx(&t.task_token);
+                    rx(&t);
                     async move { Ok(Value::Null) }
                 }
             }),
             other => anyhow::bail!("the demo worker has no queue `{other}`; it serves {}", QUEUES.join(", ")),
         };
     }
-    eprintln!("demo worker polling {} on {server}", queues.join(", "));
+    if crate::logs::is_json() {
+        tracing::info!(queues = %queues.join(","), %server, "demo worker polling");
+    } else {
+        eprintln!("demo worker polling {} on {server}", queues.join(", "));
+    }
     w.run(shutdown).await?;
     Ok(())
 }

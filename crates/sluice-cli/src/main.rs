@@ -8,6 +8,7 @@ mod bench_gateway;
 mod client;
 mod demo;
 mod eval;
+mod logs;
 mod server;
 
 use std::path::PathBuf;
@@ -37,7 +38,8 @@ struct Cli {
     /// API key or session token sent to the server as `Authorization: Bearer ...`.
     #[arg(long, global = true, env = "SLUICE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Log format on stderr: text or json.
+    /// Log format on stderr: text, or json (one object per line with `trace_id`; see
+    /// docs/operations.md).
     #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", default_value = "text")]
     log_format: String,
     #[command(subcommand)]
@@ -263,7 +265,7 @@ fn main() -> ExitCode {
         Command::Eval(_) | Command::Bench(_) => "error",
         _ => "warn",
     };
-    init_logs(&cli.log_format, default_level);
+    let process_trace = logs::init(&cli.log_format, default_level);
     if let Command::Dev { serve, .. } | Command::Serve { serve } = &cli.command {
         if let Err(e) = server::tls_options(&serve.tls) {
             eprintln!("error: {e}");
@@ -273,27 +275,26 @@ fn main() -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            failed(&format!("cannot start the runtime: {e}"));
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(dispatch(cli)) {
+    match rt.block_on(dispatch(cli, process_trace)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            failed(&format!("{e:#}"));
             ExitCode::from(1)
         }
     }
 }
 
-fn init_logs(format: &str, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().flatten_event(true).with_current_span(true).init();
+/// Reports the error that ends the command: a JSON log line when logs are JSON, so that every
+/// line of a JSON log parses.
+fn failed(message: &str) {
+    if logs::is_json() {
+        tracing::error!("{message}");
     } else {
-        builder.init();
+        eprintln!("error: {message}");
     }
 }
 
@@ -311,12 +312,12 @@ pub fn out(text: &str) {
     }
 }
 
-async fn dispatch(cli: Cli) -> Result<()> {
+async fn dispatch(cli: Cli, process_trace: sluice_engine::TraceId) -> Result<()> {
     let api = Api::new(&cli.server, cli.api_key.as_deref());
     let json = cli.json;
     match cli.command {
-        Command::Dev { serve, examples, no_worker } => server::dev(serve, examples, !no_worker).await,
-        Command::Serve { serve } => server::serve(serve).await,
+        Command::Dev { serve, examples, no_worker } => server::dev(serve, examples, !no_worker, process_trace).await,
+        Command::Serve { serve } => server::serve(serve, process_trace).await,
         Command::Admin { action: AdminAction::Init { database, tenant, key_name, email, key_file } } => {
             server::admin_init(&database, &tenant, &key_name, email.as_deref(), key_file.as_deref()).await
         }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use sluice_engine::{Engine, EngineOptions};
+use sluice_engine::{Engine, EngineOptions, TraceId};
 use sluice_server::routes::DEFAULT_TENANT;
 use sluice_server::sluice_auth::{AuthConfig, Directory, NewApiKey, NewUser, Role};
 use sluice_server::sluice_gateway::{Config as GatewayConfig, Gateway};
@@ -189,7 +189,9 @@ fn warn_insecure() {
     );
 }
 
-pub async fn serve(args: ServeArgs) -> Result<()> {
+/// Serves until SIGINT or SIGTERM. `process_trace` is the trace id of the lines that belong to
+/// no request or execution; the startup line names it.
+pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
     let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
@@ -212,7 +214,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let gateway_file = args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     let client_auth = tls.as_ref().map(|t| t.options().client_auth.to_string()).unwrap_or_default();
     tracing::info!(%addr, url = %url_of(addr, tls.as_ref()), database = %describe_database(&args.database),
-        gateway = %gateway_file, tls_client_auth = %client_auth, auth = directory.is_some(), "sluice serving");
+        gateway = %gateway_file, tls_client_auth = %client_auth, auth = directory.is_some(), trace_id = %process_trace, "sluice serving");
     let opts = sluice_server::Options { gateway, directory, limits: args.limits(), tls };
     sluice_server::serve_with(listener, engine, opts, shutdown_signal()).await?;
     Ok(())
@@ -279,7 +281,7 @@ pub async fn tenants(database: &str) -> Result<Vec<String>> {
     Ok(open_directory(&store).await?.tenants().await?)
 }
 
-pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()> {
+pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace: TraceId) -> Result<()> {
     let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
@@ -316,6 +318,15 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool) -> Result<()>
             }
         });
     }
+    if crate::logs::is_json() {
+        // Every line of a JSON log is a JSON object: the banner is one log line.
+        tracing::info!(%url, database = %describe_database(&args.database), workflows = %published.join(","),
+            gateway = %args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            trace_id = %process_trace, "sluice serving");
+        server.await??;
+        return Ok(());
+    }
+    tracing::debug!(trace_id = %process_trace, "process trace id");
     eprintln!();
     eprintln!("  Sluice is running at {url}");
     eprintln!("  database   {}", describe_database(&args.database));

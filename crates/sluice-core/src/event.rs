@@ -63,6 +63,10 @@ pub enum EventKind {
         /// The run this one continues, for `continue_as_new`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         continued_from: Option<String>,
+        /// W3C trace id (32 lowercase hex digits) of the request that started the execution;
+        /// children and continued runs inherit it. Absent in histories older than trace ids.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace_id: Option<String>,
     },
     TaskCompleted {
         step: String,

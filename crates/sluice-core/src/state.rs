@@ -128,6 +128,8 @@ pub struct ExecState {
     pub run_id: String,
     pub input: Value,
     pub parent: Option<ParentRef>,
+    /// Trace id of the request that started the execution (`None` in older histories).
+    pub trace_id: Option<String>,
     pub status: ExecStatus,
     pub paused: bool,
     /// Step state by instance key: the step id, prefixed by `map[i]/` inside map iterations.
@@ -197,7 +199,7 @@ impl ExecState {
     fn apply_kind(&mut self, kind: &EventKind, seq: u64) {
         use EventKind as E;
         match kind {
-            E::ExecutionStarted { workflow, version, workflow_id, run_id, input, parent, .. } => {
+            E::ExecutionStarted { workflow, version, workflow_id, run_id, input, parent, trace_id, .. } => {
                 self.workflow = workflow.clone();
                 self.version = version.clone();
                 self.workflow_id = workflow_id.clone();
@@ -205,6 +207,7 @@ impl ExecState {
                 self.input = input.clone();
                 self.input_val = to_val(input);
                 self.parent = parent.clone();
+                self.trace_id = trace_id.clone();
                 self.status = ExecStatus::Running;
             }
             E::TaskScheduled { step, attempt, .. } | E::ChildStarted { step, attempt, .. } => {

@@ -60,6 +60,7 @@ fn drive(
             input,
             parent: None,
             continued_from: None,
+            trace_id: None,
         },
         0,
     )];
@@ -206,6 +207,7 @@ fn map_respects_max_concurrency_and_keeps_order() {
             input: Value::Null,
             parent: None,
             continued_from: None,
+            trace_id: None,
         },
         0,
     );
@@ -251,6 +253,7 @@ fn signals_buffer_until_waited_for_and_timeouts_follow_policy() {
             input: Value::Null,
             parent: None,
             continued_from: None,
+            trace_id: None,
         },
         0,
     )];

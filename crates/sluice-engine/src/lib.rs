@@ -12,6 +12,7 @@ mod http;
 mod ledger;
 mod llm;
 mod tasks;
+pub mod trace;
 mod txn;
 
 use std::collections::HashMap;
@@ -25,10 +26,12 @@ use sluice_core::{ErrorInfo, ExecState, Expr, WorkflowDef};
 use sluice_store::{ExecutionFilter, ExecutionRow, Page, Store, TaskRow, WorkflowVersion};
 use tokio::sync::{Mutex, Notify};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 pub use clock::now_ms;
 pub use error::Error;
 pub use ledger::{outcome_name, CallContext, CallStats, Ledger, Refused};
+pub use trace::{SpanId, TraceId, TraceParent};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -71,10 +74,16 @@ pub struct TaskInfo {
     pub idempotency_key: String,
     pub start_to_close_timeout_ms: u64,
     pub heartbeat_timeout_ms: Option<u64>,
+    /// Trace id of the execution (32 lowercase hex digits).
+    pub trace_id: String,
+    /// W3C `traceparent` continuing the execution's trace from a span of this delivery: for the
+    /// worker's logs and the calls it makes.
+    pub traceparent: String,
 }
 
 impl From<&TaskRow> for TaskInfo {
     fn from(t: &TaskRow) -> Self {
+        let trace_id = TraceId::of_task(t);
         Self {
             task_token: t.id.clone(),
             queue: t.queue.clone(),
@@ -86,6 +95,8 @@ impl From<&TaskRow> for TaskInfo {
             idempotency_key: t.id.clone(),
             start_to_close_timeout_ms: t.start_to_close_ms,
             heartbeat_timeout_ms: t.heartbeat_ms,
+            trace_id: trace_id.to_string(),
+            traceparent: TraceParent::child_of(&trace_id),
         }
     }
 }
@@ -103,6 +114,8 @@ pub struct StartRequest {
     pub version: Option<String>,
     pub workflow_id: Option<String>,
     pub input: Value,
+    /// The trace the execution joins (the starting request's); a new one when `None`.
+    pub trace_id: Option<TraceId>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -300,19 +313,24 @@ impl Engine {
                 let expired = lock(&self.inner.tasks).reap(now);
                 for x in expired {
                     let e = self.clone();
-                    tokio::spawn(async move {
-                        let err = ErrorInfo::new(
-                            x.kind,
-                            format!(
-                                "task attempt {} exceeded its {} limit",
-                                x.row.attempt,
-                                x.kind.trim_start_matches("timeout.")
-                            ),
-                        );
-                        if let Err(err) = e.finish_task(x.row, None, Some((err, true))).await {
-                            tracing::warn!(error = %err, "could not record a task timeout");
+                    let span = trace::task_span(&x.row);
+                    tokio::spawn(
+                        async move {
+                            let err = ErrorInfo::new(
+                                x.kind,
+                                format!(
+                                    "task attempt {} exceeded its {} limit",
+                                    x.row.attempt,
+                                    x.kind.trim_start_matches("timeout.")
+                                ),
+                            );
+                            tracing::debug!(kind = x.kind, "task attempt timed out");
+                            if let Err(err) = e.finish_task(x.row, None, Some((err, true))).await {
+                                tracing::warn!(error = %err, "could not record a task timeout");
+                            }
                         }
-                    });
+                        .instrument(span),
+                    );
                 }
             }
             let next_timer = lock(&self.inner.timers).next_at();
@@ -454,6 +472,7 @@ impl Engine {
         }
         let (version, def) = self.definition(tenant, &req.workflow, req.version.as_deref()).await?;
         let run_id = new_id();
+        let trace_id = req.trace_id.unwrap_or_else(TraceId::random);
         let started = EventKind::ExecutionStarted {
             workflow: def.name.clone(),
             version: version.clone(),
@@ -462,9 +481,11 @@ impl Engine {
             input: req.input,
             parent: None,
             continued_from: None,
+            trace_id: Some(trace_id.to_string()),
         };
         self.forget_result(tenant, &workflow_id);
-        match self.create_run(tenant, def, &run_id, started).await {
+        let span = trace::execution_span(tenant, &trace_id, &workflow_id, &run_id);
+        match self.create_run(tenant, def, &run_id, started).instrument(span).await {
             Ok(status) => {
                 self.inner.counters.executions_started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(Started { workflow_id, run_id, status, created: true })
@@ -622,24 +643,20 @@ impl Engine {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         tracing::trace!(worker, queue, "poll");
         loop {
-            let notify = {
+            let (got, notify) = {
                 let mut t = lock(&self.inner.tasks);
                 let got = t.take(tenant, queue, max.clamp(1, 1000), now_ms());
-                if !got.is_empty() {
-                    return Ok(got.iter().map(TaskInfo::from).collect());
-                }
-                t.notifier(tenant, queue)
+                let notify = got.is_empty().then(|| t.notifier(tenant, queue));
+                (got, notify)
             };
+            let Some(notify) = notify else { return Ok(handed_out(&got, worker)) };
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             // Re-check: a task may have arrived between the take and the registration.
-            {
-                let mut t = lock(&self.inner.tasks);
-                let got = t.take(tenant, queue, max.clamp(1, 1000), now_ms());
-                if !got.is_empty() {
-                    return Ok(got.iter().map(TaskInfo::from).collect());
-                }
+            let got = lock(&self.inner.tasks).take(tenant, queue, max.clamp(1, 1000), now_ms());
+            if !got.is_empty() {
+                return Ok(handed_out(&got, worker));
             }
             tokio::select! {
                 _ = &mut notified => {}
@@ -734,6 +751,17 @@ impl Engine {
             }
         }
     }
+}
+
+/// The tasks a poll hands out, each logged (at debug) in its own task span.
+fn handed_out(rows: &[TaskRow], worker: &str) -> Vec<TaskInfo> {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        for row in rows {
+            let _span = trace::task_span(row).entered();
+            tracing::debug!(worker, queue = %row.queue, "task handed to a worker");
+        }
+    }
+    rows.iter().map(TaskInfo::from).collect()
 }
 
 /// The version id of a canonical definition: 12 hex digits of its FNV-1a 64 hash pair.

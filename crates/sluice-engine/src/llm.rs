@@ -8,13 +8,16 @@ use sluice_core::def::{Step, StepKind};
 use sluice_core::{DefError, ErrorInfo, WorkflowDef};
 use sluice_gateway::{CallError, CallOptions, ChatRequest, Error as RouteError, Gateway, Message, Outcome};
 use sluice_store::TaskRow;
+use tracing::Instrument;
 
+use crate::trace::task_span;
 use crate::{lock, CallContext, Engine, Ledger, Refused};
 
 impl Engine {
     pub(crate) fn run_llm(&self, row: TaskRow) {
         let engine = self.clone();
-        tokio::spawn(async move {
+        let span = task_span(&row);
+        let work = async move {
             let limit = Duration::from_millis(row.start_to_close_ms.max(1));
             let mut ledger = Ledger::default();
             let outcome = match tokio::time::timeout(limit, engine.llm_call(&row, &mut ledger)).await {
@@ -37,7 +40,8 @@ impl Engine {
             if let Err(e) = engine.finish_task_with(row, output, failure, ledger).await {
                 tracing::warn!(error = %e, "could not record an llm step result");
             }
-        });
+        };
+        tokio::spawn(work.instrument(span));
     }
 
     /// Admits the call against the budgets, makes it, and leaves its usage in `ledger`.

@@ -11,7 +11,9 @@ use sluice_core::state::StepStatus;
 use sluice_core::{decide, ErrorInfo, ExecState, ExecStatus};
 use sluice_store::{Batch, ExecChange, ExecutionRow, TaskRow, TimerRow};
 use tokio::sync::{Mutex, OwnedMutexGuard};
+use tracing::Instrument;
 
+use crate::trace::{execution_span, TraceId};
 use crate::{lock, new_id, now_ms, Engine, Error, ExecEntry, Ledger, Result};
 
 /// Removals that come with the triggering event (the finished task, the fired timer).
@@ -52,6 +54,7 @@ enum Follow {
         workflow: String,
         workflow_id: String,
         input: Value,
+        trace_id: TraceId,
     },
     Notify {
         tenant: String,
@@ -65,6 +68,7 @@ enum Follow {
         input: Value,
         from: String,
         parent: Option<ParentRef>,
+        trace_id: TraceId,
     },
 }
 
@@ -100,6 +104,7 @@ impl Engine {
     ) -> Result<()> {
         let guard = self.lock_run(tenant, run_id, allow_terminal).await?;
         let Some(entry) = guard.as_ref() else { return Err(Error::NotRunning(run_id.to_string())) };
+        let span = execution_span(&entry.tenant, &TraceId::of_run(&entry.state), &entry.state.workflow_id, run_id);
         let events = make(&entry.state)?;
         if events.is_empty() && extra.remove_timers.is_empty() {
             return Ok(());
@@ -117,7 +122,7 @@ impl Engine {
         tx.batch.alerts = extra.ledger.alerts;
         tx.touched.push(Touched { run_id: run_id.to_string(), guard, events: Vec::new(), create: false });
         tx.work.push_back((tenant.to_string(), run_id.to_string(), events));
-        self.run_txn(tx).await.map(|_| ())
+        self.run_txn(tx).instrument(span).await.map(|_| ())
     }
 
     /// Creates a run and decides its first steps. Returns its status after that.
@@ -336,7 +341,7 @@ impl Engine {
     async fn follow(&self, tx: &mut Txn, f: Follow) -> Result<()> {
         match f {
             Follow::Notify { tenant, run_id, event } => tx.work.push_back((tenant, run_id, vec![event])),
-            Follow::StartChild { tenant, parent, workflow, workflow_id, input } => {
+            Follow::StartChild { tenant, parent, workflow, workflow_id, input, trace_id } => {
                 match self.definition(&tenant, &workflow, None).await {
                     Ok((version, def)) => {
                         let run_id = new_id();
@@ -350,6 +355,7 @@ impl Engine {
                             input,
                             parent: Some(parent),
                             continued_from: None,
+                            trace_id: Some(trace_id.to_string()),
                         };
                         tx.work.push_back((tenant, run_id, vec![started]));
                     }
@@ -364,7 +370,7 @@ impl Engine {
                     Err(e) => return Err(e),
                 }
             }
-            Follow::Continue { tenant, workflow, workflow_id, input, from, parent } => {
+            Follow::Continue { tenant, workflow, workflow_id, input, from, parent, trace_id } => {
                 let (version, def) = self.definition(&tenant, &workflow, None).await?;
                 let run_id = new_id();
                 let mut guard = self.new_slot(&tenant, def, &run_id, tx.now).await;
@@ -376,6 +382,7 @@ impl Engine {
                     input,
                     parent,
                     continued_from: Some(from),
+                    trace_id: Some(trace_id.to_string()),
                 };
                 let mut events = Vec::new();
                 if let Some(entry) = guard.as_mut() {
@@ -545,6 +552,7 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                     start_to_close_ms: *start_to_close_ms,
                     heartbeat_ms: *heartbeat_ms,
                     created_at_ms: now,
+                    trace_id: Some(TraceId::of_run(st).to_string()),
                 });
             }
             EventKind::TaskCompleted { step, attempt, .. } | EventKind::TaskFailed { step, attempt, .. } => {
@@ -579,6 +587,7 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                     workflow: workflow.clone(),
                     workflow_id: workflow_id.clone(),
                     input: input.clone(),
+                    trace_id: TraceId::of_run(st),
                 })
             }
             kind if kind.is_terminal() => {
@@ -597,6 +606,7 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                         input: input.clone(),
                         from: run.clone(),
                         parent: st.parent.clone(),
+                        trace_id: TraceId::of_run(st),
                     }),
                     EventKind::ExecutionCompleted { output } => tell_parent(entry, follows, |step, attempt| {
                         EventKind::ChildCompleted { step, attempt, output: output.clone() }

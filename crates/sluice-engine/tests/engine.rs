@@ -50,3 +50,77 @@ async fn parked_executions_beyond_the_cache_capacity_reload_and_complete() {
     // Another tenant sees none of it.
     assert!(engine.get_execution("other", "p-1", None).await.is_err());
 }
+
+/// The trace id a start is given stays with the execution: its tasks carry it (with a
+/// `traceparent` of their own), its children and the runs it continues as inherit it, and a
+/// task keeps it across a restart.
+#[tokio::test]
+async fn the_trace_id_is_kept_inherited_and_handed_to_workers() {
+    use sluice_engine::{TraceId, TraceParent};
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let path = db_path("trace");
+    let (engine, bg) =
+        Engine::start(Arc::new(SqliteStore::open(&path).unwrap()), EngineOptions::default()).await.unwrap();
+    let kid = json!({"name": "kid", "steps": [{"id": "k", "type": "task", "queue": "kq", "input": ".input"}]});
+    let looping = json!({"name": "looping", "steps": [
+        {"id": "kid", "type": "child", "workflow": "kid", "input": ".input"},
+        {"id": "again", "type": "continue_as_new", "when": ".input.n < 1", "input": "{n: .input.n + 1}"}
+    ]});
+    for def in [kid, looping] {
+        engine.publish("t", sluice_core::def::parse_value(&def).unwrap()).await.unwrap();
+    }
+    let trace_id = TraceId::parse(TRACE);
+    let req = StartRequest {
+        workflow: "looping".into(),
+        workflow_id: Some("loop-1".into()),
+        input: json!({"n": 0}),
+        trace_id,
+        ..StartRequest::default()
+    };
+    engine.start_execution("t", req).await.unwrap();
+    let check = |task: &sluice_engine::TaskInfo| {
+        assert_eq!(task.trace_id, TRACE);
+        let parent = TraceParent::parse(&task.traceparent).unwrap_or_else(|| panic!("{}", task.traceparent));
+        assert_eq!(parent.trace_id.as_str(), TRACE);
+    };
+
+    // The child's task survives a restart with its trace id (the store keeps it).
+    bg.abort();
+    drop(engine);
+    let (engine, _bg) =
+        Engine::start(Arc::new(SqliteStore::open(&path).unwrap()), EngineOptions::default()).await.unwrap();
+    let tasks = engine.poll("t", "kq", "w", 10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(tasks.len(), 1);
+    check(&tasks[0]);
+    engine.complete("t", &tasks[0].task_token, json!(1)).await.unwrap();
+    // The continued run's child asks again, in the same trace, from another span.
+    let again = engine.poll("t", "kq", "w", 10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    check(&again[0]);
+    assert_ne!(again[0].traceparent, tasks[0].traceparent);
+    engine.complete("t", &again[0].task_token, json!(2)).await.unwrap();
+    let row = engine.wait_result("t", "loop-1", Duration::from_secs(10)).await.unwrap();
+    assert_eq!(row.status, sluice_core::ExecStatus::Completed, "{row:?}");
+
+    let page =
+        engine.list_executions("t", sluice_store::ExecutionFilter { limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(page.items.len(), 4, "two runs of looping, one kid each");
+    for run in &page.items {
+        let (_, events) = engine.history("t", &run.workflow_id, Some(&run.run_id), 0, 1).await.unwrap();
+        match &events[0].kind {
+            sluice_core::event::EventKind::ExecutionStarted { trace_id, .. } => {
+                assert_eq!(trace_id.as_deref(), Some(TRACE), "{} {}", run.workflow_id, run.run_id)
+            }
+            other => panic!("first event {other:?}"),
+        }
+    }
+
+    // Without one, an execution gets a trace of its own.
+    let req = StartRequest { workflow: "kid".into(), input: json!(0), ..StartRequest::default() };
+    let started = engine.start_execution("t", req).await.unwrap();
+    let (_, events) = engine.history("t", &started.workflow_id, None, 0, 1).await.unwrap();
+    let sluice_core::event::EventKind::ExecutionStarted { trace_id: Some(own), .. } = &events[0].kind else {
+        panic!("no trace id: {:?}", events[0]);
+    };
+    assert!(TraceId::parse(own).is_some() && own != TRACE, "{own}");
+}

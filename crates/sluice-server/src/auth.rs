@@ -19,6 +19,7 @@ use sluice_auth::{Actor, Auditor, Directory, Perm, Principal, Quota, RateLimitCo
 use sluice_store::AuditRow;
 
 use crate::error::ApiError;
+use crate::trace::TraceContext;
 use crate::{AppState, Peer};
 
 /// What a route asks of its caller.
@@ -140,6 +141,11 @@ pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: N
             }
         }
     };
+    let trace = req.extensions().get::<TraceContext>();
+    if let Some(t) = trace {
+        t.record_tenant(&principal.tenant);
+    }
+    let trace_id = trace.map(|t| t.trace_id.to_string());
     let method = req.method().clone();
     let target = req.uri().path().to_string();
     let source_ip = peer.map(|p| p.addr.ip().to_string());
@@ -153,7 +159,7 @@ pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: N
         target: target.clone(),
         status,
         source_ip: source_ip.clone(),
-        trace_id: None,
+        trace_id: trace_id.clone(),
     };
     if let Need::Perm(perm) = need {
         if !principal.can(perm) {

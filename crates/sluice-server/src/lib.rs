@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod peer;
 pub mod routes;
 pub mod tls;
+pub mod trace;
 pub mod x509;
 
 use std::future::Future;
@@ -112,6 +113,7 @@ pub fn router_with(engine: Engine, opts: Options) -> Router {
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn(trace::middleware))
         .with_state(state)
 }
 
@@ -123,7 +125,8 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new("method_not_allowed", "this route does not accept that method; see /openapi.json")
 }
 
-/// Records metrics and logs every request with its route, status and latency.
+/// Records metrics and logs every request with its route, status and latency (inside the
+/// request's span, so with its trace id).
 async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().as_str().to_string();

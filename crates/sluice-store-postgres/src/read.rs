@@ -239,7 +239,7 @@ pub(crate) async fn load_tasks(pool: &Pool) -> Result<Vec<TaskRow>, StoreError> 
     let rows = query(
         pool,
         "SELECT id, tenant, queue, kind, run_id, workflow_id, step, attempt, input, visible_at_ms,
-                schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms
+                schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id
          FROM tasks ORDER BY visible_at_ms, id",
         &[],
     )
@@ -263,6 +263,7 @@ pub(crate) async fn load_tasks(pool: &Pool) -> Result<Vec<TaskRow>, StoreError> 
                 start_to_close_ms: from_i64(get(r, 11)?, "start_to_close_ms")?,
                 heartbeat_ms: get::<Option<i64>>(r, 12)?.map(|v| from_i64(v, "heartbeat_ms")).transpose()?,
                 created_at_ms: get(r, 13)?,
+                trace_id: get(r, 14)?,
             })
         })
         .collect()

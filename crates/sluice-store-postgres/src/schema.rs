@@ -152,6 +152,10 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_by_tenant ON audit (tenant, id);
     "#,
+    // 4: the trace id of the execution a task belongs to, handed to workers.
+    r#"
+    ALTER TABLE tasks ADD COLUMN trace_id TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

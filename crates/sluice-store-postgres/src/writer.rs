@@ -423,13 +423,14 @@ async fn insert_tasks(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure
     let to_close = try_column(tasks, |t| to_i64(t.start_to_close_ms, "start_to_close_ms"))?;
     let heartbeats = try_column(tasks, |t| opt_to_i64(t.heartbeat_ms, "heartbeat_ms"))?;
     let created = column(tasks, |t| t.created_at_ms);
+    let traces = column(tasks, |t| t.trace_id.as_deref());
     let st = tx
         .prepare_cached(
             "INSERT INTO tasks (id, tenant, queue, kind, run_id, workflow_id, step, attempt, input,
-                 visible_at_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms)
+                 visible_at_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                  $7::text[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
-                 $13::bigint[], $14::bigint[])",
+                 $13::bigint[], $14::bigint[], $15::text[])",
         )
         .await?;
     let inserted = tx
@@ -450,6 +451,7 @@ async fn insert_tasks(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure
                 &to_close,
                 &heartbeats,
                 &created,
+                &traces,
             ],
         )
         .await;

@@ -324,6 +324,7 @@ fn create(tenant: &str, row: ExecutionRow) -> Batch {
             input: row.input.clone(),
             parent: None,
             continued_from: None,
+            trace_id: None,
         },
     };
     let change = ExecChange { tenant: tenant.into(), row, events: vec![started], create: true };

@@ -261,7 +261,7 @@ pub(crate) fn history(
 pub(crate) fn load_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskRow>> {
     let mut st = conn.prepare_cached(
         "SELECT id, tenant, queue, kind, run_id, workflow_id, step, attempt, input, visible_at_ms,
-                schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms
+                schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id
          FROM tasks ORDER BY visible_at_ms, id",
     )?;
     let rows = st.query_map([], |r| {
@@ -280,6 +280,7 @@ pub(crate) fn load_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskRow>> {
             start_to_close_ms: r.get(11)?,
             heartbeat_ms: r.get(12)?,
             created_at_ms: r.get(13)?,
+            trace_id: r.get(14)?,
         })
     })?;
     rows.collect()

@@ -145,6 +145,10 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID, STRICT;
     CREATE INDEX audit_by_tenant ON audit (tenant, id);
     ",
+    // 4: the trace id of the execution a task belongs to, handed to workers.
+    "
+    ALTER TABLE tasks ADD COLUMN trace_id TEXT;
+    ",
 ];
 
 /// The schema version this build writes.

@@ -90,6 +90,7 @@ fn task(run_id: &str) -> TaskRow {
         start_to_close_ms: 1_000,
         heartbeat_ms: None,
         created_at_ms: 0,
+        trace_id: None,
     }
 }
 

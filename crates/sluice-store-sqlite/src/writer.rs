@@ -413,8 +413,8 @@ fn insert_task(conn: &Connection, t: &TaskRow) -> Result<(), StoreError> {
     let mut st = conn
         .prepare_cached(
             "INSERT INTO tasks (id, tenant, queue, kind, run_id, workflow_id, step, attempt, input,
-                 visible_at_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                 visible_at_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )
         .map_err(db_err)?;
     let inserted = st.execute(params![
@@ -432,6 +432,7 @@ fn insert_task(conn: &Connection, t: &TaskRow) -> Result<(), StoreError> {
         t.start_to_close_ms,
         t.heartbeat_ms,
         t.created_at_ms,
+        t.trace_id,
     ]);
     match inserted {
         Ok(_) => Ok(()),

@@ -65,6 +65,9 @@ pub struct TaskRow {
     pub start_to_close_ms: u64,
     pub heartbeat_ms: Option<u64>,
     pub created_at_ms: i64,
+    /// Trace id of the execution (32 lowercase hex digits); `None` for tasks stored before
+    /// trace ids were.
+    pub trace_id: Option<String>,
 }
 
 impl TaskRow {

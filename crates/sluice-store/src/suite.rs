@@ -554,7 +554,8 @@ pub async fn tasks_and_timers(s: &dyn Store) {
     let create = create(&t, row(&f.run_id(1), "order-1", "orders", 1));
     let r = create.row.clone();
     let worker = TaskRow { schedule_to_start_ms: Some(60_000), heartbeat_ms: Some(5_000), ..task(&t, &r, "charge", 1) };
-    let http = TaskRow { kind: TaskKind::Http, queue: String::new(), ..task(&t, &r, "notify", 1) };
+    // A task of a run started before trace ids has none.
+    let http = TaskRow { kind: TaskKind::Http, queue: String::new(), trace_id: None, ..task(&t, &r, "notify", 1) };
     let (sleep, timeout) = (timer(&t, &r, "sleep", 5_000), timer(&t, &r, "approval", 7_000));
     let mut b = batch(vec![create]);
     b.add_tasks = vec![worker.clone(), http.clone()];
@@ -913,6 +914,7 @@ fn create(tenant: &str, mut row: ExecutionRow) -> ExecChange {
             input: row.input.clone(),
             parent: row.parent.clone(),
             continued_from: None,
+            trace_id: None,
         },
     };
     row.next_seq = 2;
@@ -975,6 +977,7 @@ fn task(tenant: &str, row: &ExecutionRow, step: &str, attempt: u32) -> TaskRow {
         start_to_close_ms: 30_000,
         heartbeat_ms: None,
         created_at_ms: row.updated_at_ms,
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
     }
 }
 

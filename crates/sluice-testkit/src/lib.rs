@@ -4,6 +4,7 @@
 //! for TLS tests.
 
 pub mod pki;
+pub mod recording;
 pub mod vendor;
 
 use std::net::TcpListener;
@@ -56,6 +57,8 @@ pub struct ServerProcess {
     pub key: Option<String>,
     /// Checks readiness and is the client of [`ServerProcess::api`].
     http: reqwest::Client,
+    /// Environment set after the defaults (`SLUICE_LOG_FORMAT=json`, `SLUICE_LOG=info`).
+    env: Vec<(String, String)>,
 }
 
 impl ServerProcess {
@@ -72,7 +75,19 @@ impl ServerProcess {
 
     /// Like `start_on`, with more arguments for `serve` (e.g. `--gateway FILE`).
     pub async fn start_with_args(bin: &Path, dir: &Path, database: &str, extra_args: &[&str]) -> Self {
-        Self::launch(bin, dir, database, extra_args, "http", reqwest::Client::new()).await
+        Self::launch(bin, dir, database, extra_args, "http", reqwest::Client::new(), &[]).await
+    }
+
+    /// Like `start_with_args`, with environment variables that override the defaults (such as
+    /// `SLUICE_LOG=debug`).
+    pub async fn start_with_env(
+        bin: &Path,
+        dir: &Path,
+        database: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::launch(bin, dir, database, extra_args, "http", reqwest::Client::new(), env).await
     }
 
     /// Like `start_with_args` for a server that speaks HTTPS (`extra_args` hold its `--tls-*`
@@ -85,7 +100,7 @@ impl ServerProcess {
         extra_args: &[&str],
         client: reqwest::Client,
     ) -> Self {
-        Self::launch(bin, dir, database, extra_args, "https", client).await
+        Self::launch(bin, dir, database, extra_args, "https", client, &[]).await
     }
 
     async fn launch(
@@ -95,6 +110,7 @@ impl ServerProcess {
         extra_args: &[&str],
         scheme: &str,
         http: reqwest::Client,
+        env: &[(&str, &str)],
     ) -> Self {
         let port = free_port();
         let mut s = Self {
@@ -107,6 +123,7 @@ impl ServerProcess {
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             key: None,
             http,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         if !extra_args.contains(&"--insecure-no-auth") {
             s.key = Some(admin_init(bin, dir, database, "default"));
@@ -123,6 +140,7 @@ impl ServerProcess {
             .args(&self.extra_args)
             .env("SLUICE_LOG_FORMAT", "json")
             .env("SLUICE_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -160,6 +178,12 @@ impl ServerProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The server's stderr so far, one JSON log line each; panics on a line that is not a JSON
+    /// object.
+    pub fn log_lines(&self) -> Vec<Value> {
+        json_lines(&self.log_text())
     }
 }
 
@@ -202,8 +226,37 @@ impl WorkerProcess {
         Self::spawn(cmd, server, queues, record)
     }
 
+    /// The Rust demo worker writing JSON logs at `filter` (a `SLUICE_LOG` value) to `log`.
+    pub fn rust_logged(
+        bin: &Path,
+        server: &ServerProcess,
+        queues: &[&str],
+        record: Option<&Path>,
+        log: &Path,
+        filter: &str,
+    ) -> Self {
+        let mut cmd = Command::new(bin);
+        cmd.args(["--server", &server.base, "worker"]).env("SLUICE_LOG_FORMAT", "json").env("SLUICE_LOG", filter);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        Self::spawn_to(cmd, server, queues, record, Stdio::from(file))
+    }
+
     /// Both workers take the same `--queue` and `--record` options, and `SLUICE_API_KEY`.
-    fn spawn(mut cmd: Command, server: &ServerProcess, queues: &[&str], record: Option<&Path>) -> Self {
+    fn spawn(cmd: Command, server: &ServerProcess, queues: &[&str], record: Option<&Path>) -> Self {
+        Self::spawn_to(cmd, server, queues, record, Stdio::null())
+    }
+
+    fn spawn_to(
+        mut cmd: Command,
+        server: &ServerProcess,
+        queues: &[&str],
+        record: Option<&Path>,
+        stderr: Stdio,
+    ) -> Self {
         match &server.key {
             Some(key) => cmd.env("SLUICE_API_KEY", key),
             None => cmd.env_remove("SLUICE_API_KEY"),
@@ -217,7 +270,7 @@ impl WorkerProcess {
         let program = cmd.get_program().to_string_lossy().to_string();
         let child = cmd
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start the worker {program}: {e}"));
         Self(child)
@@ -229,6 +282,18 @@ impl Drop for WorkerProcess {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Parses text of one JSON object per line; panics, naming the line, on one that is not.
+pub fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| match serde_json::from_str::<Value>(line) {
+            Ok(v) if v.is_object() => v,
+            Ok(_) => panic!("log line {} is JSON but not an object: {line}", i + 1),
+            Err(e) => panic!("log line {} is not JSON ({e}): {line}", i + 1),
+        })
+        .collect()
 }
 
 /// A JSON client that returns the status with the body.
@@ -277,6 +342,33 @@ impl Api {
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
         self.try_get(path).await.unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// Sends a request with extra headers; returns the status, the answer's headers (names in
+    /// lowercase) and its body.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> (u16, std::collections::BTreeMap<String, String>, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or_else(|e| panic!("{method}: {e}"));
+        let mut req = self.request(method, path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let r = req.send().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+        let headers = r
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        let (status, body) = Self::decode(r).await;
+        (status, headers, body)
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {

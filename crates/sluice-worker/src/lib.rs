@@ -1,5 +1,7 @@
 //! Rust worker SDK for Sluice: long-poll task queues over HTTP, run handlers concurrently, and
 //! report results in batches. Handlers are async closures from a `Task` to JSON or a `TaskError`.
+//! Each handler runs inside a `task` tracing span carrying the execution's `trace_id`, so its
+//! log lines join the execution's trace.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), sluice_worker::Error> {
@@ -46,11 +48,36 @@ pub struct Task {
     pub idempotency_key: String,
     pub start_to_close_timeout_ms: u64,
     pub heartbeat_timeout_ms: Option<u64>,
+    /// Trace id of the execution (32 lowercase hex digits); absent from older servers.
+    #[serde(default)]
+    pub trace_id: Option<String>,
+    /// W3C `traceparent` continuing the execution's trace: send it on the calls the handler
+    /// makes so they join the trace.
+    #[serde(default)]
+    pub traceparent: Option<String>,
     #[serde(skip)]
     client: Option<Client>,
 }
 
 impl Task {
+    /// The span a handler runs in: the task's trace id, workflow id, step and attempt.
+    pub fn span(&self) -> tracing::Span {
+        // ERROR level: enabled whenever any line is, so the handler's lines carry the trace id.
+        let span = tracing::error_span!(
+            "task",
+            trace_id = tracing::field::Empty,
+            queue = %self.queue,
+            workflow_id = %self.workflow_id,
+            run_id = %self.run_id,
+            step = %self.step,
+            attempt = self.attempt,
+        );
+        if let Some(trace_id) = &self.trace_id {
+            span.record("trace_id", trace_id.as_str());
+        }
+        span
+    }
+
     /// Reports progress; returns true when the execution no longer wants the result.
     pub async fn heartbeat(&self, details: Value) -> Result<bool, Error> {
         let Some(c) = &self.client else { return Ok(false) };
@@ -291,16 +318,25 @@ impl PollCtx {
                 in_flight.fetch_add(1, Ordering::SeqCst);
                 let (handler, tx, in_flight, freed) =
                     (self.handler.clone(), self.tx.clone(), in_flight.clone(), freed.clone());
-                tokio::spawn(async move {
+                let span = task.span();
+                let run = async move {
                     let token = task.task_token.clone();
+                    tracing::debug!("task received");
                     let outcome = match handler(task).await {
-                        Ok(v) => Outcome::Done(token, v),
-                        Err(e) => Outcome::Failed(token, e),
+                        Ok(v) => {
+                            tracing::debug!("task done");
+                            Outcome::Done(token, v)
+                        }
+                        Err(e) => {
+                            tracing::debug!(error_type = %e.kind, retryable = e.retryable, "task failed");
+                            Outcome::Failed(token, e)
+                        }
                     };
                     let _ = tx.send(outcome);
                     in_flight.fetch_sub(1, Ordering::SeqCst);
                     freed.notify_waiters();
-                });
+                };
+                tokio::spawn(tracing::Instrument::instrument(run, span));
             }
         }
         // Let running handlers finish so their results are reported.

@@ -196,10 +196,11 @@ async fn chat_completions_answer_fall_back_stream_and_report_cuts() {
     let (status, body) = api.post_raw("/v1/chat/completions", "application/json", "{\"model\": ").await;
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_json")), "{body}");
 
-    // Each call is logged with its route, target and tokens, never its content.
+    // Each call is logged with its route, target and tokens, never its content. (The line's own
+    // `target` is the module that logged it; the gateway target is `fields.target`.)
     let log = server.log_text();
     let line = log.lines().find(|l| l.contains("chat completion") && l.contains("\"input_tokens\":11")).unwrap_or("");
-    assert!(line.contains("\"route\":\"chat\"") && line.contains("\"target\":\"fake/fake-model\""), "{log}");
+    assert!(line.contains("\"route\":\"chat\"") && line.contains("\"fields.target\":\"fake/fake-model\""), "{log}");
     assert!(line.contains("\"outcome\":\"success\"") && line.contains("latency_ms"), "{line}");
     assert!(!log.contains("Hello from the fake") && !log.contains("\"hi\""), "contents must not be logged");
 }

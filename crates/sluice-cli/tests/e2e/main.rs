@@ -13,6 +13,7 @@ mod llm;
 mod postgres;
 mod steps;
 mod tls;
+mod trace;
 
 use std::path::{Path, PathBuf};
 

@@ -21,6 +21,7 @@ use sluice_gateway::{
     UpstreamError, Usage, UsageRecord,
 };
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::auth::Caller;
 use crate::body::{parse_json, Body as RequestBody};
@@ -275,11 +276,13 @@ impl Accounting {
         log_call(route, usage, latency, outcome, stream);
         let ledger = self.engine.settle_call(&self.gateway, &self.ctx, self.reservation, usage);
         let engine = self.engine;
-        tokio::spawn(async move {
+        let record = async move {
             if let Err(e) = engine.record_usage(ledger).await {
                 tracing::warn!(error = %e, "could not record the usage of a chat completion");
             }
-        });
+        };
+        // In the request's span, so that its lines carry the request's trace id.
+        tokio::spawn(record.in_current_span());
     }
 }
 
@@ -473,7 +476,9 @@ async fn stream(
     let (opened_tx, opened_rx) = oneshot::channel();
     let (tx, rx) = mpsc::channel(64);
     let pump_gateway = gateway.clone();
-    tokio::spawn(async move { pump(pump_gateway, meta, req, include_usage, opened_tx, tx, acct).await });
+    let pumping = pump(pump_gateway, meta, req, include_usage, opened_tx, tx, acct);
+    // In the request's span, so that its lines carry the request's trace id.
+    tokio::spawn(pumping.in_current_span());
     match opened_rx.await {
         Ok(Ok(())) => {
             let headers = [

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_core::ExecStatus;
@@ -15,6 +15,7 @@ use super::execution_json;
 use crate::auth::Caller;
 use crate::body::{parse_json, Body, JsonBody};
 use crate::error::ApiError;
+use crate::trace::TraceContext;
 use crate::AppState;
 
 /// Largest page of a list.
@@ -36,6 +37,7 @@ pub struct StartBody {
 pub async fn start(
     State(app): State<AppState>,
     Caller(p): Caller,
+    Extension(trace): Extension<TraceContext>,
     JsonBody(body): JsonBody<StartBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if body.workflow.is_empty() {
@@ -50,6 +52,7 @@ pub async fn start(
                 version: body.version,
                 workflow_id: body.workflow_id,
                 input: body.input,
+                trace_id: Some(trace.trace_id),
             },
         )
         .await?;
