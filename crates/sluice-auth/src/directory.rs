@@ -529,7 +529,7 @@ impl Directory {
     }
 
     async fn verify_token(&self, token: &str) -> Result<Claims, AuthError> {
-        let ring = self.ring.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let ring = self.ring();
         match ring.verify(token) {
             Ok(c) => return Ok(c),
             Err(Some(e)) => return Err(e),
@@ -547,7 +547,7 @@ impl Directory {
         if due {
             self.load_ring().await?;
         }
-        let ring = self.ring.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let ring = self.ring();
         ring.verify(token)
             .map_err(|e| e.unwrap_or_else(|| AuthError::Unauthenticated("invalid session token: unknown key".into())))
     }
@@ -589,7 +589,7 @@ impl Directory {
             aud: AUDIENCE.into(),
             jti: crate::hex(&crate::random_bytes::<12>()?),
         };
-        let ring = self.ring.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let ring = self.ring();
         Ok((ring.sign(&claims)?, exp_ms))
     }
 
@@ -605,6 +605,11 @@ impl Directory {
     }
 
     // ---- signing keys ----
+
+    /// The keyring as last loaded.
+    fn ring(&self) -> Arc<Keyring> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 
     async fn stored_keys(&self) -> Result<Vec<StoredKey>, AuthError> {
         self.store.list_docs(SYSTEM_SCOPE, SIGNING_KEY).await?.iter().map(decode).collect()
@@ -642,6 +647,6 @@ impl Directory {
 
     /// The key ids in the ring, newest first.
     pub fn signing_kids(&self) -> Vec<String> {
-        self.ring.read().unwrap_or_else(|p| p.into_inner()).kids().into_iter().map(str::to_string).collect()
+        self.ring().kids().into_iter().map(str::to_string).collect()
     }
 }

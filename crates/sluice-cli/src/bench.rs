@@ -138,9 +138,7 @@ pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out:
         let _ = stop_server.send(());
         let _ = server.await;
         if let Some(p) = tmp_db {
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", p.display()));
-            }
+            crate::server::remove_sqlite_files(&p);
         }
         reports.push(report?);
     }

@@ -112,9 +112,7 @@ breaker: {{failure_threshold: 1000000000, cool_down_ms: 1}}
         }
         Err(e) => Err(e),
     };
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
+    crate::server::remove_sqlite_files(&db);
     let measured = result?;
     let report = json!({
         "bench": "gateway",

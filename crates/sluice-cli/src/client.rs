@@ -16,13 +16,7 @@ impl Api {
     /// A client of the server at `base`, sending `api_key` (an API key or a session token) on
     /// every request when given.
     pub fn new(base: &str, api_key: Option<&str>) -> Self {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(key) = api_key {
-            if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")) {
-                v.set_sensitive(true);
-                headers.insert(reqwest::header::AUTHORIZATION, v);
-            }
-        }
+        let headers = sluice_worker::auth_headers(api_key);
         let http = reqwest::Client::builder().default_headers(headers).build().unwrap_or_default();
         Self { http, base: base.trim_end_matches('/').to_string() }
     }

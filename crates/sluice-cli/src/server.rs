@@ -47,6 +47,13 @@ pub async fn open_store(database: &str) -> Result<Arc<dyn Store>> {
     Ok(Arc::new(store))
 }
 
+/// Removes a SQLite database file and its `-wal` and `-shm` files (a bench's scratch database).
+pub fn remove_sqlite_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
 /// The database for logs and banners: a URL without its password.
 pub fn describe_database(database: &str) -> String {
     if database.contains(',') {

@@ -187,30 +187,28 @@ pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: N
             )
             .with_details(json!({"scope": limited.scope, "retry_after_s": secs}))
             .into_response();
-            let h = resp.headers_mut();
-            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            if let Ok(v) = HeaderValue::from_str(&limited.quota.policy()) {
-                h.insert("ratelimit-policy", v);
-            }
-            h.insert("ratelimit-limit", HeaderValue::from(limited.quota.requests));
-            h.insert("ratelimit-remaining", HeaderValue::from(0u32));
-            h.insert("ratelimit-reset", HeaderValue::from(secs));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            rate_headers(resp.headers_mut(), limited.quota, 0, secs);
             return resp;
         }
     };
     req.extensions_mut().insert(principal.clone());
     let mut resp = next.run(req).await;
     if let Some(state) = rate {
-        let h = resp.headers_mut();
-        if let Ok(v) = HeaderValue::from_str(&state.quota.policy()) {
-            h.insert("ratelimit-policy", v);
-        }
-        h.insert("ratelimit-limit", HeaderValue::from(state.quota.requests));
-        h.insert("ratelimit-remaining", HeaderValue::from(state.remaining));
-        h.insert("ratelimit-reset", HeaderValue::from(state.reset_secs));
+        rate_headers(resp.headers_mut(), state.quota, state.remaining, state.reset_secs);
     }
     if method != Method::GET {
         security.auditor.record(audit(resp.status().as_u16()));
     }
     resp
+}
+
+/// The `RateLimit-*` headers of the tightest quota a request met.
+fn rate_headers(h: &mut HeaderMap, quota: Quota, remaining: u32, reset_secs: u64) {
+    if let Ok(v) = HeaderValue::from_str(&quota.policy()) {
+        h.insert("ratelimit-policy", v);
+    }
+    h.insert("ratelimit-limit", HeaderValue::from(quota.requests));
+    h.insert("ratelimit-remaining", HeaderValue::from(remaining));
+    h.insert("ratelimit-reset", HeaderValue::from(reset_secs));
 }

@@ -4,18 +4,14 @@
 use deadpool_postgres::Pool;
 use sluice_core::Event;
 use sluice_store::{
-    AuditFilter, AuditRow, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow, TimerRow,
-    UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
+    page_limit, AuditFilter, AuditRow, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow,
+    TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use crate::codec::{enum_from, from_i64, from_json, opt_from_json, status_from};
 use crate::error::{db_err, pool_err};
-
-/// Rows a page holds when the filter asks for none, and the most it may hold.
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1_000;
 
 type Params<'a> = [&'a (dyn ToSql + Sync)];
 
@@ -183,10 +179,7 @@ pub(crate) async fn list_executions(
     tenant: &str,
     filter: &ExecutionFilter,
 ) -> Result<Page<ExecutionRow>, StoreError> {
-    let limit = match filter.limit {
-        0 => DEFAULT_PAGE,
-        n => n.min(MAX_PAGE),
-    };
+    let limit = page_limit(filter.limit);
     let sql = if filter.workflow_id.is_some() {
         concat!(select_exec!("WHERE tenant = $1 AND workflow_id = $3::text"), list_filters!())
     } else if filter.workflow.is_some() {
@@ -205,14 +198,8 @@ pub(crate) async fn list_executions(
         &[&tenant, &filter.workflow, &filter.workflow_id, &status, &filter.dead_letter, &filter.cursor, &fetch],
     )
     .await?;
-    let mut items = rows.iter().map(exec_row).collect::<Result<Vec<_>, _>>()?;
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|r| r.run_id.clone())
-    } else {
-        None
-    };
-    Ok(Page { items, next_cursor })
+    let items = rows.iter().map(exec_row).collect::<Result<Vec<_>, _>>()?;
+    Ok(Page::from_fetched(items, limit, |r| &r.run_id))
 }
 
 pub(crate) async fn history(
@@ -320,10 +307,7 @@ fn usage_row(r: &Row) -> Result<UsageRow, StoreError> {
 
 /// Filters that are not given are bound as NULL.
 pub(crate) async fn list_usage(pool: &Pool, tenant: &str, filter: &UsageFilter) -> Result<Page<UsageRow>, StoreError> {
-    let limit = match filter.limit {
-        0 => DEFAULT_PAGE,
-        n => n.min(MAX_PAGE),
-    };
+    let limit = page_limit(filter.limit);
     let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
     let rows = query(
         pool,
@@ -337,14 +321,8 @@ pub(crate) async fn list_usage(pool: &Pool, tenant: &str, filter: &UsageFilter) 
         &[&tenant, &filter.run_id, &filter.api_key, &filter.since_ms, &filter.cursor, &fetch],
     )
     .await?;
-    let mut items = rows.iter().map(usage_row).collect::<Result<Vec<_>, _>>()?;
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|r| r.id.clone())
-    } else {
-        None
-    };
-    Ok(Page { items, next_cursor })
+    let items = rows.iter().map(usage_row).collect::<Result<Vec<_>, _>>()?;
+    Ok(Page::from_fetched(items, limit, |r| &r.id))
 }
 
 pub(crate) async fn usage_total(
@@ -440,10 +418,7 @@ pub(crate) async fn find_doc(pool: &Pool, kind: &str, id: &str) -> Result<Option
 }
 
 pub(crate) async fn list_audit(pool: &Pool, tenant: &str, filter: &AuditFilter) -> Result<Page<AuditRow>, StoreError> {
-    let limit = match filter.limit {
-        0 => DEFAULT_PAGE,
-        n => n.min(MAX_PAGE),
-    };
+    let limit = page_limit(filter.limit);
     let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
     let rows = query(
         pool,
@@ -454,7 +429,7 @@ pub(crate) async fn list_audit(pool: &Pool, tenant: &str, filter: &AuditFilter) 
         &[&tenant, &filter.actor, &filter.since_ms, &filter.cursor, &fetch],
     )
     .await?;
-    let mut items = rows
+    let items = rows
         .iter()
         .map(|r| {
             let status: i32 = get(r, 7)?;
@@ -473,11 +448,5 @@ pub(crate) async fn list_audit(pool: &Pool, tenant: &str, filter: &AuditFilter) 
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|r| r.id.clone())
-    } else {
-        None
-    };
-    Ok(Page { items, next_cursor })
+    Ok(Page::from_fetched(items, limit, |r| &r.id))
 }

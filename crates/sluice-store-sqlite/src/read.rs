@@ -9,8 +9,8 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension};
 use sluice_core::Event;
 use sluice_store::{
-    AuditFilter, AuditRow, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow, TimerRow,
-    UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
+    page_limit, AuditFilter, AuditRow, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow,
+    TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 use tokio::sync::Semaphore;
 
@@ -19,9 +19,6 @@ use crate::error::db_err;
 
 /// Read connections open at once.
 const READERS: usize = 4;
-/// Rows a page holds when the filter asks for none, and the most it may hold.
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1_000;
 
 pub(crate) struct Readers {
     path: PathBuf,
@@ -199,10 +196,7 @@ pub(crate) fn list_executions(
     tenant: &str,
     filter: &ExecutionFilter,
 ) -> rusqlite::Result<Page<ExecutionRow>> {
-    let limit = match filter.limit {
-        0 => DEFAULT_PAGE,
-        n => n.min(MAX_PAGE),
-    };
+    let limit = page_limit(filter.limit);
     // Static fragments only; every value is bound. At most 32 shapes, each cached once.
     let mut sql = String::from(select_exec!("WHERE tenant = ?"));
     let mut args = vec![SqlValue::Text(tenant.to_owned())];
@@ -230,14 +224,8 @@ pub(crate) fn list_executions(
     args.push(SqlValue::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
 
     let mut st = conn.prepare_cached(&sql)?;
-    let mut items = st.query_map(params_from_iter(args), exec_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|r| r.run_id.clone())
-    } else {
-        None
-    };
-    Ok(Page { items, next_cursor })
+    let items = st.query_map(params_from_iter(args), exec_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Page::from_fetched(items, limit, |r| &r.run_id))
 }
 
 pub(crate) fn history(
@@ -335,10 +323,7 @@ fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
 }
 
 pub(crate) fn list_usage(conn: &Connection, tenant: &str, filter: &UsageFilter) -> rusqlite::Result<Page<UsageRow>> {
-    let limit = match filter.limit {
-        0 => DEFAULT_PAGE,
-        n => n.min(MAX_PAGE),
-    };
+    let limit = page_limit(filter.limit);
     let mut sql = format!("SELECT {USAGE_COLUMNS} FROM usage WHERE tenant = ?");
     let mut args = vec![SqlValue::Text(tenant.to_owned())];
     if let Some(run_id) = &filter.run_id {
@@ -360,14 +345,8 @@ pub(crate) fn list_usage(conn: &Connection, tenant: &str, filter: &UsageFilter) 
     sql.push_str(" ORDER BY id DESC LIMIT ?");
     args.push(SqlValue::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
     let mut st = conn.prepare_cached(&sql)?;
-    let mut items = st.query_map(params_from_iter(args), usage_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|r| r.id.clone())
-    } else {
-        None
-    };
-    Ok(Page { items, next_cursor })
+    let items = st.query_map(params_from_iter(args), usage_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Page::from_fetched(items, limit, |r| &r.id))
 }
 
 pub(crate) fn usage_total(
@@ -468,10 +447,7 @@ fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
 }
 
 pub(crate) fn list_audit(conn: &Connection, tenant: &str, filter: &AuditFilter) -> rusqlite::Result<Page<AuditRow>> {
-    let limit = match filter.limit {
-        0 => DEFAULT_PAGE,
-        n => n.min(MAX_PAGE),
-    };
+    let limit = page_limit(filter.limit);
     let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE tenant = ?");
     let mut args = vec![SqlValue::Text(tenant.to_owned())];
     if let Some(actor) = &filter.actor {
@@ -489,12 +465,6 @@ pub(crate) fn list_audit(conn: &Connection, tenant: &str, filter: &AuditFilter) 
     sql.push_str(" ORDER BY id DESC LIMIT ?");
     args.push(SqlValue::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
     let mut st = conn.prepare_cached(&sql)?;
-    let mut items = st.query_map(params_from_iter(args), audit_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|r| r.id.clone())
-    } else {
-        None
-    };
-    Ok(Page { items, next_cursor })
+    let items = st.query_map(params_from_iter(args), audit_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Page::from_fetched(items, limit, |r| &r.id))
 }

@@ -144,6 +144,28 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+/// Rows a page holds when a filter asks for `requested`: 0 means 100, and at most 1,000.
+pub fn page_limit(requested: usize) -> usize {
+    match requested {
+        0 => 100,
+        n => n.min(1_000),
+    }
+}
+
+impl<T> Page<T> {
+    /// A page out of the rows of a listing that fetched one more than `limit`, newest first: the
+    /// extra row says another page follows, whose cursor is `key` of this page's last row.
+    pub fn from_fetched(mut items: Vec<T>, limit: usize, key: impl Fn(&T) -> &String) -> Self {
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|r| key(r).clone())
+        } else {
+            None
+        };
+        Page { items, next_cursor }
+    }
+}
+
 /// One upstream attempt of an AI gateway call, in the usage ledger.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRow {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use sluice_core::Event;
 
 use crate::{
-    AuditFilter, AuditRow, Batch, BoxFuture, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, Result, Store,
-    StoreError, TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
+    page_limit, AuditFilter, AuditRow, Batch, BoxFuture, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page,
+    Result, Store, StoreError, TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
 };
 
 pub struct ShardedStore {
@@ -59,10 +59,7 @@ async fn all<T>(futs: Vec<BoxFuture<'_, Result<T>>>) -> Result<Vec<T>> {
 /// (items older than it), so the page is the `limit` newest of theirs; another follows if any
 /// shard had more or some were cut here. `key` is the time-ordered id the cursor is made of.
 fn merge_pages<T>(pages: Vec<Page<T>>, limit: usize, key: impl Fn(&T) -> &String) -> Page<T> {
-    let limit = match limit {
-        0 => 100,
-        n => n.min(1000),
-    };
+    let limit = page_limit(limit);
     let more = pages.iter().any(|p| p.next_cursor.is_some());
     let mut items: Vec<T> = pages.into_iter().flat_map(|p| p.items).collect();
     items.sort_by(|a, b| key(b).cmp(key(a)));

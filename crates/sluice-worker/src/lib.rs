@@ -115,6 +115,16 @@ type Handler = Arc<dyn Fn(Task) -> BoxFut + Send + Sync>;
 /// Called with each task token and whether the server recorded its result.
 pub type ResultHook = Arc<dyn Fn(&str, bool) + Send + Sync>;
 
+/// `Authorization: Bearer <api_key>` (marked sensitive, so it is never logged), or nothing.
+pub fn auth_headers(api_key: Option<&str>) -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(mut v) = api_key.and_then(|k| reqwest::header::HeaderValue::from_str(&format!("Bearer {k}")).ok()) {
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    headers
+}
+
 /// A thin JSON client for the Sluice API.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -129,17 +139,10 @@ impl Client {
 
     /// A client that sends `api_key` (a key with the worker role, typically) as a bearer token.
     pub fn with_key(server: &str, api_key: Option<&str>) -> Self {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(key) = api_key {
-            if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")) {
-                v.set_sensitive(true);
-                headers.insert(reqwest::header::AUTHORIZATION, v);
-            }
-        }
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
-            .default_headers(headers)
+            .default_headers(auth_headers(api_key))
             .build()
             .unwrap_or_default();
         Self { http, base: server.trim_end_matches('/').into() }
