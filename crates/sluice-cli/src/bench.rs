@@ -116,7 +116,7 @@ pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out:
                 p.display().to_string()
             }
         };
-        let (engine, listener, addr) = crate::server::start(&db, "127.0.0.1", 0, None).await?;
+        let (engine, listener, addr) = crate::server::start(&db, "127.0.0.1", 0, Default::default()).await?;
         let (directory, key) = if auth {
             let dir = crate::server::open_directory(engine.store()).await?;
             dir.create_tenant(sluice_server::routes::DEFAULT_TENANT, "Default").await?;

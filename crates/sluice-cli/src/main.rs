@@ -13,13 +13,16 @@ mod server;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::client::Api;
+use sluice_engine::EngineOptions;
 use sluice_server::sluice_auth::{Quota, RateLimitConfig};
+use sluice_server::sluice_gateway::Gateway;
 
 // Many small, short-lived allocations per step (JSON, events): mimalloc handles them far better
 // than the system allocator.
@@ -78,11 +81,19 @@ pub struct ServeArgs {
     /// Requests to this node from everyone, e.g. `10000/hour`.
     #[arg(long, value_name = "N/PERIOD", env = "SLUICE_RATE_LIMIT_GLOBAL", value_parser = parse_quota)]
     rate_limit_global: Option<Quota>,
+    /// Most executions of one tenant running at once; a start beyond it answers 429 until one
+    /// finishes. A workflow's own limit is its definition's `max_running`.
+    #[arg(long, value_name = "N", env = "SLUICE_MAX_RUNNING_PER_TENANT", value_parser = clap::value_parser!(u32).range(1..))]
+    max_running_per_tenant: Option<u32>,
     #[command(flatten)]
     tls: TlsArgs,
 }
 
 impl ServeArgs {
+    fn engine_options(&self, gateway: Option<Arc<Gateway>>) -> EngineOptions {
+        EngineOptions { gateway, tenant_max_running: self.max_running_per_tenant, ..EngineOptions::default() }
+    }
+
     fn limits(&self) -> RateLimitConfig {
         RateLimitConfig {
             per_key: self.rate_limit_per_key,

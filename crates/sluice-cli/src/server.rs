@@ -74,12 +74,11 @@ pub async fn start(
     database: &str,
     bind: &str,
     port: u16,
-    gateway: Option<Arc<Gateway>>,
+    opts: EngineOptions,
 ) -> Result<(Engine, TcpListener, SocketAddr)> {
     let store = open_store(database).await?;
-    let (engine, _bg) = Engine::start(store, EngineOptions { gateway, ..EngineOptions::default() })
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot start the engine: {e}"))?;
+    let (engine, _bg) =
+        Engine::start(store, opts).await.map_err(|e| anyhow::anyhow!("cannot start the engine: {e}"))?;
     let listener = TcpListener::bind((bind, port)).await.with_context(|| {
         format!("cannot listen on {bind}:{port}; is another server running? pick another with --port")
     })?;
@@ -201,7 +200,8 @@ fn warn_insecure() {
 pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
     let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
-    let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
+    let (engine, listener, addr) =
+        start(&args.database, &args.bind, args.port, args.engine_options(gateway.clone())).await?;
     let directory = if args.insecure_no_auth {
         warn_insecure();
         None
@@ -291,7 +291,8 @@ pub async fn tenants(database: &str) -> Result<Vec<String>> {
 pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace: TraceId) -> Result<()> {
     let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
-    let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
+    let (engine, listener, addr) =
+        start(&args.database, &args.bind, args.port, args.engine_options(gateway.clone())).await?;
     let url = url_of(addr, tls.as_ref());
     let published = publish_examples(&engine, &examples).await;
     // A local tenant, a key for you (printed once) and one for the demo worker.

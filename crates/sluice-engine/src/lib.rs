@@ -48,6 +48,8 @@ pub struct EngineOptions {
     pub decide_time_limit: Duration,
     /// The AI gateway that serves `llm` steps; without one they fail with `llm.no_gateway`.
     pub gateway: Option<Arc<sluice_gateway::Gateway>>,
+    /// Most executions of one tenant running at once; a start beyond it is refused.
+    pub tenant_max_running: Option<u32>,
 }
 
 impl Default for EngineOptions {
@@ -57,6 +59,7 @@ impl Default for EngineOptions {
             cache_capacity: 100_000,
             decide_time_limit: Duration::from_secs(1),
             gateway: None,
+            tenant_max_running: None,
         }
     }
 }
@@ -165,6 +168,9 @@ pub(crate) struct Inner {
     pub counters: Counters,
     /// Gateway attempts by (route, target, outcome).
     pub call_stats: SyncMutex<HashMap<(String, String, String), ledger::CallStats>>,
+    /// Per tenant, the gate that admits starts one at a time where a concurrency limit applies,
+    /// so that two starts cannot both see room for one.
+    pub admission: SyncMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub opts: EngineOptions,
 }
 
@@ -237,6 +243,7 @@ impl Engine {
             results: SyncMutex::new(RecentResults::default()),
             counters: Counters::default(),
             call_stats: SyncMutex::new(HashMap::new()),
+            admission: SyncMutex::new(HashMap::new()),
             opts,
         });
         let engine = Engine { inner };
@@ -471,6 +478,8 @@ impl Engine {
             }
         }
         let (version, def) = self.definition(tenant, &req.workflow, req.version.as_deref()).await?;
+        // Held until the run is durable, so the next start counts it.
+        let _admitted = self.admit(tenant, &def).await?;
         let run_id = new_id();
         let trace_id = req.trace_id.unwrap_or_else(TraceId::random);
         let started = EventKind::ExecutionStarted {
@@ -504,6 +513,31 @@ impl Engine {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Checks the workflow's and the tenant's concurrency limits before a new execution starts;
+    /// the guard returned serialises the tenant's limited starts on this node.
+    async fn admit(&self, tenant: &str, def: &WorkflowDef) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>> {
+        let tenant_limit = self.inner.opts.tenant_max_running;
+        if tenant_limit.is_none() && def.max_running.is_none() {
+            return Ok(None);
+        }
+        let gate = lock(&self.inner.admission).entry(tenant.to_string()).or_default().clone();
+        let guard = gate.lock_owned().await;
+        let store = &self.inner.store;
+        if let Some(limit) = def.max_running {
+            let running = store.count_running(tenant, Some(&def.name)).await?;
+            if running >= u64::from(limit) {
+                return Err(Error::ConcurrencyLimited { scope: "workflow", name: def.name.clone(), limit, running });
+            }
+        }
+        if let Some(limit) = tenant_limit {
+            let running = store.count_running(tenant, None).await?;
+            if running >= u64::from(limit) {
+                return Err(Error::ConcurrencyLimited { scope: "tenant", name: tenant.to_string(), limit, running });
+            }
+        }
+        Ok(Some(guard))
     }
 
     pub async fn get_execution(&self, tenant: &str, workflow_id: &str, run_id: Option<&str>) -> Result<ExecutionRow> {

@@ -15,7 +15,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use sluice_auth::{Actor, Auditor, Directory, Perm, Principal, Quota, RateLimitConfig, RateLimiter, Role};
+use sluice_auth::{Actor, Auditor, Directory, Perm, Principal, Quota, RateLimitConfig, RateLimiter, Role, Shares};
 use sluice_store::AuditRow;
 
 use crate::error::ApiError;
@@ -41,7 +41,7 @@ pub fn need(method: &Method, route: &str) -> Need {
             Need::Public
         }
         "/v1/auth/whoami" => Need::Authenticated,
-        "/v1/workflows" => read_or(Publish),
+        "/v1/workflows" | "/v1/workflows/{name}/sharing" => read_or(Publish),
         "/v1/executions" => read_or(Operate),
         "/v1/executions/{workflow_id}/signals/{name}"
         | "/v1/executions/{workflow_id}/cancel"
@@ -64,10 +64,12 @@ pub struct Security {
     /// Login attempts per account: 10 a minute.
     pub login_limiter: RateLimiter,
     pub auditor: Auditor,
+    /// Who may reach which workflow beyond their role.
+    pub shares: Shares,
 }
 
 impl Security {
-    pub fn new(directory: Option<Arc<Directory>>, limits: RateLimitConfig, auditor: Auditor) -> Self {
+    pub fn new(directory: Option<Arc<Directory>>, limits: RateLimitConfig, auditor: Auditor, shares: Shares) -> Self {
         let login = RateLimitConfig { per_user: Quota::parse("10/minute").ok(), ..RateLimitConfig::default() };
         Self {
             directory,
@@ -75,6 +77,7 @@ impl Security {
             limiter: RateLimiter::new(limits),
             login_limiter: RateLimiter::new(login),
             auditor,
+            shares,
         }
     }
 }

@@ -38,6 +38,7 @@ pub const CODES: &[(&str, u16)] = &[
     ("unsupported_media_type", 415),
     ("invalid_definition", 422),
     ("rate_limited", 429),
+    ("concurrency_limited", 429),
     ("internal", 500),
     ("upstream_failed", 502),
     ("upstream_unavailable", 503),
@@ -103,6 +104,11 @@ impl From<EngineError> for ApiError {
             EngineError::NotRunning(_) => Self::new("execution_not_running", e.to_string()),
             EngineError::TaskNotFound(_) => Self::new("task_not_found", e.to_string()),
             EngineError::Conflict(_) => Self::new("conflict", e.to_string()),
+            EngineError::ConcurrencyLimited { scope, ref name, limit, running } => {
+                let details =
+                    json!({"scope": scope, "name": name, "limit": limit, "running": running, "retry_after_s": 1});
+                Self::new("concurrency_limited", e.to_string()).with_details(details)
+            }
             EngineError::Unavailable(ref cause) => {
                 tracing::warn!(cause = %cause, "storage unavailable");
                 Self::new("storage_unavailable", "storage is unavailable, retry shortly")
@@ -147,7 +153,7 @@ impl IntoResponse for ApiError {
             body["error"]["details"] = self.details;
         }
         let mut resp = (status, axum::Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || self.code == "concurrency_limited" {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {

@@ -37,7 +37,7 @@ pub use sluice_gateway;
 use crate::auth::Security;
 use crate::error::ApiError;
 pub use crate::peer::{ClientCert, Peer};
-use crate::routes::{chat, executions, identity, ops, tasks, usage, workflows};
+use crate::routes::{chat, executions, identity, ops, sharing, tasks, usage, workflows};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -72,7 +72,8 @@ pub fn router(engine: Engine) -> Router {
 /// Needs a Tokio runtime (the audit writer starts here).
 pub fn router_with(engine: Engine, opts: Options) -> Router {
     let auditor = Auditor::start(Arc::clone(engine.store()));
-    let security = Arc::new(Security::new(opts.directory, opts.limits, auditor));
+    let shares = sluice_auth::Shares::new(engine.store().clone(), std::time::Duration::from_secs(5));
+    let security = Arc::new(Security::new(opts.directory, opts.limits, auditor, shares));
     let metrics = Arc::new(metrics::Metrics::default());
     let state = AppState { engine, metrics, gateway: opts.gateway, security, tls: opts.tls };
     Router::new()
@@ -86,6 +87,7 @@ pub fn router_with(engine: Engine, opts: Options) -> Router {
         .route("/v1/workflows", post(workflows::publish).get(workflows::list))
         .route("/v1/workflows/{name}", get(workflows::get))
         .route("/v1/workflows/{name}/versions/{version}", get(workflows::get_version))
+        .route("/v1/workflows/{name}/sharing", get(sharing::get).put(sharing::put))
         .route("/v1/schemas/workflow", get(workflows::schema))
         .route("/v1/executions", post(executions::start).get(executions::list))
         .route("/v1/executions/{workflow_id}", get(executions::get))

@@ -151,6 +151,11 @@ impl Store for PostgresStore {
         Box::pin(async move { read::list_executions(&self.pool, &tenant, &filter).await })
     }
 
+    fn count_running(&self, tenant: &str, workflow: Option<&str>) -> BoxFuture<'_, Result<u64>> {
+        let (tenant, workflow) = (tenant.to_owned(), workflow.map(str::to_owned));
+        Box::pin(async move { read::count_running(&self.pool, &tenant, workflow.as_deref()).await })
+    }
+
     fn history(&self, tenant: &str, run_id: &str, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Event>>> {
         let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
         Box::pin(async move { read::history(&self.pool, &tenant, &run_id, after, limit).await })

@@ -156,6 +156,10 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE tasks ADD COLUMN trace_id TEXT;
     "#,
+    // 5: running runs per workflow, counted for concurrency limits.
+    r#"
+    CREATE INDEX executions_running_by_workflow ON executions (tenant, workflow) WHERE status = 'running';
+    "#,
 ];
 
 /// The schema version this build writes.

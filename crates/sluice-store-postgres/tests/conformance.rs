@@ -173,6 +173,9 @@ impl Store for TestStore {
     fn list_executions(&self, tenant: &str, filter: ExecutionFilter) -> BoxFuture<'_, Result<Page<ExecutionRow>>> {
         self.store.list_executions(tenant, filter)
     }
+    fn count_running(&self, tenant: &str, workflow: Option<&str>) -> BoxFuture<'_, Result<u64>> {
+        self.store.count_running(tenant, workflow)
+    }
     fn history(&self, tenant: &str, run_id: &str, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Event>>> {
         self.store.history(tenant, run_id, after, limit)
     }

@@ -191,6 +191,11 @@ impl Store for SqliteStore {
         Box::pin(self.readers.run(move |c| read::list_executions(c, &tenant, &filter)))
     }
 
+    fn count_running(&self, tenant: &str, workflow: Option<&str>) -> BoxFuture<'_, Result<u64>> {
+        let (tenant, workflow) = (tenant.to_owned(), workflow.map(str::to_owned));
+        Box::pin(self.readers.run(move |c| read::count_running(c, &tenant, workflow.as_deref())))
+    }
+
     fn history(&self, tenant: &str, run_id: &str, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Event>>> {
         let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
         Box::pin(self.readers.run(move |c| read::history(c, &tenant, &run_id, after, limit)))

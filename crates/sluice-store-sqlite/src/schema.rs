@@ -149,6 +149,10 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE tasks ADD COLUMN trace_id TEXT;
     ",
+    // 5: running runs per workflow, counted for concurrency limits.
+    "
+    CREATE INDEX executions_running_by_workflow ON executions (tenant, workflow) WHERE status = 'running';
+    ",
 ];
 
 /// The schema version this build writes.

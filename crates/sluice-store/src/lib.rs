@@ -68,6 +68,9 @@ pub trait Store: Send + Sync + 'static {
     fn get_run(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<Option<ExecutionRow>>>;
     /// Newest first, filtered, with keyset pagination.
     fn list_executions(&self, tenant: &str, filter: ExecutionFilter) -> BoxFuture<'_, Result<Page<ExecutionRow>>>;
+    /// How many runs of the tenant are running (of one workflow when given): for concurrency
+    /// limits.
+    fn count_running(&self, tenant: &str, workflow: Option<&str>) -> BoxFuture<'_, Result<u64>>;
     /// Events of a run with `seq > after`, at most `limit`, in order.
     fn history(
         &self,

@@ -133,6 +133,8 @@ pub struct ExecutionFilter {
     pub status: Option<ExecStatus>,
     /// Only executions parked in the dead-letter queue.
     pub dead_letter: bool,
+    /// Leave out executions of these workflows (those shared without the caller).
+    pub hidden_workflows: Vec<String>,
     /// Opaque cursor from a previous page.
     pub cursor: Option<String>,
     pub limit: usize,

@@ -156,6 +156,15 @@ impl Store for ShardedStore {
         })
     }
 
+    fn count_running(&self, tenant: &str, workflow: Option<&str>) -> BoxFuture<'_, Result<u64>> {
+        let (tenant, workflow) = (tenant.to_string(), workflow.map(str::to_string));
+        Box::pin(async move {
+            let counts =
+                all(self.shards.iter().map(|s| s.count_running(&tenant, workflow.as_deref())).collect()).await?;
+            Ok(counts.into_iter().sum())
+        })
+    }
+
     fn history(&self, tenant: &str, run_id: &str, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Event>>> {
         let (tenant, run_id) = (tenant.to_string(), run_id.to_string());
         Box::pin(async move {

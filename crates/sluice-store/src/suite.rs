@@ -675,6 +675,19 @@ pub async fn list_executions_order_and_filters(s: &dyn Store) {
             expect(&|r| r.workflow == "payments" && r.status == ExecStatus::Running),
         ),
         (ExecutionFilter { workflow: Some("none".into()), ..all.clone() }, vec![]),
+        (
+            ExecutionFilter { hidden_workflows: vec!["payments".into()], ..all.clone() },
+            expect(&|r| r.workflow != "payments"),
+        ),
+        (ExecutionFilter { hidden_workflows: vec!["payments".into(), "orders".into()], ..all.clone() }, vec![]),
+        (
+            ExecutionFilter {
+                hidden_workflows: vec!["orders".into()],
+                status: Some(ExecStatus::Running),
+                ..all.clone()
+            },
+            expect(&|r| r.workflow != "orders" && r.status == ExecStatus::Running),
+        ),
     ];
     for (filter, expected) in cases {
         let page = s.list_executions(&t, filter.clone()).await.expect("list");
@@ -685,6 +698,13 @@ pub async fn list_executions_order_and_filters(s: &dyn Store) {
     let page = s.list_executions(&t, ExecutionFilter { limit: 3, ..all }).await.expect("list");
     assert_eq!(page.items, rows[..3].to_vec());
     assert!(page.next_cursor.is_some(), "a full page has a cursor");
+
+    // Running runs, counted for concurrency limits.
+    assert_eq!(s.count_running(&t, None).await.expect("count"), 4);
+    assert_eq!(s.count_running(&t, Some("orders")).await.expect("count"), 2);
+    assert_eq!(s.count_running(&t, Some("payments")).await.expect("count"), 2);
+    assert_eq!(s.count_running(&t, Some("none")).await.expect("count"), 0);
+    assert_eq!(s.count_running(&f.tenant("other"), None).await.expect("count"), 0);
 }
 
 /// Following cursors visits every matching row exactly once, newest first, in pages of at most

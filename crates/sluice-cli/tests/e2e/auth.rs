@@ -21,7 +21,7 @@ fn allowed(role: &str, method: &str, path: &str) -> bool {
         || path.ends_with("/cancel")
         || path.contains("/signals/")
         || path.ends_with("/redrive");
-    let publish = path == "/v1/workflows";
+    let publish = path == "/v1/workflows" || path.ends_with("/sharing");
     let gateway = path == "/v1/chat/completions";
     match role {
         "owner" | "admin" => true,

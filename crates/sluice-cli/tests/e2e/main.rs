@@ -11,6 +11,7 @@ mod eval;
 mod examples;
 mod llm;
 mod postgres;
+mod sharing;
 mod steps;
 mod tls;
 mod trace;

@@ -4,6 +4,7 @@ pub mod chat;
 pub mod executions;
 pub mod identity;
 pub mod ops;
+pub mod sharing;
 pub mod tasks;
 pub mod usage;
 pub mod workflows;
