@@ -85,13 +85,25 @@ pub struct ServeArgs {
     /// finishes. A workflow's own limit is its definition's `max_running`.
     #[arg(long, value_name = "N", env = "SLUICE_MAX_RUNNING_PER_TENANT", value_parser = clap::value_parser!(u32).range(1..))]
     max_running_per_tenant: Option<u32>,
+    /// This node's name among the nodes sharing a database (default: BIND:PORT). A node started
+    /// again under its old name takes its executions back at once; others wait for its lease
+    /// to expire (10 s).
+    #[arg(long, value_name = "NAME", env = "SLUICE_NODE_ID")]
+    node_id: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
 }
 
 impl ServeArgs {
     fn engine_options(&self, gateway: Option<Arc<Gateway>>) -> EngineOptions {
-        EngineOptions { gateway, tenant_max_running: self.max_running_per_tenant, ..EngineOptions::default() }
+        let defaults = EngineOptions::default();
+        let node = match (&self.node_id, self.port) {
+            (Some(id), _) => id.clone(),
+            // Port 0 picks a free port: the name of the default is unique instead.
+            (None, 0) => sluice_engine::unique_node_name(),
+            (None, port) => format!("{}:{port}", self.bind),
+        };
+        EngineOptions { gateway, tenant_max_running: self.max_running_per_tenant, node, ..defaults }
     }
 
     fn limits(&self) -> RateLimitConfig {

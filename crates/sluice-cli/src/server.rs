@@ -223,7 +223,20 @@ pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
     tracing::info!(%addr, url = %url_of(addr, tls.as_ref()), database = %describe_database(&args.database),
         gateway = %gateway_file, tls_client_auth = %client_auth, auth = directory.is_some(), trace_id = %process_trace, "sluice serving");
     let opts = sluice_server::Options { gateway, directory, limits: args.limits(), tls };
-    sluice_server::serve_with(listener, engine, opts, shutdown_signal()).await?;
+    let watched = engine.clone();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = watched.lease_lost() => {}
+        }
+    };
+    sluice_server::serve_with(listener, engine.clone(), opts, stop).await?;
+    if engine.has_lost_lease() {
+        anyhow::bail!(
+            "this node's lease ran out and another node took its executions over (was the database unreachable, \
+             or is another node running under the same --node-id?); start it again"
+        );
+    }
     Ok(())
 }
 

@@ -225,4 +225,17 @@ impl Store for PostgresStore {
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(read::ping(&self.pool))
     }
+
+    fn register_node(&self, node: &str, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
+        let node = node.to_owned();
+        Box::pin(async move { writer::register_node(&self.pool, &node, lease_ms).await })
+    }
+
+    fn renew_lease(&self, epoch: i64, lease_ms: i64) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(writer::renew_lease(&self.pool, epoch, lease_ms))
+    }
+
+    fn take_over(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(String, String)>>> {
+        Box::pin(writer::take_over(&self.pool, epoch))
+    }
 }

@@ -218,6 +218,15 @@ impl Store for TestStore {
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         self.store.ping()
     }
+    fn register_node(&self, node: &str, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
+        self.store.register_node(node, lease_ms)
+    }
+    fn renew_lease(&self, epoch: i64, lease_ms: i64) -> BoxFuture<'_, Result<bool>> {
+        self.store.renew_lease(epoch, lease_ms)
+    }
+    fn take_over(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(String, String)>>> {
+        self.store.take_over(epoch)
+    }
 }
 
 sluice_store::store_suite!(TestStore::new());
@@ -330,7 +339,7 @@ fn create(tenant: &str, row: ExecutionRow) -> Batch {
             trace_id: None,
         },
     };
-    let change = ExecChange { tenant: tenant.into(), row, events: vec![started], create: true };
+    let change = ExecChange { tenant: tenant.into(), row, events: vec![started], create: true, fence: None };
     Batch { execs: vec![change], ..Batch::default() }
 }
 
@@ -338,7 +347,7 @@ fn create(tenant: &str, row: ExecutionRow) -> Batch {
 fn update(tenant: &str, row: &ExecutionRow, status: ExecStatus) -> Batch {
     let event = Event { seq: row.next_seq, at_ms: 1, kind: EventKind::ExecutionRedriven };
     let row = ExecutionRow { status, next_seq: row.next_seq + 1, ..row.clone() };
-    let change = ExecChange { tenant: tenant.into(), row, events: vec![event], create: false };
+    let change = ExecChange { tenant: tenant.into(), row, events: vec![event], create: false, fence: None };
     Batch { execs: vec![change], ..Batch::default() }
 }
 
