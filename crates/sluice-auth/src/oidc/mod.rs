@@ -79,6 +79,14 @@ pub struct Login {
     pub created: bool,
 }
 
+/// The outcome of a callback, with the email of who tried when the ID token named one (for the
+/// audit log).
+#[derive(Debug)]
+pub struct Attempt {
+    pub email: Option<String>,
+    pub result: Result<Login, Error>,
+}
+
 /// See the module docs.
 pub struct Oidc {
     config: Config,
@@ -152,7 +160,19 @@ impl Oidc {
     }
 
     /// Finishes a login from the callback's `code` and `state`.
-    pub async fn finish(&self, dir: &Directory, code: Option<&str>, state: Option<&str>) -> Result<Login, Error> {
+    pub async fn finish(&self, dir: &Directory, code: Option<&str>, state: Option<&str>) -> Attempt {
+        let mut email = None;
+        let result = self.finish_inner(dir, code, state, &mut email).await;
+        Attempt { email, result }
+    }
+
+    async fn finish_inner(
+        &self,
+        dir: &Directory,
+        code: Option<&str>,
+        state: Option<&str>,
+        who: &mut Option<String>,
+    ) -> Result<Login, Error> {
         let pending = self.take(state)?;
         let code = code
             .filter(|c| !c.is_empty())
@@ -160,17 +180,13 @@ impl Oidc {
         let d = self.provider.discovery(&self.config).await?;
         let tokens = self.provider.exchange(&self.config, &d, code, &pending.verifier).await?;
         let id = self.verify(&d, &tokens.id_token, &pending.nonce).await?;
-        let email = match (id.email.as_deref(), id.email_verified) {
-            (None, _) => {
-                return Err(TokenError::Missing("email").into());
-            }
-            (Some(e), Some(false)) => {
-                return Err(Error::Forbidden(format!(
-                    "the identity provider has not verified the email {e}; verify it there and sign in again"
-                )))
-            }
-            (Some(e), _) => e.to_string(),
-        };
+        let email = id.email.clone().ok_or(TokenError::Missing("email"))?.trim().to_lowercase();
+        *who = Some(email.clone());
+        if id.email_verified == Some(false) {
+            return Err(Error::Forbidden(format!(
+                "the identity provider has not verified the email {email}; verify it there and sign in again"
+            )));
+        }
         let role = self.config.roles.role_of(&id.claims);
         let source = format!("oidc:{}", self.config.issuer);
         let auto = self.config.provision == Provision::Auto;
