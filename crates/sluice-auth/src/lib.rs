@@ -1,7 +1,8 @@
 //! Who may do what in Sluice: tenants, users (argon2id passwords), API keys (shown once, stored
 //! as a SHA-256 digest, revocable, with a last-used time), roles and their permissions, signed
-//! session tokens (Ed25519 JWTs whose signing keys rotate, named by `kid`), sharing of workflows
-//! with users, keys and roles, GCRA rate limits, and the audit log writer.
+//! session tokens (Ed25519 JWTs whose signing keys rotate, named by `kid`), OIDC login against an
+//! external issuer, sharing of workflows with users, keys and roles, GCRA rate limits, and the
+//! audit log writer.
 //!
 //! Everything is kept in the store's directory documents, so every node of a cluster sees the
 //! same identities; each node caches what it reads for a few seconds. The HTTP layer
@@ -13,6 +14,7 @@ pub mod audit;
 pub mod directory;
 pub mod error;
 pub mod jwt;
+pub mod oidc;
 pub mod password;
 pub mod ratelimit;
 pub mod role;

@@ -69,6 +69,11 @@ pub struct ServeArgs {
     /// throwaway local servers only; logged loudly.
     #[arg(long, env = "SLUICE_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
+    /// OIDC login config (YAML or JSON): issuer, client id and secret (from an environment
+    /// variable or a file), redirect URL, tenant and role mapping. Serves
+    /// `/v1/auth/oidc/login` and `/v1/auth/oidc/callback`; see docs/security.md.
+    #[arg(long, value_name = "FILE", env = "SLUICE_OIDC")]
+    oidc: Option<PathBuf>,
     /// Requests per API key, e.g. `1000/hour` (GCRA: the whole quota at once, then evenly).
     #[arg(long, value_name = "N/PERIOD", env = "SLUICE_RATE_LIMIT_PER_KEY", value_parser = parse_quota)]
     rate_limit_per_key: Option<Quota>,

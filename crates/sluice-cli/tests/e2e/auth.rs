@@ -9,7 +9,16 @@ use serde_json::{json, Value};
 use crate::{bin, Api, ServerProcess, TempDir};
 
 /// Operations that need no credentials.
-const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/schemas/workflow", "/v1/auth/login"];
+const PUBLIC: &[&str] = &[
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/v1/schemas/workflow",
+    "/v1/auth/login",
+    "/v1/auth/oidc/login",
+    "/v1/auth/oidc/callback",
+];
 
 /// What each role may do, written out here independently of the server's table.
 fn allowed(role: &str, method: &str, path: &str) -> bool {

@@ -10,6 +10,7 @@ mod errors;
 mod eval;
 mod examples;
 mod llm;
+mod oidc;
 mod postgres;
 mod sharing;
 mod steps;

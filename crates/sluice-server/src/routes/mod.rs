@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod executions;
 pub mod identity;
+pub mod oidc;
 pub mod ops;
 pub mod sharing;
 pub mod tasks;
