@@ -155,6 +155,8 @@ pub struct Counters {
     pub tasks_completed: std::sync::atomic::AtomicU64,
     pub tasks_failed: std::sync::atomic::AtomicU64,
     pub commits_failed: std::sync::atomic::AtomicU64,
+    /// Executions this node took over from nodes whose lease expired (or from itself, restarted).
+    pub runs_taken_over: std::sync::atomic::AtomicU64,
 }
 
 /// One running execution in memory. `None` once it ended or after a failed commit, so the next
@@ -291,6 +293,7 @@ impl Engine {
         if taken.is_empty() {
             return Ok(0);
         }
+        self.inner.counters.runs_taken_over.fetch_add(taken.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let runs: std::collections::HashSet<&str> = taken.iter().map(|(_, r)| r.as_str()).collect();
         let now = now_ms();
         let pending = store.load_tasks().await?;

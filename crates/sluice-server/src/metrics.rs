@@ -56,10 +56,23 @@ impl Metrics {
             ("sluice_tasks_completed_total", "Task attempts completed.", &c.tasks_completed),
             ("sluice_tasks_failed_total", "Task attempts failed or timed out.", &c.tasks_failed),
             ("sluice_commits_failed_total", "Store commits that failed.", &c.commits_failed),
+            (
+                "sluice_executions_taken_over_total",
+                "Running executions this node took over (at its start, or from a node whose lease expired).",
+                &c.runs_taken_over,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_node_epoch This node's fencing epoch.\n# TYPE sluice_node_epoch gauge\nsluice_node_epoch {}\n\
+             # HELP sluice_node_lease_lost Whether this node lost its lease (it stops).\n# TYPE sluice_node_lease_lost gauge\n\
+             sluice_node_lease_lost {}",
+            engine.epoch(),
+            u8::from(engine.has_lost_lease())
+        );
         let _ = writeln!(
             out,
             "# HELP sluice_queue_depth Tasks ready and waiting for a worker.\n# TYPE sluice_queue_depth gauge"

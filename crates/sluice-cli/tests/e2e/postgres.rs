@@ -275,6 +275,11 @@ async fn a_killed_nodes_executions_are_taken_over_when_its_lease_expires() {
     assert_eq!(status, 202, "{body}");
     assert_eq!(api_b.wait(&gated, 20).await["output"], json!({"got": 7}));
 
+    // B says what it took over.
+    let metrics = reqwest::get(format!("{}/metrics", b.base)).await.unwrap().text().await.unwrap();
+    let taken = metrics.lines().find_map(|l| l.strip_prefix("sluice_executions_taken_over_total ")).unwrap();
+    assert!(taken.parse::<u64>().unwrap() >= 7, "{metrics}");
+
     // No history forked: each is numbered 1..n without a gap, and replays to its stored state.
     for id in hellos.iter().chain([&napper, &gated]) {
         let seqs: Vec<u64> = api_b.history(id, None).await.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
