@@ -165,6 +165,8 @@ pub(crate) struct Inner {
     pub counters: Counters,
     /// Gateway attempts by (route, target, outcome).
     pub call_stats: SyncMutex<HashMap<(String, String, String), ledger::CallStats>>,
+    /// Ledger rows of chat calls, committed by the usage writer.
+    pub usage: ledger::UsageQueue,
     pub opts: EngineOptions,
 }
 
@@ -237,6 +239,7 @@ impl Engine {
             results: SyncMutex::new(RecentResults::default()),
             counters: Counters::default(),
             call_stats: SyncMutex::new(HashMap::new()),
+            usage: ledger::UsageQueue::default(),
             opts,
         });
         let engine = Engine { inner };
@@ -261,6 +264,7 @@ impl Engine {
             }
         }
         tracing::info!(tasks = loaded, timers = timers.len(), "engine recovered pending work");
+        tokio::spawn(engine.clone().write_usage());
         let bg = engine.clone();
         let handle = tokio::spawn(async move { bg.background().await });
         Ok((engine, handle))
