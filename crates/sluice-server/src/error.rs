@@ -40,6 +40,7 @@ pub const CODES: &[(&str, u16)] = &[
     ("rate_limited", 429),
     ("internal", 500),
     ("upstream_failed", 502),
+    ("invalid_output", 502),
     ("upstream_unavailable", 503),
     ("storage_unavailable", 503),
 ];
