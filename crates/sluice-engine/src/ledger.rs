@@ -4,16 +4,12 @@
 //! they paid for; other calls (the chat endpoint) queue theirs for the [`UsageQueue`], which
 //! commits what is queued every few milliseconds in one batch.
 
-use std::time::Duration;
-
 use sluice_gateway::budget::{Alert, Reservation};
 use sluice_gateway::{Exceeded, Gateway, Outcome, UsageRecord};
 use sluice_store::{Batch, BudgetAlertRow, UsageRow};
 
 use crate::{lock, new_id, now_ms, Engine, Error, Result};
 
-/// How often queued ledger rows are committed: the longest a chat call's rows wait in memory.
-const USAGE_EVERY: Duration = Duration::from_millis(20);
 /// Queued rows that make the writer commit at once rather than at its next tick.
 const USAGE_BATCH: usize = 1000;
 /// Rows kept while the store refuses them; beyond this the oldest are dropped, loudly.
@@ -201,7 +197,7 @@ impl Engine {
     }
 
     /// Queues ledger rows that no execution carries; the usage writer commits them within
-    /// [`USAGE_EVERY`]. [`Engine::flush_usage`] commits them now (readers of the ledger and
+    /// `EngineOptions::usage_every` (20 ms by default). [`Engine::flush_usage`] commits them now (readers of the ledger and
     /// shutdown call it).
     pub fn queue_usage(&self, ledger: Ledger) {
         if ledger.is_empty() {
@@ -248,11 +244,11 @@ impl Engine {
         }
     }
 
-    /// The usage writer: commits queued rows every [`USAGE_EVERY`], or at once when many wait.
+    /// The usage writer: commits queued rows every `usage_every`, or at once when many wait.
     pub(crate) async fn write_usage(self) {
         let mut failures = 0u32;
         loop {
-            let wait = USAGE_EVERY * failures.clamp(1, 50);
+            let wait = self.inner.opts.usage_every * failures.clamp(1, 50);
             let _ = tokio::time::timeout(wait, self.inner.usage.full.notified()).await;
             failures = match self.flush_usage().await {
                 Ok(()) => 0,

@@ -48,6 +48,8 @@ pub struct EngineOptions {
     pub decide_time_limit: Duration,
     /// The AI gateway that serves `llm` steps; without one they fail with `llm.no_gateway`.
     pub gateway: Option<Arc<sluice_gateway::Gateway>>,
+    /// How often queued usage rows (of chat calls) are committed: the longest they wait in memory.
+    pub usage_every: Duration,
 }
 
 impl Default for EngineOptions {
@@ -57,6 +59,7 @@ impl Default for EngineOptions {
             cache_capacity: 100_000,
             decide_time_limit: Duration::from_secs(1),
             gateway: None,
+            usage_every: Duration::from_millis(20),
         }
     }
 }
