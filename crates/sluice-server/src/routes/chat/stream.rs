@@ -10,12 +10,12 @@ use std::time::Instant;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::json;
 use sluice_gateway::{ChatRequest, Error as GatewayError, Gateway, StreamEvent};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::wire::WireUsage;
+use super::wire::{Chunk, ChunkChoice, Delta, DeltaToolCall, WireUsage};
 use super::{gateway_error, route_outcome, Accounting, Meta};
 use crate::error::ApiError;
 
@@ -79,21 +79,19 @@ async fn pump(
     if opened.send(Ok(())).is_err() {
         return acct.done(&meta.route, upstream.usage(), started.elapsed(), "client_closed", true);
     }
-    let chunk = |delta: Value, finish_reason: Value| {
-        let mut c = json!({
-            "id": meta.id,
-            "object": "chat.completion.chunk",
-            "created": meta.created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-        });
-        if include_usage {
-            c["usage"] = Value::Null;
-        }
-        c
+    let chunk = |delta: Delta<'_>, finish_reason: Option<&str>| {
+        sse(&Chunk {
+            id: &meta.id,
+            object: "chat.completion.chunk",
+            created: meta.created,
+            model: &model,
+            choices: vec![ChunkChoice { index: 0, delta, finish_reason }],
+            // In every chunk (as null) when asked for; the tokens come in a closing chunk.
+            usage: include_usage.then_some(None),
+        })
     };
-    let send = |v: &Value| tx.send(Bytes::from(format!("data: {v}\n\n")));
-    if send(&chunk(json!({"role": "assistant", "content": ""}), Value::Null)).await.is_err() {
+    let first = Delta { role: Some("assistant"), content: Some(""), ..Delta::default() };
+    if tx.send(chunk(first, None)).await.is_err() {
         return acct.done(&meta.route, upstream.usage(), started.elapsed(), "client_closed", true);
     }
     loop {
@@ -103,7 +101,7 @@ async fn pump(
                 if text.is_empty() {
                     continue;
                 }
-                if send(&chunk(json!({"content": text}), Value::Null)).await.is_ok() {
+                if tx.send(chunk(Delta { content: Some(&text), ..Delta::default() }, None)).await.is_ok() {
                     continue;
                 }
                 "client_closed"
@@ -111,27 +109,23 @@ async fn pump(
             Some(Ok(StreamEvent::Done(resp))) => {
                 let mut last = Vec::new();
                 if !resp.tool_calls.is_empty() {
-                    let calls: Vec<Value> = resp
-                        .tool_calls
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| {
-                            json!({"index": i, "id": c.id, "type": "function",
-                            "function": {"name": c.name, "arguments": c.arguments}})
-                        })
-                        .collect();
-                    last.push(chunk(json!({"tool_calls": calls}), Value::Null));
+                    let tool_calls = DeltaToolCall::of(&resp.tool_calls);
+                    last.push(chunk(Delta { tool_calls, ..Delta::default() }, None));
                 }
-                last.push(chunk(json!({}), json!(resp.finish_reason.to_string())));
+                last.push(chunk(Delta::default(), Some(resp.finish_reason.as_str())));
                 if include_usage {
-                    let mut u = chunk(json!({}), Value::Null);
-                    u["choices"] = json!([]);
-                    u["usage"] = serde_json::to_value(WireUsage::from(resp.usage)).unwrap_or(Value::Null);
-                    last.push(u);
+                    last.push(sse(&Chunk {
+                        id: &meta.id,
+                        object: "chat.completion.chunk",
+                        created: meta.created,
+                        model: &model,
+                        choices: Vec::new(),
+                        usage: Some(Some(WireUsage::from(resp.usage))),
+                    }));
                 }
                 let mut ok = true;
-                for c in &last {
-                    ok = ok && send(c).await.is_ok();
+                for c in last {
+                    ok = ok && tx.send(c).await.is_ok();
                 }
                 ok = ok && tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await.is_ok();
                 if ok {
@@ -147,12 +141,22 @@ async fn pump(
                     "type": "upstream_stream_cut",
                     "code": "upstream_stream_cut",
                 }});
-                let _ = send(&error).await;
+                let _ = tx.send(sse(&error)).await;
                 "stream_cut"
             }
         };
         return acct.done(&meta.route, upstream.usage(), started.elapsed(), outcome, true);
     }
+}
+
+/// `data: {json}` and the blank line that ends a server-sent event.
+fn sse(data: &impl serde::Serialize) -> Bytes {
+    let mut buf = b"data: ".to_vec();
+    if let Err(e) = serde_json::to_writer(&mut buf, data) {
+        tracing::error!(error = %e, "cannot encode a chat stream event");
+    }
+    buf.extend_from_slice(b"\n\n");
+    Bytes::from(buf)
 }
 
 /// The event bytes of a streamed answer, as a body stream.

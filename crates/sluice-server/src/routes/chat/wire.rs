@@ -396,6 +396,62 @@ impl<'a> Completion<'a> {
     }
 }
 
+/// One event of a streamed answer, `chat.completion.chunk`.
+#[derive(Serialize)]
+pub struct Chunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    /// One choice, or none in the closing usage chunk.
+    pub choices: Vec<ChunkChoice<'a>>,
+    /// Absent unless `stream_options.include_usage`; then `null` but in the closing chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<WireUsage>>,
+}
+
+#[derive(Serialize)]
+pub struct ChunkChoice<'a> {
+    pub index: u32,
+    pub delta: Delta<'a>,
+    pub finish_reason: Option<&'a str>,
+}
+
+/// What a chunk adds to the answer.
+#[derive(Serialize, Default)]
+pub struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub tool_calls: Vec<DeltaToolCall<'a>>,
+}
+
+#[derive(Serialize)]
+pub struct DeltaToolCall<'a> {
+    pub index: usize,
+    #[serde(flatten)]
+    pub call: AnswerToolCall<'a>,
+}
+
+impl<'a> DeltaToolCall<'a> {
+    pub fn of(calls: &'a [ToolCall]) -> Vec<Self> {
+        calls
+            .iter()
+            .enumerate()
+            .map(|(index, c)| Self {
+                index,
+                call: AnswerToolCall {
+                    id: &c.id,
+                    kind: "function",
+                    function: AnswerFunction { name: &c.name, arguments: &c.arguments },
+                },
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,5 +570,36 @@ mod tests {
         let text = ChatResponse { text: "hi".into(), tool_calls: Vec::new(), ..resp };
         let got = serde_json::to_value(Completion::new("chatcmpl-1", 9, "m", &text, "hi")).unwrap_or_default();
         assert_eq!(got["choices"][0]["message"], json!({"role": "assistant", "content": "hi"}));
+    }
+
+    #[test]
+    fn stream_chunks_are_written_in_openai_shape() {
+        let calls = [ToolCall { id: "c1".into(), name: "f".into(), arguments: "{}".into() }];
+        let chunk = |delta, finish_reason, usage| {
+            let c = Chunk {
+                id: "x",
+                object: "chat.completion.chunk",
+                created: 1,
+                model: "m",
+                choices: vec![ChunkChoice { index: 0, delta, finish_reason }],
+                usage,
+            };
+            serde_json::to_value(c).unwrap_or_default()
+        };
+        let first = chunk(Delta { role: Some("assistant"), content: Some(""), ..Delta::default() }, None, None);
+        assert_eq!(
+            first,
+            json!({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]})
+        );
+        let tools = chunk(Delta { tool_calls: DeltaToolCall::of(&calls), ..Delta::default() }, None, Some(None));
+        assert_eq!(
+            tools["choices"][0]["delta"],
+            json!({"tool_calls": [{"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]})
+        );
+        assert_eq!(tools["usage"], Value::Null, "with include_usage every chunk has `usage`");
+        assert!(tools.as_object().is_some_and(|o| o.contains_key("usage")));
+        let end = chunk(Delta::default(), Some("stop"), None);
+        assert_eq!(end["choices"][0], json!({"index": 0, "delta": {}, "finish_reason": "stop"}));
     }
 }
