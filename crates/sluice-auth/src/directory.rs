@@ -320,6 +320,71 @@ impl Directory {
         Ok(())
     }
 
+    /// Signs in a user whom an identity provider vouched for (`source`, e.g. `oidc:<issuer>`):
+    /// returns the user and whether this call created them.
+    ///
+    /// A user the provider created (`created_by` is `source`) takes `role` at every sign-in, so a
+    /// change of groups at the provider applies at the next one; `None` (no role maps) refuses
+    /// them. A user created in Sluice keeps the role given there. An unknown user is created
+    /// with `role` when `provision` is set, else refused.
+    pub async fn sign_in_external(
+        &self,
+        tenant: &str,
+        email: &str,
+        role: Option<Role>,
+        provision: bool,
+        source: &str,
+    ) -> Result<(UserView, bool), AuthError> {
+        let email = check_email(email)?;
+        let no_role = || {
+            AuthError::Forbidden(format!(
+                "no Sluice role is mapped for {email}; ask an admin to map one of your groups or to set a default role"
+            ))
+        };
+        let result = loop {
+            let found = self.store.get_doc(tenant, USER, &email).await?;
+            match found {
+                Some(d) => {
+                    let mut user: UserDoc = decode(&d)?;
+                    if user.created_by != source {
+                        break (user_view(&user), false);
+                    }
+                    let role = role.ok_or_else(no_role)?;
+                    if user.role == role {
+                        break (user_view(&user), false);
+                    }
+                    user.role = role;
+                    if self.store.put_doc(doc(tenant, USER, &email, encode(&user)?, d.version)).await? {
+                        tracing::info!(tenant, email = %email, role = %role, "role of an external user follows the identity provider");
+                        break (user_view(&user), false);
+                    }
+                }
+                None if !provision => {
+                    return Err(AuthError::Forbidden(format!(
+                        "{email} is not a user of this tenant, and sign-in does not create users here; ask an admin to add you"
+                    )));
+                }
+                None => {
+                    let role = role.ok_or_else(no_role)?;
+                    let user = UserDoc {
+                        email: email.clone(),
+                        role,
+                        password_hash: None,
+                        created_at_ms: now_ms(),
+                        created_by: source.to_string(),
+                    };
+                    if self.store.put_doc(doc(tenant, USER, &email, encode(&user)?, 0)).await? {
+                        tracing::info!(tenant, email = %email, role = %role, "user created at first sign-in");
+                        break (user_view(&user), true);
+                    }
+                }
+            }
+            // Another sign-in wrote the user first: read it again.
+        };
+        lock(&self.users).remove(&(tenant.to_string(), email));
+        Ok(result)
+    }
+
     async fn user(&self, tenant: &str, email: &str) -> Result<Option<UserDoc>, AuthError> {
         let key = (tenant.to_string(), email.to_string());
         if let Some(c) = lock(&self.users).get(&key) {

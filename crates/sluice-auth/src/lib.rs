@@ -1,7 +1,8 @@
 //! Who may do what in Sluice: tenants, users (argon2id passwords), API keys (shown once, stored
 //! as a SHA-256 digest, revocable, with a last-used time), roles and their permissions, signed
-//! session tokens (Ed25519 JWTs whose signing keys rotate, named by `kid`), GCRA rate limits, and
-//! the audit log writer.
+//! session tokens (Ed25519 JWTs whose signing keys rotate, named by `kid`), OIDC login against an
+//! external issuer, sharing of workflows with users, keys and roles, GCRA rate limits, and the
+//! audit log writer.
 //!
 //! Everything is kept in the store's directory documents, so every node of a cluster sees the
 //! same identities; each node caches what it reads for a few seconds. The HTTP layer
@@ -13,15 +14,18 @@ pub mod audit;
 pub mod directory;
 pub mod error;
 pub mod jwt;
+pub mod oidc;
 pub mod password;
 pub mod ratelimit;
 pub mod role;
+pub mod sharing;
 
 pub use audit::Auditor;
 pub use directory::{ApiKeyView, AuthConfig, Directory, NewApiKey, NewUser, UserView};
 pub use error::AuthError;
 pub use ratelimit::{Limited, Quota, RateLimitConfig, RateLimiter, RateState};
 pub use role::{Actor, Perm, Principal, Role};
+pub use sharing::{Access, Grant, Shares, Sharing};
 
 /// The tenant scope of deployment-wide documents (tenants themselves, signing keys). Tenant ids
 /// cannot take this name.

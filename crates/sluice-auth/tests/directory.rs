@@ -165,3 +165,40 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
     drop((d, s));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_from_an_identity_provider_are_provisioned_and_follow_its_roles() {
+    let (dir, s) = store("external");
+    let d = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    d.create_tenant("acme", "Acme").await.unwrap();
+    let idp = "oidc:https://idp.example.com";
+
+    // Provisioning off: an unknown user is refused.
+    let refused = d.sign_in_external("acme", "new@acme.io", Some(Role::Editor), false, idp).await;
+    assert!(matches!(refused, Err(AuthError::Forbidden(m)) if m.contains("not a user")));
+    // On: created once with the mapped role, without a password.
+    let (user, created) = d.sign_in_external("acme", "New@Acme.io", Some(Role::Editor), true, idp).await.unwrap();
+    assert_eq!((user.email.as_str(), user.role, created), ("new@acme.io", Role::Editor, true));
+    assert_eq!(user.created_by, idp);
+    assert!(matches!(d.login("acme", "new@acme.io", "").await, Err(AuthError::InvalidCredentials)));
+    // The provider's role applies at the next sign-in, and to open sessions.
+    let (token, _) = d.issue_token("acme", "new@acme.io", Role::Editor).unwrap();
+    let (user, created) = d.sign_in_external("acme", "new@acme.io", Some(Role::Viewer), true, idp).await.unwrap();
+    assert_eq!((user.role, created), (Role::Viewer, false));
+    assert_eq!(d.authenticate(&token, None).await.unwrap().role, Role::Viewer);
+    // No role maps any more: refused, and the stored role stays.
+    assert!(matches!(d.sign_in_external("acme", "new@acme.io", None, true, idp).await, Err(AuthError::Forbidden(_))));
+
+    // A user made in Sluice keeps the role given there, whatever the provider maps.
+    let pw = NewUser { email: "ada@acme.io".into(), password: Some("correct horse battery".into()), role: Role::Owner };
+    d.create_user("acme", None, pw).await.unwrap();
+    let (user, created) = d.sign_in_external("acme", "ada@acme.io", Some(Role::Viewer), false, idp).await.unwrap();
+    assert_eq!((user.role, created), (Role::Owner, false));
+    let (user, _) = d.sign_in_external("acme", "ada@acme.io", None, true, idp).await.unwrap();
+    assert_eq!(user.role, Role::Owner);
+    assert!(matches!(
+        d.sign_in_external("acme", "not an email", Some(Role::Viewer), true, idp).await,
+        Err(AuthError::Invalid { .. })
+    ));
+    let _ = std::fs::remove_dir_all(dir);
+}

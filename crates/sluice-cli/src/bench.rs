@@ -14,6 +14,8 @@ use tokio::sync::Notify;
 
 use sluice_server::sluice_auth::{NewApiKey, Role};
 
+use sluice_engine::EngineOptions;
+
 use crate::client::Api;
 use crate::out;
 
@@ -66,6 +68,11 @@ pub struct BenchArgs {
     /// a noisy neighbour spreads over both.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Nodes of the bench's own cluster, all on `--database` (PostgreSQL), each with its own
+    /// connection pool, workers and share of the load; executions belong to the node that
+    /// started them.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum, Debug)]
@@ -93,11 +100,16 @@ pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out:
     if let Some(BenchMode::Gateway(gateway)) = args.mode {
         return crate::bench_gateway::run(gateway, json_out).await;
     }
-    if args.executions == 0 || args.steps == 0 || args.concurrency == 0 {
-        bail!("--executions, --steps and --concurrency must be at least 1");
+    if args.executions == 0 || args.steps == 0 || args.concurrency == 0 || args.nodes == 0 {
+        bail!("--executions, --steps, --concurrency and --nodes must be at least 1");
+    }
+    let postgres =
+        args.database.as_deref().is_some_and(|d| d.starts_with("postgres://") || d.starts_with("postgresql://"));
+    if args.nodes > 1 && !postgres {
+        bail!("--nodes above 1 needs a PostgreSQL --database: nodes share one database over the network");
     }
     if args.external {
-        let report = measure(&args, server, api_key).await?;
+        let report = measure(&args, &[server.to_string()], api_key).await?;
         return finish(&args, vec![report], json_out);
     }
     let modes: Vec<bool> = match args.auth {
@@ -116,27 +128,47 @@ pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out:
                 p.display().to_string()
             }
         };
-        let (engine, listener, addr) = crate::server::start(&db, "127.0.0.1", 0, None).await?;
-        let (directory, key) = if auth {
-            let dir = crate::server::open_directory(engine.store()).await?;
-            dir.create_tenant(sluice_server::routes::DEFAULT_TENANT, "Default").await?;
-            let new = NewApiKey { name: "bench".into(), role: Role::Admin, expires_in: None, client_cert_sha256: None };
-            let (_, key) = dir.create_api_key(sluice_server::routes::DEFAULT_TENANT, None, new).await?;
-            (Some(dir), Some(key))
-        } else {
-            (None, None)
-        };
-        let opts = sluice_server::Options { directory, ..sluice_server::Options::default() };
-        let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(sluice_server::serve_with(listener, engine, opts, async move {
-            let _ = stopped.await;
-        }));
-        let mut report = measure(&args, &format!("http://{addr}"), key.as_deref()).await;
+        let mut key = None;
+        let mut bases = Vec::new();
+        let mut servers = Vec::new();
+        for _ in 0..args.nodes {
+            let opts = EngineOptions { node: sluice_engine::unique_node_name(), ..EngineOptions::default() };
+            let (engine, listener, addr) = crate::server::start(&db, "127.0.0.1", 0, opts).await?;
+            let directory = if auth {
+                let dir = crate::server::open_directory(engine.store()).await?;
+                if key.is_none() {
+                    dir.create_tenant(sluice_server::routes::DEFAULT_TENANT, "Default").await?;
+                    let new = NewApiKey {
+                        name: "bench".into(),
+                        role: Role::Admin,
+                        expires_in: None,
+                        client_cert_sha256: None,
+                    };
+                    key = Some(dir.create_api_key(sluice_server::routes::DEFAULT_TENANT, None, new).await?.1);
+                }
+                Some(dir)
+            } else {
+                None
+            };
+            let opts = sluice_server::Options { directory, ..sluice_server::Options::default() };
+            let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
+            servers.push((
+                stop_server,
+                tokio::spawn(sluice_server::serve_with(listener, engine, opts, async move {
+                    let _ = stopped.await;
+                })),
+            ));
+            bases.push(format!("http://{addr}"));
+        }
+        let mut report = measure(&args, &bases, key.as_deref()).await;
         if let Ok(r) = &mut report {
             r["auth"] = json!(auth);
+            r["nodes"] = json!(args.nodes);
         }
-        let _ = stop_server.send(());
-        let _ = server.await;
+        for (stop_server, server) in servers {
+            let _ = stop_server.send(());
+            let _ = server.await;
+        }
         if let Some(p) = tmp_db {
             crate::server::remove_sqlite_files(&p);
         }
@@ -154,6 +186,10 @@ fn median(reports: &[Value], auth: bool, field: &str) -> f64 {
         .collect();
     v.sort_by(|a, b| a.total_cmp(b));
     percentile(&v, 50.0)
+}
+
+fn bases_of(report: &Value) -> u64 {
+    report["nodes"].as_u64().unwrap_or(1)
 }
 
 /// Prints the reports (and, with both modes, the medians and the ratio of auth on to off); fails
@@ -176,8 +212,8 @@ fn finish(args: &BenchArgs, reports: Vec<Value>, json_out: bool) -> Result<()> {
     } else {
         for report in &reports {
             out(&format!(
-                "{} executions x {} {} steps, concurrency {}, workers {}, auth {}\n  {:.2} s  {:.0} executions/s  {:.0} steps/s\n  start->result ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}\n  failed {}",
-                args.executions, args.steps, report["step_kind"].as_str().unwrap_or(""), args.concurrency, args.workers,
+                "{} executions x {} {} steps, concurrency {}, nodes {}, workers {} per node, auth {}\n  {:.2} s  {:.0} executions/s  {:.0} steps/s\n  start->result ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}\n  failed {}",
+                args.executions, args.steps, report["step_kind"].as_str().unwrap_or(""), args.concurrency, bases_of(report), args.workers,
                 match report["auth"].as_bool() { Some(true) => "on", Some(false) => "off", None => "as the server has it" },
                 report["seconds"].as_f64().unwrap_or(0.0), report["executions_per_s"].as_f64().unwrap_or(0.0),
                 report["steps_per_s"].as_f64().unwrap_or(0.0),
@@ -205,9 +241,10 @@ fn finish(args: &BenchArgs, reports: Vec<Value>, json_out: bool) -> Result<()> {
     Ok(())
 }
 
-/// One run against the server at `base`.
-async fn measure(args: &BenchArgs, base: &str, api_key: Option<&str>) -> Result<Value> {
-    let api = Api::new(base, api_key);
+/// One run against the nodes at `bases`: each gets its workers and an equal share of the load.
+async fn measure(args: &BenchArgs, bases: &[String], api_key: Option<&str>) -> Result<Value> {
+    let apis: Vec<Api> = bases.iter().map(|b| Api::new(b, api_key)).collect();
+    let api = apis[0].clone();
     let name = format!(
         "bench-{}-{}",
         match args.step_kind {
@@ -226,13 +263,15 @@ async fn measure(args: &BenchArgs, base: &str, api_key: Option<&str>) -> Result<
 
     let stop = Arc::new(Notify::new());
     if args.step_kind == StepKind::Task {
-        for _ in 0..args.workers {
-            let stop = stop.clone();
-            let w = sluice_worker::Worker::new(base)
-                .api_key(api_key)
-                .concurrency(256)
-                .queue("bench", |t| async move { Ok(t.input) });
-            tokio::spawn(w.run(async move { stop.notified().await }));
+        for base in bases {
+            for _ in 0..args.workers {
+                let stop = stop.clone();
+                let w = sluice_worker::Worker::new(base)
+                    .api_key(api_key)
+                    .concurrency(256)
+                    .queue("bench", |t| async move { Ok(t.input) });
+                tokio::spawn(w.run(async move { stop.notified().await }));
+            }
         }
     }
 
@@ -240,8 +279,9 @@ async fn measure(args: &BenchArgs, base: &str, api_key: Option<&str>) -> Result<
     let failed = Arc::new(AtomicUsize::new(0));
     let started_at = Instant::now();
     let mut loaders = Vec::new();
-    for _ in 0..args.concurrency.min(args.executions) {
-        let (api, next, failed, name, n) = (api.clone(), next.clone(), failed.clone(), name.clone(), args.executions);
+    for i in 0..args.concurrency.min(args.executions) {
+        let api = apis[i % apis.len()].clone();
+        let (next, failed, name, n) = (next.clone(), failed.clone(), name.clone(), args.executions);
         loaders.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < n {

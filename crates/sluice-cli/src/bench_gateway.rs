@@ -107,7 +107,13 @@ breaker: {{failure_threshold: 1000000000, cool_down_ms: 1}}
     .map_err(|e| anyhow::anyhow!("the bench's gateway config: {e}"))?;
     let gateway = Arc::new(Gateway::from_config(&config).map_err(|e| anyhow::anyhow!("{e}"))?);
     let db = std::env::temp_dir().join(format!("sluice-bench-gateway-{}.db", std::process::id()));
-    let started = crate::server::start(&db.display().to_string(), "127.0.0.1", 0, Some(gateway.clone())).await;
+    let started = crate::server::start(
+        &db.display().to_string(),
+        "127.0.0.1",
+        0,
+        sluice_engine::EngineOptions { gateway: Some(gateway.clone()), ..Default::default() },
+    )
+    .await;
     let result = match started {
         Ok((engine, listener, addr)) => {
             // Authentication off: this measures the gateway's own cost (`sluice bench --auth both`

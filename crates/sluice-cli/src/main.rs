@@ -13,13 +13,16 @@ mod server;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::client::Api;
+use sluice_engine::EngineOptions;
 use sluice_server::sluice_auth::{Quota, RateLimitConfig};
+use sluice_server::sluice_gateway::Gateway;
 
 // Many small, short-lived allocations per step (JSON, events): mimalloc handles them far better
 // than the system allocator.
@@ -66,6 +69,11 @@ pub struct ServeArgs {
     /// throwaway local servers only; logged loudly.
     #[arg(long, env = "SLUICE_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
+    /// OIDC login config (YAML or JSON): issuer, client id and secret (from an environment
+    /// variable or a file), redirect URL, tenant and role mapping. Serves
+    /// `/v1/auth/oidc/login` and `/v1/auth/oidc/callback`; see docs/security.md.
+    #[arg(long, value_name = "FILE", env = "SLUICE_OIDC")]
+    oidc: Option<PathBuf>,
     /// Requests per API key, e.g. `1000/hour` (GCRA: the whole quota at once, then evenly).
     #[arg(long, value_name = "N/PERIOD", env = "SLUICE_RATE_LIMIT_PER_KEY", value_parser = parse_quota)]
     rate_limit_per_key: Option<Quota>,
@@ -78,11 +86,31 @@ pub struct ServeArgs {
     /// Requests to this node from everyone, e.g. `10000/hour`.
     #[arg(long, value_name = "N/PERIOD", env = "SLUICE_RATE_LIMIT_GLOBAL", value_parser = parse_quota)]
     rate_limit_global: Option<Quota>,
+    /// Most executions of one tenant running at once; a start beyond it answers 429 until one
+    /// finishes. A workflow's own limit is its definition's `max_running`.
+    #[arg(long, value_name = "N", env = "SLUICE_MAX_RUNNING_PER_TENANT", value_parser = clap::value_parser!(u32).range(1..))]
+    max_running_per_tenant: Option<u32>,
+    /// This node's name among the nodes sharing a database (default: BIND:PORT). A node started
+    /// again under its old name takes its executions back at once; others wait for its lease
+    /// to expire (10 s).
+    #[arg(long, value_name = "NAME", env = "SLUICE_NODE_ID")]
+    node_id: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
 }
 
 impl ServeArgs {
+    fn engine_options(&self, gateway: Option<Arc<Gateway>>) -> EngineOptions {
+        let defaults = EngineOptions::default();
+        let node = match (&self.node_id, self.port) {
+            (Some(id), _) => id.clone(),
+            // Port 0 picks a free port: the name of the default is unique instead.
+            (None, 0) => sluice_engine::unique_node_name(),
+            (None, port) => format!("{}:{port}", self.bind),
+        };
+        EngineOptions { gateway, tenant_max_running: self.max_running_per_tenant, node, ..defaults }
+    }
+
     fn limits(&self) -> RateLimitConfig {
         RateLimitConfig {
             per_key: self.rate_limit_per_key,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use sluice_engine::{Engine, EngineOptions, TraceId};
 use sluice_server::routes::DEFAULT_TENANT;
+use sluice_server::sluice_auth::oidc::{Config as OidcConfig, Oidc};
 use sluice_server::sluice_auth::{AuthConfig, Directory, NewApiKey, NewUser, Role};
 use sluice_server::sluice_gateway::{Config as GatewayConfig, Gateway};
 use sluice_server::tls::{ClientAuth, Tls, TlsOptions, DEFAULT_HANDSHAKE_TIMEOUT};
@@ -74,12 +75,11 @@ pub async fn start(
     database: &str,
     bind: &str,
     port: u16,
-    gateway: Option<Arc<Gateway>>,
+    opts: EngineOptions,
 ) -> Result<(Engine, TcpListener, SocketAddr)> {
     let store = open_store(database).await?;
-    let (engine, _bg) = Engine::start(store, EngineOptions { gateway, ..EngineOptions::default() })
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot start the engine: {e}"))?;
+    let (engine, _bg) =
+        Engine::start(store, opts).await.map_err(|e| anyhow::anyhow!("cannot start the engine: {e}"))?;
     let listener = TcpListener::bind((bind, port)).await.with_context(|| {
         format!("cannot listen on {bind}:{port}; is another server running? pick another with --port")
     })?;
@@ -104,6 +104,44 @@ pub fn load_gateway(path: &Path) -> Result<Arc<Gateway>> {
 
 fn gateway_of(args: &ServeArgs) -> Result<Option<Arc<Gateway>>> {
     args.gateway.as_deref().map(load_gateway).transpose()
+}
+
+/// Loads the OIDC config, with the client secret from the environment variable or file it names.
+pub fn load_oidc(path: &Path) -> Result<Arc<Oidc>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the OIDC config {}", path.display()))?;
+    let config = OidcConfig::from_yaml(&text, |var| std::env::var(var).ok(), |p| std::fs::read_to_string(p))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Oidc::new(config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn oidc_of(args: &ServeArgs) -> Result<Option<Arc<Oidc>>> {
+    let oidc = args.oidc.as_deref().map(load_oidc).transpose()?;
+    if oidc.is_some() && args.insecure_no_auth {
+        anyhow::bail!("--oidc signs users in, which --insecure-no-auth switches off: drop one of them");
+    }
+    Ok(oidc)
+}
+
+/// Checks that the OIDC tenant exists, then fetches the issuer's discovery document and keys in
+/// the background: a wrong issuer is logged at start, and logins still work once it is reachable.
+async fn start_oidc(oidc: &Arc<Oidc>, dir: &Directory) -> Result<()> {
+    let tenant = &oidc.config().tenant;
+    if !dir.tenant_exists(tenant).await? {
+        anyhow::bail!(
+            "the OIDC config's tenant `{tenant}` does not exist; create it with `sluice admin init --tenant {tenant}` \
+             or fix `tenant`"
+        );
+    }
+    let oidc = Arc::clone(oidc);
+    tokio::spawn(async move {
+        let issuer = oidc.config().issuer.clone();
+        match oidc.warm_up().await {
+            Ok(keys) => tracing::info!(%issuer, keys, "OIDC issuer discovered"),
+            Err(e) => tracing::warn!(%issuer, error = %e, "OIDC issuer not reachable yet; logins fail until it is"),
+        }
+    });
+    Ok(())
 }
 
 /// What the `--tls-*` flags ask for: `None` for plain HTTP. The error says which flags do not go
@@ -201,13 +239,19 @@ fn warn_insecure() {
 pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
     let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
-    let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
+    let oidc = oidc_of(&args)?;
+    let (engine, listener, addr) =
+        start(&args.database, &args.bind, args.port, args.engine_options(gateway.clone())).await?;
     let directory = if args.insecure_no_auth {
         warn_insecure();
         None
     } else {
         let dir = open_directory(engine.store()).await?;
-        if !dir.has_credentials().await? {
+        if let Some(oidc) = &oidc {
+            start_oidc(oidc, &dir).await?;
+        }
+        // With OIDC, users of the issuer can sign in even when nobody else can.
+        if oidc.is_none() && !dir.has_credentials().await? {
             anyhow::bail!(
                 "no tenant has a user or an API key yet, so nobody could call this server. Create one with \
                  `sluice admin init --database {}` (it prints an owner API key), or pass --insecure-no-auth \
@@ -221,9 +265,23 @@ pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
     let gateway_file = args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     let client_auth = tls.as_ref().map(|t| t.options().client_auth.to_string()).unwrap_or_default();
     tracing::info!(%addr, url = %url_of(addr, tls.as_ref()), database = %describe_database(&args.database),
-        gateway = %gateway_file, tls_client_auth = %client_auth, auth = directory.is_some(), trace_id = %process_trace, "sluice serving");
-    let opts = sluice_server::Options { gateway, directory, limits: args.limits(), tls };
-    sluice_server::serve_with(listener, engine, opts, shutdown_signal()).await?;
+        gateway = %gateway_file, tls_client_auth = %client_auth, auth = directory.is_some(),
+        oidc = %oidc.as_ref().map(|o| o.config().issuer.clone()).unwrap_or_default(), trace_id = %process_trace, "sluice serving");
+    let opts = sluice_server::Options { gateway, directory, oidc, limits: args.limits(), tls };
+    let watched = engine.clone();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = watched.lease_lost() => {}
+        }
+    };
+    sluice_server::serve_with(listener, engine.clone(), opts, stop).await?;
+    if engine.has_lost_lease() {
+        anyhow::bail!(
+            "this node's lease ran out and another node took its executions over (was the database unreachable, \
+             or is another node running under the same --node-id?); start it again"
+        );
+    }
     Ok(())
 }
 
@@ -291,7 +349,9 @@ pub async fn tenants(database: &str) -> Result<Vec<String>> {
 pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace: TraceId) -> Result<()> {
     let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
-    let (engine, listener, addr) = start(&args.database, &args.bind, args.port, gateway.clone()).await?;
+    let oidc = oidc_of(&args)?;
+    let (engine, listener, addr) =
+        start(&args.database, &args.bind, args.port, args.engine_options(gateway.clone())).await?;
     let url = url_of(addr, tls.as_ref());
     let published = publish_examples(&engine, &examples).await;
     // A local tenant, a key for you (printed once) and one for the demo worker.
@@ -304,6 +364,9 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace
         let key = |name: &str, role| NewApiKey { name: name.into(), role, expires_in: None, client_cert_sha256: None };
         let (_, owner) = dir.create_api_key(DEFAULT_TENANT, None, key("dev", Role::Owner)).await?;
         let (_, worker) = dir.create_api_key(DEFAULT_TENANT, None, key("dev-worker", Role::Worker)).await?;
+        if let Some(oidc) = &oidc {
+            start_oidc(oidc, &dir).await?;
+        }
         dir.spawn_maintenance();
         (Some(dir), Some(owner), Some(worker))
     };
@@ -313,7 +376,7 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace
     });
     // The demo worker is a plain HTTP client: it neither trusts a private CA nor has a certificate.
     let worker = worker && tls.is_none();
-    let opts = sluice_server::Options { gateway, directory, limits: args.limits(), tls };
+    let opts = sluice_server::Options { gateway, directory, oidc, limits: args.limits(), tls };
     let server = tokio::spawn(sluice_server::serve_with(listener, engine, opts, shutdown_signal()));
     if worker {
         let url = url.clone();

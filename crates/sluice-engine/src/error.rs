@@ -17,6 +17,8 @@ pub enum Error {
     TaskNotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("the {scope} `{name}` has {running} executions running, its limit is {limit}; retry when one finishes")]
+    ConcurrencyLimited { scope: &'static str, name: String, limit: u32, running: u64 },
     #[error("storage unavailable, retry later: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]

@@ -50,6 +50,15 @@ pub struct EngineOptions {
     pub gateway: Option<Arc<sluice_gateway::Gateway>>,
     /// How often queued usage rows (of chat calls) are committed: the longest they wait in memory.
     pub usage_every: Duration,
+    /// Most executions of one tenant running at once; a start beyond it is refused.
+    pub tenant_max_running: Option<u32>,
+    /// This node's name among the nodes sharing the database: a process registering under the
+    /// name of an earlier one takes its executions over at once (a restart). `local` by
+    /// default; give each of several nodes on one database its own.
+    pub node: String,
+    /// How long the node's lease on its executions lasts without renewal; renewed every third
+    /// of it. When it runs out, another node takes them over.
+    pub lease: Duration,
 }
 
 impl Default for EngineOptions {
@@ -60,8 +69,19 @@ impl Default for EngineOptions {
             decide_time_limit: Duration::from_secs(1),
             gateway: None,
             usage_every: Duration::from_millis(20),
+            tenant_max_running: None,
+            node: "local".into(),
+            lease: Duration::from_secs(10),
         }
     }
+}
+
+/// `<host>-<pid>-<n>`: a node name unique to this engine, for nodes without a name of their own.
+pub fn unique_node_name() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "node".into());
+    format!("{host}-{}-{n}", std::process::id())
 }
 
 /// A task as handed to a worker.
@@ -170,6 +190,14 @@ pub(crate) struct Inner {
     pub call_stats: SyncMutex<HashMap<(String, String, String), ledger::CallStats>>,
     /// Ledger rows of chat calls, committed by the usage writer.
     pub usage: ledger::UsageQueue,
+    /// Per tenant, the gate that admits starts one at a time where a concurrency limit applies,
+    /// so that two starts cannot both see room for one.
+    pub admission: SyncMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// This node's fencing epoch: every change it commits carries it, and the store refuses it
+    /// for executions another node has taken over.
+    pub epoch: i64,
+    /// Set when the lease was lost: another node owns this node's executions now.
+    pub lease_lost: tokio::sync::watch::Sender<bool>,
     pub opts: EngineOptions,
 }
 
@@ -229,6 +257,8 @@ impl Engine {
             .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Internal(e.to_string()))?;
+        let lease_ms = i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX);
+        let epoch = store.register_node(&opts.node, lease_ms).await?;
         let inner = Arc::new(Inner {
             store,
             execs: SyncMutex::new(cache::ExecCache::new(opts.cache_capacity)),
@@ -243,34 +273,98 @@ impl Engine {
             counters: Counters::default(),
             call_stats: SyncMutex::new(HashMap::new()),
             usage: ledger::UsageQueue::default(),
+            admission: SyncMutex::new(HashMap::new()),
+            epoch,
+            lease_lost: tokio::sync::watch::channel(false).0,
             opts,
         });
         let engine = Engine { inner };
+        let taken = engine.take_over().await?;
+        tracing::info!(node = %engine.inner.opts.node, epoch, runs = taken, "node registered; engine recovered pending work");
+        let bg = engine.clone();
+        let handle = tokio::spawn(async move { bg.background().await });
+        let leases = engine.clone();
+        tokio::spawn(async move { leases.keep_lease().await });
+        tokio::spawn(engine.clone().write_usage());
+        Ok((engine, handle))
+    }
+
+    /// Takes over the running executions no live node owns (this node's own after a restart,
+    /// a dead node's once its lease expired) and loads their pending tasks and timers. Returns
+    /// how many runs were taken.
+    async fn take_over(&self) -> Result<usize> {
+        let store = &self.inner.store;
+        let taken = store.take_over(self.inner.epoch).await?;
+        if taken.is_empty() {
+            return Ok(0);
+        }
+        let runs: std::collections::HashSet<&str> = taken.iter().map(|(_, r)| r.as_str()).collect();
         let now = now_ms();
-        let pending = engine.inner.store.load_tasks().await?;
-        let loaded = pending.len();
+        let pending = store.load_tasks().await?;
         let mut to_run = Vec::new();
         {
-            let mut t = lock(&engine.inner.tasks);
-            for row in pending {
+            let mut t = lock(&self.inner.tasks);
+            for row in pending.into_iter().filter(|r| runs.contains(r.run_id.as_str())) {
                 to_run.extend(t.insert(row, now));
             }
         }
         for row in to_run {
-            engine.run_engine_task(row);
+            self.run_engine_task(row);
         }
-        let timers = engine.inner.store.load_timers().await?;
+        let timers = store.load_timers().await?;
         {
-            let mut w = lock(&engine.inner.timers);
-            for t in &timers {
+            let mut w = lock(&self.inner.timers);
+            for t in timers.iter().filter(|t| runs.contains(t.run_id.as_str())) {
                 w.insert(t.fire_at_ms, t.run_id.clone(), t.step.clone(), t.tenant.clone());
             }
         }
-        tracing::info!(tasks = loaded, timers = timers.len(), "engine recovered pending work");
-        tokio::spawn(engine.clone().write_usage());
-        let bg = engine.clone();
-        let handle = tokio::spawn(async move { bg.background().await });
-        Ok((engine, handle))
+        self.inner.wake.notify_one();
+        Ok(taken.len())
+    }
+
+    /// Renews the lease every third of its length and takes over what dead nodes leave; stops
+    /// (and says so on [`Engine::lease_lost`]) when the lease was lost to another node.
+    async fn keep_lease(self) {
+        let lease_ms = i64::try_from(self.inner.opts.lease.as_millis()).unwrap_or(i64::MAX);
+        let every = self.inner.opts.lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            match self.inner.store.renew_lease(self.inner.epoch, lease_ms).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::error!(node = %self.inner.opts.node, epoch = self.inner.epoch,
+                        "this node's lease was lost and its executions taken over by another node; it must stop");
+                    let _ = self.inner.lease_lost.send(true);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew this node's lease; retrying");
+                    continue;
+                }
+            }
+            match self.take_over().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(runs = n, "took over the executions of a node whose lease expired"),
+                Err(e) => tracing::warn!(error = %e, "cannot take over expired leases; retrying"),
+            }
+        }
+    }
+
+    /// Resolves when this node lost its lease: its executions belong to another node, and every
+    /// change it tries is refused. The server should exit.
+    pub async fn lease_lost(&self) {
+        let mut rx = self.inner.lease_lost.subscribe();
+        let _ = rx.wait_for(|lost| *lost).await;
+    }
+
+    /// Whether this node lost its lease.
+    pub fn has_lost_lease(&self) -> bool {
+        *self.inner.lease_lost.borrow()
+    }
+
+    /// This node's fencing epoch.
+    pub fn epoch(&self) -> i64 {
+        self.inner.epoch
     }
 
     pub fn counters(&self) -> &Counters {
@@ -478,6 +572,8 @@ impl Engine {
             }
         }
         let (version, def) = self.definition(tenant, &req.workflow, req.version.as_deref()).await?;
+        // Held until the run is durable, so the next start counts it.
+        let _admitted = self.admit(tenant, &def).await?;
         let run_id = new_id();
         let trace_id = req.trace_id.unwrap_or_else(TraceId::random);
         let started = EventKind::ExecutionStarted {
@@ -511,6 +607,31 @@ impl Engine {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Checks the workflow's and the tenant's concurrency limits before a new execution starts;
+    /// the guard returned serialises the tenant's limited starts on this node.
+    async fn admit(&self, tenant: &str, def: &WorkflowDef) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>> {
+        let tenant_limit = self.inner.opts.tenant_max_running;
+        if tenant_limit.is_none() && def.max_running.is_none() {
+            return Ok(None);
+        }
+        let gate = lock(&self.inner.admission).entry(tenant.to_string()).or_default().clone();
+        let guard = gate.lock_owned().await;
+        let store = &self.inner.store;
+        if let Some(limit) = def.max_running {
+            let running = store.count_running(tenant, Some(&def.name)).await?;
+            if running >= u64::from(limit) {
+                return Err(Error::ConcurrencyLimited { scope: "workflow", name: def.name.clone(), limit, running });
+            }
+        }
+        if let Some(limit) = tenant_limit {
+            let running = store.count_running(tenant, None).await?;
+            if running >= u64::from(limit) {
+                return Err(Error::ConcurrencyLimited { scope: "tenant", name: tenant.to_string(), limit, running });
+            }
+        }
+        Ok(Some(guard))
     }
 
     pub async fn get_execution(&self, tenant: &str, workflow_id: &str, run_id: Option<&str>) -> Result<ExecutionRow> {

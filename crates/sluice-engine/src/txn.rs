@@ -294,6 +294,7 @@ impl Engine {
                     row: row_of(entry, now),
                     events: t.events.clone(),
                     create: t.create,
+                    fence: Some(self.inner.epoch),
                 });
             }
         }

@@ -15,7 +15,8 @@ use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use sluice_auth::{Actor, Auditor, Directory, Perm, Principal, Quota, RateLimitConfig, RateLimiter, Role};
+use sluice_auth::oidc::Oidc;
+use sluice_auth::{Actor, Auditor, Directory, Perm, Principal, Quota, RateLimitConfig, RateLimiter, Role, Shares};
 use sluice_store::AuditRow;
 
 use crate::error::ApiError;
@@ -25,7 +26,7 @@ use crate::{AppState, Peer};
 /// What a route asks of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
-    /// Health, metrics, the API document, login.
+    /// Health, metrics, the API document, login (password and OIDC).
     Public,
     /// Any valid credential.
     Authenticated,
@@ -37,11 +38,16 @@ pub fn need(method: &Method, route: &str) -> Need {
     use Perm::*;
     let read_or = |write: Perm| if method == Method::GET { Need::Perm(Read) } else { Need::Perm(write) };
     match route {
-        "/healthz" | "/readyz" | "/metrics" | "/openapi.json" | "/v1/auth/login" | "/v1/schemas/workflow" => {
-            Need::Public
-        }
+        "/healthz"
+        | "/readyz"
+        | "/metrics"
+        | "/openapi.json"
+        | "/v1/auth/login"
+        | "/v1/auth/oidc/login"
+        | "/v1/auth/oidc/callback"
+        | "/v1/schemas/workflow" => Need::Public,
         "/v1/auth/whoami" => Need::Authenticated,
-        "/v1/workflows" => read_or(Publish),
+        "/v1/workflows" | "/v1/workflows/{name}/sharing" => read_or(Publish),
         "/v1/executions" => read_or(Operate),
         "/v1/executions/{workflow_id}/signals/{name}"
         | "/v1/executions/{workflow_id}/cancel"
@@ -59,22 +65,34 @@ pub struct Security {
     /// `None`: authentication is off (`--insecure-no-auth`) and every request acts as the owner
     /// of `open_tenant`.
     pub directory: Option<Arc<Directory>>,
+    /// OIDC login, when configured.
+    pub oidc: Option<Arc<Oidc>>,
     pub open_tenant: String,
     pub limiter: RateLimiter,
     /// Login attempts per account: 10 a minute.
     pub login_limiter: RateLimiter,
     pub auditor: Auditor,
+    /// Who may reach which workflow beyond their role.
+    pub shares: Shares,
 }
 
 impl Security {
-    pub fn new(directory: Option<Arc<Directory>>, limits: RateLimitConfig, auditor: Auditor) -> Self {
+    pub fn new(
+        directory: Option<Arc<Directory>>,
+        oidc: Option<Arc<Oidc>>,
+        limits: RateLimitConfig,
+        auditor: Auditor,
+        shares: Shares,
+    ) -> Self {
         let login = RateLimitConfig { per_user: Quota::parse("10/minute").ok(), ..RateLimitConfig::default() };
         Self {
             directory,
+            oidc,
             open_tenant: "default".into(),
             limiter: RateLimiter::new(limits),
             login_limiter: RateLimiter::new(login),
             auditor,
+            shares,
         }
     }
 }

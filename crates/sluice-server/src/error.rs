@@ -4,6 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
+use sluice_auth::oidc::Error as OidcError;
 use sluice_auth::AuthError;
 use sluice_engine::Error as EngineError;
 
@@ -18,9 +19,12 @@ pub struct ApiError {
 pub const CODES: &[(&str, u16)] = &[
     ("invalid_json", 400),
     ("invalid_request", 400),
+    ("oidc_invalid_state", 400),
     ("upstream_rejected", 400),
     ("unauthenticated", 401),
     ("invalid_credentials", 401),
+    ("oidc_refused", 401),
+    ("invalid_id_token", 401),
     ("budget_exceeded", 402),
     ("forbidden", 403),
     ("not_found", 404),
@@ -30,6 +34,7 @@ pub const CODES: &[(&str, u16)] = &[
     ("task_not_found", 404),
     ("gateway_not_configured", 404),
     ("auth_disabled", 404),
+    ("oidc_not_configured", 404),
     ("route_not_found", 404),
     ("method_not_allowed", 405),
     ("execution_not_running", 409),
@@ -38,9 +43,11 @@ pub const CODES: &[(&str, u16)] = &[
     ("unsupported_media_type", 415),
     ("invalid_definition", 422),
     ("rate_limited", 429),
+    ("concurrency_limited", 429),
     ("internal", 500),
     ("upstream_failed", 502),
     ("invalid_output", 502),
+    ("identity_provider_failed", 502),
     ("upstream_unavailable", 503),
     ("storage_unavailable", 503),
 ];
@@ -104,6 +111,11 @@ impl From<EngineError> for ApiError {
             EngineError::NotRunning(_) => Self::new("execution_not_running", e.to_string()),
             EngineError::TaskNotFound(_) => Self::new("task_not_found", e.to_string()),
             EngineError::Conflict(_) => Self::new("conflict", e.to_string()),
+            EngineError::ConcurrencyLimited { scope, ref name, limit, running } => {
+                let details =
+                    json!({"scope": scope, "name": name, "limit": limit, "running": running, "retry_after_s": 1});
+                Self::new("concurrency_limited", e.to_string()).with_details(details)
+            }
             EngineError::Unavailable(ref cause) => {
                 tracing::warn!(cause = %cause, "storage unavailable");
                 Self::new("storage_unavailable", "storage is unavailable, retry shortly")
@@ -140,6 +152,26 @@ impl From<AuthError> for ApiError {
     }
 }
 
+impl From<OidcError> for ApiError {
+    fn from(e: OidcError) -> Self {
+        match e {
+            OidcError::State(m) => Self::new("oidc_invalid_state", m),
+            OidcError::Refused(m) => Self::new("oidc_refused", m),
+            OidcError::Token(t) => Self::new("invalid_id_token", t.to_string()),
+            OidcError::Forbidden(m) => Self::new("forbidden", m),
+            OidcError::Busy => Self::new("rate_limited", e.to_string()).with_details(json!({"retry_after_s": 60})),
+            OidcError::Provider(ref cause) => {
+                tracing::warn!(cause = %cause, "identity provider failed");
+                Self::new(
+                    "identity_provider_failed",
+                    "the identity provider could not be reached or answered wrongly; the cause is in the server log",
+                )
+            }
+            OidcError::Directory(a) => a.into(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = status_of(self.code);
@@ -148,7 +180,7 @@ impl IntoResponse for ApiError {
             body["error"]["details"] = self.details;
         }
         let mut resp = (status, axum::Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || self.code == "concurrency_limited" {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {

@@ -24,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::serve::{ListenerExt, TapIo};
 use axum::Router;
+use sluice_auth::oidc::Oidc;
 use sluice_auth::{Auditor, Directory, RateLimitConfig};
 use sluice_engine::Engine;
 use sluice_gateway::Gateway;
@@ -37,7 +38,7 @@ pub use sluice_gateway;
 use crate::auth::Security;
 use crate::error::ApiError;
 pub use crate::peer::{ClientCert, Peer};
-use crate::routes::{chat, executions, identity, ops, tasks, usage, workflows};
+use crate::routes::{chat, executions, identity, oidc, ops, sharing, tasks, usage, workflows};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -57,6 +58,8 @@ pub struct Options {
     /// Who may call: `None` switches authentication off (every caller is the owner of the
     /// tenant `default`), which only `--insecure-no-auth` asks for.
     pub directory: Option<Arc<Directory>>,
+    /// OIDC login against an issuer (`--oidc FILE`); needs `directory`.
+    pub oidc: Option<Arc<Oidc>>,
     pub limits: RateLimitConfig,
     /// Serve HTTPS (and mutual TLS) with these certificates; `None`: plain HTTP.
     pub tls: Option<tls::Tls>,
@@ -72,11 +75,14 @@ pub fn router(engine: Engine) -> Router {
 /// Needs a Tokio runtime (the audit writer starts here).
 pub fn router_with(engine: Engine, opts: Options) -> Router {
     let auditor = Auditor::start(Arc::clone(engine.store()));
-    let security = Arc::new(Security::new(opts.directory, opts.limits, auditor));
+    let shares = sluice_auth::Shares::new(engine.store().clone(), std::time::Duration::from_secs(5));
+    let security = Arc::new(Security::new(opts.directory, opts.oidc, opts.limits, auditor, shares));
     let metrics = Arc::new(metrics::Metrics::default());
     let state = AppState { engine, metrics, gateway: opts.gateway, security, tls: opts.tls };
     Router::new()
         .route("/v1/auth/login", post(identity::login))
+        .route("/v1/auth/oidc/login", get(oidc::login))
+        .route("/v1/auth/oidc/callback", get(oidc::callback))
         .route("/v1/auth/whoami", get(identity::whoami))
         .route("/v1/users", get(identity::list_users).post(identity::create_user))
         .route("/v1/users/{email}", delete(identity::delete_user))
@@ -86,6 +92,7 @@ pub fn router_with(engine: Engine, opts: Options) -> Router {
         .route("/v1/workflows", post(workflows::publish).get(workflows::list))
         .route("/v1/workflows/{name}", get(workflows::get))
         .route("/v1/workflows/{name}/versions/{version}", get(workflows::get_version))
+        .route("/v1/workflows/{name}/sharing", get(sharing::get).put(sharing::put))
         .route("/v1/schemas/workflow", get(workflows::schema))
         .route("/v1/executions", post(executions::start).get(executions::list))
         .route("/v1/executions/{workflow_id}", get(executions::get))

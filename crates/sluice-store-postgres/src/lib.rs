@@ -151,6 +151,11 @@ impl Store for PostgresStore {
         Box::pin(async move { read::list_executions(&self.pool, &tenant, &filter).await })
     }
 
+    fn count_running(&self, tenant: &str, workflow: Option<&str>) -> BoxFuture<'_, Result<u64>> {
+        let (tenant, workflow) = (tenant.to_owned(), workflow.map(str::to_owned));
+        Box::pin(async move { read::count_running(&self.pool, &tenant, workflow.as_deref()).await })
+    }
+
     fn history(&self, tenant: &str, run_id: &str, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Event>>> {
         let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
         Box::pin(async move { read::history(&self.pool, &tenant, &run_id, after, limit).await })
@@ -219,5 +224,18 @@ impl Store for PostgresStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(read::ping(&self.pool))
+    }
+
+    fn register_node(&self, node: &str, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
+        let node = node.to_owned();
+        Box::pin(async move { writer::register_node(&self.pool, &node, lease_ms).await })
+    }
+
+    fn renew_lease(&self, epoch: i64, lease_ms: i64) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(writer::renew_lease(&self.pool, epoch, lease_ms))
+    }
+
+    fn take_over(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(String, String)>>> {
+        Box::pin(writer::take_over(&self.pool, epoch))
     }
 }

@@ -166,6 +166,7 @@ macro_rules! list_filters {
           AND ($4::text IS NULL OR status = $4::text)
           AND (NOT $5::boolean OR dead_letter)
           AND ($6::text IS NULL OR run_id < $6::text)
+          AND workflow <> ALL($8::text[])
           ORDER BY run_id DESC LIMIT $7"
     };
 }
@@ -195,11 +196,41 @@ pub(crate) async fn list_executions(
     let rows = query(
         pool,
         sql,
-        &[&tenant, &filter.workflow, &filter.workflow_id, &status, &filter.dead_letter, &filter.cursor, &fetch],
+        &[
+            &tenant,
+            &filter.workflow,
+            &filter.workflow_id,
+            &status,
+            &filter.dead_letter,
+            &filter.cursor,
+            &fetch,
+            &filter.hidden_workflows,
+        ],
     )
     .await?;
     let items = rows.iter().map(exec_row).collect::<Result<Vec<_>, _>>()?;
     Ok(Page::from_fetched(items, limit, |r| &r.run_id))
+}
+
+pub(crate) async fn count_running(pool: &Pool, tenant: &str, workflow: Option<&str>) -> Result<u64, StoreError> {
+    let rows = match workflow {
+        Some(w) => {
+            query(
+                pool,
+                "SELECT count(*) FROM executions WHERE tenant = $1 AND workflow = $2 AND status = 'running'",
+                &[&tenant, &w],
+            )
+            .await?
+        }
+        None => {
+            query(pool, "SELECT count(*) FROM executions WHERE tenant = $1 AND status = 'running'", &[&tenant]).await?
+        }
+    };
+    let n: i64 = match rows.first() {
+        Some(r) => get(r, 0)?,
+        None => 0,
+    };
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 pub(crate) async fn history(

@@ -156,6 +156,22 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE tasks ADD COLUMN trace_id TEXT;
     "#,
+    // 5: running runs per workflow, counted for concurrency limits.
+    r#"
+    CREATE INDEX executions_running_by_workflow ON executions (tenant, workflow) WHERE status = 'running';
+    "#,
+    // 6: node leases and fencing epochs: each running execution is owned by one node's epoch.
+    r#"
+    CREATE TABLE nodes (
+        epoch         BIGSERIAL PRIMARY KEY,
+        node          TEXT   NOT NULL,
+        started_at_ms BIGINT NOT NULL,
+        expires_at_ms BIGINT NOT NULL
+    );
+    CREATE INDEX nodes_by_name ON nodes (node);
+    ALTER TABLE executions ADD COLUMN owner BIGINT;
+    CREATE INDEX executions_running_by_owner ON executions (owner) WHERE status = 'running';
+    "#,
 ];
 
 /// The schema version this build writes.

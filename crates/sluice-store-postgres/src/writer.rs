@@ -121,6 +121,49 @@ pub(crate) async fn put_doc(pool: &Pool, d: &Doc) -> Result<bool, StoreError> {
     Ok(n == 1)
 }
 
+/// The database's clock in ms: leases are judged by one clock whatever the nodes' clocks say.
+const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+/// Ends the earlier epochs of `node` and starts a new one.
+pub(crate) async fn register_node(pool: &Pool, node: &str, lease_ms: i64) -> Result<i64, StoreError> {
+    let mut client = pool.get().await.map_err(pool_err)?;
+    let tx = client.transaction().await.map_err(db_err)?;
+    tx.execute("DELETE FROM nodes WHERE node = $1", &[&node]).await.map_err(db_err)?;
+    let sql = format!(
+        "INSERT INTO nodes (node, started_at_ms, expires_at_ms) VALUES ($1, {DB_NOW_MS}, {DB_NOW_MS} + $2) RETURNING epoch"
+    );
+    let row = tx.query_one(&sql, &[&node, &lease_ms]).await.map_err(db_err)?;
+    let epoch: i64 = row.try_get(0).map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    Ok(epoch)
+}
+
+pub(crate) async fn renew_lease(pool: &Pool, epoch: i64, lease_ms: i64) -> Result<bool, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let sql = format!("UPDATE nodes SET expires_at_ms = {DB_NOW_MS} + $2 WHERE epoch = $1");
+    Ok(client.execute(&sql, &[&epoch, &lease_ms]).await.map_err(db_err)? == 1)
+}
+
+/// Ends expired leases and moves the running executions no live lease owns to `epoch`. Rows
+/// being written are skipped (their writer holds a live lease or will fail its fence check).
+pub(crate) async fn take_over(pool: &Pool, epoch: i64) -> Result<Vec<(String, String)>, StoreError> {
+    let mut client = pool.get().await.map_err(pool_err)?;
+    let tx = client.transaction().await.map_err(db_err)?;
+    let sql = format!("DELETE FROM nodes WHERE expires_at_ms < {DB_NOW_MS} AND epoch <> $1");
+    tx.execute(&sql, &[&epoch]).await.map_err(db_err)?;
+    let rows = tx
+        .query(
+            "UPDATE executions SET owner = $1
+             WHERE status = 'running' AND (owner IS NULL OR owner NOT IN (SELECT epoch FROM nodes))
+             RETURNING tenant, run_id",
+            &[&epoch],
+        )
+        .await
+        .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    rows.iter().map(|r| Ok((r.try_get(0).map_err(db_err)?, r.try_get(1).map_err(db_err)?))).collect()
+}
+
 pub(crate) async fn delete_doc(pool: &Pool, tenant: &str, kind: &str, id: &str) -> Result<bool, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
     let st =
@@ -273,8 +316,8 @@ async fn insert_exec(tx: &Transaction<'_>, change: &ExecChange) -> Result<(), Fa
         .prepare_cached(
             "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
                  dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
-                 updated_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                 updated_at_ms, owner)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
              ON CONFLICT DO NOTHING",
         )
         .await?;
@@ -298,6 +341,7 @@ async fn insert_exec(tx: &Transaction<'_>, change: &ExecChange) -> Result<(), Fa
                 &to_i64(row.next_seq, "next_seq")?,
                 &row.created_at_ms,
                 &row.updated_at_ms,
+                &change.fence,
             ],
         )
         .await?;
@@ -321,7 +365,8 @@ async fn update_exec(tx: &Transaction<'_>, i: usize, change: &ExecChange) -> Res
         .prepare_cached(
             "UPDATE executions SET status = $3, paused = $4, dead_letter = $5, output = $6, error = $7,
                  failed_step = $8, next_seq = $9, updated_at_ms = $10
-             WHERE run_id = $1 AND tenant = $2 AND ($11::bigint IS NULL OR next_seq = $11::bigint)",
+             WHERE run_id = $1 AND tenant = $2 AND ($11::bigint IS NULL OR next_seq = $11::bigint)
+               AND ($12::bigint IS NULL OR owner IS NULL OR owner = $12::bigint)",
         )
         .await?;
     let updated = tx
@@ -339,17 +384,28 @@ async fn update_exec(tx: &Transaction<'_>, i: usize, change: &ExecChange) -> Res
                 &to_i64(row.next_seq, "next_seq")?,
                 &row.updated_at_ms,
                 &expected,
+                &change.fence,
             ],
         )
         .await;
     match updated {
         Ok(1) => Ok(()),
         Ok(_) => {
-            let st = tx.prepare_cached("SELECT next_seq FROM executions WHERE run_id = $1 AND tenant = $2").await?;
+            let st =
+                tx.prepare_cached("SELECT next_seq, owner FROM executions WHERE run_id = $1 AND tenant = $2").await?;
             let stored = tx.query_opt(&st, &[&row.run_id, &change.tenant]).await?;
             match stored {
                 None => Err(Failure::Store(StoreError::NotFound)),
                 Some(stored) => {
+                    let owner: Option<i64> = stored.try_get(1)?;
+                    if let (Some(owner), Some(fence)) = (owner, change.fence) {
+                        if owner != fence {
+                            return Err(Failure::Store(StoreError::Conflict(format!(
+                                "run {}: fenced: it is owned by node epoch {owner}, not {fence}",
+                                row.run_id
+                            ))));
+                        }
+                    }
                     let stored: i64 = stored.try_get(0)?;
                     Err(Failure::Store(StoreError::Conflict(format!(
                         "run {}: the history continues at event {stored}, the batch starts at {}; reload and retry",

@@ -173,6 +173,9 @@ impl Store for TestStore {
     fn list_executions(&self, tenant: &str, filter: ExecutionFilter) -> BoxFuture<'_, Result<Page<ExecutionRow>>> {
         self.store.list_executions(tenant, filter)
     }
+    fn count_running(&self, tenant: &str, workflow: Option<&str>) -> BoxFuture<'_, Result<u64>> {
+        self.store.count_running(tenant, workflow)
+    }
     fn history(&self, tenant: &str, run_id: &str, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Event>>> {
         self.store.history(tenant, run_id, after, limit)
     }
@@ -214,6 +217,15 @@ impl Store for TestStore {
     }
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         self.store.ping()
+    }
+    fn register_node(&self, node: &str, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
+        self.store.register_node(node, lease_ms)
+    }
+    fn renew_lease(&self, epoch: i64, lease_ms: i64) -> BoxFuture<'_, Result<bool>> {
+        self.store.renew_lease(epoch, lease_ms)
+    }
+    fn take_over(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(String, String)>>> {
+        self.store.take_over(epoch)
     }
 }
 
@@ -327,7 +339,7 @@ fn create(tenant: &str, row: ExecutionRow) -> Batch {
             trace_id: None,
         },
     };
-    let change = ExecChange { tenant: tenant.into(), row, events: vec![started], create: true };
+    let change = ExecChange { tenant: tenant.into(), row, events: vec![started], create: true, fence: None };
     Batch { execs: vec![change], ..Batch::default() }
 }
 
@@ -335,7 +347,7 @@ fn create(tenant: &str, row: ExecutionRow) -> Batch {
 fn update(tenant: &str, row: &ExecutionRow, status: ExecStatus) -> Batch {
     let event = Event { seq: row.next_seq, at_ms: 1, kind: EventKind::ExecutionRedriven };
     let row = ExecutionRow { status, next_seq: row.next_seq + 1, ..row.clone() };
-    let change = ExecChange { tenant: tenant.into(), row, events: vec![event], create: false };
+    let change = ExecChange { tenant: tenant.into(), row, events: vec![event], create: false, fence: None };
     Batch { execs: vec![change], ..Batch::default() }
 }
 

@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{db_err, writer_gone};
 use crate::read::Readers;
-use crate::writer::{Counters, Op, Request};
+use crate::writer::{Counters, Op, Reply, Request};
 
 /// How long a connection waits for a lock held by another connection before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,6 +92,13 @@ impl SqliteStore {
 
     /// Hands `op` to the writer thread and waits for its result.
     async fn write(&self, op: Op) -> Result<bool> {
+        match self.write_reply(op).await? {
+            Reply::Changed(changed) => Ok(changed),
+            other => Err(StoreError::Internal(format!("the writer answered {other:?} to a write"))),
+        }
+    }
+
+    async fn write_reply(&self, op: Op) -> Result<Reply> {
         let (reply, result) = oneshot::channel();
         let requests = self.requests.as_ref().ok_or_else(writer_gone)?;
         requests.send(Request { op, reply }).map_err(|_| writer_gone())?;
@@ -191,6 +198,11 @@ impl Store for SqliteStore {
         Box::pin(self.readers.run(move |c| read::list_executions(c, &tenant, &filter)))
     }
 
+    fn count_running(&self, tenant: &str, workflow: Option<&str>) -> BoxFuture<'_, Result<u64>> {
+        let (tenant, workflow) = (tenant.to_owned(), workflow.map(str::to_owned));
+        Box::pin(self.readers.run(move |c| read::count_running(c, &tenant, workflow.as_deref())))
+    }
+
     fn history(&self, tenant: &str, run_id: &str, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Event>>> {
         let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
         Box::pin(self.readers.run(move |c| read::history(c, &tenant, &run_id, after, limit)))
@@ -259,5 +271,28 @@ impl Store for SqliteStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(self.readers.run(read::ping))
+    }
+
+    fn register_node(&self, node: &str, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            match self.write_reply(Op::RegisterNode { node, lease_ms }).await? {
+                Reply::Epoch(epoch) => Ok(epoch),
+                other => Err(StoreError::Internal(format!("the writer answered {other:?} to a node registration"))),
+            }
+        })
+    }
+
+    fn renew_lease(&self, epoch: i64, lease_ms: i64) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(self.write(Op::RenewLease { epoch, lease_ms }))
+    }
+
+    fn take_over(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(String, String)>>> {
+        Box::pin(async move {
+            match self.write_reply(Op::TakeOver { epoch }).await? {
+                Reply::Runs(runs) => Ok(runs),
+                other => Err(StoreError::Internal(format!("the writer answered {other:?} to a takeover"))),
+            }
+        })
     }
 }

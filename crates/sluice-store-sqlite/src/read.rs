@@ -197,7 +197,7 @@ pub(crate) fn list_executions(
     filter: &ExecutionFilter,
 ) -> rusqlite::Result<Page<ExecutionRow>> {
     let limit = page_limit(filter.limit);
-    // Static fragments only; every value is bound. At most 32 shapes, each cached once.
+    // Static fragments only; every value is bound. At most 64 shapes, each cached once.
     let mut sql = String::from(select_exec!("WHERE tenant = ?"));
     let mut args = vec![SqlValue::Text(tenant.to_owned())];
     if let Some(workflow) = &filter.workflow {
@@ -215,6 +215,11 @@ pub(crate) fn list_executions(
     if filter.dead_letter {
         sql.push_str(" AND dead_letter = 1");
     }
+    if !filter.hidden_workflows.is_empty() {
+        // One bound JSON array, whatever its length: one statement shape.
+        sql.push_str(" AND workflow NOT IN (SELECT value FROM json_each(?))");
+        args.push(SqlValue::Text(serde_json::to_string(&filter.hidden_workflows).unwrap_or_else(|_| "[]".into())));
+    }
     if let Some(cursor) = &filter.cursor {
         sql.push_str(" AND run_id < ?");
         args.push(SqlValue::Text(cursor.clone()));
@@ -226,6 +231,20 @@ pub(crate) fn list_executions(
     let mut st = conn.prepare_cached(&sql)?;
     let items = st.query_map(params_from_iter(args), exec_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(Page::from_fetched(items, limit, |r| &r.run_id))
+}
+
+pub(crate) fn count_running(conn: &Connection, tenant: &str, workflow: Option<&str>) -> rusqlite::Result<u64> {
+    let n: i64 = match workflow {
+        Some(w) => conn
+            .prepare_cached(
+                "SELECT count(*) FROM executions WHERE tenant = ?1 AND workflow = ?2 AND status = 'running'",
+            )?
+            .query_row(params![tenant, w], |r| r.get(0))?,
+        None => conn
+            .prepare_cached("SELECT count(*) FROM executions WHERE tenant = ?1 AND status = 'running'")?
+            .query_row(params![tenant], |r| r.get(0))?,
+    };
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 pub(crate) fn history(

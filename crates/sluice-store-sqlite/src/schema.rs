@@ -149,6 +149,22 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE tasks ADD COLUMN trace_id TEXT;
     ",
+    // 5: running runs per workflow, counted for concurrency limits.
+    "
+    CREATE INDEX executions_running_by_workflow ON executions (tenant, workflow) WHERE status = 'running';
+    ",
+    // 6: node leases and fencing epochs: each running execution is owned by one node's epoch.
+    "
+    CREATE TABLE nodes (
+        epoch         INTEGER PRIMARY KEY AUTOINCREMENT,
+        node          TEXT    NOT NULL,
+        started_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX nodes_by_name ON nodes (node);
+    ALTER TABLE executions ADD COLUMN owner INTEGER;
+    CREATE INDEX executions_running_by_owner ON executions (owner) WHERE status = 'running';
+    ",
 ];
 
 /// The schema version this build writes.

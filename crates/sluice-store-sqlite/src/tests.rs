@@ -14,7 +14,7 @@ use sluice_core::{Event, ExecStatus};
 use sluice_store::{Batch, ExecChange, ExecutionRow, Store, StoreError, TaskRow, WorkflowVersion};
 use tokio::task::JoinSet;
 
-use crate::writer::{apply_group, Op};
+use crate::writer::{apply_group, Op, Reply};
 use crate::{schema, SqliteStore};
 
 /// A database file in the temp dir, removed with its WAL files when dropped.
@@ -70,7 +70,13 @@ fn event(seq: u64) -> Event {
 
 /// A batch that creates run `run_id` of `workflow_id` with one event.
 fn start(run_id: &str, workflow_id: &str) -> Batch {
-    let change = ExecChange { tenant: "t".into(), row: row(run_id, workflow_id), events: vec![event(1)], create: true };
+    let change = ExecChange {
+        tenant: "t".into(),
+        row: row(run_id, workflow_id),
+        events: vec![event(1)],
+        create: true,
+        fence: None,
+    };
     Batch { execs: vec![change], ..Batch::default() }
 }
 
@@ -145,13 +151,13 @@ fn a_group_applies_each_batch_alone() {
         Op::Commit(start("run-b", "b")),
     ];
     let results = apply_group(&conn, &ops);
-    assert_eq!(results[0], Ok(true));
+    assert_eq!(results[0], Ok(Reply::Changed(true)));
     assert_eq!(results[1], Err(StoreError::AlreadyRunning("run-a".into())));
     assert!(matches!(results[2], Err(StoreError::Conflict(_))), "{:?}", results[2]);
-    assert_eq!(results[3], Ok(true));
-    assert_eq!(results[4], Ok(false));
+    assert_eq!(results[3], Ok(Reply::Changed(true)));
+    assert_eq!(results[4], Ok(Reply::Changed(false)));
     assert!(matches!(results[5], Err(StoreError::Conflict(_))), "{:?}", results[5]);
-    assert_eq!(results[6], Ok(true));
+    assert_eq!(results[6], Ok(Reply::Changed(true)));
     assert!(conn.is_autocommit(), "the group's transaction is closed");
 
     let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).expect("count");

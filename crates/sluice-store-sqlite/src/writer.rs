@@ -25,12 +25,26 @@ pub(crate) enum Op {
     PutDoc(Doc),
     DeleteDoc { tenant: String, kind: String, id: String },
     Audit(Vec<AuditRow>),
+    RegisterNode { node: String, lease_ms: i64 },
+    RenewLease { epoch: i64, lease_ms: i64 },
+    TakeOver { epoch: i64 },
 }
 
-/// One write and where its result goes. The result says whether the write changed anything.
+/// What a write answers.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Reply {
+    /// Whether the write changed anything.
+    Changed(bool),
+    /// A new node's fencing epoch.
+    Epoch(i64),
+    /// `(tenant, run_id)` of the runs taken over.
+    Runs(Vec<(String, String)>),
+}
+
+/// One write and where its result goes.
 pub(crate) struct Request {
     pub(crate) op: Op,
-    pub(crate) reply: oneshot::Sender<Result<bool, StoreError>>,
+    pub(crate) reply: oneshot::Sender<Result<Reply, StoreError>>,
 }
 
 #[derive(Debug, Default)]
@@ -65,7 +79,7 @@ pub(crate) fn run(conn: Connection, requests: Receiver<Request>, counters: Arc<C
 
 /// Applies `ops` in one transaction, each in its own savepoint, and returns one result per op.
 /// An op that fails is rolled back alone; if the transaction itself fails, every op fails.
-pub(crate) fn apply_group(conn: &Connection, ops: &[Op]) -> Vec<Result<bool, StoreError>> {
+pub(crate) fn apply_group(conn: &Connection, ops: &[Op]) -> Vec<Result<Reply, StoreError>> {
     let mut results = Vec::with_capacity(ops.len());
     if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
         let e = db_err(e);
@@ -97,10 +111,10 @@ pub(crate) fn apply_group(conn: &Connection, ops: &[Op]) -> Vec<Result<bool, Sto
 /// Rolls the group back: ops that had succeeded, and those not tried, fail with `e`.
 fn abort(
     conn: &Connection,
-    mut results: Vec<Result<bool, StoreError>>,
+    mut results: Vec<Result<Reply, StoreError>>,
     n: usize,
     e: StoreError,
-) -> Vec<Result<bool, StoreError>> {
+) -> Vec<Result<Reply, StoreError>> {
     tracing::error!(error = %e, writes = n, "sqlite group commit failed; rolled back");
     if !conn.is_autocommit() {
         if let Err(rollback) = exec(conn, "ROLLBACK") {
@@ -120,8 +134,8 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
-fn apply(conn: &Connection, op: &Op) -> Result<bool, StoreError> {
-    match op {
+fn apply(conn: &Connection, op: &Op) -> Result<Reply, StoreError> {
+    let changed = match op {
         Op::Commit(batch) => apply_batch(conn, batch).map(|()| true),
         Op::PutWorkflow { tenant, version } => put_workflow(conn, tenant, version),
         Op::PutDoc(doc) => put_doc(conn, doc),
@@ -131,7 +145,47 @@ fn apply(conn: &Connection, op: &Op) -> Result<bool, StoreError> {
             Ok(st.execute(params![tenant, kind, id]).map_err(db_err)? == 1)
         }
         Op::Audit(rows) => append_audit(conn, rows).map(|()| true),
-    }
+        Op::RegisterNode { node, lease_ms } => return register_node(conn, node, *lease_ms).map(Reply::Epoch),
+        Op::RenewLease { epoch, lease_ms } => {
+            let mut st = conn.prepare_cached("UPDATE nodes SET expires_at_ms = ?2 WHERE epoch = ?1").map_err(db_err)?;
+            Ok(st.execute(params![epoch, now_ms().saturating_add(*lease_ms)]).map_err(db_err)? == 1)
+        }
+        Op::TakeOver { epoch } => return take_over(conn, *epoch).map(Reply::Runs),
+    };
+    changed.map(Reply::Changed)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Ends the earlier epochs of `node` and starts a new one.
+fn register_node(conn: &Connection, node: &str, lease_ms: i64) -> Result<i64, StoreError> {
+    let now = now_ms();
+    conn.prepare_cached("DELETE FROM nodes WHERE node = ?1").and_then(|mut st| st.execute([node])).map_err(db_err)?;
+    conn.prepare_cached("INSERT INTO nodes (node, started_at_ms, expires_at_ms) VALUES (?1, ?2, ?3)")
+        .and_then(|mut st| st.execute(params![node, now, now.saturating_add(lease_ms)]))
+        .map_err(db_err)?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Ends expired leases and moves the running executions no live lease owns to `epoch`.
+fn take_over(conn: &Connection, epoch: i64) -> Result<Vec<(String, String)>, StoreError> {
+    conn.prepare_cached("DELETE FROM nodes WHERE expires_at_ms < ?1 AND epoch <> ?2")
+        .and_then(|mut st| st.execute(params![now_ms(), epoch]))
+        .map_err(db_err)?;
+    let mut st = conn
+        .prepare_cached(
+            "UPDATE executions SET owner = ?1
+             WHERE status = 'running' AND (owner IS NULL OR owner NOT IN (SELECT epoch FROM nodes))
+             RETURNING tenant, run_id",
+        )
+        .map_err(db_err)?;
+    let rows = st.query_map([epoch], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db_err)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
 }
 
 /// Compare-and-set on the stored version: an insert when the caller read none (`version` 0).
@@ -296,8 +350,8 @@ fn insert_exec(conn: &Connection, change: &ExecChange) -> Result<(), StoreError>
         .prepare_cached(
             "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
                  dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
-                 updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                 updated_at_ms, owner)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )
         .map_err(db_err)?;
     let inserted = st.execute(params![
@@ -317,6 +371,7 @@ fn insert_exec(conn: &Connection, change: &ExecChange) -> Result<(), StoreError>
         row.next_seq,
         row.created_at_ms,
         row.updated_at_ms,
+        change.fence,
     ]);
     match inserted {
         Ok(_) => Ok(()),
@@ -338,7 +393,8 @@ fn update_exec(conn: &Connection, change: &ExecChange) -> Result<(), StoreError>
         .prepare_cached(
             "UPDATE executions SET status = ?3, paused = ?4, dead_letter = ?5, output = ?6, error = ?7,
                  failed_step = ?8, next_seq = ?9, updated_at_ms = ?10
-             WHERE run_id = ?1 AND tenant = ?2 AND (?11 IS NULL OR next_seq = ?11)",
+             WHERE run_id = ?1 AND tenant = ?2 AND (?11 IS NULL OR next_seq = ?11)
+               AND (?12 IS NULL OR owner IS NULL OR owner = ?12)",
         )
         .map_err(db_err)?;
     let updated = st.execute(params![
@@ -353,17 +409,27 @@ fn update_exec(conn: &Connection, change: &ExecChange) -> Result<(), StoreError>
         row.next_seq,
         row.updated_at_ms,
         expected,
+        change.fence,
     ]);
     match updated {
         Ok(1) => Ok(()),
         Ok(_) => {
-            let stored: Option<u64> = conn
-                .prepare_cached("SELECT next_seq FROM executions WHERE run_id = ?1 AND tenant = ?2")
-                .and_then(|mut st| st.query_row([&row.run_id, &change.tenant], |r| r.get(0)).optional())
+            let stored: Option<(u64, Option<i64>)> = conn
+                .prepare_cached("SELECT next_seq, owner FROM executions WHERE run_id = ?1 AND tenant = ?2")
+                .and_then(|mut st| {
+                    st.query_row([&row.run_id, &change.tenant], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+                })
                 .map_err(db_err)?;
             match stored {
                 None => Err(StoreError::NotFound),
-                Some(stored) => Err(StoreError::Conflict(format!(
+                Some((_, Some(owner))) if change.fence.is_some_and(|f| f != owner) => {
+                    Err(StoreError::Conflict(format!(
+                        "run {}: fenced: it is owned by node epoch {owner}, not {}",
+                        row.run_id,
+                        change.fence.unwrap_or_default()
+                    )))
+                }
+                Some((stored, _)) => Err(StoreError::Conflict(format!(
                     "run {}: the history continues at event {stored}, the batch starts at {}; reload and retry",
                     row.run_id,
                     expected.unwrap_or(0)

@@ -40,6 +40,8 @@ sluice_store::store_suite!(@borrowed async { two_shards() };
     tenant_isolation,
     list_executions_order_and_filters,
     usage_ledger,
+    directory_and_audit,
+    leases_and_fencing,
     ping,
 );
 sluice_store::store_suite!(@shared async { two_shards() };
@@ -69,7 +71,7 @@ fn row(run: &str, wid: &str) -> ExecutionRow {
 }
 
 fn create(wid: &str, run: &str) -> ExecChange {
-    ExecChange { tenant: "t".into(), row: row(run, wid), events: Vec::new(), create: true }
+    ExecChange { tenant: "t".into(), row: row(run, wid), events: Vec::new(), create: true, fence: None }
 }
 
 #[tokio::test]

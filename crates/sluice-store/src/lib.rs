@@ -68,6 +68,9 @@ pub trait Store: Send + Sync + 'static {
     fn get_run(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<Option<ExecutionRow>>>;
     /// Newest first, filtered, with keyset pagination.
     fn list_executions(&self, tenant: &str, filter: ExecutionFilter) -> BoxFuture<'_, Result<Page<ExecutionRow>>>;
+    /// How many runs of the tenant are running (of one workflow when given): for concurrency
+    /// limits.
+    fn count_running(&self, tenant: &str, workflow: Option<&str>) -> BoxFuture<'_, Result<u64>>;
     /// Events of a run with `seq > after`, at most `limit`, in order.
     fn history(
         &self,
@@ -109,4 +112,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the database answers.
     fn ping(&self) -> BoxFuture<'_, Result<()>>;
+
+    /// Registers a node process under `node` (a name unique among live nodes) and returns its
+    /// fencing epoch, leased for `lease_ms`. Earlier epochs of the same name are ended: their
+    /// process is gone, and the new one takes over their executions at its first `take_over`.
+    fn register_node(&self, node: &str, lease_ms: i64) -> BoxFuture<'_, Result<i64>>;
+    /// Extends the lease of `epoch`; `false` when it was lost (its executions were taken over):
+    /// the node must stop deciding.
+    fn renew_lease(&self, epoch: i64, lease_ms: i64) -> BoxFuture<'_, Result<bool>>;
+    /// Makes `epoch` the owner of every running execution whose owner holds no live lease (and
+    /// of those with no owner), ending the expired leases; returns `(tenant, run_id)` of each run
+    /// taken.
+    fn take_over(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(String, String)>>>;
 }

@@ -96,6 +96,10 @@ pub struct ExecChange {
     pub events: Vec<Event>,
     /// A new run: fails with `AlreadyRunning` if one with the same workflow id is running.
     pub create: bool,
+    /// The fencing epoch of the node writing (see [`crate::Store::register_node`]): a new run
+    /// is owned by it, and a change to a run owned by another epoch fails with `Conflict`, so a
+    /// node that lost its lease can never append again. `None` writes without a fence.
+    pub fence: Option<i64>,
 }
 
 /// Everything one engine decision changes, applied atomically.
@@ -133,6 +137,8 @@ pub struct ExecutionFilter {
     pub status: Option<ExecStatus>,
     /// Only executions parked in the dead-letter queue.
     pub dead_letter: bool,
+    /// Leave out executions of these workflows (those shared without the caller).
+    pub hidden_workflows: Vec<String>,
     /// Opaque cursor from a previous page.
     pub cursor: Option<String>,
     pub limit: usize,

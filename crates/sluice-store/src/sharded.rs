@@ -15,6 +15,8 @@ use crate::{
 
 pub struct ShardedStore {
     shards: Vec<Arc<dyn Store>>,
+    /// A node's epoch (its epoch on shard 0) → its epoch on each shard.
+    epochs: std::sync::Mutex<std::collections::HashMap<i64, Vec<i64>>>,
 }
 
 impl ShardedStore {
@@ -23,7 +25,17 @@ impl ShardedStore {
         if shards.is_empty() {
             return Err(StoreError::Internal("a sharded store needs at least one shard".into()));
         }
-        Ok(Self { shards })
+        Ok(Self { shards, epochs: std::sync::Mutex::new(std::collections::HashMap::new()) })
+    }
+
+    /// The epochs on each shard of the node whose epoch is `epoch`.
+    fn epochs_of(&self, epoch: i64) -> Result<Vec<i64>> {
+        self.epochs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&epoch)
+            .cloned()
+            .ok_or_else(|| StoreError::Internal(format!("node epoch {epoch} was not registered through this store")))
     }
 
     pub fn shard_count(&self) -> usize {
@@ -85,7 +97,16 @@ impl Store for ShardedStore {
             targets.sort_unstable();
             targets.dedup();
             match targets.as_slice() {
-                [one] => self.shards[*one].commit(batch).await,
+                [one] => {
+                    let mut batch = batch;
+                    // Each shard fences with the node's epoch on that shard.
+                    for c in &mut batch.execs {
+                        if let Some(fence) = c.fence {
+                            c.fence = self.epochs_of(fence)?.get(*one).copied();
+                        }
+                    }
+                    self.shards[*one].commit(batch).await
+                }
                 // Only removals: deleting what is not there is a no-op, so every shard gets them.
                 [] => {
                     all(self.shards.iter().map(|s| s.commit(batch.clone())).collect()).await?;
@@ -153,6 +174,15 @@ impl Store for ShardedStore {
             let pages = all(self.shards.iter().map(|s| s.list_executions(&tenant, filter.clone())).collect()).await?;
             // Run ids are time-ordered.
             Ok(merge_pages(pages, filter.limit, |r| &r.run_id))
+        })
+    }
+
+    fn count_running(&self, tenant: &str, workflow: Option<&str>) -> BoxFuture<'_, Result<u64>> {
+        let (tenant, workflow) = (tenant.to_string(), workflow.map(str::to_string));
+        Box::pin(async move {
+            let counts =
+                all(self.shards.iter().map(|s| s.count_running(&tenant, workflow.as_deref())).collect()).await?;
+            Ok(counts.into_iter().sum())
         })
     }
 
@@ -233,6 +263,33 @@ impl Store for ShardedStore {
 
     fn list_audit(&self, tenant: &str, filter: AuditFilter) -> BoxFuture<'_, Result<Page<AuditRow>>> {
         self.shards[0].list_audit(tenant, filter)
+    }
+
+    fn register_node(&self, node: &str, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
+        let node = node.to_string();
+        Box::pin(async move {
+            let epochs = all(self.shards.iter().map(|s| s.register_node(&node, lease_ms)).collect()).await?;
+            let epoch = epochs[0];
+            self.epochs.lock().unwrap_or_else(|p| p.into_inner()).insert(epoch, epochs);
+            Ok(epoch)
+        })
+    }
+
+    fn renew_lease(&self, epoch: i64, lease_ms: i64) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async move {
+            let epochs = self.epochs_of(epoch)?;
+            let renewed =
+                all(self.shards.iter().zip(&epochs).map(|(s, e)| s.renew_lease(*e, lease_ms)).collect()).await?;
+            Ok(renewed.into_iter().all(|r| r))
+        })
+    }
+
+    fn take_over(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(String, String)>>> {
+        Box::pin(async move {
+            let epochs = self.epochs_of(epoch)?;
+            let taken = all(self.shards.iter().zip(&epochs).map(|(s, e)| s.take_over(*e)).collect()).await?;
+            Ok(taken.into_iter().flatten().collect())
+        })
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<()>> {

@@ -39,6 +39,7 @@ macro_rules! store_suite {
             list_executions_pagination,
             usage_ledger,
             directory_and_audit,
+            leases_and_fencing,
             ping,
         );
         $crate::store_suite!(@shared $make;
@@ -675,6 +676,19 @@ pub async fn list_executions_order_and_filters(s: &dyn Store) {
             expect(&|r| r.workflow == "payments" && r.status == ExecStatus::Running),
         ),
         (ExecutionFilter { workflow: Some("none".into()), ..all.clone() }, vec![]),
+        (
+            ExecutionFilter { hidden_workflows: vec!["payments".into()], ..all.clone() },
+            expect(&|r| r.workflow != "payments"),
+        ),
+        (ExecutionFilter { hidden_workflows: vec!["payments".into(), "orders".into()], ..all.clone() }, vec![]),
+        (
+            ExecutionFilter {
+                hidden_workflows: vec!["orders".into()],
+                status: Some(ExecStatus::Running),
+                ..all.clone()
+            },
+            expect(&|r| r.workflow != "orders" && r.status == ExecStatus::Running),
+        ),
     ];
     for (filter, expected) in cases {
         let page = s.list_executions(&t, filter.clone()).await.expect("list");
@@ -685,6 +699,13 @@ pub async fn list_executions_order_and_filters(s: &dyn Store) {
     let page = s.list_executions(&t, ExecutionFilter { limit: 3, ..all }).await.expect("list");
     assert_eq!(page.items, rows[..3].to_vec());
     assert!(page.next_cursor.is_some(), "a full page has a cursor");
+
+    // Running runs, counted for concurrency limits.
+    assert_eq!(s.count_running(&t, None).await.expect("count"), 4);
+    assert_eq!(s.count_running(&t, Some("orders")).await.expect("count"), 2);
+    assert_eq!(s.count_running(&t, Some("payments")).await.expect("count"), 2);
+    assert_eq!(s.count_running(&t, Some("none")).await.expect("count"), 0);
+    assert_eq!(s.count_running(&f.tenant("other"), None).await.expect("count"), 0);
 }
 
 /// Following cursors visits every matching row exactly once, newest first, in pages of at most
@@ -720,6 +741,60 @@ pub async fn list_executions_pagination(s: &dyn Store) {
 }
 
 /// The database answers.
+/// A run belongs to the epoch of the node that created it; another epoch cannot append to it
+/// until the owner's lease expires and it takes the run over; from then on the old owner can
+/// never append again, and the history stays one unbroken sequence.
+pub async fn leases_and_fencing(s: &dyn Store) {
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let (name_a, name_b) = (f.tenant("node-a"), f.tenant("node-b"));
+    let a = s.register_node(&name_a, 60_000).await.expect("register a");
+    let b = s.register_node(&name_b, 60_000).await.expect("register b");
+    assert_ne!(a, b, "every registration is a new epoch");
+    let fenced = |change: ExecChange, epoch: i64| ExecChange { fence: Some(epoch), ..change };
+    let is_fenced = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Conflict(ref m)) if m.contains("fenced"));
+
+    let run = f.run_id(1);
+    let created = fenced(create(&t, row(&run, "lease-1", "orders", 1)), a);
+    let mut current = created.row.clone();
+    s.commit(batch(vec![created])).await.expect("a creates");
+    let step = fenced(append(&t, &current, 1), a);
+    let next = step.row.clone();
+    s.commit(batch(vec![step])).await.expect("a appends");
+    current = next;
+
+    // B cannot write to A's run, nor take it while A's lease holds.
+    assert!(is_fenced(s.commit(batch(vec![fenced(append(&t, &current, 1), b)])).await));
+    let taken = s.take_over(b).await.expect("take over");
+    assert!(!taken.iter().any(|(_, r)| r == &run), "a live lease keeps its runs: {taken:?}");
+
+    // A's lease runs out (a lease of -1 s ends it now); B takes the run.
+    assert!(s.renew_lease(a, -1_000).await.expect("renew"));
+    let taken = s.take_over(b).await.expect("take over");
+    assert!(taken.contains(&(t.clone(), run.clone())), "{taken:?}");
+    assert!(!s.renew_lease(a, 60_000).await.expect("renew"), "a lost its lease");
+    assert!(is_fenced(s.commit(batch(vec![fenced(append(&t, &current, 1), a)])).await), "a can never append again");
+    let step = fenced(append(&t, &current, 2), b);
+    let next = step.row.clone();
+    s.commit(batch(vec![step])).await.expect("b appends");
+    current = next;
+
+    // A process that registers again under B's name ends B's epoch and takes its runs.
+    let b2 = s.register_node(&name_b, 60_000).await.expect("register b again");
+    assert!(!s.renew_lease(b, 60_000).await.expect("renew"), "the earlier epoch of the name ended");
+    let taken = s.take_over(b2).await.expect("take over");
+    assert!(taken.contains(&(t.clone(), run.clone())), "{taken:?}");
+    assert!(is_fenced(s.commit(batch(vec![fenced(append(&t, &current, 1), b)])).await));
+    s.commit(batch(vec![fenced(finish(&t, &current, ExecStatus::Completed), b2)])).await.expect("b2 finishes");
+
+    // One history, numbered without a gap or a fork.
+    let seqs: Vec<u64> = s.history(&t, &run, 0, 100).await.expect("history").iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(seqs.len(), 5, "start, a's step, b's two, the end");
+    // Finished runs are nobody's to take.
+    assert!(!s.take_over(a).await.unwrap_or_default().iter().any(|(_, r)| r == &run));
+}
+
 pub async fn ping(s: &dyn Store) {
     s.ping().await.expect("ping");
 }
@@ -918,7 +993,7 @@ fn create(tenant: &str, mut row: ExecutionRow) -> ExecChange {
         },
     };
     row.next_seq = 2;
-    ExecChange { tenant: tenant.into(), row, events: vec![started], create: true }
+    ExecChange { tenant: tenant.into(), row, events: vec![started], create: true, fence: None }
 }
 
 /// A change that appends `n` step events to the run whose stored summary is `row`.
@@ -928,7 +1003,7 @@ fn append(tenant: &str, row: &ExecutionRow, n: u64) -> ExecChange {
         .map(|seq| Event { seq, at_ms, kind: EventKind::StepStarted { step: format!("s{seq}") } })
         .collect();
     let row = ExecutionRow { next_seq: row.next_seq + n, updated_at_ms: at_ms, ..row.clone() };
-    ExecChange { tenant: tenant.into(), row, events, create: false }
+    ExecChange { tenant: tenant.into(), row, events, create: false, fence: None }
 }
 
 /// A change that ends the run whose stored summary is `row` with `status`.

@@ -1,8 +1,9 @@
 //! Test helpers shared by the end-to-end suites: a real `sluice serve` process on a free port
 //! (that a test can SIGKILL and restart), worker processes, a JSON HTTP client, and
-//! `assert_replays`, which re-runs `decide` over every history a server stores, and certificates
-//! for TLS tests.
+//! `assert_replays`, which re-runs `decide` over every history a server stores, certificates
+//! for TLS tests, a fake LLM vendor and a fake OIDC issuer.
 
+pub mod oidc;
 pub mod pki;
 pub mod recording;
 pub mod vendor;
@@ -90,6 +91,19 @@ impl ServerProcess {
         Self::launch(bin, dir, database, extra_args, "http", reqwest::Client::new(), env).await
     }
 
+    /// Like `start_with_env`, on a port chosen beforehand (say with [`free_port`]) for a config
+    /// that must name the server's own URL.
+    pub async fn start_on_port(
+        bin: &Path,
+        dir: &Path,
+        database: &str,
+        port: u16,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::launch_on(bin, dir, database, port, extra_args, "http", reqwest::Client::new(), env).await
+    }
+
     /// Like `start_with_args` for a server that speaks HTTPS (`extra_args` hold its `--tls-*`
     /// flags): `client`, which must trust the server's certificate (and carry a client
     /// certificate where the server requires one), checks readiness and is the client of `api()`.
@@ -112,7 +126,20 @@ impl ServerProcess {
         http: reqwest::Client,
         env: &[(&str, &str)],
     ) -> Self {
-        let port = free_port();
+        Self::launch_on(bin, dir, database, free_port(), extra_args, scheme, http, env).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn launch_on(
+        bin: &Path,
+        dir: &Path,
+        database: &str,
+        port: u16,
+        extra_args: &[&str],
+        scheme: &str,
+        http: reqwest::Client,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut s = Self {
             bin: bin.to_path_buf(),
             database: database.to_string(),

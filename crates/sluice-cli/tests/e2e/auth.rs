@@ -9,7 +9,16 @@ use serde_json::{json, Value};
 use crate::{bin, Api, ServerProcess, TempDir};
 
 /// Operations that need no credentials.
-const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/schemas/workflow", "/v1/auth/login"];
+const PUBLIC: &[&str] = &[
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/v1/schemas/workflow",
+    "/v1/auth/login",
+    "/v1/auth/oidc/login",
+    "/v1/auth/oidc/callback",
+];
 
 /// What each role may do, written out here independently of the server's table.
 fn allowed(role: &str, method: &str, path: &str) -> bool {
@@ -21,7 +30,7 @@ fn allowed(role: &str, method: &str, path: &str) -> bool {
         || path.ends_with("/cancel")
         || path.contains("/signals/")
         || path.ends_with("/redrive");
-    let publish = path == "/v1/workflows";
+    let publish = path == "/v1/workflows" || path.ends_with("/sharing");
     let gateway = path == "/v1/chat/completions";
     match role {
         "owner" | "admin" => true,

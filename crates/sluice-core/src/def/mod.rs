@@ -39,6 +39,11 @@ pub struct WorkflowDef {
     /// Named read-only views of a running execution, as jq over `{input, steps, status}`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub queries: BTreeMap<String, Expr>,
+    /// Most executions of this workflow running at once in a tenant; a start beyond it is
+    /// refused with 429 until one finishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_running: Option<u32>,
 }
 
 /// One step. Its `id` is unique in the whole definition; its output is `.steps.<id>`.

@@ -254,11 +254,12 @@ impl Parser {
                 }
             }
         }
+        let max_running = self.opt_int(&mut o, "max_running", 1, 1_000_000);
         // Accepted for compatibility with tooling that stamps files; not part of the model.
         self.get(&mut o, "$schema");
         self.get(&mut o, "version");
         self.finish(o);
-        Some(WorkflowDef { name: name?, description, retry, timeouts, steps, output, queries })
+        Some(WorkflowDef { name: name?, description, retry, timeouts, steps, output, queries, max_running })
     }
 
     fn retry(&mut self, v: &Value, path: &str) -> Option<RetryPolicy> {

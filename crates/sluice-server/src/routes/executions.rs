@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sluice_auth::Access;
 use sluice_core::ExecStatus;
 use sluice_engine::StartRequest;
 use sluice_store::ExecutionFilter;
@@ -15,6 +16,7 @@ use super::execution_json;
 use crate::auth::Caller;
 use crate::body::{parse_json, Body, JsonBody};
 use crate::error::ApiError;
+use crate::routes::sharing::{hidden, require_execution, require_row, require_workflow};
 use crate::trace::TraceContext;
 use crate::AppState;
 
@@ -43,6 +45,7 @@ pub async fn start(
     if body.workflow.is_empty() {
         return Err(ApiError::invalid("workflow", "expected a workflow name"));
     }
+    require_workflow(&app, &p, &body.workflow, Access::Run).await?;
     let started = app
         .engine
         .start_execution(
@@ -89,6 +92,7 @@ fn filter_of(q: ListQuery, dead_letter: bool) -> Result<ExecutionFilter, ApiErro
         workflow_id: q.workflow_id,
         status,
         dead_letter,
+        hidden_workflows: Vec::new(),
         cursor: q.cursor,
         limit,
     })
@@ -99,7 +103,9 @@ pub async fn list(
     Caller(p): Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let page = app.engine.list_executions(&p.tenant, filter_of(q, false)?).await?;
+    let mut filter = filter_of(q, false)?;
+    filter.hidden_workflows = hidden(&app, &p).await?;
+    let page = app.engine.list_executions(&p.tenant, filter).await?;
     let items: Vec<Value> = page.items.iter().map(execution_json).collect();
     Ok(Json(json!({"executions": items, "next_cursor": page.next_cursor})))
 }
@@ -109,7 +115,9 @@ pub async fn dlq(
     Caller(p): Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let page = app.engine.list_executions(&p.tenant, filter_of(q, true)?).await?;
+    let mut filter = filter_of(q, true)?;
+    filter.hidden_workflows = hidden(&app, &p).await?;
+    let page = app.engine.list_executions(&p.tenant, filter).await?;
     let items: Vec<Value> = page.items.iter().map(execution_json).collect();
     Ok(Json(json!({"executions": items, "next_cursor": page.next_cursor})))
 }
@@ -127,6 +135,7 @@ pub async fn get(
     Query(q): Query<RunQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let row = app.engine.get_execution(&p.tenant, &id, q.run_id.as_deref()).await?;
+    require_row(&app, &p, &row, Access::View).await?;
     Ok(Json(execution_json(&row)))
 }
 
@@ -142,6 +151,7 @@ pub async fn result(
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    require_execution(&app, &p, &id, Access::View).await?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000));
     let row = app.engine.wait_result(&p.tenant, &id, wait).await?;
     Ok(Json(execution_json(&row)))
@@ -166,6 +176,7 @@ pub async fn history(
         return Err(ApiError::invalid("limit", format!("expected 1 to 10000, got {limit}")));
     }
     let (row, events) = app.engine.history(&p.tenant, &id, q.run_id.as_deref(), q.after.unwrap_or(0), limit).await?;
+    require_row(&app, &p, &row, Access::View).await?;
     Ok(Json(json!({"workflow_id": row.workflow_id, "run_id": row.run_id, "events": events})))
 }
 
@@ -180,6 +191,7 @@ pub async fn signal(
         return Err(ApiError::invalid("name", "expected a signal name of 1 to 64 characters"));
     }
     let payload: Value = if body.is_empty() { Value::Null } else { parse_json(&body)? };
+    require_execution(&app, &p, &id, Access::Run).await?;
     app.engine.signal(&p.tenant, &id, &name, payload).await?;
     tracing::info!("signal delivered");
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))))
@@ -191,6 +203,7 @@ pub async fn query(
     Caller(p): Caller,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    require_execution(&app, &p, &id, Access::View).await?;
     let result = app.engine.query(&p.tenant, &id, &name).await?;
     Ok(Json(json!({"result": result})))
 }
@@ -215,6 +228,7 @@ pub async fn cancel(
     } else {
         parse_json::<Option<CancelBody>>(&body)?.unwrap_or_default()
     };
+    require_execution(&app, &p, &id, Access::Run).await?;
     app.engine.cancel(&p.tenant, &id, body.reason).await?;
     tracing::info!("execution cancelled");
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))))
@@ -226,6 +240,7 @@ pub async fn redrive(
     Caller(p): Caller,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    require_execution(&app, &p, &id, Access::Run).await?;
     let run_id = app.engine.redrive(&p.tenant, &id).await?;
     tracing::info!(run_id = %run_id, "execution redriven");
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true, "run_id": run_id}))))

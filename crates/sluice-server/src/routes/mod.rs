@@ -3,7 +3,9 @@
 pub mod chat;
 pub mod executions;
 pub mod identity;
+pub mod oidc;
 pub mod ops;
+pub mod sharing;
 pub mod tasks;
 pub mod usage;
 pub mod workflows;

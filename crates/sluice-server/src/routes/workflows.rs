@@ -7,9 +7,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_core::def::{parse_definition, Format};
 
+use sluice_auth::Access;
+
 use crate::auth::Caller;
 use crate::body::Body;
 use crate::error::ApiError;
+use crate::routes::sharing::{hidden, require_workflow};
 use crate::AppState;
 
 #[derive(Deserialize)]
@@ -37,14 +40,25 @@ pub async fn publish(
     let text =
         std::str::from_utf8(&body).map_err(|_| ApiError::new("invalid_request", "definition is not UTF-8 text"))?;
     let def = parse_definition(text, format).map_err(sluice_engine::Error::InvalidDefinition)?;
+    require_workflow(&app, &p, &def.name, Access::Edit).await?;
+    let store = app.engine.store();
+    let is_new = store.get_workflow(&p.tenant, &def.name, None).await.map_err(sluice_engine::Error::from)?.is_none();
     let published = app.engine.publish(&p.tenant, def).await?;
+    if is_new {
+        // Its creator may restrict it later; the workflow is published either way.
+        if let Err(e) = app.security.shares.record_creator(&p, &published.name).await {
+            tracing::warn!(workflow = %published.name, error = %e, "cannot record the workflow's creator");
+        }
+    }
     tracing::info!(workflow = %published.name, version = %published.version, created = published.created, "workflow published");
     let status = if published.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(json!(published))))
 }
 
 pub async fn list(State(app): State<AppState>, Caller(p): Caller) -> Result<Json<Value>, ApiError> {
-    let list = app.engine.store().list_workflows(&p.tenant).await.map_err(sluice_engine::Error::from)?;
+    let mut list = app.engine.store().list_workflows(&p.tenant).await.map_err(sluice_engine::Error::from)?;
+    let hidden = hidden(&app, &p).await?;
+    list.retain(|w| !hidden.contains(&w.name));
     Ok(Json(json!({ "workflows": list })))
 }
 
@@ -53,6 +67,7 @@ pub async fn get(
     Caller(p): Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    require_workflow(&app, &p, &name, Access::View).await?;
     let versions = app.engine.store().list_versions(&p.tenant, &name).await.map_err(sluice_engine::Error::from)?;
     let Some(latest) = versions.first() else {
         return Err(sluice_engine::Error::NotFound { what: "workflow", id: name }.into());
@@ -68,6 +83,7 @@ pub async fn get_version(
     Caller(p): Caller,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    require_workflow(&app, &p, &name, Access::View).await?;
     let row = app
         .engine
         .store()
