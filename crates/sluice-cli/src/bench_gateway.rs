@@ -2,7 +2,9 @@
 //! directly. Starts a stand-in upstream (a fixed chat completion, answered at once) and a Sluice
 //! server whose gateway routes to it, both in this process on 127.0.0.1, then sends an open-loop
 //! load: requests at fixed times, alternating direct and through Sluice, each timed from its
-//! scheduled send time (so a slow answer cannot hide the queue behind it).
+//! scheduled send time (so a slow answer cannot hide the queue behind it). The usage ledger's
+//! latency of each gateway call (the gateway's own exchange with the upstream) splits the added
+//! latency into that second exchange and the rest.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
+use sluice_engine::Engine;
 use sluice_server::sluice_gateway::{Config as GatewayConfig, Gateway};
+use sluice_store::UsageFilter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -70,6 +74,8 @@ struct Measured {
     via: Samples,
     /// How late the load generator sent, in microseconds, sorted.
     lag: Samples,
+    /// The gateway's exchanges with the upstream as its usage ledger timed them, sorted.
+    upstream: Samples,
     seconds: f64,
 }
 
@@ -113,8 +119,8 @@ breaker: {{failure_threshold: 1000000000, cool_down_ms: 1}}
             // Authentication off: this measures the gateway's own cost (`sluice bench --auth both`
             // measures authentication's).
             let opts = sluice_server::Options { gateway: Some(gateway), ..sluice_server::Options::default() };
-            tokio::spawn(sluice_server::serve_with(listener, engine, opts, std::future::pending()));
-            measure_all(&args, [upstream_addr, addr]).await
+            tokio::spawn(sluice_server::serve_with(listener, engine.clone(), opts, std::future::pending()));
+            measure_all(&args, [upstream_addr, addr], &engine).await
         }
         Err(e) => Err(e),
     };
@@ -136,6 +142,7 @@ breaker: {{failure_threshold: 1000000000, cool_down_ms: 1}}
                 "p99": m.via.percentile(99.0) - m.direct.percentile(99.0),
             },
             "send_lag": {"p50": m.lag.percentile(50.0), "p99": m.lag.percentile(99.0)},
+            "gateway_to_upstream": {"p50": m.upstream.percentile(50.0), "p99": m.upstream.percentile(99.0)},
         })).collect::<Vec<_>>(),
     });
     if json_out {
@@ -146,12 +153,22 @@ breaker: {{failure_threshold: 1000000000, cool_down_ms: 1}}
             args.duration.as_secs_f64()
         ));
         out(&format!(
-            "{:>7}  {:>9} {:>9}  {:>9} {:>9}  {:>9} {:>9}  {:>8}  {:>6}",
-            "RPS", "DIRECT50", "DIRECT99", "SLUICE50", "SLUICE99", "ADDED50", "ADDED99", "LAG99", "FAILED"
+            "{:>7}  {:>9} {:>9}  {:>9} {:>9}  {:>9} {:>9}  {:>9} {:>9}  {:>8}  {:>6}",
+            "RPS",
+            "DIRECT50",
+            "DIRECT99",
+            "SLUICE50",
+            "SLUICE99",
+            "ADDED50",
+            "ADDED99",
+            "UPSTRM50",
+            "UPSTRM99",
+            "LAG99",
+            "FAILED"
         ));
         for m in &measured {
             out(&format!(
-                "{:>7}  {:>9.1} {:>9.1}  {:>9.1} {:>9.1}  {:>9.1} {:>9.1}  {:>8.1}  {:>6}",
+                "{:>7}  {:>9.1} {:>9.1}  {:>9.1} {:>9.1}  {:>9.1} {:>9.1}  {:>9.1} {:>9.1}  {:>8.1}  {:>6}",
                 m.rps,
                 m.direct.percentile(50.0),
                 m.direct.percentile(99.0),
@@ -159,6 +176,8 @@ breaker: {{failure_threshold: 1000000000, cool_down_ms: 1}}
                 m.via.percentile(99.0),
                 m.via.percentile(50.0) - m.direct.percentile(50.0),
                 m.via.percentile(99.0) - m.direct.percentile(99.0),
+                m.upstream.percentile(50.0),
+                m.upstream.percentile(99.0),
                 m.lag.percentile(99.0),
                 m.direct.failed + m.via.failed
             ));
@@ -171,16 +190,37 @@ breaker: {{failure_threshold: 1000000000, cool_down_ms: 1}}
     Ok(())
 }
 
-async fn measure_all(args: &GatewayBenchArgs, targets: [SocketAddr; 2]) -> Result<Vec<Measured>> {
+async fn measure_all(args: &GatewayBenchArgs, targets: [SocketAddr; 2], engine: &Engine) -> Result<Vec<Measured>> {
     let clients = Arc::new(targets.map(Client::new));
     let mut measured = Vec::new();
     for &rps in &args.rps {
         if !args.warmup.is_zero() {
             load(&clients, rps, args.warmup).await;
         }
-        measured.push(load(&clients, rps, args.duration).await);
+        let since_ms = sluice_engine::now_ms();
+        let mut m = load(&clients, rps, args.duration).await;
+        m.upstream = upstream_latencies(engine, since_ms).await?;
+        measured.push(m);
     }
     Ok(measured)
+}
+
+/// The latencies (µs, sorted) of the gateway's calls recorded in the usage ledger since `since_ms`.
+async fn upstream_latencies(engine: &Engine, since_ms: i64) -> Result<Samples> {
+    engine.flush_usage().await.map_err(|e| anyhow::anyhow!("cannot write the usage rows: {e}"))?;
+    let mut samples = Samples::default();
+    let mut cursor = None;
+    loop {
+        let filter = UsageFilter { since_ms: Some(since_ms), cursor, limit: 1000, ..UsageFilter::default() };
+        let page = engine.store().list_usage("default", filter).await.context("cannot read the usage ledger")?;
+        samples.ok.extend(page.items.iter().map(|u| u.latency_us as f64));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    samples.ok.sort_by(f64::total_cmp);
+    Ok(samples)
 }
 
 /// Sends `rps` requests per second on each path for `duration`, alternating the paths, from a
@@ -228,7 +268,7 @@ async fn load(clients: &Arc<[Client; 2]>, rps: u32, duration: Duration) -> Measu
     let [mut direct, mut via] = paths;
     direct.ok.sort_by(f64::total_cmp);
     via.ok.sort_by(f64::total_cmp);
-    Measured { rps, direct, via, lag, seconds }
+    Measured { rps, direct, via, lag, upstream: Samples::default(), seconds }
 }
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,13 +1,30 @@
 //! The usage ledger and budgets around AI gateway calls: a call is admitted against the budgets
 //! of its tenant and API key (their spend loaded from the ledger when first needed), and every
 //! upstream attempt becomes a [`UsageRow`]. An `llm` step's rows are committed with the result
-//! they paid for; other calls (the chat endpoint) commit theirs on their own.
+//! they paid for; other calls (the chat endpoint) queue theirs for the [`UsageQueue`], which
+//! commits what is queued every few milliseconds in one batch.
 
 use sluice_gateway::budget::{Alert, Reservation};
 use sluice_gateway::{Exceeded, Gateway, Outcome, UsageRecord};
 use sluice_store::{Batch, BudgetAlertRow, UsageRow};
 
 use crate::{lock, new_id, now_ms, Engine, Error, Result};
+
+/// Queued rows that make the writer commit at once rather than at its next tick.
+const USAGE_BATCH: usize = 1000;
+/// Rows kept while the store refuses them; beyond this the oldest are dropped, loudly.
+const USAGE_MAX_QUEUED: usize = 200_000;
+
+/// Ledger rows waiting to be committed. Queuing one takes a lock and wakes no one (a wake-up per
+/// call costs more than the row), and one commit carries every row queued since the last: at
+/// thousands of calls a second the store sees fifty batches instead of thousands.
+#[derive(Default)]
+pub(crate) struct UsageQueue {
+    pending: std::sync::Mutex<Ledger>,
+    /// Held while rows are taken and committed, so that a flush waits for a commit under way.
+    writing: tokio::sync::Mutex<()>,
+    full: tokio::sync::Notify,
+}
 
 /// Who a gateway call is made for, as recorded in its ledger rows.
 #[derive(Debug, Clone, Default)]
@@ -83,7 +100,12 @@ impl Engine {
             return Ok(Reservation::default());
         }
         let now = now_ms();
-        for load in budgets.missing(&ctx.tenant, ctx.api_key.as_deref(), now) {
+        let missing = budgets.missing(&ctx.tenant, ctx.api_key.as_deref(), now);
+        if !missing.is_empty() {
+            // A spend read from the ledger must include the rows still queued.
+            self.flush_usage().await?;
+        }
+        for load in missing {
             let total = self
                 .inner
                 .store
@@ -172,6 +194,67 @@ impl Engine {
         }
         self.inner.store.commit(Batch { usage: ledger.usage, alerts: ledger.alerts, ..Batch::default() }).await?;
         Ok(())
+    }
+
+    /// Queues ledger rows that no execution carries; the usage writer commits them within
+    /// `EngineOptions::usage_every` (20 ms by default). [`Engine::flush_usage`] commits them now (readers of the ledger and
+    /// shutdown call it).
+    pub fn queue_usage(&self, ledger: Ledger) {
+        if ledger.is_empty() {
+            return;
+        }
+        let queue = &self.inner.usage;
+        let queued = {
+            let mut pending = lock(&queue.pending);
+            pending.usage.extend(ledger.usage);
+            pending.alerts.extend(ledger.alerts);
+            pending.usage.len()
+        };
+        if queued >= USAGE_BATCH {
+            queue.full.notify_one();
+        }
+    }
+
+    /// Commits every queued ledger row, waiting for a commit under way; on failure the rows stay
+    /// queued for the next try.
+    pub async fn flush_usage(&self) -> Result<()> {
+        let queue = &self.inner.usage;
+        let _writing = queue.writing.lock().await;
+        let ledger = std::mem::take(&mut *lock(&queue.pending));
+        if ledger.is_empty() {
+            return Ok(());
+        }
+        let (usage, alerts) = (ledger.usage.len(), ledger.alerts.len());
+        match self.record_usage(ledger.clone()).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let mut pending = lock(&queue.pending);
+                let newer = std::mem::take(&mut *pending);
+                *pending = ledger;
+                pending.usage.extend(newer.usage);
+                pending.alerts.extend(newer.alerts);
+                if pending.usage.len() > USAGE_MAX_QUEUED {
+                    let drop = pending.usage.len() - USAGE_MAX_QUEUED;
+                    pending.usage.drain(..drop);
+                    tracing::error!(dropped = drop, "usage rows dropped: the store has refused them too long");
+                }
+                tracing::warn!(error = %e, usage, alerts, "cannot write usage rows; will retry");
+                Err(e)
+            }
+        }
+    }
+
+    /// The usage writer: commits queued rows every `usage_every`, or at once when many wait.
+    pub(crate) async fn write_usage(self) {
+        let mut failures = 0u32;
+        loop {
+            let wait = self.inner.opts.usage_every * failures.clamp(1, 50);
+            let _ = tokio::time::timeout(wait, self.inner.usage.full.notified()).await;
+            failures = match self.flush_usage().await {
+                Ok(()) => 0,
+                Err(_) => failures + 1,
+            };
+        }
     }
 }
 

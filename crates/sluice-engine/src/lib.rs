@@ -48,6 +48,8 @@ pub struct EngineOptions {
     pub decide_time_limit: Duration,
     /// The AI gateway that serves `llm` steps; without one they fail with `llm.no_gateway`.
     pub gateway: Option<Arc<sluice_gateway::Gateway>>,
+    /// How often queued usage rows (of chat calls) are committed: the longest they wait in memory.
+    pub usage_every: Duration,
     /// Most executions of one tenant running at once; a start beyond it is refused.
     pub tenant_max_running: Option<u32>,
     /// This node's name among the nodes sharing the database: a process registering under the
@@ -66,6 +68,7 @@ impl Default for EngineOptions {
             cache_capacity: 100_000,
             decide_time_limit: Duration::from_secs(1),
             gateway: None,
+            usage_every: Duration::from_millis(20),
             tenant_max_running: None,
             node: "local".into(),
             lease: Duration::from_secs(10),
@@ -187,6 +190,8 @@ pub(crate) struct Inner {
     pub counters: Counters,
     /// Gateway attempts by (route, target, outcome).
     pub call_stats: SyncMutex<HashMap<(String, String, String), ledger::CallStats>>,
+    /// Ledger rows of chat calls, committed by the usage writer.
+    pub usage: ledger::UsageQueue,
     /// Per tenant, the gate that admits starts one at a time where a concurrency limit applies,
     /// so that two starts cannot both see room for one.
     pub admission: SyncMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -269,6 +274,7 @@ impl Engine {
             results: SyncMutex::new(RecentResults::default()),
             counters: Counters::default(),
             call_stats: SyncMutex::new(HashMap::new()),
+            usage: ledger::UsageQueue::default(),
             admission: SyncMutex::new(HashMap::new()),
             epoch,
             lease_lost: tokio::sync::watch::channel(false).0,
@@ -281,6 +287,7 @@ impl Engine {
         let handle = tokio::spawn(async move { bg.background().await });
         let leases = engine.clone();
         tokio::spawn(async move { leases.keep_lease().await });
+        tokio::spawn(engine.clone().write_usage());
         Ok((engine, handle))
     }
 

@@ -124,3 +124,76 @@ async fn the_trace_id_is_kept_inherited_and_handed_to_workers() {
     };
     assert!(TraceId::parse(own).is_some() && own != TRACE, "{own}");
 }
+
+fn usage_row(n: usize) -> sluice_store::UsageRow {
+    sluice_store::UsageRow {
+        id: format!("{n:036}"),
+        tenant: "t".into(),
+        at_ms: 1_700_000_000_000 + n as i64,
+        api_key: None,
+        source: "chat".into(),
+        route: "r".into(),
+        target: "p/m".into(),
+        provider: "p".into(),
+        model: "m".into(),
+        attempt: 1,
+        input_tokens: 1,
+        output_tokens: 1,
+        cost_usd: None,
+        latency_us: 10,
+        outcome: "success".into(),
+        experiment: None,
+        arm: None,
+        run_id: None,
+        workflow_id: None,
+        step: None,
+    }
+}
+
+async fn ledger_len(engine: &Engine) -> usize {
+    let mut filter = sluice_store::UsageFilter { limit: 1000, ..Default::default() };
+    let mut n = 0;
+    loop {
+        let page = engine.store().list_usage("t", filter.clone()).await.unwrap();
+        n += page.items.len();
+        match page.next_cursor {
+            Some(c) => filter.cursor = Some(c),
+            None => return n,
+        }
+    }
+}
+
+/// Queued usage rows (the chat endpoint's) reach the store without anyone asking, within the
+/// writer's tick; a flush writes what is queued at once; a burst is written whole.
+#[tokio::test]
+async fn queued_usage_rows_are_committed_by_the_writer_and_by_a_flush() {
+    let store = SqliteStore::open(&db_path("usage")).unwrap();
+    let (engine, _bg) = Engine::start(Arc::new(store), EngineOptions::default()).await.unwrap();
+    let ledger = |range: std::ops::Range<usize>| sluice_engine::Ledger {
+        usage: range.map(usage_row).collect(),
+        alerts: Vec::new(),
+    };
+
+    engine.queue_usage(ledger(0..3));
+    let mut written = 0;
+    for _ in 0..200 {
+        written = ledger_len(&engine).await;
+        if written == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(written, 3, "the writer commits queued rows on its own");
+
+    engine.queue_usage(ledger(3..5));
+    engine.flush_usage().await.unwrap();
+    assert_eq!(ledger_len(&engine).await, 5, "a flush commits what is queued before it returns");
+
+    for i in 0..25 {
+        engine.queue_usage(ledger(5 + i * 100..5 + (i + 1) * 100));
+    }
+    engine.flush_usage().await.unwrap();
+    assert_eq!(ledger_len(&engine).await, 2505);
+    engine.flush_usage().await.unwrap();
+    assert_eq!(ledger_len(&engine).await, 2505, "nothing is written twice");
+}

@@ -268,6 +268,12 @@ impl Config {
             }
         }
         for (name, experiment) in &self.experiments {
+            if self.routes.contains_key(name) {
+                return Err(invalid(
+                    format!("experiments.{name}"),
+                    "an experiment cannot share its name with a route (`model` in a chat request names either)",
+                ));
+            }
             experiment.validate(format!("experiments.{name}"), &self.routes)?;
         }
         Ok(())
@@ -458,6 +464,7 @@ breaker: {failure_threshold: 4}
             ("routes: {r: {targets: [{provider: o, model: m}]}}\nexperiments: {e: {arms: [{name: a, route: r, weight: 0}]}}", "experiments.e.arms: an experiment needs an arm"),
             ("routes: {r: {targets: [{provider: o, model: m}]}}\nexperiments: {e: {arms: [{name: a, route: r}, {name: a, route: r}]}}", "experiments.e.arms[1].name"),
             ("routes: {r: {targets: [{provider: o, model: m}]}}\nexperiments: {e: {arms: [{name: a, route: r, wieght: 1}]}}", "unknown field `wieght`"),
+            ("routes: {r: {targets: [{provider: o, model: m}]}}\nexperiments: {r: {arms: [{name: a, route: r}]}}", "at experiments.r: an experiment cannot share its name with a route"),
         ];
         for (text, expect) in cases {
             let full = if text.starts_with("providers") { text.to_string() } else { format!("{p}{text}") };

@@ -119,7 +119,7 @@ impl Gateway {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, ConfigError> {
         config.validate()?;
-        let client = reqwest::Client::builder().build().map_err(|e| ConfigError::Client(e.to_string()))?;
+        let client = crate::provider::http_client().map_err(ConfigError::Client)?;
         let mut providers = HashMap::new();
         for (name, p) in &config.providers {
             let key = match &p.api_key_env {

@@ -93,15 +93,22 @@ pub enum FinishReason {
     Other(String),
 }
 
+impl FinishReason {
+    /// The reason as OpenAI's wire format spells it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::ToolCalls => "tool_calls",
+            Self::ContentFilter => "content_filter",
+            Self::Other(s) => s,
+        }
+    }
+}
+
 impl fmt::Display for FinishReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Stop => f.write_str("stop"),
-            Self::Length => f.write_str("length"),
-            Self::ToolCalls => f.write_str("tool_calls"),
-            Self::ContentFilter => f.write_str("content_filter"),
-            Self::Other(s) => f.write_str(s),
-        }
+        f.write_str(self.as_str())
     }
 }
 

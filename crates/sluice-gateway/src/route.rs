@@ -313,7 +313,11 @@ mod tests {
     use crate::provider::OpenAi;
 
     fn route(policy: Policy, weights: &[u32]) -> Route {
-        let provider = Arc::new(Provider::OpenAi(OpenAi::new(reqwest::Client::new(), "http://127.0.0.1:9", None)));
+        let provider = Arc::new(Provider::OpenAi(OpenAi::new(
+            crate::provider::http_client().unwrap_or_else(|e| panic!("{e}")),
+            "http://127.0.0.1:9",
+            None,
+        )));
         let targets = weights
             .iter()
             .enumerate()

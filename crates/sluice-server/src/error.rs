@@ -46,6 +46,7 @@ pub const CODES: &[(&str, u16)] = &[
     ("concurrency_limited", 429),
     ("internal", 500),
     ("upstream_failed", 502),
+    ("invalid_output", 502),
     ("identity_provider_failed", 502),
     ("upstream_unavailable", 503),
     ("storage_unavailable", 503),

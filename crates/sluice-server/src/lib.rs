@@ -167,10 +167,16 @@ pub async fn serve_with(
     opts: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    match opts.tls.clone() {
+    let ledger = engine.clone();
+    let served = match opts.tls.clone() {
         Some(tls) => tls::serve(listener, router_with(engine, opts), tls, shutdown).await,
         None => serve_router(listener, router_with(engine, opts), shutdown).await,
+    };
+    // Chat calls answered before the shutdown have their usage rows queued: write them now.
+    if let Err(e) = ledger.flush_usage().await {
+        tracing::error!(error = %e, "usage rows of answered chat calls could not be written at shutdown");
     }
+    served
 }
 
 /// Serves `app` over plain TCP (with `TCP_NODELAY`) until `shutdown` resolves. Handlers see each

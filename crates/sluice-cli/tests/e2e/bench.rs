@@ -30,6 +30,9 @@ async fn bench_gateway_reports_direct_and_via_sluice_latencies() {
     let added = rate["via_sluice"]["p50"].as_f64().unwrap() - rate["direct"]["p50"].as_f64().unwrap();
     assert!((rate["added"]["p50"].as_f64().unwrap() - added).abs() < 1e-9, "{rate}");
     assert!(rate["added"]["p99"].is_f64() && rate["send_lag"]["p99"].is_f64(), "{rate}");
+    // The gateway's own exchange with the upstream, from the usage ledger, lies inside each call.
+    let upstream = rate["gateway_to_upstream"]["p50"].as_f64().unwrap();
+    assert!(0.0 < upstream && upstream < rate["via_sluice"]["p50"].as_f64().unwrap(), "{rate}");
 }
 
 #[tokio::test]

@@ -16,7 +16,12 @@ providers:
   fake: {{kind: openai, base_url: '{base}'}}
 routes:
   chat:
+    precision: precise
     targets: [{{provider: fake, model: fake-model}}]
+  precise:
+    targets: [{{provider: fake, model: precise-model}}]
+  cheap:
+    targets: [{{provider: fake, model: cheap-model}}]
   fallback:
     retry: {{max_attempts: 1}}
     targets:
@@ -26,6 +31,11 @@ routes:
     retry: {{max_attempts: 1}}
     targets:
       - {{provider: fake, model: fragile-model, breaker: {{failure_threshold: 1, cool_down_ms: 60000}}}}
+experiments:
+  tone:
+    arms:
+      - {{name: control, route: chat}}
+      - {{name: terse, route: cheap}}
 prices:
   fake-model: {{input_per_mtok: 1, output_per_mtok: 2}}
 ",
@@ -251,4 +261,182 @@ async fn the_official_openai_python_package_works_against_sluice() {
     assert!(lines[2]["error"].as_str().unwrap_or("").contains("cut"), "the SDK must raise on a cut: {}", lines[2]);
     let sent = &vendor.received()[0].body;
     assert_eq!((sent["messages"][0]["role"].as_str(), sent["max_tokens"].as_u64()), (Some("system"), Some(50)));
+}
+
+/// The ledger once it holds `n` rows (newest first).
+async fn ledger(api: &Api, n: usize) -> Vec<Value> {
+    let (status, body) = api.get("/v1/usage?limit=500").await;
+    assert_eq!(status, 200, "{body}");
+    let rows = body["usage"].as_array().cloned().unwrap_or_default();
+    assert!(rows.len() >= n, "the ledger holds {} rows, expected {n}: {body}", rows.len());
+    rows
+}
+
+/// Posts a chat request; returns the status, the experiment and arm headers, and the body.
+async fn call(api: &Api, body: &Value) -> (u16, Option<String>, Option<String>, Value) {
+    let r = api.request(reqwest::Method::POST, "/v1/chat/completions").json(body).send().await.unwrap();
+    let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let (experiment, arm) = (header("x-sluice-experiment"), header("x-sluice-arm"));
+    (r.status().as_u16(), experiment, arm, r.json().await.unwrap())
+}
+
+/// Issue 4: `precision: true` is served by the route's precision tier, streamed or not; without
+/// it, by the route itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_precision_selects_the_routes_precision_tier() {
+    let vendor = FakeVendor::start().await;
+    let dir = TempDir::new("chat-precision");
+    let server = server_for(&vendor, &dir).await;
+    let api = server.api();
+
+    let (status, body) = api.post("/v1/chat/completions", &ask("chat", json!({"precision": true}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model"], "precise-model", "{body}");
+    assert_eq!(vendor.received().last().unwrap().body["model"], "precise-model");
+
+    for extra in [json!({}), json!({"precision": false})] {
+        let (status, body) = api.post("/v1/chat/completions", &ask("chat", extra)).await;
+        assert_eq!((status, body["model"].as_str()), (200, Some("fake-model")), "{body}");
+    }
+
+    vendor.push(Reply::stream(&["pre", "cise"], 2, 2));
+    let (status, _, data) = stream(&api, &ask("chat", json!({"stream": true, "precision": true}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+    assert!(json_of(&data).iter().all(|c| c["model"] == "precise-model"), "{data:?}");
+    assert_eq!(vendor.received().last().unwrap().body["model"], "precise-model");
+
+    // The ledger names the route that served each call.
+    let routes: Vec<String> =
+        ledger(&api, 4).await.iter().map(|r| r["route"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(routes, ["precise", "chat", "chat", "precise"]);
+}
+
+/// Issue 4: `model` may name an experiment; `user` is the sticky key, so a user keeps its arm,
+/// users spread over the arms, the answer names the arm, and the ledger records it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_experiments_assign_arms_sticky_by_user() {
+    let vendor = FakeVendor::start().await;
+    let dir = TempDir::new("chat-experiment");
+    let server = server_for(&vendor, &dir).await;
+    let api = server.api();
+    let arm_model = |arm: &str| match arm {
+        "control" => "fake-model",
+        "terse" => "cheap-model",
+        other => panic!("unknown arm {other}"),
+    };
+
+    let mut arms = std::collections::BTreeMap::new();
+    for i in 0..24 {
+        let user = format!("user-{i}");
+        let mut first = None;
+        for _ in 0..2 {
+            let (status, experiment, arm, body) = call(&api, &ask("tone", json!({"user": user}))).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(experiment.as_deref(), Some("tone"));
+            let arm = arm.unwrap();
+            assert_eq!(body["model"], arm_model(&arm), "{user}: {body}");
+            assert_eq!(vendor.received().last().unwrap().body["model"], arm_model(&arm));
+            match &first {
+                None => first = Some(arm),
+                Some(f) => assert_eq!(f, &arm, "{user} must keep its arm"),
+            }
+        }
+        arms.insert(user, first.unwrap());
+    }
+    let terse = arms.values().filter(|a| *a == "terse").count();
+    assert!((4..=20).contains(&terse), "the arms must both get users: {arms:?}");
+
+    // A stream through the experiment is served by the same arm.
+    vendor.push(Reply::stream(&["hi"], 1, 1));
+    let r = api
+        .request(reqwest::Method::POST, "/v1/chat/completions")
+        .json(&ask("tone", json!({"user": "user-0", "stream": true})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers().get("x-sluice-arm").and_then(|v| v.to_str().ok()), Some(arms["user-0"].as_str()));
+    assert!(r.text().await.unwrap().contains(&format!("\"model\":\"{}\"", arm_model(&arms["user-0"]))));
+
+    // Every usage row carries the experiment and the arm; plain route calls carry none.
+    let rows = ledger(&api, 49).await;
+    assert!(rows.iter().all(|r| r["experiment"] == "tone"), "{rows:?}");
+    assert_eq!(rows.iter().filter(|r| r["arm"] == "terse").count(), 2 * terse);
+    assert_eq!(rows[0]["arm"], arms["user-0"].as_str());
+    let (status, _, arm, _) = call(&api, &ask("chat", json!({"user": "user-0"}))).await;
+    assert_eq!((status, arm), (200, None));
+    assert!(ledger(&api, 50).await[0]["experiment"].is_null());
+}
+
+/// Issue 4: `response_format: json_schema` checks the answer against the schema, with one repair
+/// call that quotes the errors; an answer still invalid after it is a 502 naming what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_structured_output_is_checked_with_one_repair() {
+    let vendor = FakeVendor::start().await;
+    let dir = TempDir::new("chat-structured");
+    let server = server_for(&vendor, &dir).await;
+    let api = server.api();
+    let schema = json!({
+        "type": "object",
+        "required": ["label", "score"],
+        "properties": {"label": {"enum": ["spam", "ham"]}, "score": {"type": "number"}},
+        "additionalProperties": false,
+    });
+    let format = json!({"response_format": {"type": "json_schema",
+        "json_schema": {"name": "verdict", "schema": schema, "strict": true}}});
+
+    // A valid answer in a code fence: one call, the checked JSON as the content.
+    vendor.push(Reply::text("```json\n{\"label\": \"ham\", \"score\": 0.2}\n```", 5, 5));
+    let before = vendor.requests();
+    let (status, body) = api.post("/v1/chat/completions", &ask("chat", format.clone())).await;
+    assert_eq!(status, 200, "{body}");
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(serde_json::from_str::<Value>(content).unwrap(), json!({"label": "ham", "score": 0.2}));
+    assert_eq!(vendor.requests(), before + 1);
+    let sent = vendor.received().last().unwrap().body.clone();
+    assert_eq!(sent["response_format"], json!({"type": "json_object"}), "the upstream is asked for JSON: {sent}");
+
+    // An invalid answer gets one repair call that lists the errors; its answer is returned.
+    vendor.push(Reply::text("{\"label\": \"eggs\"}", 5, 5)).push(Reply::text(
+        "{\"label\": \"spam\", \"score\": 1}",
+        7,
+        3,
+    ));
+    let (status, body) = api.post("/v1/chat/completions", &ask("chat", format.clone())).await;
+    assert_eq!(status, 200, "{body}");
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(serde_json::from_str::<Value>(content).unwrap(), json!({"label": "spam", "score": 1}));
+    assert_eq!(body["usage"]["prompt_tokens"], 7, "the usage is the answer's: {body}");
+    let repair = vendor.received().last().unwrap().body.clone();
+    let messages = repair["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 3, "{repair}");
+    assert_eq!(messages[1], json!({"role": "assistant", "content": "{\"label\": \"eggs\"}"}));
+    let ask_again = messages[2]["content"].as_str().unwrap();
+    assert!(ask_again.contains("`/label`") && ask_again.contains("\"score\" is a required property"), "{ask_again}");
+
+    // Invalid twice: 502 with the validation errors, after exactly two upstream calls.
+    vendor.push(Reply::text("not json", 1, 1)).push(Reply::text("{\"label\": \"ham\", \"score\": \"low\"}", 1, 1));
+    let before = vendor.requests();
+    let (status, body) = api.post("/v1/chat/completions", &ask("chat", format.clone())).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_output", "{body}");
+    let errors = body["error"]["details"]["errors"].to_string();
+    assert!(errors.contains("/score") && errors.contains("not of type"), "{body}");
+    assert_eq!(vendor.requests(), before + 2);
+
+    // Both calls of a repaired answer are in the ledger (1 + 2 + 2 rows).
+    let rows = ledger(&api, 5).await;
+    assert_eq!(rows.iter().filter(|r| r["outcome"] == "success").count(), 5, "{rows:?}");
+
+    // A schema that does not compile is refused before any call; so is streaming one.
+    let before = vendor.requests();
+    let bad = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}});
+    let (status, body) = api.post("/v1/chat/completions", &ask("chat", bad)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_request")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("response_format.json_schema.schema"), "{body}");
+    let mut streamed = format.clone();
+    streamed["stream"] = json!(true);
+    let (status, body) = api.post("/v1/chat/completions", &ask("chat", streamed)).await;
+    assert_eq!((status, body["error"]["details"]["field"].as_str()), (400, Some("stream")), "{body}");
+    assert_eq!(vendor.requests(), before, "refused requests must not reach the upstream");
 }

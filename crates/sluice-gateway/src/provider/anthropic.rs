@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use std::collections::BTreeMap;
+
+use hyper::header::{HeaderName, HeaderValue};
 
 use serde::{Deserialize, Serialize};
 
-use super::http::{post_for_stream, post_json};
+use super::http::{Endpoint, HttpClient};
 use super::sse::SseEvent;
 use super::stream::{ChatStream, Decoder, Piece};
 use super::ApiKey;
@@ -21,37 +22,22 @@ pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 const JSON_INSTRUCTION: &str = "Answer with a single JSON object and nothing else.";
 
 /// An Anthropic Messages API upstream.
-// Debug is derived: `ApiKey` prints itself redacted.
 #[derive(Clone, Debug)]
 pub struct Anthropic {
-    client: reqwest::Client,
-    /// `{base_url}/messages`, parsed once rather than on every call (or why it does not parse).
-    endpoint: Result<reqwest::Url, String>,
-    api_key: Option<ApiKey>,
+    /// `{base_url}/messages` with its headers (the version and the key), made once.
+    endpoint: Endpoint,
 }
 
 impl Anthropic {
     /// `base_url` ends before `/messages`, e.g. `https://api.anthropic.com/v1`.
-    pub fn new(client: reqwest::Client, base_url: &str, api_key: Option<ApiKey>) -> Self {
-        let endpoint = super::http::endpoint(base_url.trim_end_matches('/'), "messages");
-        Self { client, endpoint, api_key }
-    }
-
-    fn headers(&self) -> Result<HeaderMap, UpstreamError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(HeaderName::from_static("anthropic-version"), HeaderValue::from_static(API_VERSION));
-        if let Some(key) = &self.api_key {
-            let mut value = HeaderValue::from_str(key.expose())
-                .map_err(|_| UpstreamError::Request("the API key is not a valid header value".into()))?;
-            value.set_sensitive(true);
-            headers.insert(HeaderName::from_static("x-api-key"), value);
-        }
-        Ok(headers)
+    pub fn new(client: HttpClient, base_url: &str, api_key: Option<ApiKey>) -> Self {
+        let version = (HeaderName::from_static("anthropic-version"), HeaderValue::from_static(API_VERSION));
+        let secret = api_key.map(|k| (HeaderName::from_static("x-api-key"), k.expose().to_string()));
+        Self { endpoint: Endpoint::new(client, base_url, "messages", &[version], secret) }
     }
 
     pub async fn chat(&self, model: &str, req: &ChatRequest, timeout: Duration) -> Result<ChatResponse, UpstreamError> {
-        let url = self.endpoint.clone().map_err(UpstreamError::Request)?;
-        let body = post_json(&self.client, url, self.headers()?, &to_wire(model, req), timeout).await?;
+        let body = self.endpoint.post_json(&to_wire(model, req), timeout).await?;
         let wire: WireResponse =
             serde_json::from_slice(&body).map_err(|e| UpstreamError::Malformed(format!("message: {e}")))?;
         Ok(from_wire(wire))
@@ -63,11 +49,10 @@ impl Anthropic {
         req: &ChatRequest,
         timeout: Duration,
     ) -> Result<ChatStream, UpstreamError> {
-        let url = self.endpoint.clone().map_err(UpstreamError::Request)?;
         let mut wire = to_wire(model, req);
         wire.stream = true;
-        let resp = post_for_stream(&self.client, url, self.headers()?, &wire, timeout).await?;
-        Ok(ChatStream::new(resp, timeout, Decoder::Anthropic(StreamDecoder::default())))
+        let body = self.endpoint.post_for_stream(&wire, timeout).await?;
+        Ok(ChatStream::new(body, timeout, Decoder::Anthropic(StreamDecoder::default())))
     }
 }
 

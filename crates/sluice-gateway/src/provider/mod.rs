@@ -13,6 +13,7 @@ use crate::error::UpstreamError;
 use crate::model::{ChatRequest, ChatResponse};
 
 pub use anthropic::Anthropic;
+pub use http::{client as http_client, HttpClient};
 pub use openai::OpenAi;
 pub use stream::ChatStream;
 

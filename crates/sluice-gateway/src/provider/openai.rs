@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use hyper::header::AUTHORIZATION;
 use serde::{Deserialize, Serialize};
 
-use super::http::{post_for_stream, post_json};
+use super::http::{Endpoint, HttpClient};
 use super::sse::SseEvent;
 use super::stream::{ChatStream, Decoder, Piece};
 use super::ApiKey;
@@ -14,37 +14,22 @@ use crate::error::UpstreamError;
 use crate::model::{ChatRequest, ChatResponse, FinishReason, Message, Role, ToolCall, Usage};
 
 /// An OpenAI-compatible upstream.
-// Debug is derived: `ApiKey` prints itself redacted.
 #[derive(Clone, Debug)]
 pub struct OpenAi {
-    client: reqwest::Client,
-    /// `{base_url}/chat/completions`, parsed once rather than on every call (or why it does not parse).
-    endpoint: Result<reqwest::Url, String>,
-    api_key: Option<ApiKey>,
+    /// `{base_url}/chat/completions` with its headers (the bearer key), made once.
+    endpoint: Endpoint,
 }
 
 impl OpenAi {
     /// `base_url` ends before `/chat/completions`, e.g. `https://api.openai.com/v1` or
     /// `http://localhost:11434/v1`; local servers often need no key.
-    pub fn new(client: reqwest::Client, base_url: &str, api_key: Option<ApiKey>) -> Self {
-        let endpoint = super::http::endpoint(base_url.trim_end_matches('/'), "chat/completions");
-        Self { client, endpoint, api_key }
-    }
-
-    fn headers(&self) -> Result<HeaderMap, UpstreamError> {
-        let mut headers = HeaderMap::new();
-        if let Some(key) = &self.api_key {
-            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                .map_err(|_| UpstreamError::Request("the API key is not a valid header value".into()))?;
-            value.set_sensitive(true);
-            headers.insert(AUTHORIZATION, value);
-        }
-        Ok(headers)
+    pub fn new(client: HttpClient, base_url: &str, api_key: Option<ApiKey>) -> Self {
+        let secret = api_key.map(|k| (AUTHORIZATION, format!("Bearer {}", k.expose())));
+        Self { endpoint: Endpoint::new(client, base_url, "chat/completions", &[], secret) }
     }
 
     pub async fn chat(&self, model: &str, req: &ChatRequest, timeout: Duration) -> Result<ChatResponse, UpstreamError> {
-        let url = self.endpoint.clone().map_err(UpstreamError::Request)?;
-        let body = post_json(&self.client, url, self.headers()?, &to_wire(model, req), timeout).await?;
+        let body = self.endpoint.post_json(&to_wire(model, req), timeout).await?;
         let wire: WireResponse =
             serde_json::from_slice(&body).map_err(|e| UpstreamError::Malformed(format!("chat completion: {e}")))?;
         from_wire(wire)
@@ -57,12 +42,11 @@ impl OpenAi {
         req: &ChatRequest,
         timeout: Duration,
     ) -> Result<ChatStream, UpstreamError> {
-        let url = self.endpoint.clone().map_err(UpstreamError::Request)?;
         let mut wire = to_wire(model, req);
         wire.stream = true;
         wire.stream_options = Some(StreamOptions { include_usage: true });
-        let resp = post_for_stream(&self.client, url, self.headers()?, &wire, timeout).await?;
-        Ok(ChatStream::new(resp, timeout, Decoder::OpenAi(StreamDecoder::default())))
+        let body = self.endpoint.post_for_stream(&wire, timeout).await?;
+        Ok(ChatStream::new(body, timeout, Decoder::OpenAi(StreamDecoder::default())))
     }
 }
 

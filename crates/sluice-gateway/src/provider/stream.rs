@@ -4,6 +4,9 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
 use super::sse::{SseEvent, SseParser};
 use super::{anthropic, openai};
 use crate::error::UpstreamError;
@@ -33,7 +36,7 @@ impl Decoder {
 
 #[derive(Debug)]
 pub struct ChatStream {
-    response: reqwest::Response,
+    body: Incoming,
     /// The longest silence tolerated between two chunks.
     idle_timeout: Duration,
     parser: SseParser,
@@ -44,9 +47,9 @@ pub struct ChatStream {
 }
 
 impl ChatStream {
-    pub(crate) fn new(response: reqwest::Response, idle_timeout: Duration, decoder: Decoder) -> Self {
+    pub(crate) fn new(body: Incoming, idle_timeout: Duration, decoder: Decoder) -> Self {
         Self {
-            response,
+            body,
             idle_timeout,
             parser: SseParser::default(),
             decoder,
@@ -65,12 +68,14 @@ impl ChatStream {
             if self.finished {
                 return None;
             }
-            let chunk = match tokio::time::timeout(self.idle_timeout, self.response.chunk()).await {
-                Ok(Ok(Some(chunk))) => chunk,
-                Ok(Ok(None)) => {
-                    return self.fail(UpstreamError::StreamCut("the upstream closed the stream early".into()))
-                }
-                Ok(Err(e)) => return self.fail(UpstreamError::StreamCut(e.to_string())),
+            let chunk = match tokio::time::timeout(self.idle_timeout, self.body.frame()).await {
+                // Trailers carry no data.
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(chunk) => chunk,
+                    Err(_) => continue,
+                },
+                Ok(None) => return self.fail(UpstreamError::StreamCut("the upstream closed the stream early".into())),
+                Ok(Some(Err(e))) => return self.fail(UpstreamError::StreamCut(super::http::chain(&e))),
                 Err(_) => {
                     let silence = format!("no data for {:?}", self.idle_timeout);
                     return self.fail(UpstreamError::StreamCut(silence));

@@ -64,6 +64,8 @@ pub async fn list(
         (None, Some(wid)) => Some(app.engine.get_execution(&p.tenant, &wid, None).await?.run_id),
         (None, None) => None,
     };
+    // Chat calls queue their rows: what was answered before this request is listed.
+    app.engine.flush_usage().await?;
     let filter = UsageFilter { run_id, api_key: q.api_key, since_ms: q.since_ms, cursor: q.cursor, limit };
     let page = app.engine.store().list_usage(&p.tenant, filter).await.map_err(EngineError::from)?;
     let items: Vec<Value> = page.items.iter().map(usage_json).collect();
@@ -76,6 +78,7 @@ pub async fn budgets(State(app): State<AppState>, Caller(p): Caller) -> Result<J
     let Some(gateway) = app.gateway.clone() else {
         return Err(ApiError::gateway_not_configured());
     };
+    app.engine.flush_usage().await?;
     let now = now_ms();
     let store = app.engine.store();
     let mut budgets = Vec::new();
