@@ -133,7 +133,7 @@ pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out:
         let mut servers = Vec::new();
         for _ in 0..args.nodes {
             let opts = EngineOptions { node: sluice_engine::unique_node_name(), ..EngineOptions::default() };
-            let (engine, listener, addr) = crate::server::start(&db, "127.0.0.1", 0, opts).await?;
+            let (engine, listener, addr) = crate::server::start(&db, "127.0.0.1", 0, opts, true).await?;
             let directory = if auth {
                 let dir = crate::server::open_directory(engine.store()).await?;
                 if key.is_none() {

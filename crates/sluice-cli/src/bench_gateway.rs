@@ -112,6 +112,7 @@ breaker: {{failure_threshold: 1000000000, cool_down_ms: 1}}
         "127.0.0.1",
         0,
         sluice_engine::EngineOptions { gateway: Some(gateway.clone()), ..Default::default() },
+        false,
     )
     .await;
     let result = match started {

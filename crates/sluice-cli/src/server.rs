@@ -70,20 +70,25 @@ pub fn describe_database(database: &str) -> String {
     }
 }
 
-/// Opens the store, recovers the engine and binds the listener.
+/// Binds the listener, opens the store and recovers the engine. With `advertise`, the node
+/// tells the others its plain-HTTP address, so that they can send it what only it may do.
 pub async fn start(
     database: &str,
     bind: &str,
     port: u16,
-    opts: EngineOptions,
+    mut opts: EngineOptions,
+    advertise: bool,
 ) -> Result<(Engine, TcpListener, SocketAddr)> {
-    let store = open_store(database).await?;
-    let (engine, _bg) =
-        Engine::start(store, opts).await.map_err(|e| anyhow::anyhow!("cannot start the engine: {e}"))?;
     let listener = TcpListener::bind((bind, port)).await.with_context(|| {
         format!("cannot listen on {bind}:{port}; is another server running? pick another with --port")
     })?;
     let addr = listener.local_addr()?;
+    if advertise {
+        opts.url = Some(format!("http://{addr}"));
+    }
+    let store = open_store(database).await?;
+    let (engine, _bg) =
+        Engine::start(store, opts).await.map_err(|e| anyhow::anyhow!("cannot start the engine: {e}"))?;
     Ok((engine, listener, addr))
 }
 
@@ -241,7 +246,7 @@ pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
     let gateway = gateway_of(&args)?;
     let oidc = oidc_of(&args)?;
     let (engine, listener, addr) =
-        start(&args.database, &args.bind, args.port, args.engine_options(gateway.clone())).await?;
+        start(&args.database, &args.bind, args.port, args.engine_options(gateway.clone()), tls.is_none()).await?;
     let directory = if args.insecure_no_auth {
         warn_insecure();
         None
@@ -351,7 +356,7 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace
     let gateway = gateway_of(&args)?;
     let oidc = oidc_of(&args)?;
     let (engine, listener, addr) =
-        start(&args.database, &args.bind, args.port, args.engine_options(gateway.clone())).await?;
+        start(&args.database, &args.bind, args.port, args.engine_options(gateway.clone()), tls.is_none()).await?;
     let url = url_of(addr, tls.as_ref());
     let published = publish_examples(&engine, &examples).await;
     // A local tenant, a key for you (printed once) and one for the demo worker.

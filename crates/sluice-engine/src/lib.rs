@@ -59,6 +59,9 @@ pub struct EngineOptions {
     /// How long the node's lease on its executions lasts without renewal; renewed every third
     /// of it. When it runs out, another node takes them over.
     pub lease: Duration,
+    /// Where other nodes reach this one (`http://host:port`), to send it signals and other
+    /// changes to the executions it owns.
+    pub url: Option<String>,
 }
 
 impl Default for EngineOptions {
@@ -72,6 +75,7 @@ impl Default for EngineOptions {
             tenant_max_running: None,
             node: "local".into(),
             lease: Duration::from_secs(10),
+            url: None,
         }
     }
 }
@@ -260,7 +264,7 @@ impl Engine {
             .build()
             .map_err(|e| Error::Internal(e.to_string()))?;
         let lease_ms = i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX);
-        let epoch = store.register_node(&opts.node, lease_ms).await?;
+        let epoch = store.register_node(&opts.node, opts.url.as_deref(), lease_ms).await?;
         let inner = Arc::new(Inner {
             store,
             execs: SyncMutex::new(cache::ExecCache::new(opts.cache_capacity)),
@@ -358,6 +362,16 @@ impl Engine {
     pub async fn lease_lost(&self) {
         let mut rx = self.inner.lease_lost.subscribe();
         let _ = rx.wait_for(|lost| *lost).await;
+    }
+
+    /// Where to send a change to `workflow_id` that only its owner may make: the address of the
+    /// node that owns its latest run, when that is another node and it advertised one.
+    pub async fn owner_elsewhere(&self, tenant: &str, workflow_id: &str) -> Result<Option<String>> {
+        let Some(row) = self.inner.store.get_execution(tenant, workflow_id, None).await? else {
+            return Ok(None);
+        };
+        let url = self.inner.store.owner_url(tenant, &row.run_id).await?;
+        Ok(url.filter(|u| Some(u) != self.inner.opts.url.as_ref()))
     }
 
     /// Whether this node lost its lease.

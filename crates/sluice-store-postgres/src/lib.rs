@@ -226,9 +226,14 @@ impl Store for PostgresStore {
         Box::pin(read::ping(&self.pool))
     }
 
-    fn register_node(&self, node: &str, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
-        let node = node.to_owned();
-        Box::pin(async move { writer::register_node(&self.pool, &node, lease_ms).await })
+    fn register_node(&self, node: &str, url: Option<&str>, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
+        let (node, url) = (node.to_owned(), url.map(str::to_owned));
+        Box::pin(async move { writer::register_node(&self.pool, &node, url.as_deref(), lease_ms).await })
+    }
+
+    fn owner_url(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<Option<String>>> {
+        let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
+        Box::pin(async move { read::owner_url(&self.pool, &tenant, &run_id).await })
     }
 
     fn renew_lease(&self, epoch: i64, lease_ms: i64) -> BoxFuture<'_, Result<bool>> {

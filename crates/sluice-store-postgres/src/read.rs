@@ -212,6 +212,19 @@ pub(crate) async fn list_executions(
     Ok(Page::from_fetched(items, limit, |r| &r.run_id))
 }
 
+pub(crate) async fn owner_url(pool: &Pool, tenant: &str, run_id: &str) -> Result<Option<String>, StoreError> {
+    let rows = query(
+        pool,
+        "SELECT n.url FROM executions x JOIN nodes n ON n.epoch = x.owner WHERE x.run_id = $1 AND x.tenant = $2",
+        &[&run_id, &tenant],
+    )
+    .await?;
+    match rows.first() {
+        Some(r) => get::<Option<String>>(r, 0),
+        None => Ok(None),
+    }
+}
+
 pub(crate) async fn count_running(pool: &Pool, tenant: &str, workflow: Option<&str>) -> Result<u64, StoreError> {
     let rows = match workflow {
         Some(w) => {

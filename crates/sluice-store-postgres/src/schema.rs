@@ -166,7 +166,8 @@ const MIGRATIONS: &[&str] = &[
         epoch         BIGSERIAL PRIMARY KEY,
         node          TEXT   NOT NULL,
         started_at_ms BIGINT NOT NULL,
-        expires_at_ms BIGINT NOT NULL
+        expires_at_ms BIGINT NOT NULL,
+        url           TEXT
     );
     CREATE INDEX nodes_by_name ON nodes (node);
     ALTER TABLE executions ADD COLUMN owner BIGINT;

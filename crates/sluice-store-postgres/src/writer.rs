@@ -125,14 +125,20 @@ pub(crate) async fn put_doc(pool: &Pool, d: &Doc) -> Result<bool, StoreError> {
 const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 /// Ends the earlier epochs of `node` and starts a new one.
-pub(crate) async fn register_node(pool: &Pool, node: &str, lease_ms: i64) -> Result<i64, StoreError> {
+pub(crate) async fn register_node(
+    pool: &Pool,
+    node: &str,
+    url: Option<&str>,
+    lease_ms: i64,
+) -> Result<i64, StoreError> {
     let mut client = pool.get().await.map_err(pool_err)?;
     let tx = client.transaction().await.map_err(db_err)?;
     tx.execute("DELETE FROM nodes WHERE node = $1", &[&node]).await.map_err(db_err)?;
     let sql = format!(
-        "INSERT INTO nodes (node, started_at_ms, expires_at_ms) VALUES ($1, {DB_NOW_MS}, {DB_NOW_MS} + $2) RETURNING epoch"
+        "INSERT INTO nodes (node, started_at_ms, expires_at_ms, url) VALUES ($1, {DB_NOW_MS}, {DB_NOW_MS} + $2, $3)
+         RETURNING epoch"
     );
-    let row = tx.query_one(&sql, &[&node, &lease_ms]).await.map_err(db_err)?;
+    let row = tx.query_one(&sql, &[&node, &lease_ms, &url]).await.map_err(db_err)?;
     let epoch: i64 = row.try_get(0).map_err(db_err)?;
     tx.commit().await.map_err(db_err)?;
     Ok(epoch)

@@ -218,8 +218,11 @@ impl Store for TestStore {
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         self.store.ping()
     }
-    fn register_node(&self, node: &str, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
-        self.store.register_node(node, lease_ms)
+    fn register_node(&self, node: &str, url: Option<&str>, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
+        self.store.register_node(node, url, lease_ms)
+    }
+    fn owner_url(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<Option<String>>> {
+        self.store.owner_url(tenant, run_id)
     }
     fn renew_lease(&self, epoch: i64, lease_ms: i64) -> BoxFuture<'_, Result<bool>> {
         self.store.renew_lease(epoch, lease_ms)

@@ -273,10 +273,10 @@ impl Store for SqliteStore {
         Box::pin(self.readers.run(read::ping))
     }
 
-    fn register_node(&self, node: &str, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
-        let node = node.to_owned();
+    fn register_node(&self, node: &str, url: Option<&str>, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
+        let (node, url) = (node.to_owned(), url.map(str::to_owned));
         Box::pin(async move {
-            match self.write_reply(Op::RegisterNode { node, lease_ms }).await? {
+            match self.write_reply(Op::RegisterNode { node, url, lease_ms }).await? {
                 Reply::Epoch(epoch) => Ok(epoch),
                 other => Err(StoreError::Internal(format!("the writer answered {other:?} to a node registration"))),
             }
@@ -285,6 +285,11 @@ impl Store for SqliteStore {
 
     fn renew_lease(&self, epoch: i64, lease_ms: i64) -> BoxFuture<'_, Result<bool>> {
         Box::pin(self.write(Op::RenewLease { epoch, lease_ms }))
+    }
+
+    fn owner_url(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<Option<String>>> {
+        let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
+        Box::pin(self.readers.run(move |c| read::owner_url(c, &tenant, &run_id)))
     }
 
     fn take_over(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(String, String)>>> {

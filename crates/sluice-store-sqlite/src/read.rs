@@ -233,6 +233,15 @@ pub(crate) fn list_executions(
     Ok(Page::from_fetched(items, limit, |r| &r.run_id))
 }
 
+pub(crate) fn owner_url(conn: &Connection, tenant: &str, run_id: &str) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached(
+        "SELECT n.url FROM executions x JOIN nodes n ON n.epoch = x.owner WHERE x.run_id = ?1 AND x.tenant = ?2",
+    )?
+    .query_row(params![run_id, tenant], |r| r.get::<_, Option<String>>(0))
+    .optional()
+    .map(Option::flatten)
+}
+
 pub(crate) fn count_running(conn: &Connection, tenant: &str, workflow: Option<&str>) -> rusqlite::Result<u64> {
     let n: i64 = match workflow {
         Some(w) => conn

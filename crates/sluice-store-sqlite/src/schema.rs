@@ -159,7 +159,8 @@ const MIGRATIONS: &[&str] = &[
         epoch         INTEGER PRIMARY KEY AUTOINCREMENT,
         node          TEXT    NOT NULL,
         started_at_ms INTEGER NOT NULL,
-        expires_at_ms INTEGER NOT NULL
+        expires_at_ms INTEGER NOT NULL,
+        url           TEXT
     ) STRICT;
     CREATE INDEX nodes_by_name ON nodes (node);
     ALTER TABLE executions ADD COLUMN owner INTEGER;

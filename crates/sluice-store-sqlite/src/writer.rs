@@ -25,7 +25,7 @@ pub(crate) enum Op {
     PutDoc(Doc),
     DeleteDoc { tenant: String, kind: String, id: String },
     Audit(Vec<AuditRow>),
-    RegisterNode { node: String, lease_ms: i64 },
+    RegisterNode { node: String, url: Option<String>, lease_ms: i64 },
     RenewLease { epoch: i64, lease_ms: i64 },
     TakeOver { epoch: i64 },
 }
@@ -145,7 +145,9 @@ fn apply(conn: &Connection, op: &Op) -> Result<Reply, StoreError> {
             Ok(st.execute(params![tenant, kind, id]).map_err(db_err)? == 1)
         }
         Op::Audit(rows) => append_audit(conn, rows).map(|()| true),
-        Op::RegisterNode { node, lease_ms } => return register_node(conn, node, *lease_ms).map(Reply::Epoch),
+        Op::RegisterNode { node, url, lease_ms } => {
+            return register_node(conn, node, url.as_deref(), *lease_ms).map(Reply::Epoch)
+        }
         Op::RenewLease { epoch, lease_ms } => {
             let mut st = conn.prepare_cached("UPDATE nodes SET expires_at_ms = ?2 WHERE epoch = ?1").map_err(db_err)?;
             Ok(st.execute(params![epoch, now_ms().saturating_add(*lease_ms)]).map_err(db_err)? == 1)
@@ -163,11 +165,11 @@ fn now_ms() -> i64 {
 }
 
 /// Ends the earlier epochs of `node` and starts a new one.
-fn register_node(conn: &Connection, node: &str, lease_ms: i64) -> Result<i64, StoreError> {
+fn register_node(conn: &Connection, node: &str, url: Option<&str>, lease_ms: i64) -> Result<i64, StoreError> {
     let now = now_ms();
     conn.prepare_cached("DELETE FROM nodes WHERE node = ?1").and_then(|mut st| st.execute([node])).map_err(db_err)?;
-    conn.prepare_cached("INSERT INTO nodes (node, started_at_ms, expires_at_ms) VALUES (?1, ?2, ?3)")
-        .and_then(|mut st| st.execute(params![node, now, now.saturating_add(lease_ms)]))
+    conn.prepare_cached("INSERT INTO nodes (node, started_at_ms, expires_at_ms, url) VALUES (?1, ?2, ?3, ?4)")
+        .and_then(|mut st| st.execute(params![node, now, now.saturating_add(lease_ms), url]))
         .map_err(db_err)?;
     Ok(conn.last_insert_rowid())
 }

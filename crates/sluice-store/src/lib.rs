@@ -116,7 +116,10 @@ pub trait Store: Send + Sync + 'static {
     /// Registers a node process under `node` (a name unique among live nodes) and returns its
     /// fencing epoch, leased for `lease_ms`. Earlier epochs of the same name are ended: their
     /// process is gone, and the new one takes over their executions at its first `take_over`.
-    fn register_node(&self, node: &str, lease_ms: i64) -> BoxFuture<'_, Result<i64>>;
+    fn register_node(&self, node: &str, url: Option<&str>, lease_ms: i64) -> BoxFuture<'_, Result<i64>>;
+    /// The address the owner of a run advertised (`None`: no owner with a live lease, or none
+    /// given), to send it what only the owner may do.
+    fn owner_url(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<Option<String>>>;
     /// Extends the lease of `epoch`; `false` when it was lost (its executions were taken over):
     /// the node must stop deciding.
     fn renew_lease(&self, epoch: i64, lease_ms: i64) -> BoxFuture<'_, Result<bool>>;

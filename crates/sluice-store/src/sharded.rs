@@ -265,13 +265,26 @@ impl Store for ShardedStore {
         self.shards[0].list_audit(tenant, filter)
     }
 
-    fn register_node(&self, node: &str, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
-        let node = node.to_string();
+    fn register_node(&self, node: &str, url: Option<&str>, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {
+        let (node, url) = (node.to_string(), url.map(str::to_string));
         Box::pin(async move {
-            let epochs = all(self.shards.iter().map(|s| s.register_node(&node, lease_ms)).collect()).await?;
+            let epochs =
+                all(self.shards.iter().map(|s| s.register_node(&node, url.as_deref(), lease_ms)).collect()).await?;
             let epoch = epochs[0];
             self.epochs.lock().unwrap_or_else(|p| p.into_inner()).insert(epoch, epochs);
             Ok(epoch)
+        })
+    }
+
+    fn owner_url(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<Option<String>>> {
+        let (tenant, run_id) = (tenant.to_string(), run_id.to_string());
+        Box::pin(async move {
+            for s in &self.shards {
+                if s.get_run(&tenant, &run_id).await?.is_some() {
+                    return s.owner_url(&tenant, &run_id).await;
+                }
+            }
+            Ok(None)
         })
     }
 

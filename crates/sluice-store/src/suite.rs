@@ -748,8 +748,8 @@ pub async fn leases_and_fencing(s: &dyn Store) {
     let f = Fixture::new();
     let t = f.tenant("t");
     let (name_a, name_b) = (f.tenant("node-a"), f.tenant("node-b"));
-    let a = s.register_node(&name_a, 60_000).await.expect("register a");
-    let b = s.register_node(&name_b, 60_000).await.expect("register b");
+    let a = s.register_node(&name_a, Some("http://a.example:7233"), 60_000).await.expect("register a");
+    let b = s.register_node(&name_b, Some("http://b.example:7233"), 60_000).await.expect("register b");
     assert_ne!(a, b, "every registration is a new epoch");
     let fenced = |change: ExecChange, epoch: i64| ExecChange { fence: Some(epoch), ..change };
     let is_fenced = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Conflict(ref m)) if m.contains("fenced"));
@@ -763,6 +763,10 @@ pub async fn leases_and_fencing(s: &dyn Store) {
     s.commit(batch(vec![step])).await.expect("a appends");
     current = next;
 
+    // Others learn where the owner is.
+    assert_eq!(s.owner_url(&t, &run).await.expect("owner"), Some("http://a.example:7233".into()));
+    assert_eq!(s.owner_url(&t, "no-such-run").await.expect("owner"), None);
+
     // B cannot write to A's run, nor take it while A's lease holds.
     assert!(is_fenced(s.commit(batch(vec![fenced(append(&t, &current, 1), b)])).await));
     let taken = s.take_over(b).await.expect("take over");
@@ -773,6 +777,7 @@ pub async fn leases_and_fencing(s: &dyn Store) {
     let taken = s.take_over(b).await.expect("take over");
     assert!(taken.contains(&(t.clone(), run.clone())), "{taken:?}");
     assert!(!s.renew_lease(a, 60_000).await.expect("renew"), "a lost its lease");
+    assert_eq!(s.owner_url(&t, &run).await.expect("owner"), Some("http://b.example:7233".into()));
     assert!(is_fenced(s.commit(batch(vec![fenced(append(&t, &current, 1), a)])).await), "a can never append again");
     let step = fenced(append(&t, &current, 2), b);
     let next = step.row.clone();
@@ -780,7 +785,7 @@ pub async fn leases_and_fencing(s: &dyn Store) {
     current = next;
 
     // A process that registers again under B's name ends B's epoch and takes its runs.
-    let b2 = s.register_node(&name_b, 60_000).await.expect("register b again");
+    let b2 = s.register_node(&name_b, None, 60_000).await.expect("register b again");
     assert!(!s.renew_lease(b, 60_000).await.expect("renew"), "the earlier epoch of the name ended");
     let taken = s.take_over(b2).await.expect("take over");
     assert!(taken.contains(&(t.clone(), run.clone())), "{taken:?}");

@@ -255,13 +255,31 @@ async fn a_killed_nodes_executions_are_taken_over_when_its_lease_expires() {
     }
     let napper = api_a.start("napper", Value::Null, Some("napper-1")).await;
     let gated = api_a.start("gated", Value::Null, Some("gated-1")).await;
+    let early = api_a.start("gated", Value::Null, Some("gated-0")).await;
 
-    // B reads A's executions but cannot append to them while A holds its lease.
+    // B reads A's executions but cannot append to them while A holds its lease: a signal sent to
+    // B is sent on to A, which delivers it.
     let (status, row) = api_b.get(&format!("/v1/executions/{gated}")).await;
     assert_eq!((status, row["status"].as_str()), (200, Some("running")), "{row}");
-    let (status, body) = api_b.post(&format!("/v1/executions/{gated}/signals/go"), &json!(1)).await;
-    assert_eq!(status, 409, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("fenced"), "{body}");
+    let r = api_b
+        .request(reqwest::Method::POST, &format!("/v1/executions/{early}/signals/go"))
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(r.headers()["x-sluice-forwarded"], "1", "answered by the owner");
+    assert_eq!(api_b.wait(&early, 20).await["output"], json!({"got": 1}));
+    // Sent on once only: a request that was forwarded already is refused by the fence.
+    let r = api_b
+        .request(reqwest::Method::POST, &format!("/v1/executions/{gated}/signals/go"))
+        .header("x-sluice-forwarded", "1")
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    assert!(r.text().await.unwrap().contains("fenced"));
 
     a.kill();
     let _worker = WorkerProcess::rust(&bin(), &b, &[], None);
@@ -281,11 +299,11 @@ async fn a_killed_nodes_executions_are_taken_over_when_its_lease_expires() {
     assert!(taken.parse::<u64>().unwrap() >= 7, "{metrics}");
 
     // No history forked: each is numbered 1..n without a gap, and replays to its stored state.
-    for id in hellos.iter().chain([&napper, &gated]) {
+    for id in hellos.iter().chain([&napper, &gated, &early]) {
         let seqs: Vec<u64> = api_b.history(id, None).await.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
         assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{id}");
     }
-    assert!(assert_replays(&api_b).await >= 7);
+    assert!(assert_replays(&api_b).await >= 8);
 }
 
 /// Three nodes on one PostgreSQL run 10,000 executions between them, each node with its own

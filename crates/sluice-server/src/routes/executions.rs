@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -16,6 +17,7 @@ use super::execution_json;
 use crate::auth::Caller;
 use crate::body::{parse_json, Body, JsonBody};
 use crate::error::ApiError;
+use crate::routes::forward;
 use crate::routes::sharing::{hidden, require_execution, require_row, require_workflow};
 use crate::trace::TraceContext;
 use crate::AppState;
@@ -185,16 +187,25 @@ pub async fn signal(
     State(app): State<AppState>,
     Caller(p): Caller,
     Path((id, name)): Path<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
     Body(body): Body,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<Response, ApiError> {
     if name.is_empty() || name.len() > 64 {
         return Err(ApiError::invalid("name", "expected a signal name of 1 to 64 characters"));
     }
     let payload: Value = if body.is_empty() { Value::Null } else { parse_json(&body)? };
     require_execution(&app, &p, &id, Access::Run).await?;
-    app.engine.signal(&p.tenant, &id, &name, payload).await?;
+    match app.engine.signal(&p.tenant, &id, &name, payload).await {
+        Ok(()) => {}
+        Err(e) if forward::is_fenced(&e) => {
+            let request = forward::Request { method: Method::POST, uri: &uri, headers: &headers, body };
+            return forward::to_owner(&app, &p.tenant, &id, request, e).await;
+        }
+        Err(e) => return Err(e.into()),
+    }
     tracing::info!("signal delivered");
-    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))))
+    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))).into_response())
 }
 
 #[tracing::instrument(skip_all, fields(workflow_id = %id, query = %name))]
@@ -220,18 +231,27 @@ pub async fn cancel(
     State(app): State<AppState>,
     Caller(p): Caller,
     Path(id): Path<String>,
-    Body(body): Body,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+    uri: Uri,
+    headers: HeaderMap,
+    Body(raw): Body,
+) -> Result<Response, ApiError> {
     // No body, `null` and `{}` all mean "no reason given".
-    let body: CancelBody = if body.is_empty() {
+    let body: CancelBody = if raw.is_empty() {
         CancelBody::default()
     } else {
-        parse_json::<Option<CancelBody>>(&body)?.unwrap_or_default()
+        parse_json::<Option<CancelBody>>(&raw)?.unwrap_or_default()
     };
     require_execution(&app, &p, &id, Access::Run).await?;
-    app.engine.cancel(&p.tenant, &id, body.reason).await?;
+    match app.engine.cancel(&p.tenant, &id, body.reason).await {
+        Ok(()) => {}
+        Err(e) if forward::is_fenced(&e) => {
+            let request = forward::Request { method: Method::POST, uri: &uri, headers: &headers, body: raw };
+            return forward::to_owner(&app, &p.tenant, &id, request, e).await;
+        }
+        Err(e) => return Err(e.into()),
+    }
     tracing::info!("execution cancelled");
-    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))))
+    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))).into_response())
 }
 
 #[tracing::instrument(skip_all, fields(workflow_id = %id))]
@@ -239,9 +259,19 @@ pub async fn redrive(
     State(app): State<AppState>,
     Caller(p): Caller,
     Path(id): Path<String>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     require_execution(&app, &p, &id, Access::Run).await?;
-    let run_id = app.engine.redrive(&p.tenant, &id).await?;
+    let run_id = match app.engine.redrive(&p.tenant, &id).await {
+        Ok(run_id) => run_id,
+        Err(e) if forward::is_fenced(&e) => {
+            let request =
+                forward::Request { method: Method::POST, uri: &uri, headers: &headers, body: Default::default() };
+            return forward::to_owner(&app, &p.tenant, &id, request, e).await;
+        }
+        Err(e) => return Err(e.into()),
+    };
     tracing::info!(run_id = %run_id, "execution redriven");
-    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true, "run_id": run_id}))))
+    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true, "run_id": run_id}))).into_response())
 }
