@@ -101,16 +101,10 @@ pub fn check_grantee(to: &str) -> Result<String, AuthError> {
     let bad = |why: &str| AuthError::invalid("grants[].to", format!("{why}, got {to:?}"));
     let (kind, who) = to.split_once(':').ok_or_else(|| bad("expected `user:<email>`, `key:<id>` or `role:<role>`"))?;
     match kind {
-        "user" => {
-            let email = who.trim().to_lowercase();
-            let ok = email.len() <= 254
-                && email.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
-                && !email.chars().any(|c| c.is_whitespace() || c.is_control());
-            if !ok {
-                return Err(bad("expected an email after `user:`"));
-            }
-            Ok(format!("user:{email}"))
-        }
+        "user" => match crate::directory::check_email(who) {
+            Ok(email) => Ok(format!("user:{email}")),
+            Err(_) => Err(bad("expected an email after `user:`")),
+        },
         "key" => {
             if who.len() != 16 || !who.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(bad("expected the 16 hex digits of an API key id after `key:`"));

@@ -220,17 +220,31 @@ pub(crate) fn list_executions(
         sql.push_str(" AND workflow NOT IN (SELECT value FROM json_each(?))");
         args.push(SqlValue::Text(serde_json::to_string(&filter.hidden_workflows).unwrap_or_else(|_| "[]".into())));
     }
-    if let Some(cursor) = &filter.cursor {
-        sql.push_str(" AND run_id < ?");
+    keyset_page(conn, sql, args, "run_id", filter.cursor.as_ref(), limit, exec_row, |r| &r.run_id)
+}
+
+/// Ends a listing paged by keys, newest first: rows with `key` below the cursor, one row more than
+/// the page (it tells whether another page follows), and the page.
+#[allow(clippy::too_many_arguments)]
+fn keyset_page<T>(
+    conn: &Connection,
+    mut sql: String,
+    mut args: Vec<SqlValue>,
+    key: &'static str,
+    cursor: Option<&String>,
+    limit: usize,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    key_of: impl Fn(&T) -> &String,
+) -> rusqlite::Result<Page<T>> {
+    if let Some(cursor) = cursor {
+        sql.push_str(&format!(" AND {key} < ?"));
         args.push(SqlValue::Text(cursor.clone()));
     }
-    // One row more than the page tells whether another page follows.
-    sql.push_str(" ORDER BY run_id DESC LIMIT ?");
+    sql.push_str(&format!(" ORDER BY {key} DESC LIMIT ?"));
     args.push(SqlValue::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
-
     let mut st = conn.prepare_cached(&sql)?;
-    let items = st.query_map(params_from_iter(args), exec_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Page::from_fetched(items, limit, |r| &r.run_id))
+    let items = st.query_map(params_from_iter(args), row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Page::from_fetched(items, limit, key_of))
 }
 
 pub(crate) fn owner_url(conn: &Connection, tenant: &str, run_id: &str) -> rusqlite::Result<Option<String>> {
@@ -366,15 +380,7 @@ pub(crate) fn list_usage(conn: &Connection, tenant: &str, filter: &UsageFilter) 
         sql.push_str(" AND at_ms >= ?");
         args.push(SqlValue::Integer(since));
     }
-    if let Some(cursor) = &filter.cursor {
-        sql.push_str(" AND id < ?");
-        args.push(SqlValue::Text(cursor.clone()));
-    }
-    sql.push_str(" ORDER BY id DESC LIMIT ?");
-    args.push(SqlValue::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
-    let mut st = conn.prepare_cached(&sql)?;
-    let items = st.query_map(params_from_iter(args), usage_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Page::from_fetched(items, limit, |r| &r.id))
+    keyset_page(conn, sql, args, "id", filter.cursor.as_ref(), limit, usage_row, |r| &r.id)
 }
 
 pub(crate) fn usage_total(
@@ -486,13 +492,5 @@ pub(crate) fn list_audit(conn: &Connection, tenant: &str, filter: &AuditFilter) 
         sql.push_str(" AND at_ms >= ?");
         args.push(SqlValue::Integer(since));
     }
-    if let Some(cursor) = &filter.cursor {
-        sql.push_str(" AND id < ?");
-        args.push(SqlValue::Text(cursor.clone()));
-    }
-    sql.push_str(" ORDER BY id DESC LIMIT ?");
-    args.push(SqlValue::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
-    let mut st = conn.prepare_cached(&sql)?;
-    let items = st.query_map(params_from_iter(args), audit_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Page::from_fetched(items, limit, |r| &r.id))
+    keyset_page(conn, sql, args, "id", filter.cursor.as_ref(), limit, audit_row, |r| &r.id)
 }

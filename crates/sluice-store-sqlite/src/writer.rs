@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection, OptionalExtension};
 use sluice_core::Event;
 use sluice_store::{
-    AuditRow, Batch, BudgetAlertRow, Doc, ExecChange, StoreError, TaskRow, TimerRow, UsageRow, WorkflowVersion,
+    now_ms, AuditRow, Batch, BudgetAlertRow, Doc, ExecChange, StoreError, TaskRow, TimerRow, UsageRow, WorkflowVersion,
 };
 use tokio::sync::oneshot;
 
@@ -155,13 +155,6 @@ fn apply(conn: &Connection, op: &Op) -> Result<Reply, StoreError> {
         Op::TakeOver { epoch } => return take_over(conn, *epoch).map(Reply::Runs),
     };
     changed.map(Reply::Changed)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Ends the earlier epochs of `node` and starts a new one.

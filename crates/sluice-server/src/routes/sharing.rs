@@ -23,33 +23,36 @@ fn execution_not_found(id: &str) -> ApiError {
     EngineError::NotFound { what: "execution", id: id.to_string() }.into()
 }
 
-fn below(workflow: &str, have: Access, need: Access) -> ApiError {
-    ApiError::new("forbidden", format!("the workflow `{workflow}` is shared with you to {have}; this needs {need}"))
-        .with_details(json!({"workflow": workflow, "access": have.as_str(), "needed": need.as_str()}))
+/// Checks that `p` reaches `workflow` to `need`: not at all answers `not_found`, not far enough 403.
+async fn require(
+    app: &AppState,
+    p: &Principal,
+    workflow: &str,
+    need: Access,
+    not_found: impl FnOnce() -> ApiError,
+) -> Result<(), ApiError> {
+    let have = app.security.shares.access(p, workflow).await?;
+    if have == Access::None {
+        return Err(not_found());
+    }
+    if have < need {
+        return Err(ApiError::new(
+            "forbidden",
+            format!("the workflow `{workflow}` is shared with you to {have}; this needs {need}"),
+        )
+        .with_details(json!({"workflow": workflow, "access": have.as_str(), "needed": need.as_str()})));
+    }
+    Ok(())
 }
 
 /// Checks that `p` reaches `workflow` to `need`; a workflow they do not reach at all is "not found".
 pub async fn require_workflow(app: &AppState, p: &Principal, workflow: &str, need: Access) -> Result<(), ApiError> {
-    let have = app.security.shares.access(p, workflow).await?;
-    if have == Access::None {
-        return Err(workflow_not_found(workflow));
-    }
-    if have < need {
-        return Err(below(workflow, have, need));
-    }
-    Ok(())
+    require(app, p, workflow, need, || workflow_not_found(workflow)).await
 }
 
 /// Checks an execution row already read: its workflow decides.
 pub async fn require_row(app: &AppState, p: &Principal, row: &ExecutionRow, need: Access) -> Result<(), ApiError> {
-    let have = app.security.shares.access(p, &row.workflow).await?;
-    if have == Access::None {
-        return Err(execution_not_found(&row.workflow_id));
-    }
-    if have < need {
-        return Err(below(&row.workflow, have, need));
-    }
-    Ok(())
+    require(app, p, &row.workflow, need, || execution_not_found(&row.workflow_id)).await
 }
 
 /// Checks that `p` reaches the execution `workflow_id` to `need`. Costs nothing while no workflow
