@@ -11,6 +11,7 @@ mod error;
 mod http;
 mod ledger;
 mod llm;
+mod shared;
 mod tasks;
 pub mod trace;
 mod txn;
@@ -23,7 +24,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sluice_core::event::EventKind;
 use sluice_core::{ErrorInfo, ExecState, Expr, WorkflowDef};
-use sluice_store::{ExecutionFilter, ExecutionRow, Page, Store, TaskRow, WorkflowVersion};
+use sluice_store::{ExecutionFilter, ExecutionRow, Page, RunChange, Store, TaskRow, WorkflowVersion};
 use tokio::sync::{Mutex, Notify};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -164,6 +165,14 @@ pub struct Counters {
     pub commits_failed: std::sync::atomic::AtomicU64,
     /// Executions this node took over from nodes whose lease expired (or from itself, restarted).
     pub runs_taken_over: std::sync::atomic::AtomicU64,
+    /// Workers' answers this node took for executions another node owns, and posted for it.
+    pub outcomes_posted: std::sync::atomic::AtomicU64,
+    /// Answers other nodes posted that this node recorded for its executions.
+    pub outcomes_applied: std::sync::atomic::AtomicU64,
+    /// Signals, cancels and redrives this node took for executions another node owns.
+    pub changes_posted: std::sync::atomic::AtomicU64,
+    /// Signals, cancels and redrives other nodes posted that this node applied.
+    pub changes_applied: std::sync::atomic::AtomicU64,
 }
 
 /// One running execution in memory. `None` once it ended or after a failed commit, so the next
@@ -204,6 +213,11 @@ pub(crate) struct Inner {
     pub epoch: i64,
     /// Set when the lease was lost: another node owns this node's executions now.
     pub lease_lost: tokio::sync::watch::Sender<bool>,
+    /// Worker tasks are claimed in the store's queues, shared with the other nodes.
+    pub shared: bool,
+    /// Woken when another node posted a worker's answer for one of this node's executions.
+    pub outcomes: Notify,
+    pub settling: shared::Settling,
     pub opts: EngineOptions,
 }
 
@@ -265,11 +279,12 @@ impl Engine {
             .map_err(|e| Error::Internal(e.to_string()))?;
         let lease_ms = i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX);
         let epoch = store.register_node(&opts.node, opts.url.as_deref(), lease_ms).await?;
+        let shared = store.shared_queues();
         let inner = Arc::new(Inner {
             store,
             execs: SyncMutex::new(cache::ExecCache::new(opts.cache_capacity)),
             defs: SyncMutex::new(HashMap::new()),
-            tasks: SyncMutex::new(tasks::TaskTable::default()),
+            tasks: SyncMutex::new(tasks::TaskTable::new(shared)),
             timers: SyncMutex::new(tasks::Wheel::default()),
             wake: Notify::new(),
             watchers: SyncMutex::new(HashMap::new()),
@@ -282,9 +297,15 @@ impl Engine {
             admission: SyncMutex::new(HashMap::new()),
             epoch,
             lease_lost: tokio::sync::watch::channel(false).0,
+            shared,
+            outcomes: Notify::new(),
+            settling: shared::Settling::default(),
             opts,
         });
         let engine = Engine { inner };
+        if shared {
+            engine.start_shared().await?;
+        }
         let taken = engine.take_over().await?;
         tracing::info!(node = %engine.inner.opts.node, epoch, runs = taken, "node registered; engine recovered pending work");
         let bg = engine.clone();
@@ -364,16 +385,6 @@ impl Engine {
         let _ = rx.wait_for(|lost| *lost).await;
     }
 
-    /// Where to send a change to `workflow_id` that only its owner may make: the address of the
-    /// node that owns its latest run, when that is another node and it advertised one.
-    pub async fn owner_elsewhere(&self, tenant: &str, workflow_id: &str) -> Result<Option<String>> {
-        let Some(row) = self.inner.store.get_execution(tenant, workflow_id, None).await? else {
-            return Ok(None);
-        };
-        let url = self.inner.store.owner_url(tenant, &row.run_id).await?;
-        Ok(url.filter(|u| Some(u) != self.inner.opts.url.as_ref()))
-    }
-
     /// Whether this node lost its lease.
     pub fn has_lost_lease(&self) -> bool {
         *self.inner.lease_lost.borrow()
@@ -392,7 +403,6 @@ impl Engine {
         &self.inner.store
     }
 
-    /// Queue depths and oldest ready task age (ms) per (tenant, queue).
     /// Executions whose state is in memory.
     pub fn cached_executions(&self) -> usize {
         lock(&self.inner.execs).len()
@@ -408,8 +418,20 @@ impl Engine {
         lock(&self.inner.timers).len()
     }
 
-    pub fn queue_depths(&self) -> Vec<(String, String, usize, i64)> {
-        lock(&self.inner.tasks).depths(now_ms())
+    /// Queue depths and oldest ready task age (ms) per (tenant, queue): of this node's queues,
+    /// or of the shared queues of every node.
+    pub async fn queue_depths(&self) -> Vec<(String, String, usize, i64)> {
+        let now = now_ms();
+        let mut depths = lock(&self.inner.tasks).depths(now);
+        if self.inner.shared {
+            match self.inner.store.queue_depths(now).await {
+                Ok(rows) => depths.extend(rows.into_iter().map(|d| {
+                    (d.tenant, d.queue, usize::try_from(d.ready).unwrap_or(usize::MAX), now - d.oldest_visible_ms)
+                })),
+                Err(e) => tracing::warn!(error = %e, "cannot read the depth of the shared queues"),
+            }
+        }
+        depths
     }
 
     /// Timers and due work: fires timers, promotes delayed tasks, fails timed-out tasks.
@@ -707,36 +729,12 @@ impl Engine {
     /// Delivers a signal. `pause`, `resume` and `cancel` act on the execution itself.
     pub async fn signal(&self, tenant: &str, workflow_id: &str, name: &str, payload: Value) -> Result<()> {
         let row = self.running_row(tenant, workflow_id).await?;
-        let name = name.to_string();
-        self.advance(
-            tenant,
-            &row.run_id,
-            move |st| {
-                Ok(match name.as_str() {
-                    "pause" if st.paused => vec![],
-                    "pause" => vec![EventKind::ExecutionPaused],
-                    "resume" if !st.paused => vec![],
-                    "resume" => vec![EventKind::ExecutionResumed],
-                    "cancel" => vec![EventKind::ExecutionCancelled {
-                        reason: payload.get("reason").and_then(Value::as_str).map(str::to_string),
-                    }],
-                    _ => vec![EventKind::SignalReceived { name, payload }],
-                })
-            },
-            txn::Extra::default(),
-        )
-        .await
+        self.change_run(tenant, &row.run_id, RunChange::Signal { name: name.to_string(), payload }).await
     }
 
     pub async fn cancel(&self, tenant: &str, workflow_id: &str, reason: Option<String>) -> Result<()> {
         let row = self.running_row(tenant, workflow_id).await?;
-        self.advance(
-            tenant,
-            &row.run_id,
-            move |_| Ok(vec![EventKind::ExecutionCancelled { reason }]),
-            txn::Extra::default(),
-        )
-        .await
+        self.change_run(tenant, &row.run_id, RunChange::Cancel { reason }).await
     }
 
     /// Evaluates a query: `state` (built in) or one declared in the definition.
@@ -761,9 +759,58 @@ impl Engine {
             return Err(Error::Conflict(format!("execution `{workflow_id}` is not in the dead-letter queue")));
         }
         self.forget_result(tenant, workflow_id);
-        self.advance_any(tenant, &row.run_id, |_| Ok(vec![EventKind::ExecutionRedriven]), txn::Extra::default(), true)
-            .await?;
+        self.change_run(tenant, &row.run_id, RunChange::Redrive).await?;
         Ok(row.run_id)
+    }
+
+    /// Makes a change only a run's owner may make: here when this node owns the run (or may take
+    /// it), otherwise posted in the store for the owner to apply.
+    async fn change_run(&self, tenant: &str, run_id: &str, change: RunChange) -> Result<()> {
+        match self.apply_change(tenant, run_id, change.clone(), None).await {
+            Err(e) if self.inner.shared && is_fenced(&e) => {
+                if self.inner.store.post_change(tenant, run_id, &new_id(), change).await? {
+                    self.inner.counters.changes_posted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(run_id, "change posted for the node that owns the run");
+                    Ok(())
+                } else {
+                    Err(Error::NotFound { what: "execution", id: run_id.to_string() })
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Applies a change to a run this node owns; `posted`: the id of the posted change it is,
+    /// removed in the same batch.
+    pub(crate) async fn apply_change(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        change: RunChange,
+        posted: Option<String>,
+    ) -> Result<()> {
+        let redrive = matches!(change, RunChange::Redrive);
+        let make = move |st: &ExecState| {
+            Ok(match change {
+                RunChange::Signal { name, payload } => match name.as_str() {
+                    "pause" if st.paused => vec![],
+                    "pause" => vec![EventKind::ExecutionPaused],
+                    "resume" if !st.paused => vec![],
+                    "resume" => vec![EventKind::ExecutionResumed],
+                    "cancel" => vec![EventKind::ExecutionCancelled {
+                        reason: payload.get("reason").and_then(Value::as_str).map(str::to_string),
+                    }],
+                    _ => vec![EventKind::SignalReceived { name, payload }],
+                },
+                RunChange::Cancel { reason } => vec![EventKind::ExecutionCancelled { reason }],
+                RunChange::Redrive if st.dead_letter && st.status == sluice_core::ExecStatus::Failed => {
+                    vec![EventKind::ExecutionRedriven]
+                }
+                // Redriven meanwhile (a change posted twice): nothing to do.
+                RunChange::Redrive => vec![],
+            })
+        };
+        self.advance_any(tenant, run_id, make, txn::Extra::default().with_change(posted), redrive).await
     }
 
     async fn running_row(&self, tenant: &str, workflow_id: &str) -> Result<ExecutionRow> {
@@ -787,6 +834,9 @@ impl Engine {
     ) -> Result<Vec<TaskInfo>> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         tracing::trace!(worker, queue, "poll");
+        if self.inner.shared {
+            return self.poll_shared(tenant, queue, worker, max.clamp(1, 1000), deadline).await;
+        }
         loop {
             let (got, notify) = {
                 let mut t = lock(&self.inner.tasks);
@@ -811,18 +861,27 @@ impl Engine {
     }
 
     pub async fn complete(&self, tenant: &str, token: &str, output: Value) -> Result<()> {
+        if self.inner.shared {
+            return self.answer_shared(tenant, token, sluice_store::TaskOutcome::Completed { output }).await;
+        }
         let row = self.claim(tenant, token)?;
         self.finish_task(row, Some(output), None).await
     }
 
     pub async fn fail(&self, tenant: &str, token: &str, error: ErrorInfo, retryable: bool) -> Result<()> {
+        if self.inner.shared {
+            return self.answer_shared(tenant, token, sluice_store::TaskOutcome::Failed { error, retryable }).await;
+        }
         let row = self.claim(tenant, token)?;
         self.finish_task(row, None, Some((error, retryable))).await
     }
 
     /// Records a heartbeat; returns whether the worker should stop (the run ended or the task
     /// is no longer current).
-    pub fn heartbeat(&self, tenant: &str, token: &str) -> Result<bool> {
+    pub async fn heartbeat(&self, tenant: &str, token: &str) -> Result<bool> {
+        if self.inner.shared {
+            return Ok(!self.inner.store.heartbeat_task(tenant, token, now_ms()).await?);
+        }
         let mut t = lock(&self.inner.tasks);
         match t.get(token) {
             Some(e) if e.row.tenant == tenant => Ok(!t.heartbeat(token, now_ms())),
@@ -859,6 +918,21 @@ impl Engine {
         failure: Option<(ErrorInfo, bool)>,
         ledger: Ledger,
     ) -> Result<()> {
+        self.finish_task_settling(row, output, failure, ledger, None).await
+    }
+
+    /// [`Engine::finish_task_with`] that also settles a task of the shared queue (see
+    /// [`sluice_store::Batch::settles`]).
+    pub(crate) async fn finish_task_settling(
+        &self,
+        row: TaskRow,
+        output: Option<Value>,
+        failure: Option<(ErrorInfo, bool)>,
+        ledger: Ledger,
+        settle: Option<sluice_store::Settle>,
+    ) -> Result<()> {
+        let shared = settle.is_some();
+        let posted = settle.as_ref().is_some_and(|s| s.posted);
         let event = match (output, failure) {
             (Some(output), _) => EventKind::TaskCompleted { step: row.step.clone(), attempt: row.attempt, output },
             (None, Some((error, retryable))) => {
@@ -868,13 +942,16 @@ impl Engine {
         };
         let completed = matches!(event, EventKind::TaskCompleted { .. });
         let orphan = (!ledger.is_empty()).then(|| ledger.clone());
-        let extra = txn::Extra::task(&row.id).with_ledger(ledger);
+        let extra = txn::Extra::task(&row.id).with_ledger(ledger).with_settle(settle);
         let result = self.advance(&row.tenant, &row.run_id, move |_| Ok(vec![event]), extra).await;
         match result {
             Ok(()) => {
-                let c =
-                    if completed { &self.inner.counters.tasks_completed } else { &self.inner.counters.tasks_failed };
+                let counters = &self.inner.counters;
+                let c = if completed { &counters.tasks_completed } else { &counters.tasks_failed };
                 c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if posted {
+                    counters.outcomes_applied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 Ok(())
             }
             // The execution ended while the task ran: the calls were still made and paid for.
@@ -885,17 +962,24 @@ impl Engine {
             Err(e) => {
                 let now = now_ms();
                 let mut t = lock(&self.inner.tasks);
-                t.restore(tasks::Entry {
-                    slot: tasks::Slot::Leased(tasks::Lease {
+                let slot = if shared {
+                    tasks::Slot::Shared
+                } else {
+                    tasks::Slot::Leased(tasks::Lease {
                         deadline_ms: now + row.start_to_close_ms as i64,
                         heartbeat_deadline_ms: None,
-                    }),
-                    row,
-                });
+                    })
+                };
+                t.restore(tasks::Entry { slot, row });
                 Err(e)
             }
         }
     }
+}
+
+/// Whether `e` is the store refusing a change to an execution another node owns.
+pub fn is_fenced(e: &Error) -> bool {
+    matches!(e, Error::Conflict(m) if m.contains("fenced"))
 }
 
 /// The tasks a poll hands out, each logged (at debug) in its own task span.

@@ -14,8 +14,12 @@ use tokio::sync::Notify;
 #[derive(Debug)]
 pub(crate) enum Slot {
     Delayed,
-    Ready { since_ms: i64 },
+    Ready {
+        since_ms: i64,
+    },
     Leased(Lease),
+    /// A worker task in the store's shared queue: claimed, heartbeated and timed out there.
+    Shared,
 }
 
 #[derive(Debug, Clone)]
@@ -46,9 +50,43 @@ pub(crate) struct TaskTable {
     entries: HashMap<String, Entry>,
     queues: HashMap<(String, String), Queue>,
     delayed: BTreeMap<(i64, String), ()>,
+    /// Worker tasks live in the store's shared queue (several nodes), not in `queues`.
+    shared: bool,
+    /// Queues whose shared tasks became visible since the last `take_wakes`, with how many.
+    wakes: Vec<(String, String, u32)>,
 }
 
 impl TaskTable {
+    pub fn new(shared: bool) -> Self {
+        Self { shared, ..Self::default() }
+    }
+
+    /// The queues (and how many tasks) that delayed shared tasks became visible on: the other
+    /// nodes' pollers must hear of them.
+    pub fn take_wakes(&mut self) -> Vec<(String, String, u32)> {
+        std::mem::take(&mut self.wakes)
+    }
+
+    /// Wakes up to `n` pollers of a queue (no one if nobody polls it here).
+    pub fn wake(&self, tenant: &str, queue: &str, n: u32) {
+        if let Some(q) = self.queues.get(&(tenant.to_string(), queue.to_string())) {
+            for _ in 0..n.min(64) {
+                q.notify.notify_one();
+            }
+        }
+    }
+
+    /// Wakes every poller (wake-ups may have been missed).
+    pub fn wake_all(&self) {
+        for q in self.queues.values() {
+            q.notify.notify_waiters();
+        }
+    }
+
+    /// Whether a worker task waits in the store's shared queue.
+    pub fn is_shared(&self, id: &str) -> bool {
+        matches!(self.entries.get(id), Some(Entry { slot: Slot::Shared, .. }))
+    }
     /// Adds a persisted task; returns it back if the engine must run it itself (`http`, `llm`)
     /// now.
     pub fn insert(&mut self, row: TaskRow, now: i64) -> Option<TaskRow> {
@@ -67,6 +105,10 @@ impl TaskTable {
             let lease = Lease { deadline_ms: now + row.start_to_close_ms as i64, heartbeat_deadline_ms: None };
             self.entries.insert(id, Entry { row: row.clone(), slot: Slot::Leased(lease) });
             return Some(row);
+        }
+        if self.shared {
+            self.entries.insert(id, Entry { row, slot: Slot::Shared });
+            return None;
         }
         let q = self.queues.entry((row.tenant.clone(), row.queue.clone())).or_default();
         q.ready.push_back(id.clone());
@@ -87,6 +129,13 @@ impl TaskTable {
             self.delayed.remove(&(at, id.clone()));
             if let Some(entry) = self.entries.remove(&id) {
                 if matches!(entry.slot, Slot::Delayed) {
+                    if self.shared && entry.row.kind == sluice_core::event::TaskKind::Worker {
+                        let (tenant, queue) = (&entry.row.tenant, &entry.row.queue);
+                        match self.wakes.iter_mut().find(|(t, q, _)| t == tenant && q == queue) {
+                            Some(w) => w.2 += 1,
+                            None => self.wakes.push((tenant.clone(), queue.clone(), 1)),
+                        }
+                    }
                     if let Some(r) = self.make_ready(entry.row, now) {
                         run.push(r);
                     }

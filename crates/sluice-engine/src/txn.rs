@@ -23,6 +23,8 @@ pub(crate) struct Extra {
     remove_timers: Vec<(String, String)>,
     /// Ledger rows of the gateway calls that produced the event.
     ledger: Ledger,
+    settles: Vec<sluice_store::Settle>,
+    applied_changes: Vec<String>,
 }
 
 impl Extra {
@@ -32,6 +34,16 @@ impl Extra {
 
     pub fn with_ledger(mut self, ledger: Ledger) -> Self {
         self.ledger = ledger;
+        self
+    }
+
+    pub fn with_settle(mut self, settle: Option<sluice_store::Settle>) -> Self {
+        self.settles.extend(settle);
+        self
+    }
+
+    pub fn with_change(mut self, posted: Option<String>) -> Self {
+        self.applied_changes.extend(posted);
         self
     }
 
@@ -120,6 +132,8 @@ impl Engine {
         tx.batch.remove_timers = extra.remove_timers;
         tx.batch.usage = extra.ledger.usage;
         tx.batch.alerts = extra.ledger.alerts;
+        tx.batch.settles = extra.settles;
+        tx.batch.applied_changes = extra.applied_changes;
         tx.touched.push(Touched { run_id: run_id.to_string(), guard, events: Vec::new(), create: false });
         tx.work.push_back((tenant.to_string(), run_id.to_string(), events));
         self.run_txn(tx).instrument(span).await.map(|_| ())
@@ -310,6 +324,8 @@ impl Engine {
             remove_timers: tx.batch.remove_timers.clone(),
             usage: Vec::new(),
             alerts: Vec::new(),
+            settles: Vec::new(),
+            applied_changes: Vec::new(),
         };
         let batch = std::mem::replace(&mut tx.batch, effects);
         let commit = self.inner.store.commit(batch).await;

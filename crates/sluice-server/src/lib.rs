@@ -49,8 +49,6 @@ pub struct AppState {
     pub security: Arc<Security>,
     /// The TLS state when the server speaks HTTPS, for `/metrics`.
     pub tls: Option<tls::Tls>,
-    /// Sends requests on to the node that owns an execution.
-    pub forwarder: reqwest::Client,
 }
 
 /// What a server serves besides the engine.
@@ -80,12 +78,7 @@ pub fn router_with(engine: Engine, opts: Options) -> Router {
     let shares = sluice_auth::Shares::new(engine.store().clone(), std::time::Duration::from_secs(5));
     let security = Arc::new(Security::new(opts.directory, opts.oidc, opts.limits, auditor, shares));
     let metrics = Arc::new(metrics::Metrics::default());
-    let forwarder = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap_or_default();
-    let state = AppState { engine, metrics, gateway: opts.gateway, security, tls: opts.tls, forwarder };
+    let state = AppState { engine, metrics, gateway: opts.gateway, security, tls: opts.tls };
     Router::new()
         .route("/v1/auth/login", post(identity::login))
         .route("/v1/auth/oidc/login", get(oidc::login))

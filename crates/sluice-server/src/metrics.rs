@@ -40,7 +40,14 @@ impl Metrics {
         h.sum += secs;
     }
 
-    pub fn render(&self, engine: &Engine, gateway: Option<&Gateway>, tls: Option<&Tls>) -> String {
+    /// The text of `/metrics`; `depths` are the engine's queue depths, read beforehand.
+    pub fn render(
+        &self,
+        engine: &Engine,
+        depths: &[(String, String, usize, i64)],
+        gateway: Option<&Gateway>,
+        tls: Option<&Tls>,
+    ) -> String {
         let mut out = String::new();
         if let Some(gateway) = gateway {
             render_gateway(&mut out, engine, gateway);
@@ -61,6 +68,26 @@ impl Metrics {
                 "Running executions this node took over (at its start, or from a node whose lease expired).",
                 &c.runs_taken_over,
             ),
+            (
+                "sluice_task_answers_posted_total",
+                "Workers' answers this node took for tasks not in its memory (another node's), posted for the owner.",
+                &c.outcomes_posted,
+            ),
+            (
+                "sluice_task_answers_applied_total",
+                "Posted workers' answers this node recorded for the executions it owns.",
+                &c.outcomes_applied,
+            ),
+            (
+                "sluice_run_changes_posted_total",
+                "Signals, cancels and redrives this node took for executions another node owns, posted for the owner.",
+                &c.changes_posted,
+            ),
+            (
+                "sluice_run_changes_applied_total",
+                "Signals, cancels and redrives other nodes posted that this node applied.",
+                &c.changes_applied,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
@@ -77,12 +104,11 @@ impl Metrics {
             out,
             "# HELP sluice_queue_depth Tasks ready and waiting for a worker.\n# TYPE sluice_queue_depth gauge"
         );
-        let depths = engine.queue_depths();
-        for (tenant, queue, n, _) in &depths {
+        for (tenant, queue, n, _) in depths {
             let _ = writeln!(out, "sluice_queue_depth{{tenant=\"{}\",queue=\"{}\"}} {n}", esc(tenant), esc(queue));
         }
         let _ = writeln!(out, "# HELP sluice_queue_oldest_task_age_seconds Age of the oldest ready task.\n# TYPE sluice_queue_oldest_task_age_seconds gauge");
-        for (tenant, queue, _, age) in &depths {
+        for (tenant, queue, _, age) in depths {
             let _ = writeln!(
                 out,
                 "sluice_queue_oldest_task_age_seconds{{tenant=\"{}\",queue=\"{}\"}} {}",

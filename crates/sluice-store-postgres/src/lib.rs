@@ -9,6 +9,7 @@
 
 mod codec;
 mod error;
+mod queues;
 mod read;
 mod schema;
 mod writer;
@@ -18,8 +19,9 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use sluice_core::Event;
 use sluice_store::{
-    AuditFilter, AuditRow, Batch, BoxFuture, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, Result, Store,
-    StoreError, TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
+    AuditFilter, AuditRow, Batch, BoxFuture, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, PostedChange,
+    QueueDepth, Result, RunChange, Store, StoreError, TaskOutcome, TaskRow, TimerRow, UsageFilter, UsageRow,
+    UsageTotal, Wake, WakeSink, WorkflowSummary, WorkflowVersion,
 };
 use tokio_postgres::NoTls;
 
@@ -46,6 +48,8 @@ impl Default for PostgresOptions {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// For the connection that listens for wake-ups, which lives outside the pool.
+    config: tokio_postgres::Config,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -68,7 +72,8 @@ impl PostgresStore {
         let config: tokio_postgres::Config = url.parse().map_err(|e| {
             StoreError::Internal(format!("invalid postgres url: {e}; expected postgres://user@host/db"))
         })?;
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(options.max_connections.max(1))
             .runtime(Runtime::Tokio1)
@@ -81,7 +86,7 @@ impl PostgresStore {
         schema::check_durability(&client).await?;
         schema::migrate(&mut client).await?;
         drop(client);
-        Ok(Self { pool })
+        Ok(Self { pool, config })
     }
 
     /// Closes the pool: idle connections are closed now, busy ones when they are returned, and
@@ -242,5 +247,66 @@ impl Store for PostgresStore {
 
     fn take_over(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(String, String)>>> {
         Box::pin(writer::take_over(&self.pool, epoch))
+    }
+
+    fn shared_queues(&self) -> bool {
+        true
+    }
+
+    fn claim_tasks(
+        &self,
+        tenant: &str,
+        queue: &str,
+        max: usize,
+        now_ms: i64,
+        epoch: i64,
+    ) -> BoxFuture<'_, Result<Vec<TaskRow>>> {
+        let (tenant, queue) = (tenant.to_owned(), queue.to_owned());
+        Box::pin(async move { queues::claim(&self.pool, &tenant, &queue, max, now_ms, epoch).await })
+    }
+
+    fn heartbeat_task(&self, tenant: &str, id: &str, now_ms: i64) -> BoxFuture<'_, Result<bool>> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        Box::pin(async move { queues::heartbeat(&self.pool, &tenant, &id, now_ms).await })
+    }
+
+    fn post_outcome(&self, tenant: &str, id: &str, outcome: TaskOutcome) -> BoxFuture<'_, Result<bool>> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        Box::pin(async move { queues::post(&self.pool, &tenant, &id, &outcome).await })
+    }
+
+    fn posted_outcomes(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(TaskRow, TaskOutcome)>>> {
+        Box::pin(queues::posted(&self.pool, epoch))
+    }
+
+    fn expired_tasks(&self, epoch: i64, now_ms: i64) -> BoxFuture<'_, Result<Vec<(TaskRow, &'static str)>>> {
+        Box::pin(queues::expired(&self.pool, epoch, now_ms))
+    }
+
+    fn post_change(&self, tenant: &str, run_id: &str, id: &str, change: RunChange) -> BoxFuture<'_, Result<bool>> {
+        let (tenant, run_id, id) = (tenant.to_owned(), run_id.to_owned(), id.to_owned());
+        Box::pin(async move { queues::post_change(&self.pool, &tenant, &run_id, &id, &change).await })
+    }
+
+    fn posted_changes(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<PostedChange>>> {
+        Box::pin(queues::posted_changes(&self.pool, epoch))
+    }
+
+    fn drop_change(&self, tenant: &str, id: &str) -> BoxFuture<'_, Result<bool>> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        Box::pin(async move { queues::drop_change(&self.pool, &tenant, &id).await })
+    }
+
+    fn queue_depths(&self, now_ms: i64) -> BoxFuture<'_, Result<Vec<QueueDepth>>> {
+        Box::pin(queues::depths(&self.pool, now_ms))
+    }
+
+    fn notify(&self, wake: Wake) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { queues::notify(&self.pool, &wake).await })
+    }
+
+    fn listen(&self, sink: WakeSink) -> BoxFuture<'_, Result<()>> {
+        queues::listen(self.config.clone(), self.pool.clone(), sink);
+        Box::pin(async { Ok(()) })
     }
 }

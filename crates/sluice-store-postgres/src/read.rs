@@ -16,13 +16,13 @@ use crate::error::{db_err, pool_err};
 type Params<'a> = [&'a (dyn ToSql + Sync)];
 
 /// Prepares `sql` through the connection's statement cache and runs it.
-async fn query(pool: &Pool, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, StoreError> {
+pub(crate) async fn query(pool: &Pool, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
     let st = client.prepare_cached(sql).await.map_err(db_err)?;
     client.query(&st, params).await.map_err(db_err)
 }
 
-fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, StoreError> {
+pub(crate) fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, StoreError> {
     row.try_get(idx).map_err(db_err)
 }
 
@@ -266,38 +266,35 @@ pub(crate) async fn history(
     rows.iter().map(|r| from_json(get(r, 0)?, "data")).collect()
 }
 
+/// The columns [`task_row`] reads, in its order, for `SELECT`s of tasks (alias `t`).
+pub(crate) const TASK_COLUMNS: &str = "t.id, t.tenant, t.queue, t.kind, t.run_id, t.workflow_id, t.step, t.attempt, \
+     t.input, t.visible_at_ms, t.schedule_to_start_ms, t.start_to_close_ms, t.heartbeat_ms, t.created_at_ms, t.trace_id";
+
+/// A task row from the first 15 columns of `r` ([`TASK_COLUMNS`]).
+pub(crate) fn task_row(r: &Row) -> Result<TaskRow, StoreError> {
+    Ok(TaskRow {
+        id: get(r, 0)?,
+        tenant: get(r, 1)?,
+        queue: get(r, 2)?,
+        kind: enum_from(get(r, 3)?, "kind")?,
+        run_id: get(r, 4)?,
+        workflow_id: get(r, 5)?,
+        step: get(r, 6)?,
+        attempt: from_i64(get(r, 7)?, "attempt")?,
+        input: from_json(get(r, 8)?, "input")?,
+        visible_at_ms: get(r, 9)?,
+        schedule_to_start_ms: get::<Option<i64>>(r, 10)?.map(|v| from_i64(v, "schedule_to_start_ms")).transpose()?,
+        start_to_close_ms: from_i64(get(r, 11)?, "start_to_close_ms")?,
+        heartbeat_ms: get::<Option<i64>>(r, 12)?.map(|v| from_i64(v, "heartbeat_ms")).transpose()?,
+        created_at_ms: get(r, 13)?,
+        trace_id: get(r, 14)?,
+    })
+}
+
 pub(crate) async fn load_tasks(pool: &Pool) -> Result<Vec<TaskRow>, StoreError> {
-    let rows = query(
-        pool,
-        "SELECT id, tenant, queue, kind, run_id, workflow_id, step, attempt, input, visible_at_ms,
-                schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id
-         FROM tasks ORDER BY visible_at_ms, id",
-        &[],
-    )
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(TaskRow {
-                id: get(r, 0)?,
-                tenant: get(r, 1)?,
-                queue: get(r, 2)?,
-                kind: enum_from(get(r, 3)?, "kind")?,
-                run_id: get(r, 4)?,
-                workflow_id: get(r, 5)?,
-                step: get(r, 6)?,
-                attempt: from_i64(get(r, 7)?, "attempt")?,
-                input: from_json(get(r, 8)?, "input")?,
-                visible_at_ms: get(r, 9)?,
-                schedule_to_start_ms: get::<Option<i64>>(r, 10)?
-                    .map(|v| from_i64(v, "schedule_to_start_ms"))
-                    .transpose()?,
-                start_to_close_ms: from_i64(get(r, 11)?, "start_to_close_ms")?,
-                heartbeat_ms: get::<Option<i64>>(r, 12)?.map(|v| from_i64(v, "heartbeat_ms")).transpose()?,
-                created_at_ms: get(r, 13)?,
-                trace_id: get(r, 14)?,
-            })
-        })
-        .collect()
+    let sql = format!("SELECT {TASK_COLUMNS} FROM tasks t ORDER BY t.visible_at_ms, t.id");
+    let rows = query(pool, &sql, &[]).await?;
+    rows.iter().map(task_row).collect()
 }
 
 pub(crate) async fn load_timers(pool: &Pool) -> Result<Vec<TimerRow>, StoreError> {

@@ -173,6 +173,26 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE executions ADD COLUMN owner BIGINT;
     CREATE INDEX executions_running_by_owner ON executions (owner) WHERE status = 'running';
     "#,
+    // 7: task queues shared by the nodes (claims, answers posted for the owner, deadlines), and
+    // changes to runs posted for their owner.
+    r#"
+    ALTER TABLE tasks ADD COLUMN claimed_by BIGINT;
+    ALTER TABLE tasks ADD COLUMN claim_until_ms BIGINT;
+    ALTER TABLE tasks ADD COLUMN heartbeat_until_ms BIGINT;
+    ALTER TABLE tasks ADD COLUMN deadline_ms BIGINT;
+    ALTER TABLE tasks ADD COLUMN outcome TEXT;
+    UPDATE tasks SET deadline_ms = visible_at_ms + schedule_to_start_ms WHERE kind = 'worker';
+    CREATE INDEX tasks_claimable ON tasks (tenant, queue, visible_at_ms) WHERE claimed_by IS NULL AND kind = 'worker';
+    CREATE INDEX tasks_by_deadline ON tasks (deadline_ms) WHERE outcome IS NULL AND deadline_ms IS NOT NULL;
+    CREATE INDEX tasks_with_outcome ON tasks (run_id) WHERE outcome IS NOT NULL;
+    CREATE TABLE changes (
+        id     TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+        tenant TEXT COLLATE "C" NOT NULL,
+        run_id TEXT COLLATE "C" NOT NULL,
+        body   TEXT NOT NULL
+    );
+    CREATE INDEX changes_by_run ON changes (run_id);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -6,7 +6,8 @@
 use std::collections::HashSet;
 
 use deadpool_postgres::{Client, Pool, Transaction};
-use sluice_store::{AuditRow, Batch, Doc, ExecChange, StoreError, TimerRow, WorkflowVersion};
+use sluice_core::event::TaskKind;
+use sluice_store::{AuditRow, Batch, Doc, ExecChange, Settle, StoreError, TimerRow, Wake, WorkflowVersion};
 
 use crate::codec::{enum_name, opt_json, opt_to_i64, to_i64, to_json};
 use crate::error::{db_err, describe, is_transient, is_unique_violation, pool_err};
@@ -157,6 +158,20 @@ pub(crate) async fn take_over(pool: &Pool, epoch: i64) -> Result<Vec<(String, St
     let tx = client.transaction().await.map_err(db_err)?;
     let sql = format!("DELETE FROM nodes WHERE expires_at_ms < {DB_NOW_MS} AND epoch <> $1");
     tx.execute(&sql, &[&epoch]).await.map_err(db_err)?;
+    // The claims of ended nodes (expired, or registered again under their name) die with them:
+    // their tasks are delivered again (the same attempt, the same idempotency key), and every
+    // node's pollers hear of it at commit.
+    tx.execute(
+            "WITH released AS (
+                 UPDATE tasks SET claimed_by = NULL, claim_until_ms = NULL, heartbeat_until_ms = NULL, deadline_ms = NULL
+                 WHERE claimed_by IS NOT NULL AND outcome IS NULL AND claimed_by NOT IN (SELECT epoch FROM nodes)
+                 RETURNING tenant, queue)
+             SELECT pg_notify('sluice', json_build_array('t', tenant, queue, count(*))::text)
+             FROM released GROUP BY tenant, queue",
+        &[],
+    )
+    .await
+    .map_err(db_err)?;
     let rows = tx
         .query(
             "UPDATE executions SET owner = $1
@@ -217,6 +232,18 @@ pub(crate) async fn append_audit(pool: &Pool, rows: &[AuditRow]) -> Result<(), S
 async fn apply_batch(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure> {
     for (i, change) in batch.execs.iter().enumerate() {
         apply_exec(tx, i, change).await?;
+    }
+    if !batch.settles.is_empty() {
+        settle(tx, &batch.settles).await?;
+    }
+    if !batch.applied_changes.is_empty() {
+        let st = tx.prepare_cached("DELETE FROM changes WHERE id = ANY($1::text[])").await?;
+        if tx.execute(&st, &[&batch.applied_changes]).await? as usize != batch.applied_changes.len() {
+            return Err(Failure::Store(StoreError::Conflict(format!(
+                "change {} was applied already",
+                batch.applied_changes.join(", ")
+            ))));
+        }
     }
     if !batch.remove_tasks.is_empty() {
         let st = tx.prepare_cached("DELETE FROM tasks WHERE id = ANY($1::text[])").await?;
@@ -294,7 +321,53 @@ async fn apply_batch(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure>
         tx.execute(&st, &[&a.tenant, &a.budget, &a.period_start_ms, &a.level, &a.limit_usd, &a.spent_usd, &a.at_ms])
             .await?;
     }
+    let wakes = wakes(batch);
+    if !wakes.is_empty() {
+        // Delivered when the transaction commits, and only then: nothing leaves before it is durable.
+        let st = tx.prepare_cached("SELECT pg_notify('sluice', w) FROM unnest($1::text[]) AS w").await?;
+        tx.query(&st, &[&wakes]).await?;
+    }
     Ok(())
+}
+
+/// Deletes the tasks a batch records the outcome of; each must be pending, with a posted answer
+/// exactly when the batch records that one.
+async fn settle(tx: &Transaction<'_>, settles: &[Settle]) -> Result<(), Failure> {
+    let ids = column(settles, |s| s.task_id.as_str());
+    let posted = column(settles, |s| s.posted);
+    let st = tx
+        .prepare_cached(
+            "DELETE FROM tasks t USING unnest($1::text[], $2::bool[]) AS s(id, posted)
+             WHERE t.id = s.id AND (t.outcome IS NOT NULL) = s.posted",
+        )
+        .await?;
+    let n = tx.execute(&st, &[&ids, &posted]).await?;
+    if n as usize != settles.len() {
+        return Err(Failure::Store(StoreError::Conflict(format!(
+            "task {} is no longer pending here: it was finished, or answered on another node",
+            ids.join(", ")
+        ))));
+    }
+    Ok(())
+}
+
+/// The wake-ups a batch sends: worker tasks added per queue, runs ended.
+fn wakes(batch: &Batch) -> Vec<String> {
+    let mut queues: Vec<(&str, &str, u32)> = Vec::new();
+    for t in batch.add_tasks.iter().filter(|t| t.kind == TaskKind::Worker) {
+        match queues.iter_mut().find(|(tenant, queue, _)| *tenant == t.tenant && *queue == t.queue) {
+            Some(q) => q.2 += 1,
+            None => queues.push((&t.tenant, &t.queue, 1)),
+        }
+    }
+    let tasks =
+        queues.into_iter().map(|(tenant, queue, n)| Wake::Tasks { tenant: tenant.into(), queue: queue.into(), n });
+    let ended = batch
+        .execs
+        .iter()
+        .filter(|c| c.row.status.is_terminal())
+        .map(|c| Wake::Ended { tenant: c.tenant.clone(), workflow_id: c.row.workflow_id.clone() });
+    tasks.chain(ended).map(|w| w.encode()).collect()
 }
 
 async fn apply_exec(tx: &Transaction<'_>, i: usize, change: &ExecChange) -> Result<(), Failure> {
@@ -371,8 +444,10 @@ async fn update_exec(tx: &Transaction<'_>, i: usize, change: &ExecChange) -> Res
         .prepare_cached(
             "UPDATE executions SET status = $3, paused = $4, dead_letter = $5, output = $6, error = $7,
                  failed_step = $8, next_seq = $9, updated_at_ms = $10
+                 , owner = COALESCE($12::bigint, owner)
              WHERE run_id = $1 AND tenant = $2 AND ($11::bigint IS NULL OR next_seq = $11::bigint)
-               AND ($12::bigint IS NULL OR owner IS NULL OR owner = $12::bigint)",
+               AND ($12::bigint IS NULL OR owner IS NULL OR owner = $12::bigint
+                    OR (status <> 'running' AND owner NOT IN (SELECT epoch FROM nodes)))",
         )
         .await?;
     let updated = tx
@@ -489,10 +564,14 @@ async fn insert_tasks(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure
     let st = tx
         .prepare_cached(
             "INSERT INTO tasks (id, tenant, queue, kind, run_id, workflow_id, step, attempt, input,
-                 visible_at_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 visible_at_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id,
+                 deadline_ms)
+             SELECT u.*, CASE WHEN u.kind = 'worker' THEN u.visible_at_ms + u.schedule_to_start_ms END
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                  $7::text[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
-                 $13::bigint[], $14::bigint[], $15::text[])",
+                 $13::bigint[], $14::bigint[], $15::text[])
+                 AS u(id, tenant, queue, kind, run_id, workflow_id, step, attempt, input, visible_at_ms,
+                      schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id)",
         )
         .await?;
     let inserted = tx

@@ -14,7 +14,8 @@ use sluice_core::event::EventKind;
 use sluice_core::{Event, ExecStatus};
 use sluice_store::{
     AuditFilter, AuditRow, Batch, BoxFuture, BudgetAlertRow, Doc, ExecChange, ExecutionFilter, ExecutionRow, Page,
-    Result, Store, StoreError, TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
+    PostedChange, QueueDepth, Result, RunChange, Store, StoreError, TaskOutcome, TaskRow, TimerRow, UsageFilter,
+    UsageRow, UsageTotal, Wake, WakeSink, WorkflowSummary, WorkflowVersion,
 };
 use sluice_store_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
 use tokio_postgres::NoTls;
@@ -229,6 +230,50 @@ impl Store for TestStore {
     }
     fn take_over(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(String, String)>>> {
         self.store.take_over(epoch)
+    }
+    fn shared_queues(&self) -> bool {
+        self.store.shared_queues()
+    }
+    fn claim_tasks(
+        &self,
+        tenant: &str,
+        queue: &str,
+        max: usize,
+        now_ms: i64,
+        epoch: i64,
+    ) -> BoxFuture<'_, Result<Vec<TaskRow>>> {
+        self.store.claim_tasks(tenant, queue, max, now_ms, epoch)
+    }
+    fn heartbeat_task(&self, tenant: &str, id: &str, now_ms: i64) -> BoxFuture<'_, Result<bool>> {
+        self.store.heartbeat_task(tenant, id, now_ms)
+    }
+    fn post_outcome(&self, tenant: &str, id: &str, outcome: TaskOutcome) -> BoxFuture<'_, Result<bool>> {
+        self.store.post_outcome(tenant, id, outcome)
+    }
+    fn posted_outcomes(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(TaskRow, TaskOutcome)>>> {
+        self.store.posted_outcomes(epoch)
+    }
+    fn expired_tasks(&self, epoch: i64, now_ms: i64) -> BoxFuture<'_, Result<Vec<(TaskRow, &'static str)>>> {
+        self.store.expired_tasks(epoch, now_ms)
+    }
+    fn post_change(&self, tenant: &str, run_id: &str, id: &str, change: RunChange) -> BoxFuture<'_, Result<bool>> {
+        self.store.post_change(tenant, run_id, id, change)
+    }
+    fn posted_changes(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<PostedChange>>> {
+        self.store.posted_changes(epoch)
+    }
+    fn drop_change(&self, tenant: &str, id: &str) -> BoxFuture<'_, Result<bool>> {
+        self.store.drop_change(tenant, id)
+    }
+    fn queue_depths(&self, now_ms: i64) -> BoxFuture<'_, Result<Vec<QueueDepth>>> {
+        self.store.queue_depths(now_ms)
+    }
+
+    fn notify(&self, wake: Wake) -> BoxFuture<'_, Result<()>> {
+        self.store.notify(wake)
+    }
+    fn listen(&self, sink: WakeSink) -> BoxFuture<'_, Result<()>> {
+        self.store.listen(sink)
     }
 }
 

@@ -387,9 +387,10 @@ fn update_exec(conn: &Connection, change: &ExecChange) -> Result<(), StoreError>
     let mut st = conn
         .prepare_cached(
             "UPDATE executions SET status = ?3, paused = ?4, dead_letter = ?5, output = ?6, error = ?7,
-                 failed_step = ?8, next_seq = ?9, updated_at_ms = ?10
+                 failed_step = ?8, next_seq = ?9, updated_at_ms = ?10, owner = COALESCE(?12, owner)
              WHERE run_id = ?1 AND tenant = ?2 AND (?11 IS NULL OR next_seq = ?11)
-               AND (?12 IS NULL OR owner IS NULL OR owner = ?12)",
+               AND (?12 IS NULL OR owner IS NULL OR owner = ?12
+                    OR (status <> 'running' AND owner NOT IN (SELECT epoch FROM nodes)))",
         )
         .map_err(db_err)?;
     let updated = st.execute(params![

@@ -135,4 +135,90 @@ pub trait Store: Send + Sync + 'static {
     /// of those with no owner), ending the expired leases; returns `(tenant, run_id)` of each run
     /// taken.
     fn take_over(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(String, String)>>>;
+
+    /// Whether several nodes share this store's task queues: workers' tasks are claimed in the
+    /// database (`claim_tasks`), any node accepts a worker's answer (`post_outcome`) and nodes
+    /// wake each other (`listen`). Without, each node serves the tasks of its own executions
+    /// from memory and the calls below are not used.
+    fn shared_queues(&self) -> bool {
+        false
+    }
+
+    /// Claims up to `max` worker tasks of a queue visible at `now_ms` that nobody claimed, for
+    /// `epoch`'s node, skipping tasks others are claiming at the same moment. A claim lasts the
+    /// task's start-to-close limit (and its heartbeat limit, when it has one) from `now_ms`.
+    fn claim_tasks(
+        &self,
+        _tenant: &str,
+        _queue: &str,
+        _max: usize,
+        _now_ms: i64,
+        _epoch: i64,
+    ) -> BoxFuture<'_, Result<Vec<TaskRow>>> {
+        Box::pin(async { Err(unshared()) })
+    }
+
+    /// Extends a claimed task's heartbeat limit from `now_ms`; false when it is no longer
+    /// pending (it was finished, timed out, or its run ended): the worker should stop.
+    fn heartbeat_task(&self, _tenant: &str, _id: &str, _now_ms: i64) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async { Err(unshared()) })
+    }
+
+    /// Posts a worker's answer to a claimed task for the node that owns its run to record, and
+    /// wakes that node. Durable when `Ok(true)`; false (nothing posted) when the task is no
+    /// longer pending or already has an answer.
+    fn post_outcome(&self, _tenant: &str, _id: &str, _outcome: TaskOutcome) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async { Err(unshared()) })
+    }
+
+    /// The tasks of runs owned by `epoch` with a posted answer, to record.
+    fn posted_outcomes(&self, _epoch: i64) -> BoxFuture<'_, Result<Vec<(TaskRow, TaskOutcome)>>> {
+        Box::pin(async { Err(unshared()) })
+    }
+
+    /// The pending worker tasks of runs owned by `epoch` that are past a limit at `now_ms`
+    /// (claimed past start-to-close or heartbeat, unclaimed past schedule-to-start), each with
+    /// its [`timeout_kind`].
+    fn expired_tasks(&self, _epoch: i64, _now_ms: i64) -> BoxFuture<'_, Result<Vec<(TaskRow, &'static str)>>> {
+        Box::pin(async { Err(unshared()) })
+    }
+
+    /// Posts a change for the node that owns `run_id` to apply (a signal, cancel or redrive that
+    /// reached another node), and wakes it. Durable when `Ok(true)`; false when the tenant has no
+    /// such run.
+    fn post_change(&self, _tenant: &str, _run_id: &str, _id: &str, _change: RunChange) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async { Err(unshared()) })
+    }
+
+    /// The changes posted for runs owned by `epoch`, oldest first.
+    fn posted_changes(&self, _epoch: i64) -> BoxFuture<'_, Result<Vec<PostedChange>>> {
+        Box::pin(async { Err(unshared()) })
+    }
+
+    /// Removes a posted change its owner will not apply (its run ended); false when it was gone.
+    fn drop_change(&self, _tenant: &str, _id: &str) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async { Err(unshared()) })
+    }
+
+    /// Worker tasks visible at `now_ms` and not claimed, per `(tenant, queue)`, with when the
+    /// oldest became visible: the shared queues' depth, the same seen from every node.
+    fn queue_depths(&self, _now_ms: i64) -> BoxFuture<'_, Result<Vec<QueueDepth>>> {
+        Box::pin(async { Err(unshared()) })
+    }
+
+    /// Sends a wake-up to every listening node.
+    fn notify(&self, _wake: Wake) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Delivers the wake-ups every node sends (this one's included) to `sink` from now on, for
+    /// as long as the store is open, reconnecting when the connection is lost (then a
+    /// [`Wake::Resync`] says some may have been missed).
+    fn listen(&self, _sink: WakeSink) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn unshared() -> StoreError {
+    StoreError::Internal("this store does not share task queues between nodes".into())
 }

@@ -116,6 +116,117 @@ pub struct Batch {
     pub usage: Vec<UsageRow>,
     /// Budget alerts; one with the key of a stored alert is ignored.
     pub alerts: Vec<BudgetAlertRow>,
+    /// Worker tasks whose outcome this batch records, on a store with shared queues (see
+    /// [`crate::Store::shared_queues`]): each must still be pending, else the batch fails with
+    /// `Conflict`, so a task's outcome is recorded once whichever node answers first.
+    pub settles: Vec<Settle>,
+    /// Ids of posted changes (see [`crate::Store::post_change`]) this batch applies: each must
+    /// still be posted, else the batch fails with `Conflict`, so a change is applied once.
+    pub applied_changes: Vec<String>,
+}
+
+/// A change to a run that only its owner may make, posted by another node for it to apply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum RunChange {
+    Signal { name: String, payload: Value },
+    Cancel { reason: Option<String> },
+    Redrive,
+}
+
+/// A posted [`RunChange`], as its owner reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostedChange {
+    /// Unique (made by the poster).
+    pub id: String,
+    pub tenant: String,
+    pub run_id: String,
+    pub change: RunChange,
+}
+
+/// A task a batch records the outcome of (see [`Batch::settles`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settle {
+    pub task_id: String,
+    /// The outcome recorded is the one a node posted (it must be there); otherwise it was
+    /// decided by the writer (a worker's answer to it, a timeout) and none may have been posted.
+    pub posted: bool,
+}
+
+/// What a worker answered for a task, posted by the node that received it for the node that
+/// owns the execution to record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum TaskOutcome {
+    Completed { output: Value },
+    Failed { error: ErrorInfo, retryable: bool },
+}
+
+/// A wake-up one node sends all (itself included) through the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wake {
+    /// `n` worker tasks were added to a queue (or became visible).
+    Tasks { tenant: String, queue: String, n: u32 },
+    /// An outcome was posted for a run owned by `epoch`.
+    Outcome { epoch: i64 },
+    /// A run of `workflow_id` ended.
+    Ended { tenant: String, workflow_id: String },
+    /// Wake-ups may have been missed (the listening connection was lost): look at everything.
+    Resync,
+}
+
+impl Wake {
+    /// The wire form: a JSON array (`["t", tenant, queue, n]`, `["o", epoch]`, `["e", tenant,
+    /// workflow_id]`).
+    pub fn encode(&self) -> String {
+        let v = match self {
+            Wake::Tasks { tenant, queue, n } => serde_json::json!(["t", tenant, queue, n]),
+            Wake::Outcome { epoch } => serde_json::json!(["o", epoch]),
+            Wake::Ended { tenant, workflow_id } => serde_json::json!(["e", tenant, workflow_id]),
+            Wake::Resync => serde_json::json!(["r"]),
+        };
+        v.to_string()
+    }
+
+    /// Reads the wire form; `None` for anything else.
+    pub fn decode(text: &str) -> Option<Wake> {
+        let v: Vec<Value> = serde_json::from_str(text).ok()?;
+        let s = |i: usize| v.get(i).and_then(Value::as_str).map(str::to_string);
+        match v.first()?.as_str()? {
+            "t" => Some(Wake::Tasks {
+                tenant: s(1)?,
+                queue: s(2)?,
+                n: v.get(3).and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok())?,
+            }),
+            "o" => Some(Wake::Outcome { epoch: v.get(1)?.as_i64()? }),
+            "e" => Some(Wake::Ended { tenant: s(1)?, workflow_id: s(2)? }),
+            "r" => Some(Wake::Resync),
+            _ => None,
+        }
+    }
+}
+
+/// Ready worker tasks of one queue (see [`crate::Store::queue_depths`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub tenant: String,
+    pub queue: String,
+    /// Visible and not claimed.
+    pub ready: u64,
+    /// When the oldest of them became visible.
+    pub oldest_visible_ms: i64,
+}
+
+/// Where wake-ups are delivered.
+pub type WakeSink = std::sync::Arc<dyn Fn(Wake) + Send + Sync>;
+
+/// Why a claimed task is past its time (see [`crate::Store::expired_tasks`]).
+pub fn timeout_kind(claimed: bool, heartbeat_expired: bool) -> &'static str {
+    match (claimed, heartbeat_expired) {
+        (false, _) => "timeout.schedule_to_start",
+        (true, true) => "timeout.heartbeat",
+        (true, false) => "timeout.start_to_close",
+    }
 }
 
 impl Batch {
@@ -127,6 +238,8 @@ impl Batch {
             && self.remove_timers.is_empty()
             && self.usage.is_empty()
             && self.alerts.is_empty()
+            && self.settles.is_empty()
+            && self.applied_changes.is_empty()
     }
 }
 

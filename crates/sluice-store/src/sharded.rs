@@ -10,13 +10,16 @@ use sluice_core::Event;
 
 use crate::{
     page_limit, AuditFilter, AuditRow, Batch, BoxFuture, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page,
-    Result, Store, StoreError, TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
+    PostedChange, QueueDepth, Result, RunChange, Store, StoreError, TaskOutcome, TaskRow, TimerRow, UsageFilter,
+    UsageRow, UsageTotal, Wake, WakeSink, WorkflowSummary, WorkflowVersion,
 };
 
 pub struct ShardedStore {
     shards: Vec<Arc<dyn Store>>,
     /// A node's epoch (its epoch on shard 0) → its epoch on each shard.
-    epochs: std::sync::Mutex<std::collections::HashMap<i64, Vec<i64>>>,
+    epochs: Arc<std::sync::Mutex<std::collections::HashMap<i64, Vec<i64>>>>,
+    /// The shard the next claim starts at, so no shard's queue is always asked last.
+    next_claim: std::sync::atomic::AtomicUsize,
 }
 
 impl ShardedStore {
@@ -25,7 +28,7 @@ impl ShardedStore {
         if shards.is_empty() {
             return Err(StoreError::Internal("a sharded store needs at least one shard".into()));
         }
-        Ok(Self { shards, epochs: std::sync::Mutex::new(std::collections::HashMap::new()) })
+        Ok(Self { shards, epochs: Arc::default(), next_claim: std::sync::atomic::AtomicUsize::new(0) })
     }
 
     /// The epochs on each shard of the node whose epoch is `epoch`.
@@ -308,6 +311,164 @@ impl Store for ShardedStore {
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             all(self.shards.iter().map(|s| s.ping()).collect()).await?;
+            Ok(())
+        })
+    }
+
+    fn shared_queues(&self) -> bool {
+        self.shards.iter().all(|s| s.shared_queues())
+    }
+
+    /// Claims from the shards in turn, starting at a different one each time, until `max`.
+    fn claim_tasks(
+        &self,
+        tenant: &str,
+        queue: &str,
+        max: usize,
+        now_ms: i64,
+        epoch: i64,
+    ) -> BoxFuture<'_, Result<Vec<TaskRow>>> {
+        let (tenant, queue) = (tenant.to_string(), queue.to_string());
+        Box::pin(async move {
+            let epochs = self.epochs_of(epoch)?;
+            let first = self.next_claim.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut out = Vec::new();
+            for k in 0..self.shards.len() {
+                let i = (first + k) % self.shards.len();
+                if out.len() >= max {
+                    break;
+                }
+                out.extend(self.shards[i].claim_tasks(&tenant, &queue, max - out.len(), now_ms, epochs[i]).await?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// A task id names its run, not its shard: the one shard that holds it answers true.
+    fn heartbeat_task(&self, tenant: &str, id: &str, now_ms: i64) -> BoxFuture<'_, Result<bool>> {
+        let (tenant, id) = (tenant.to_string(), id.to_string());
+        Box::pin(async move {
+            for s in &self.shards {
+                if s.heartbeat_task(&tenant, &id, now_ms).await? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+    }
+
+    fn post_outcome(&self, tenant: &str, id: &str, outcome: TaskOutcome) -> BoxFuture<'_, Result<bool>> {
+        let (tenant, id) = (tenant.to_string(), id.to_string());
+        Box::pin(async move {
+            for s in &self.shards {
+                if s.post_outcome(&tenant, &id, outcome.clone()).await? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+    }
+
+    fn posted_outcomes(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<(TaskRow, TaskOutcome)>>> {
+        Box::pin(async move {
+            let epochs = self.epochs_of(epoch)?;
+            let found = all(self.shards.iter().zip(&epochs).map(|(s, e)| s.posted_outcomes(*e)).collect()).await?;
+            Ok(found.into_iter().flatten().collect())
+        })
+    }
+
+    fn expired_tasks(&self, epoch: i64, now_ms: i64) -> BoxFuture<'_, Result<Vec<(TaskRow, &'static str)>>> {
+        Box::pin(async move {
+            let epochs = self.epochs_of(epoch)?;
+            let found =
+                all(self.shards.iter().zip(&epochs).map(|(s, e)| s.expired_tasks(*e, now_ms)).collect()).await?;
+            Ok(found.into_iter().flatten().collect())
+        })
+    }
+
+    /// Posted on the shard that holds the run (the others have no such run).
+    fn post_change(&self, tenant: &str, run_id: &str, id: &str, change: RunChange) -> BoxFuture<'_, Result<bool>> {
+        let (tenant, run_id, id) = (tenant.to_string(), run_id.to_string(), id.to_string());
+        Box::pin(async move {
+            for s in &self.shards {
+                if s.post_change(&tenant, &run_id, &id, change.clone()).await? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+    }
+
+    fn posted_changes(&self, epoch: i64) -> BoxFuture<'_, Result<Vec<PostedChange>>> {
+        Box::pin(async move {
+            let epochs = self.epochs_of(epoch)?;
+            let found = all(self.shards.iter().zip(&epochs).map(|(s, e)| s.posted_changes(*e)).collect()).await?;
+            Ok(found.into_iter().flatten().collect())
+        })
+    }
+
+    fn drop_change(&self, tenant: &str, id: &str) -> BoxFuture<'_, Result<bool>> {
+        let (tenant, id) = (tenant.to_string(), id.to_string());
+        Box::pin(async move {
+            for s in &self.shards {
+                if s.drop_change(&tenant, &id).await? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+    }
+
+    fn queue_depths(&self, now_ms: i64) -> BoxFuture<'_, Result<Vec<QueueDepth>>> {
+        Box::pin(async move {
+            let mut merged: std::collections::BTreeMap<(String, String), (u64, i64)> = Default::default();
+            for rows in all(self.shards.iter().map(|s| s.queue_depths(now_ms)).collect()).await? {
+                for d in rows {
+                    let e = merged.entry((d.tenant, d.queue)).or_insert((0, d.oldest_visible_ms));
+                    e.0 += d.ready;
+                    e.1 = e.1.min(d.oldest_visible_ms);
+                }
+            }
+            Ok(merged
+                .into_iter()
+                .map(|((tenant, queue), (ready, oldest_visible_ms))| QueueDepth {
+                    tenant,
+                    queue,
+                    ready,
+                    oldest_visible_ms,
+                })
+                .collect())
+        })
+    }
+
+    /// A wake-up about a queue goes to every shard's listeners (which are every node).
+    fn notify(&self, wake: Wake) -> BoxFuture<'_, Result<()>> {
+        self.shards[0].notify(wake)
+    }
+
+    /// Listens on every shard; an answer posted for a node's epoch on one shard is told as
+    /// posted for its epoch on the first, which is how the node knows itself.
+    fn listen(&self, sink: WakeSink) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            for (i, s) in self.shards.iter().enumerate() {
+                let sink = sink.clone();
+                let epochs = self.epochs.clone();
+                s.listen(std::sync::Arc::new(move |w| match w {
+                    Wake::Outcome { epoch } if i > 0 => {
+                        let node = epochs
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .iter()
+                            .find(|(_, on)| on.get(i) == Some(&epoch))
+                            .map(|(first, _)| *first);
+                        if let Some(epoch) = node {
+                            sink(Wake::Outcome { epoch });
+                        }
+                    }
+                    w => sink(w),
+                }))
+                .await?;
+            }
             Ok(())
         })
     }

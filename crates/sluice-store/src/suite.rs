@@ -16,8 +16,9 @@ use sluice_core::{ErrorInfo, Event, ExecStatus};
 use tokio::task::JoinSet;
 
 use crate::{
-    AuditFilter, AuditRow, Batch, BudgetAlertRow, Doc, ExecChange, ExecutionFilter, ExecutionRow, Store, StoreError,
-    TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, WorkflowSummary, WorkflowVersion,
+    AuditFilter, AuditRow, Batch, BudgetAlertRow, Doc, ExecChange, ExecutionFilter, ExecutionRow, QueueDepth,
+    RunChange, Settle, Store, StoreError, TaskOutcome, TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, Wake,
+    WorkflowSummary, WorkflowVersion,
 };
 
 /// Expands to one `#[tokio::test]` per conformance case; `$make` is an async expression that
@@ -40,6 +41,7 @@ macro_rules! store_suite {
             usage_ledger,
             directory_and_audit,
             leases_and_fencing,
+            shared_queues,
             ping,
         );
         $crate::store_suite!(@shared $make;
@@ -798,6 +800,222 @@ pub async fn leases_and_fencing(s: &dyn Store) {
     assert_eq!(seqs.len(), 5, "start, a's step, b's two, the end");
     // Finished runs are nobody's to take.
     assert!(!s.take_over(a).await.unwrap_or_default().iter().any(|(_, r)| r == &run));
+
+    // A finished run whose owner is gone may be changed (redriven) by any node, which then owns it.
+    let d = s.register_node(&f.tenant("node-d"), Some("http://d.example:7233"), 60_000).await.expect("register d");
+    assert!(s.renew_lease(b2, -1_000).await.expect("renew"));
+    s.take_over(d).await.expect("take over ends b2's lease");
+    let done = s.get_run(&t, &run).await.expect("run").expect("the run");
+    let redrive = ExecChange { fence: Some(d), ..finish(&t, &done, ExecStatus::Running) };
+    let next = redrive.row.clone();
+    s.commit(batch(vec![redrive])).await.expect("d redrives a finished run of an ended node");
+    assert_eq!(s.owner_url(&t, &run).await.expect("owner"), Some("http://d.example:7233".into()));
+    let c = s.register_node(&f.tenant("node-c"), None, 60_000).await.expect("register c");
+    assert!(is_fenced(s.commit(batch(vec![fenced(append(&t, &next, 1), c)])).await), "d owns it now");
+}
+
+/// Stores with shared queues (several nodes): claims never hand a task out twice and respect
+/// tenants, visibility and the queue; an answer is posted once and only for a claimed task;
+/// deadlines and posted answers are found for the owner; a batch settles a task only while it is
+/// pending as it expects; commits and posts wake the listeners. Others skip this case.
+pub async fn shared_queues(s: &dyn Store) {
+    if !s.shared_queues() {
+        return;
+    }
+    let f = Fixture::new();
+    let (t, other) = (f.tenant("t"), f.tenant("other"));
+    let a = s.register_node(&f.tenant("node-a"), None, 60_000).await.expect("register a");
+    let b = s.register_node(&f.tenant("node-b"), None, 60_000).await.expect("register b");
+    let heard = Arc::new(std::sync::Mutex::new(Vec::<Wake>::new()));
+    let sink = heard.clone();
+    s.listen(Arc::new(move |w| sink.lock().unwrap_or_else(|p| p.into_inner()).push(w))).await.expect("listen");
+    let heard_one = |want: Wake| {
+        let heard = heard.clone();
+        async move {
+            for _ in 0..100 {
+                if heard.lock().unwrap_or_else(|p| p.into_inner()).contains(&want) {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            false
+        }
+    };
+    // The listening connection is up once a wake-up sent now comes back.
+    let probe = Wake::Ended { tenant: t.clone(), workflow_id: "probe".into() };
+    let mut up = false;
+    for _ in 0..200 {
+        s.notify(probe.clone()).await.expect("notify");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if heard.lock().unwrap_or_else(|p| p.into_inner()).contains(&probe) {
+            up = true;
+            break;
+        }
+    }
+    assert!(up, "a wake-up sent through the store comes back to its listener");
+
+    let now = crate::now_ms();
+    let r = row(&f.run_id(1), "shared-1", "orders", 1);
+    let created = ExecChange { fence: Some(a), ..create(&t, r.clone()) };
+    let mut current = created.row.clone();
+    let mut b1 = batch(vec![created]);
+    let beat = TaskRow { heartbeat_ms: Some(1_000), ..task(&t, &r, "beat", 1) };
+    let later = TaskRow { visible_at_ms: now + 60_000, ..task(&t, &r, "later", 1) };
+    let waiting = TaskRow { schedule_to_start_ms: Some(5_000), visible_at_ms: now, ..task(&t, &r, "waiting", 1) };
+    b1.add_tasks = vec![task(&t, &r, "charge", 1), beat.clone(), later.clone()];
+    s.commit(b1).await.expect("create with tasks");
+    assert!(
+        heard_one(Wake::Tasks { tenant: t.clone(), queue: "payments".into(), n: 3 }).await,
+        "a commit that adds tasks wakes the pollers: {:?}",
+        heard.lock().unwrap_or_else(|p| p.into_inner())
+    );
+    let ro = row(&f.run_id(2), "shared-2", "orders", 2);
+    let mut b2 = batch(vec![ExecChange { fence: Some(b), ..create(&other, ro.clone()) }]);
+    b2.add_tasks = vec![task(&other, &ro, "charge", 1)];
+    s.commit(b2).await.expect("another tenant's task");
+
+    let depth = |rows: Vec<QueueDepth>, tenant: &str| {
+        rows.into_iter().filter(|d| d.tenant == tenant).map(|d| (d.queue, d.ready)).collect::<Vec<_>>()
+    };
+    let depths = s.queue_depths(now).await.expect("depths");
+    assert_eq!(depth(depths, &t), [("payments".to_string(), 2)], "two visible, one delayed");
+
+    // Ten claims at once of one task each: two are visible, each is handed out once.
+    let claims = (0..10).map(|i| s.claim_tasks(&t, "payments", 1, now, if i % 2 == 0 { a } else { b }));
+    let mut claimed: Vec<String> = Vec::new();
+    for c in claims {
+        claimed.extend(c.await.expect("claim").into_iter().map(|t| t.id));
+    }
+    claimed.sort();
+    let mut want = vec![TaskRow::make_id(&r.run_id, "beat", 1), TaskRow::make_id(&r.run_id, "charge", 1)];
+    want.sort();
+    assert_eq!(claimed, want, "each visible task of the tenant's queue once, the delayed one not");
+    assert!(s.claim_tasks(&t, "other-queue", 10, now + 120_000, a).await.expect("claim").is_empty());
+    let got = s.claim_tasks(&t, "payments", 10, now + 120_000, b).await.expect("claim");
+    assert_eq!(got, vec![later.clone()], "a delayed task is claimed once visible, and round-trips");
+
+    assert!(depth(s.queue_depths(now).await.expect("depths"), &t).is_empty(), "claimed tasks wait for no one");
+
+    // Heartbeats and answers only for claimed, pending tasks of the tenant.
+    assert!(s.heartbeat_task(&t, &beat.id, now).await.expect("heartbeat"));
+    assert!(!s.heartbeat_task(&other, &beat.id, now).await.expect("heartbeat"));
+    assert!(!s.heartbeat_task(&t, "no-such-task", now).await.expect("heartbeat"));
+    let charge = TaskRow::make_id(&r.run_id, "charge", 1);
+    let done = TaskOutcome::Completed { output: json!({"paid": 12}) };
+    assert!(!s.post_outcome(&other, &charge, done.clone()).await.expect("post"), "another tenant's task");
+    assert!(s.post_outcome(&t, &charge, done.clone()).await.expect("post"));
+    let failed = TaskOutcome::Failed { error: ErrorInfo::new("late", "too late"), retryable: true };
+    assert!(!s.post_outcome(&t, &charge, failed).await.expect("post"), "an answer is posted once");
+    assert!(heard_one(Wake::Outcome { epoch: a }).await, "a posted answer wakes the run's owner");
+    let mut b3 = batch(vec![]);
+    let waiting_run = row(&f.run_id(3), "shared-3", "orders", 3);
+    b3.execs.push(ExecChange { fence: Some(a), ..create(&t, waiting_run.clone()) });
+    b3.add_tasks = vec![TaskRow {
+        run_id: waiting_run.run_id.clone(),
+        id: TaskRow::make_id(&waiting_run.run_id, "waiting", 1),
+        workflow_id: waiting_run.workflow_id.clone(),
+        ..waiting.clone()
+    }];
+    s.commit(b3).await.expect("a task nobody claims");
+    let waiting_id = TaskRow::make_id(&waiting_run.run_id, "waiting", 1);
+    assert!(!s.post_outcome(&t, &waiting_id, done.clone()).await.expect("post"), "not claimed");
+
+    let posted = s.posted_outcomes(a).await.expect("posted");
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    assert_eq!((posted[0].0.id.as_str(), &posted[0].1), (charge.as_str(), &done));
+    assert!(s.posted_outcomes(b).await.expect("posted").is_empty(), "b owns none of them");
+
+    // Deadlines: the heartbeat limit (1 s) first, then start-to-close (30 s); schedule-to-start
+    // for one never claimed; nothing of another owner, nothing answered.
+    let expired = |at: i64| async move {
+        let mut x: Vec<(String, &str)> =
+            s.expired_tasks(a, at).await.expect("expired").into_iter().map(|(t, k)| (t.step, k)).collect();
+        x.sort();
+        x
+    };
+    assert!(expired(now + 500).await.is_empty());
+    assert_eq!(expired(now + 1_500).await, [("beat".to_string(), "timeout.heartbeat")]);
+    assert_eq!(
+        expired(now + 6_000).await,
+        [("beat".to_string(), "timeout.heartbeat"), ("waiting".to_string(), "timeout.schedule_to_start")]
+    );
+    assert_eq!(
+        expired(now + 200_000).await.into_iter().map(|(s, _)| s).collect::<Vec<_>>(),
+        ["beat", "later", "waiting"]
+    );
+    assert!(s.expired_tasks(b, now + 200_000).await.expect("expired").is_empty());
+
+    // Settling: the posted answer only as posted, a decided one only while none was posted.
+    let settle = |current: &ExecutionRow, id: &str, posted: bool| {
+        let change = ExecChange { fence: Some(a), ..append(&t, current, 1) };
+        let next = change.row.clone();
+        let mut b = batch(vec![change]);
+        b.settles = vec![Settle { task_id: id.to_string(), posted }];
+        (b, next)
+    };
+    let (wrong, _) = settle(&current, &charge, false);
+    assert!(matches!(s.commit(wrong).await, Err(StoreError::Conflict(_))), "an answer was posted");
+    let (wrong, _) = settle(&current, &beat.id, true);
+    assert!(matches!(s.commit(wrong).await, Err(StoreError::Conflict(_))), "nothing was posted");
+    let (right, next) = settle(&current, &charge, true);
+    s.commit(right).await.expect("the posted answer is recorded");
+    current = next;
+    let (again, _) = settle(&current, &charge, true);
+    assert!(matches!(s.commit(again).await, Err(StoreError::Conflict(_))), "recorded once");
+    let (timeout, next) = settle(&current, &beat.id, false);
+    s.commit(timeout).await.expect("a timeout is recorded");
+    current = next;
+    assert!(!s.heartbeat_task(&t, &beat.id, now).await.expect("heartbeat"), "a settled task is gone");
+    assert!(!s.post_outcome(&t, &beat.id, done).await.expect("post"), "a settled task takes no answer");
+
+    // Changes posted for the owner: only to a run of the tenant, listed for its owner, applied
+    // once by a batch, or dropped.
+    let go = RunChange::Signal { name: "go".into(), payload: json!({"n": 1}) };
+    let (c1, c2) = (format!("{}-c1", f.tag), format!("{}-c2", f.tag));
+    assert!(!s.post_change(&other, &r.run_id, &c1, go.clone()).await.expect("post"), "another tenant's run");
+    assert!(!s.post_change(&t, "no-such-run", &c1, go.clone()).await.expect("post"));
+    heard.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    assert!(s.post_change(&t, &r.run_id, &c1, go.clone()).await.expect("post"));
+    assert!(heard_one(Wake::Outcome { epoch: a }).await, "a posted change wakes the run's owner");
+    assert!(s.post_change(&t, &r.run_id, &c2, RunChange::Cancel { reason: None }).await.expect("post"));
+    let changes = s.posted_changes(a).await.expect("changes");
+    assert_eq!(
+        changes.iter().map(|c| (&c.id, &c.change)).collect::<Vec<_>>(),
+        [(&c1, &go), (&c2, &RunChange::Cancel { reason: None })]
+    );
+    assert_eq!((changes[0].tenant.as_str(), changes[0].run_id.as_str()), (t.as_str(), r.run_id.as_str()));
+    assert!(s.posted_changes(b).await.expect("changes").is_empty());
+    let apply = |current: &ExecutionRow, id: &str| {
+        let change = ExecChange { fence: Some(a), ..append(&t, current, 1) };
+        let next = change.row.clone();
+        (Batch { applied_changes: vec![id.to_string()], ..batch(vec![change]) }, next)
+    };
+    let (first, next) = apply(&current, &c1);
+    s.commit(first).await.expect("applied");
+    current = next;
+    let (again, _) = apply(&current, &c1);
+    assert!(matches!(s.commit(again).await, Err(StoreError::Conflict(_))), "applied once");
+    assert!(!s.drop_change(&other, &c2).await.expect("drop"), "another tenant's change");
+    assert!(s.drop_change(&t, &c2).await.expect("drop"));
+    assert!(s.posted_changes(a).await.expect("changes").is_empty());
+
+    // An ended run wakes result waiters everywhere.
+    s.commit(batch(vec![ExecChange { fence: Some(a), ..finish(&t, &current, ExecStatus::Completed) }]))
+        .await
+        .expect("finish");
+    assert!(heard_one(Wake::Ended { tenant: t.clone(), workflow_id: "shared-1".into() }).await);
+
+    // A node's claims end with its lease: the task is handed out again.
+    let c = s.register_node(&f.tenant("node-c"), None, 60_000).await.expect("register c");
+    let r4 = row(&f.run_id(4), "shared-4", "orders", 4);
+    let mut b4 = batch(vec![ExecChange { fence: Some(a), ..create(&t, r4.clone()) }]);
+    b4.add_tasks = vec![TaskRow { queue: "retry".into(), ..task(&t, &r4, "charge", 1) }];
+    s.commit(b4).await.expect("a task");
+    assert_eq!(s.claim_tasks(&t, "retry", 5, now, c).await.expect("claim").len(), 1);
+    assert!(s.claim_tasks(&t, "retry", 5, now, a).await.expect("claim").is_empty());
+    assert!(s.renew_lease(c, -1_000).await.expect("renew"));
+    s.take_over(a).await.expect("take over");
+    assert_eq!(s.claim_tasks(&t, "retry", 5, now, a).await.expect("claim").len(), 1, "released with c's lease");
 }
 
 pub async fn ping(s: &dyn Store) {

@@ -224,7 +224,8 @@ async fn two_shards_hold_executions_and_every_api_spans_them() {
 }
 
 /// Two nodes on one PostgreSQL: each owns the executions it starts, under a lease with a fencing
-/// epoch. While the owner lives, the other node cannot append to them; when the owner is
+/// epoch. While the owner lives, the other node cannot append to them (it posts signals and
+/// cancels for the owner instead); when the owner is
 /// SIGKILLed, the other takes them over once the lease expires and finishes them: timers fire,
 /// tasks reach its workers, signals land, and every history stays one unbroken sequence.
 #[tokio::test]
@@ -258,28 +259,23 @@ async fn a_killed_nodes_executions_are_taken_over_when_its_lease_expires() {
     let early = api_a.start("gated", Value::Null, Some("gated-0")).await;
 
     // B reads A's executions but cannot append to them while A holds its lease: a signal sent to
-    // B is sent on to A, which delivers it.
+    // B is posted in the database for A, which applies it; so is a cancel.
     let (status, row) = api_b.get(&format!("/v1/executions/{gated}")).await;
     assert_eq!((status, row["status"].as_str()), (200, Some("running")), "{row}");
-    let r = api_b
-        .request(reqwest::Method::POST, &format!("/v1/executions/{early}/signals/go"))
-        .json(&json!(1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
-    assert_eq!(r.headers()["x-sluice-forwarded"], "1", "answered by the owner");
+    let (status, body) = api_b.post(&format!("/v1/executions/{early}/signals/go"), &json!(1)).await;
+    assert_eq!(status, 202, "{body}");
     assert_eq!(api_b.wait(&early, 20).await["output"], json!({"got": 1}));
-    // Sent on once only: a request that was forwarded already is refused by the fence.
-    let r = api_b
-        .request(reqwest::Method::POST, &format!("/v1/executions/{gated}/signals/go"))
-        .header("x-sluice-forwarded", "1")
-        .json(&json!(1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 409);
-    assert!(r.text().await.unwrap().contains("fenced"));
+    let doomed = api_a.start("gated", Value::Null, Some("gated-doomed")).await;
+    let (status, body) = api_b.post(&format!("/v1/executions/{doomed}/cancel"), &json!({"reason": "via b"})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(api_b.wait(&doomed, 20).await["status"], "cancelled");
+    let metrics =
+        |base: String| async move { reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap() };
+    let counter = |text: &str, name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok()).unwrap()
+    };
+    assert_eq!(counter(&metrics(b.base.clone()).await, "sluice_run_changes_posted_total"), 2);
+    assert_eq!(counter(&metrics(a.base.clone()).await, "sluice_run_changes_applied_total"), 2);
 
     a.kill();
     let _worker = WorkerProcess::rust(&bin(), &b, &[], None);
@@ -294,9 +290,8 @@ async fn a_killed_nodes_executions_are_taken_over_when_its_lease_expires() {
     assert_eq!(api_b.wait(&gated, 20).await["output"], json!({"got": 7}));
 
     // B says what it took over.
-    let metrics = reqwest::get(format!("{}/metrics", b.base)).await.unwrap().text().await.unwrap();
-    let taken = metrics.lines().find_map(|l| l.strip_prefix("sluice_executions_taken_over_total ")).unwrap();
-    assert!(taken.parse::<u64>().unwrap() >= 7, "{metrics}");
+    let text = metrics(b.base.clone()).await;
+    assert!(counter(&text, "sluice_executions_taken_over_total") >= 7, "{text}");
 
     // No history forked: each is numbered 1..n without a gap, and replays to its stored state.
     for id in hellos.iter().chain([&napper, &gated, &early]) {
@@ -409,4 +404,117 @@ async fn three_nodes_run_ten_thousand_executions_and_one_is_sigkilled() {
         assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{id}");
     }
     assert_eq!(assert_replays(live).await, N);
+}
+
+/// Two nodes share their work queues: a worker polling only node B gets the tasks of the
+/// executions node A owns (claimed in PostgreSQL with `FOR UPDATE SKIP LOCKED`), B takes its
+/// answers and posts them for A, which records them; heartbeats and timeouts of those tasks work
+/// across nodes, a late answer is refused, and a run that ends on A wakes result waiters on B.
+#[tokio::test]
+async fn a_worker_on_one_node_serves_every_nodes_executions() {
+    use std::time::{Duration, Instant};
+
+    let db = PgDatabase::create("queues");
+    let (dir_a, dir_b) = (TempDir::new("pg-queues-a"), TempDir::new("pg-queues-b"));
+    let a = ServerProcess::start_on(&bin(), dir_a.path(), &db.url()).await;
+    let b = ServerProcess::start_on(&bin(), dir_b.path(), &db.url()).await;
+    let (api_a, api_b) = (a.api(), b.api());
+    let steps: Vec<Value> = (1..=2).map(|i| json!({"id": format!("s{i}"), "type": "task", "queue": "noop"})).collect();
+    api_a.publish(&json!({"name": "two", "steps": steps})).await;
+    let record = dir_b.path().join("worker.jsonl");
+    let _worker = WorkerProcess::rust(&bin(), &b, &["noop"], Some(&record));
+
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let api = if i % 2 == 0 { &api_a } else { &api_b };
+        ids.push(api.start("two", Value::Null, Some(&format!("two-{i}"))).await);
+    }
+    for id in &ids {
+        assert_eq!(api_a.wait(id, 30).await["status"], "completed", "{id}");
+    }
+    let metric = |base: String, name: &'static str| async move {
+        let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok()).unwrap()
+    };
+    // A's 20 runs had 40 tasks, all answered at B and recorded by A. (B also posts the answer
+    // to one of its own tasks that reaches it before the task is in its memory, and records it.)
+    assert_eq!(metric(a.base.clone(), "sluice_task_answers_applied_total").await, 40);
+    let (posted, own) = (
+        metric(b.base.clone(), "sluice_task_answers_posted_total").await,
+        metric(b.base.clone(), "sluice_task_answers_applied_total").await,
+    );
+    assert_eq!(posted, 40 + own, "B posted A's 40 answers and {own} of its own");
+    assert_eq!(metric(a.base.clone(), "sluice_task_answers_posted_total").await, 0);
+    let completed = std::fs::read_to_string(&record).unwrap().lines().filter(|l| l.contains("\"completed\"")).count();
+    assert_eq!(completed, 80, "every step answered once");
+
+    // A task of A's run, claimed through B and never answered: its 1 s limit is enforced by A,
+    // which schedules attempt 2; B's late answer to attempt 1 is refused.
+    api_a
+        .publish(&json!({"name": "manual", "steps": [
+            {"id": "pay", "type": "task", "queue": "manual",
+             "retry": {"max_attempts": 3, "initial_interval": "10ms"},
+             "timeouts": {"start_to_close": "1s", "heartbeat": "600ms"}}
+        ]}))
+        .await;
+    let id = api_a.start("manual", json!({"amount": 3}), Some("manual-1")).await;
+    let poll = || async {
+        let (status, body) = api_b.post("/v1/tasks/poll", &json!({"queue": "manual", "wait_ms": 10_000})).await;
+        assert_eq!(status, 200, "{body}");
+        body["tasks"][0].clone()
+    };
+    let first = poll().await;
+    assert_eq!((first["attempt"].as_u64(), first["workflow_id"].as_str()), (Some(1), Some(id.as_str())), "{first}");
+    let token = first["task_token"].as_str().unwrap().to_string();
+    let (status, beat) = api_b.post("/v1/tasks/heartbeat", &json!({"task_token": token})).await;
+    assert_eq!((status, beat["cancel_requested"].as_bool()), (200, Some(false)), "{beat}");
+    let second = poll().await;
+    assert_eq!(second["attempt"], 2, "attempt 1 timed out on A: {second}");
+    let (status, late) = api_b.post("/v1/tasks/complete", &json!({"task_token": token, "output": "late"})).await;
+    assert_eq!(status, 404, "a late answer is refused: {late}");
+    let (status, beat) = api_b.post("/v1/tasks/heartbeat", &json!({"task_token": token})).await;
+    assert_eq!((status, beat["cancel_requested"].as_bool()), (200, Some(true)), "{beat}");
+    let token2 = second["task_token"].as_str().unwrap();
+    let (status, body) = api_b.post("/v1/tasks/complete", &json!({"task_token": token2, "output": {"paid": 3}})).await;
+    assert_eq!(status, 200, "{body}");
+    let done = api_b.wait(&id, 20).await;
+    assert_eq!(done["output"], json!({"paid": 3}), "{done}");
+    let history = api_a.history(&id, None).await;
+    let kinds: Vec<&str> = history.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "task_completed").count(), 1, "{kinds:?}");
+    assert!(
+        history
+            .iter()
+            .any(|e| e["error"]["type"] == "timeout.start_to_close" || e["error"]["type"] == "timeout.heartbeat"),
+        "{kinds:?}"
+    );
+
+    // A run that ends on A wakes a result long-poll on B at once, not at its next re-read.
+    api_a
+        .publish(&json!({"name": "gated", "steps": [
+            {"id": "gate", "type": "wait_signal", "signal": "go"},
+            {"id": "done", "type": "transform", "expr": "{got: .steps.gate}"}
+        ]}))
+        .await;
+    let mut waits = Vec::new();
+    for i in 0..10 {
+        let id = api_a.start("gated", Value::Null, Some(&format!("gated-{i}"))).await;
+        let waiter = {
+            let api_b = api_b.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                let (status, row) = api_b.get(&format!("/v1/executions/{id}/result?wait_ms=10000")).await;
+                (status, row, Instant::now())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sent = Instant::now();
+        let (status, body) = api_a.post(&format!("/v1/executions/{id}/signals/go"), &json!(i)).await;
+        assert_eq!(status, 202, "{body}");
+        let (status, row, at) = waiter.await.unwrap();
+        assert_eq!((status, &row["output"]), (200, &json!({"got": i})), "{row}");
+        waits.push(at.duration_since(sent));
+    }
+    waits.sort();
+    assert!(waits[5] < Duration::from_millis(400), "B re-reads every second; wake-ups are faster: {waits:?}");
 }

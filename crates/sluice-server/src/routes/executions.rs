@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
@@ -17,7 +17,6 @@ use super::execution_json;
 use crate::auth::Caller;
 use crate::body::{parse_json, Body, JsonBody};
 use crate::error::ApiError;
-use crate::routes::forward;
 use crate::routes::sharing::{hidden, require_execution, require_row, require_workflow};
 use crate::trace::TraceContext;
 use crate::AppState;
@@ -187,8 +186,6 @@ pub async fn signal(
     State(app): State<AppState>,
     Caller(p): Caller,
     Path((id, name)): Path<(String, String)>,
-    uri: Uri,
-    headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
     if name.is_empty() || name.len() > 64 {
@@ -196,14 +193,7 @@ pub async fn signal(
     }
     let payload: Value = if body.is_empty() { Value::Null } else { parse_json(&body)? };
     require_execution(&app, &p, &id, Access::Run).await?;
-    match app.engine.signal(&p.tenant, &id, &name, payload).await {
-        Ok(()) => {}
-        Err(e) if forward::is_fenced(&e) => {
-            let request = forward::Request { method: Method::POST, uri: &uri, headers: &headers, body };
-            return forward::to_owner(&app, &p.tenant, &id, request, e).await;
-        }
-        Err(e) => return Err(e.into()),
-    }
+    app.engine.signal(&p.tenant, &id, &name, payload).await?;
     tracing::info!("signal delivered");
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))).into_response())
 }
@@ -231,8 +221,6 @@ pub async fn cancel(
     State(app): State<AppState>,
     Caller(p): Caller,
     Path(id): Path<String>,
-    uri: Uri,
-    headers: HeaderMap,
     Body(raw): Body,
 ) -> Result<Response, ApiError> {
     // No body, `null` and `{}` all mean "no reason given".
@@ -242,14 +230,7 @@ pub async fn cancel(
         parse_json::<Option<CancelBody>>(&raw)?.unwrap_or_default()
     };
     require_execution(&app, &p, &id, Access::Run).await?;
-    match app.engine.cancel(&p.tenant, &id, body.reason).await {
-        Ok(()) => {}
-        Err(e) if forward::is_fenced(&e) => {
-            let request = forward::Request { method: Method::POST, uri: &uri, headers: &headers, body: raw };
-            return forward::to_owner(&app, &p.tenant, &id, request, e).await;
-        }
-        Err(e) => return Err(e.into()),
-    }
+    app.engine.cancel(&p.tenant, &id, body.reason).await?;
     tracing::info!("execution cancelled");
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))).into_response())
 }
@@ -259,19 +240,9 @@ pub async fn redrive(
     State(app): State<AppState>,
     Caller(p): Caller,
     Path(id): Path<String>,
-    uri: Uri,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     require_execution(&app, &p, &id, Access::Run).await?;
-    let run_id = match app.engine.redrive(&p.tenant, &id).await {
-        Ok(run_id) => run_id,
-        Err(e) if forward::is_fenced(&e) => {
-            let request =
-                forward::Request { method: Method::POST, uri: &uri, headers: &headers, body: Default::default() };
-            return forward::to_owner(&app, &p.tenant, &id, request, e).await;
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let run_id = app.engine.redrive(&p.tenant, &id).await?;
     tracing::info!(run_id = %run_id, "execution redriven");
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true, "run_id": run_id}))).into_response())
 }

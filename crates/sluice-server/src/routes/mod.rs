@@ -2,7 +2,6 @@
 
 pub mod chat;
 pub mod executions;
-pub mod forward;
 pub mod identity;
 pub mod oidc;
 pub mod ops;

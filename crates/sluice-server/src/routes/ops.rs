@@ -23,10 +23,11 @@ pub async fn readyz(State(app): State<AppState>) -> Result<Json<serde_json::Valu
 }
 
 pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    let depths = app.engine.queue_depths().await;
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        app.metrics.render(&app.engine, app.gateway.as_deref(), app.tls.as_ref()),
+        app.metrics.render(&app.engine, &depths, app.gateway.as_deref(), app.tls.as_ref()),
     )
 }
 

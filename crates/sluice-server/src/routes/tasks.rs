@@ -96,7 +96,7 @@ pub async fn heartbeat(
     Caller(p): Caller,
     JsonBody(b): JsonBody<HeartbeatBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let cancel = app.engine.heartbeat(&p.tenant, &b.task_token)?;
+    let cancel = app.engine.heartbeat(&p.tenant, &b.task_token).await?;
     Ok(Json(json!({"cancel_requested": cancel})))
 }
 
