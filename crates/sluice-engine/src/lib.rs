@@ -218,6 +218,8 @@ pub(crate) struct Inner {
     /// Woken when another node posted a worker's answer for one of this node's executions.
     pub outcomes: Notify,
     pub settling: shared::Settling,
+    /// Wake-ups about ended runs, sent together every few milliseconds (see `shared`).
+    pub ended: SyncMutex<Vec<sluice_store::Wake>>,
     pub opts: EngineOptions,
 }
 
@@ -300,6 +302,7 @@ impl Engine {
             shared,
             outcomes: Notify::new(),
             settling: shared::Settling::default(),
+            ended: SyncMutex::new(Vec::new()),
             opts,
         });
         let engine = Engine { inner };
@@ -333,7 +336,8 @@ impl Engine {
         {
             let mut t = lock(&self.inner.tasks);
             for row in pending.into_iter().filter(|r| runs.contains(r.run_id.as_str())) {
-                to_run.extend(t.insert(row, now));
+                // In the shared queue already (a task of a node that ended is released with it).
+                to_run.extend(t.insert(row, now, false));
             }
         }
         for row in to_run {
@@ -608,6 +612,7 @@ impl Engine {
                 if row.status == sluice_core::ExecStatus::Running {
                     return Ok(Started { workflow_id, run_id: row.run_id, status: "running", created: false });
                 }
+                self.announce_restart(tenant, &workflow_id);
             }
         }
         let (version, def) = self.definition(tenant, &req.workflow, req.version.as_deref()).await?;
@@ -692,6 +697,7 @@ impl Engine {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // A node that runs a workflow id again tells the others to forget its result.
             let recent = lock(&self.inner.results).rows.get(&(tenant.to_string(), workflow_id.to_string())).cloned();
             let row = match recent {
                 Some(row) => row,
@@ -759,6 +765,7 @@ impl Engine {
             return Err(Error::Conflict(format!("execution `{workflow_id}` is not in the dead-letter queue")));
         }
         self.forget_result(tenant, workflow_id);
+        self.announce_restart(tenant, workflow_id);
         self.change_run(tenant, &row.run_id, RunChange::Redrive).await?;
         Ok(row.run_id)
     }
@@ -879,14 +886,18 @@ impl Engine {
     /// Records a heartbeat; returns whether the worker should stop (the run ended or the task
     /// is no longer current).
     pub async fn heartbeat(&self, tenant: &str, token: &str) -> Result<bool> {
-        if self.inner.shared {
-            return Ok(!self.inner.store.heartbeat_task(tenant, token, now_ms()).await?);
+        {
+            let mut t = lock(&self.inner.tasks);
+            match t.get(token) {
+                Some(e) if e.row.tenant == tenant && (!self.inner.shared || t.is_leased(token)) => {
+                    return Ok(!t.heartbeat(token, now_ms()));
+                }
+                _ if !self.inner.shared => return Ok(true),
+                _ => {}
+            }
         }
-        let mut t = lock(&self.inner.tasks);
-        match t.get(token) {
-            Some(e) if e.row.tenant == tenant => Ok(!t.heartbeat(token, now_ms())),
-            _ => Ok(true),
-        }
+        // Claimed from the shared queue, here or on another node: its limits live in the store.
+        Ok(!self.inner.store.heartbeat_task(tenant, token, now_ms()).await?)
     }
 
     fn claim(&self, tenant: &str, token: &str) -> Result<TaskRow> {
@@ -918,11 +929,16 @@ impl Engine {
         failure: Option<(ErrorInfo, bool)>,
         ledger: Ledger,
     ) -> Result<()> {
-        self.finish_task_settling(row, output, failure, ledger, None).await
+        // With shared queues a worker task's row must still be pending: an answer posted on
+        // another node, or a timeout, may have come first.
+        let settle = (self.inner.shared && row.kind == sluice_core::event::TaskKind::Worker)
+            .then(|| sluice_store::Settle { task_id: row.id.clone(), posted: false });
+        self.finish_task_settling(row, output, failure, ledger, settle, true).await
     }
 
     /// [`Engine::finish_task_with`] that also settles a task of the shared queue (see
-    /// [`sluice_store::Batch::settles`]).
+    /// [`sluice_store::Batch::settles`]). `leased`: the task was handed out from this node's
+    /// memory (not claimed in the store), and is put back so if the commit fails.
     pub(crate) async fn finish_task_settling(
         &self,
         row: TaskRow,
@@ -930,6 +946,7 @@ impl Engine {
         failure: Option<(ErrorInfo, bool)>,
         ledger: Ledger,
         settle: Option<sluice_store::Settle>,
+        leased: bool,
     ) -> Result<()> {
         let shared = settle.is_some();
         let posted = settle.as_ref().is_some_and(|s| s.posted);
@@ -962,7 +979,7 @@ impl Engine {
             Err(e) => {
                 let now = now_ms();
                 let mut t = lock(&self.inner.tasks);
-                let slot = if shared {
+                let slot = if shared && !leased {
                     tasks::Slot::Shared
                 } else {
                     tasks::Slot::Leased(tasks::Lease {

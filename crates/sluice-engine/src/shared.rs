@@ -41,6 +41,8 @@ impl Settling {
 
 /// How long a poll waits on wake-ups before it asks the store again anyway.
 const RECHECK: Duration = Duration::from_secs(1);
+/// How often the news of ended runs goes out to the other nodes.
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(20);
 
 impl Engine {
     /// Subscribes to the other nodes' wake-ups and starts the loop that records posted answers
@@ -55,8 +57,47 @@ impl Engine {
                 }
             }))
             .await?;
+        self.count_nodes().await;
         tokio::spawn(self.clone().settle_loop());
+        tokio::spawn(self.clone().announce_loop());
         Ok(())
+    }
+
+    /// Queues the news that a run ended for the other nodes' result waiters (when there are
+    /// other nodes). Sent after the commit, by [`Engine::announce_loop`].
+    pub(crate) fn announce_end(&self, key: &(String, String), run_id: &str) {
+        if lock(&self.inner.tasks).others() {
+            let (tenant, workflow_id) = key.clone();
+            lock(&self.inner.ended).push(Wake::Ended { tenant, workflow_id, run_id: run_id.to_string() });
+        }
+    }
+
+    /// Queues the news that a workflow id runs again, for the other nodes to forget the result
+    /// they remember for it.
+    pub(crate) fn announce_restart(&self, tenant: &str, workflow_id: &str) {
+        if self.inner.shared && lock(&self.inner.tasks).others() {
+            let wake = Wake::Restarted { tenant: tenant.to_string(), workflow_id: workflow_id.to_string() };
+            lock(&self.inner.ended).push(wake);
+        }
+    }
+
+    /// Sends the queued news of ended runs every few milliseconds, all in one statement: a
+    /// `NOTIFY` inside each commit would make committing transactions wait for each other.
+    async fn announce_loop(self) {
+        loop {
+            tokio::time::sleep(ANNOUNCE_EVERY).await;
+            let wakes = std::mem::take(&mut *lock(&self.inner.ended));
+            if wakes.is_empty() {
+                if self.has_lost_lease() {
+                    return;
+                }
+                continue;
+            }
+            if let Err(e) = self.inner.store.notify_all(wakes).await {
+                // Waiters on other nodes read the store again within a second anyway.
+                tracing::debug!(error = %e, "cannot tell the other nodes of ended runs");
+            }
+        }
     }
 
     fn on_wake(&self, wake: Wake) {
@@ -64,12 +105,20 @@ impl Engine {
             Wake::Tasks { tenant, queue, n } => lock(&self.inner.tasks).wake(&tenant, &queue, n),
             Wake::Outcome { epoch } if epoch == self.inner.epoch => self.inner.outcomes.notify_one(),
             Wake::Outcome { .. } => {}
-            Wake::Ended { tenant, workflow_id } => {
-                self.forget_result(&tenant, &workflow_id);
+            Wake::Ended { tenant, workflow_id, run_id } => {
+                // A result this node remembers is still the latest if that run is the one.
+                let key = (tenant, workflow_id);
+                let mut results = lock(&self.inner.results);
+                if results.rows.get(&key).is_some_and(|r| r.run_id != run_id) {
+                    results.rows.remove(&key);
+                }
+                drop(results);
+                let (tenant, workflow_id) = key;
                 if let Some(n) = lock(&self.inner.watchers).get(&(tenant, workflow_id)) {
                     n.notify_waiters();
                 }
             }
+            Wake::Restarted { tenant, workflow_id } => self.forget_result(&tenant, &workflow_id),
             Wake::Resync => {
                 lock(&self.inner.tasks).wake_all();
                 self.inner.outcomes.notify_one();
@@ -95,9 +144,20 @@ impl Engine {
             tokio::pin!(notified);
             // Registered before the claim: a wake-up during it is not lost.
             notified.as_mut().enable();
-            let got = self.inner.store.claim_tasks(tenant, queue, max, now_ms(), self.inner.epoch).await?;
+            // This node's own tasks first, from memory (no write), then the shared queue.
+            let got = lock(&self.inner.tasks).take(tenant, queue, max, now_ms());
             if !got.is_empty() {
                 return Ok(handed_out(&got, worker));
+            }
+            let now = now_ms();
+            if lock(&self.inner.tasks).should_claim(tenant, queue, now) {
+                let got = self.inner.store.claim_tasks(tenant, queue, max, now, self.inner.epoch).await?;
+                if got.len() >= max {
+                    lock(&self.inner.tasks).more_shared(tenant, queue);
+                }
+                if !got.is_empty() {
+                    return Ok(handed_out(&got, worker));
+                }
             }
             tokio::select! {
                 _ = &mut notified => {}
@@ -113,13 +173,16 @@ impl Engine {
         let local = {
             let mut t = lock(&self.inner.tasks);
             match t.get(token) {
-                Some(e) if e.row.tenant == tenant && t.is_shared(token) => t.remove(token).map(|e| e.row),
+                Some(e) if e.row.tenant == tenant && t.is_out(token) => {
+                    let leased = t.is_leased(token);
+                    t.remove(token).map(|e| (e.row, leased))
+                }
                 _ => None,
             }
         };
-        if let Some(row) = local {
+        if let Some((row, leased)) = local {
             let (output, failure) = split(outcome);
-            return self.settle(row, output, failure, false).await;
+            return self.settle(row, output, failure, false, leased).await;
         }
         if self.inner.store.post_outcome(tenant, token, outcome).await? {
             self.inner.counters.outcomes_posted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -137,15 +200,17 @@ impl Engine {
         output: Option<serde_json::Value>,
         failure: Option<(ErrorInfo, bool)>,
         posted: bool,
+        leased: bool,
     ) -> Result<()> {
         let settle = Settle { task_id: row.id.clone(), posted };
-        self.finish_task_settling(row, output, failure, Ledger::default(), Some(settle)).await
+        self.finish_task_settling(row, output, failure, Ledger::default(), Some(settle), leased).await
     }
 
     /// Applies posted answers and timeouts: on a wake-up from a node that took an answer for
     /// this one, and every reap interval.
     async fn settle_loop(self) {
         let every = self.inner.opts.reap_interval;
+        let mut counted = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = self.inner.outcomes.notified() => {}
@@ -154,6 +219,11 @@ impl Engine {
             if self.has_lost_lease() {
                 return;
             }
+            if counted.elapsed() >= Duration::from_secs(1) {
+                counted = std::time::Instant::now();
+                self.count_nodes().await;
+            }
+            self.spill().await;
             let wakes = lock(&self.inner.tasks).take_wakes();
             for (tenant, queue, n) in wakes {
                 if let Err(e) = self.inner.store.notify(Wake::Tasks { tenant, queue, n }).await {
@@ -228,6 +298,34 @@ impl Engine {
         });
     }
 
+    /// Hands the reserved tasks this node's workers do not take to the shared queue.
+    async fn spill(&self) {
+        let now = now_ms();
+        let rows = lock(&self.inner.tasks).take_spills(now);
+        if rows.is_empty() {
+            return;
+        }
+        let ids = rows.iter().map(|r| r.id.clone()).collect();
+        match self.inner.store.release_tasks(self.inner.epoch, ids).await {
+            Ok(released) => {
+                tracing::debug!(tasks = released.len(), "tasks handed to the shared queue");
+                lock(&self.inner.tasks).spilled(&rows, &released, false, now);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand tasks to the shared queue; keeping them here");
+                lock(&self.inner.tasks).spilled(&rows, &[], true, now);
+            }
+        }
+    }
+
+    /// Learns whether other nodes are alive (to hand them what this node's workers do not take).
+    pub(crate) async fn count_nodes(&self) {
+        match self.inner.store.live_nodes().await {
+            Ok(n) => lock(&self.inner.tasks).set_others(n > 1),
+            Err(e) => tracing::warn!(error = %e, "cannot count the live nodes"),
+        }
+    }
+
     fn spawn_settle(&self, row: TaskRow, outcome: TaskOutcome, posted: bool) {
         if !self.inner.settling.begin(&row.id) {
             return;
@@ -237,10 +335,15 @@ impl Engine {
         tokio::spawn(
             async move {
                 let id = row.id.clone();
-                lock(&e.inner.tasks).remove(&id);
+                let leased = {
+                    let mut t = lock(&e.inner.tasks);
+                    let leased = t.is_leased(&id);
+                    t.remove(&id);
+                    leased
+                };
                 let (output, failure) = split(outcome);
                 let timeout = failure.as_ref().filter(|_| !posted).map(|(err, _)| err.kind.clone());
-                match e.settle(row, output, failure, posted).await {
+                match e.settle(row, output, failure, posted, leased).await {
                     Ok(()) if posted => {}
                     Ok(()) => tracing::debug!(kind = ?timeout, "task attempt timed out"),
                     // A worker's answer came first; the sweep records it.

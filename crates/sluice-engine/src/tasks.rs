@@ -13,11 +13,16 @@ use tokio::sync::Notify;
 
 #[derive(Debug)]
 pub(crate) enum Slot {
-    Delayed,
+    /// Waiting for its backoff; `reserved`: for this node's workers when it becomes ready.
+    Delayed {
+        reserved: bool,
+    },
     Ready {
         since_ms: i64,
     },
     Leased(Lease),
+    /// Being handed to the store's shared queue (see [`TaskTable::take_spills`]).
+    Spilling,
     /// A worker task in the store's shared queue: claimed, heartbeated and timed out there.
     Shared,
 }
@@ -37,7 +42,24 @@ pub(crate) struct Entry {
 struct Queue {
     ready: VecDeque<String>,
     notify: Arc<Notify>,
+    /// When a worker last polled this queue here (ms; 0: never).
+    polled_ms: i64,
+    /// Tasks may wait in the store's shared queue (a wake-up said so since the last claim).
+    shared_pending: bool,
+    /// When this node last claimed from the shared queue (ms).
+    claimed_ms: i64,
 }
+
+/// How often a poller asks the shared queue even when no wake-up said it has tasks (a safety net
+/// for lost wake-ups).
+pub(crate) const CLAIM_ANYWAY_MS: i64 = 1_000;
+
+/// With shared queues, a task this node's workers have not taken after this long is handed to
+/// the shared queue, where any node's workers may take it (when other nodes are alive).
+pub(crate) const SPILL_AFTER_MS: i64 = 1_000;
+/// A node whose workers have not polled a queue for this long is taken to have none for it: its
+/// tasks go to the shared queue at once.
+pub(crate) const IDLE_QUEUE_MS: i64 = 2_000;
 
 /// What timed out, found by the reaper.
 pub(crate) struct Expired {
@@ -50,10 +72,16 @@ pub(crate) struct TaskTable {
     entries: HashMap<String, Entry>,
     queues: HashMap<(String, String), Queue>,
     delayed: BTreeMap<(i64, String), ()>,
-    /// Worker tasks live in the store's shared queue (several nodes), not in `queues`.
+    /// The store's queues are shared by several nodes: this node's tasks are reserved for its
+    /// workers at first and handed to the shared queue when they are not taken here
+    /// (`take_spills`); tasks it did not commit itself are in the shared queue already.
     shared: bool,
     /// Queues whose shared tasks became visible since the last `take_wakes`, with how many.
     wakes: Vec<(String, String, u32)>,
+    /// Reserved tasks to hand to the shared queue at the next `take_spills`.
+    spill: Vec<String>,
+    /// Other nodes are alive to take tasks this node's workers do not.
+    others: bool,
 }
 
 impl TaskTable {
@@ -67,50 +95,82 @@ impl TaskTable {
         std::mem::take(&mut self.wakes)
     }
 
-    /// Wakes up to `n` pollers of a queue (no one if nobody polls it here).
-    pub fn wake(&self, tenant: &str, queue: &str, n: u32) {
-        if let Some(q) = self.queues.get(&(tenant.to_string(), queue.to_string())) {
-            for _ in 0..n.min(64) {
-                q.notify.notify_one();
-            }
+    /// Tasks arrived in the shared queue: wakes up to `n` pollers of the queue here.
+    pub fn wake(&mut self, tenant: &str, queue: &str, n: u32) {
+        let q = self.queues.entry((tenant.to_string(), queue.to_string())).or_default();
+        q.shared_pending = true;
+        for _ in 0..n.min(64) {
+            q.notify.notify_one();
         }
     }
 
     /// Wakes every poller (wake-ups may have been missed).
-    pub fn wake_all(&self) {
-        for q in self.queues.values() {
+    pub fn wake_all(&mut self) {
+        for q in self.queues.values_mut() {
+            q.shared_pending = true;
             q.notify.notify_waiters();
         }
     }
 
-    /// Whether a worker task waits in the store's shared queue.
-    pub fn is_shared(&self, id: &str) -> bool {
-        matches!(self.entries.get(id), Some(Entry { slot: Slot::Shared, .. }))
+    /// Whether a poller should claim from the shared queue now: a wake-up said tasks arrived
+    /// there, or it was not asked for a while. Counts as asked.
+    pub fn should_claim(&mut self, tenant: &str, queue: &str, now: i64) -> bool {
+        let q = self.queues.entry((tenant.to_string(), queue.to_string())).or_default();
+        let ask = q.shared_pending || now - q.claimed_ms >= CLAIM_ANYWAY_MS;
+        if ask {
+            q.shared_pending = false;
+            q.claimed_ms = now;
+        }
+        ask
+    }
+
+    /// A claim took all it asked for: more may wait.
+    pub fn more_shared(&mut self, tenant: &str, queue: &str) {
+        self.queues.entry((tenant.to_string(), queue.to_string())).or_default().shared_pending = true;
+    }
+
+    /// Whether a worker may hold this task: handed out from here, or claimed from the shared
+    /// queue (by any node).
+    pub fn is_out(&self, id: &str) -> bool {
+        matches!(self.entries.get(id), Some(Entry { slot: Slot::Shared | Slot::Leased(_), .. }))
+    }
+
+    /// Whether this node handed the task out from memory.
+    pub fn is_leased(&self, id: &str) -> bool {
+        matches!(self.entries.get(id), Some(Entry { slot: Slot::Leased(_), .. }))
     }
     /// Adds a persisted task; returns it back if the engine must run it itself (`http`, `llm`)
-    /// now.
-    pub fn insert(&mut self, row: TaskRow, now: i64) -> Option<TaskRow> {
+    /// now. `reserved`: this node committed it, and it is reserved for its workers (with shared
+    /// queues; otherwise every task is this node's).
+    pub fn insert(&mut self, row: TaskRow, now: i64, reserved: bool) -> Option<TaskRow> {
         let id = row.id.clone();
         if row.visible_at_ms > now {
             self.delayed.insert((row.visible_at_ms, id.clone()), ());
-            self.entries.insert(id, Entry { row, slot: Slot::Delayed });
+            self.entries.insert(id, Entry { row, slot: Slot::Delayed { reserved } });
             return None;
         }
-        self.make_ready(row, now)
+        self.make_ready(row, now, reserved)
     }
 
-    fn make_ready(&mut self, row: TaskRow, now: i64) -> Option<TaskRow> {
+    fn make_ready(&mut self, row: TaskRow, now: i64, reserved: bool) -> Option<TaskRow> {
         let id = row.id.clone();
         if row.kind != sluice_core::event::TaskKind::Worker {
             let lease = Lease { deadline_ms: now + row.start_to_close_ms as i64, heartbeat_deadline_ms: None };
             self.entries.insert(id, Entry { row: row.clone(), slot: Slot::Leased(lease) });
             return Some(row);
         }
-        if self.shared {
+        if self.shared && !reserved {
+            self.queues.entry((row.tenant.clone(), row.queue.clone())).or_default().shared_pending = true;
             self.entries.insert(id, Entry { row, slot: Slot::Shared });
             return None;
         }
         let q = self.queues.entry((row.tenant.clone(), row.queue.clone())).or_default();
+        if self.shared && self.others && now - q.polled_ms > IDLE_QUEUE_MS {
+            // No worker of this node serves the queue: straight to the shared one.
+            self.spill.push(id.clone());
+            self.entries.insert(id, Entry { row, slot: Slot::Spilling });
+            return None;
+        }
         q.ready.push_back(id.clone());
         q.notify.notify_waiters();
         self.entries.insert(id, Entry { row, slot: Slot::Ready { since_ms: now } });
@@ -128,15 +188,15 @@ impl TaskTable {
             let at = *at;
             self.delayed.remove(&(at, id.clone()));
             if let Some(entry) = self.entries.remove(&id) {
-                if matches!(entry.slot, Slot::Delayed) {
-                    if self.shared && entry.row.kind == sluice_core::event::TaskKind::Worker {
+                if let Slot::Delayed { reserved } = entry.slot {
+                    if self.shared && !reserved && entry.row.kind == sluice_core::event::TaskKind::Worker {
                         let (tenant, queue) = (&entry.row.tenant, &entry.row.queue);
                         match self.wakes.iter_mut().find(|(t, q, _)| t == tenant && q == queue) {
                             Some(w) => w.2 += 1,
                             None => self.wakes.push((tenant.clone(), queue.clone(), 1)),
                         }
                     }
-                    if let Some(r) = self.make_ready(entry.row, now) {
+                    if let Some(r) = self.make_ready(entry.row, now, reserved) {
                         run.push(r);
                     }
                 } else {
@@ -154,9 +214,8 @@ impl TaskTable {
     /// Takes up to `max` ready tasks of a queue and leases them.
     pub fn take(&mut self, tenant: &str, queue: &str, max: usize, now: i64) -> Vec<TaskRow> {
         let mut out = Vec::new();
-        let Some(q) = self.queues.get_mut(&(tenant.to_string(), queue.to_string())) else {
-            return out;
-        };
+        let q = self.queues.entry((tenant.to_string(), queue.to_string())).or_default();
+        q.polled_ms = now;
         while out.len() < max {
             let Some(id) = q.ready.pop_front() else { break };
             let Some(entry) = self.entries.get_mut(&id) else { continue };
@@ -170,6 +229,77 @@ impl TaskTable {
             out.push(entry.row.clone());
         }
         out
+    }
+
+    /// Says whether other nodes are alive: only then are tasks handed to the shared queue.
+    pub fn set_others(&mut self, others: bool) {
+        self.others = others;
+    }
+
+    /// Whether other nodes are alive.
+    pub fn others(&self) -> bool {
+        self.others
+    }
+
+    /// Whether reserved tasks wait to be handed to the shared queue at once.
+    pub fn has_spill(&self) -> bool {
+        !self.spill.is_empty()
+    }
+
+    /// The reserved tasks to hand to the shared queue now, when other nodes are alive: those of
+    /// queues no worker of this node polls, and those waiting here longer than
+    /// [`SPILL_AFTER_MS`]. They are `Spilling` until [`TaskTable::spilled`] says how it went.
+    pub fn take_spills(&mut self, now: i64) -> Vec<TaskRow> {
+        let mut ids = std::mem::take(&mut self.spill);
+        let queues = if self.others { self.queues.values_mut().collect() } else { Vec::new() };
+        for q in queues {
+            let idle = now - q.polled_ms > IDLE_QUEUE_MS;
+            while let Some(id) = q.ready.front() {
+                let since = match self.entries.get(id).map(|e| &e.slot) {
+                    Some(Slot::Ready { since_ms }) => *since_ms,
+                    // Taken, or gone: not in line any more.
+                    _ => {
+                        q.ready.pop_front();
+                        continue;
+                    }
+                };
+                if !idle && now - since < SPILL_AFTER_MS {
+                    break;
+                }
+                if let Some(id) = q.ready.pop_front() {
+                    if let Some(e) = self.entries.get_mut(&id) {
+                        e.slot = Slot::Spilling;
+                    }
+                    ids.push(id);
+                }
+            }
+        }
+        ids.iter()
+            .filter_map(|id| self.entries.get(id))
+            .filter(|e| matches!(e.slot, Slot::Spilling))
+            .map(|e| e.row.clone())
+            .collect()
+    }
+
+    /// After a spill: the tasks in `released` are in the shared queue now; the others of `tried`
+    /// were finished meanwhile (nothing to do) or the store failed (`failed`: they go back to
+    /// this node's queue, first in line).
+    pub fn spilled(&mut self, tried: &[TaskRow], released: &[String], failed: bool, now: i64) {
+        for row in tried.iter().rev() {
+            let Some(e) = self.entries.get_mut(&row.id) else { continue };
+            if !matches!(e.slot, Slot::Spilling) {
+                continue;
+            }
+            if released.contains(&row.id) {
+                e.slot = Slot::Shared;
+            } else if failed {
+                e.slot = Slot::Ready { since_ms: now };
+                let q = self.queues.entry((row.tenant.clone(), row.queue.clone())).or_default();
+                q.ready.push_front(row.id.clone());
+            } else {
+                self.entries.remove(&row.id);
+            }
+        }
     }
 
     /// The notifier of a queue, to wait on when it is empty.

@@ -444,7 +444,7 @@ impl Engine {
                 tasks.drop_task(id);
             }
             for row in batch.add_tasks {
-                to_run.extend(tasks.insert(row, now));
+                to_run.extend(tasks.insert(row, now, true));
             }
         }
         {
@@ -461,6 +461,10 @@ impl Engine {
         }
         if wake {
             self.inner.wake.notify_one();
+        }
+        if self.inner.shared && lock(&self.inner.tasks).has_spill() {
+            // Tasks for a queue no worker of this node serves: to the shared queue now.
+            self.inner.outcomes.notify_one();
         }
         for run in kicks {
             if let Some(tenant) =
@@ -501,6 +505,9 @@ impl Engine {
                     _ => 0,
                 };
                 let key = (entry.tenant.clone(), entry.state.workflow_id.clone());
+                if self.inner.shared {
+                    self.announce_end(&key, &t.run_id);
+                }
                 if status != ExecStatus::ContinuedAsNew {
                     self.remember_result(key.clone(), row_of(entry, now));
                 }

@@ -50,7 +50,6 @@ pub const CODES: &[(&str, u16)] = &[
     ("identity_provider_failed", 502),
     ("upstream_unavailable", 503),
     ("storage_unavailable", 503),
-    ("owner_unavailable", 503),
 ];
 
 pub fn status_of(code: &str) -> StatusCode {

@@ -253,6 +253,14 @@ impl Store for PostgresStore {
         true
     }
 
+    fn live_nodes(&self) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(queues::live_nodes(&self.pool))
+    }
+
+    fn release_tasks(&self, epoch: i64, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<String>>> {
+        Box::pin(async move { queues::release(&self.pool, epoch, &ids).await })
+    }
+
     fn claim_tasks(
         &self,
         tenant: &str,
@@ -301,8 +309,8 @@ impl Store for PostgresStore {
         Box::pin(queues::depths(&self.pool, now_ms))
     }
 
-    fn notify(&self, wake: Wake) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move { queues::notify(&self.pool, &wake).await })
+    fn notify_all(&self, wakes: Vec<Wake>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { queues::notify(&self.pool, &wakes).await })
     }
 
     fn listen(&self, sink: WakeSink) -> BoxFuture<'_, Result<()>> {

@@ -6,6 +6,7 @@
 //! the task is claimed again (delivery is at least once, with the same idempotency key). A posted
 //! answer is written like any commit: when `post_outcome` returns it survives a crash.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -52,6 +53,37 @@ pub(crate) async fn claim(
     Ok(tasks)
 }
 
+pub(crate) async fn release(pool: &Pool, epoch: i64, ids: &[String]) -> Result<Vec<String>, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let st = client
+        .prepare_cached(
+            "WITH released AS (
+                 UPDATE tasks SET claimed_by = NULL,
+                     deadline_ms = CASE WHEN kind = 'worker' THEN visible_at_ms + schedule_to_start_ms END
+                 WHERE id = ANY($1::text[]) AND claimed_by = $2 AND claim_until_ms IS NULL AND outcome IS NULL
+                 RETURNING id, tenant, queue),
+             woken AS (
+                 SELECT pg_notify('sluice', json_build_array('t', tenant, queue, count(*))::text)
+                 FROM released GROUP BY tenant, queue)
+             SELECT id FROM released WHERE (SELECT count(*) FROM woken) >= 0",
+        )
+        .await
+        .map_err(db_err)?;
+    let rows = client.query(&st, &[&ids, &epoch]).await.map_err(db_err)?;
+    rows.iter().map(|r| get(r, 0)).collect()
+}
+
+pub(crate) async fn live_nodes(pool: &Pool) -> Result<u64, StoreError> {
+    let rows = query(
+        pool,
+        "SELECT count(*) FROM nodes WHERE expires_at_ms >= (extract(epoch from clock_timestamp()) * 1000)::bigint",
+        &[],
+    )
+    .await?;
+    let n: i64 = rows.first().map(|r| get(r, 0)).transpose()?.unwrap_or(0);
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 pub(crate) async fn heartbeat(pool: &Pool, tenant: &str, id: &str, now_ms: i64) -> Result<bool, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
     let st = client
@@ -82,25 +114,48 @@ pub(crate) async fn post(pool: &Pool, tenant: &str, id: &str, outcome: &TaskOutc
     Ok(rows.len() == 1)
 }
 
+/// Candidates are found first from their own (small, indexed) side and their runs' owners
+/// checked after, by primary key: a join could lead the planner to scan every execution.
+const CANDIDATES: i64 = 5_000;
+
+/// Of `run_ids`, those owned by `epoch` (and running, when `running`).
+async fn owned(pool: &Pool, epoch: i64, run_ids: Vec<String>, running: bool) -> Result<HashSet<String>, StoreError> {
+    if run_ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows = query(
+        pool,
+        "SELECT run_id FROM executions WHERE run_id = ANY($1::text[]) AND owner = $2 AND (status = 'running' OR NOT $3)",
+        &[&run_ids, &epoch, &running],
+    )
+    .await?;
+    rows.iter().map(|r| get(r, 0)).collect()
+}
+
 pub(crate) async fn posted(pool: &Pool, epoch: i64) -> Result<Vec<(TaskRow, TaskOutcome)>, StoreError> {
-    let sql = format!(
-        "SELECT {TASK_COLUMNS}, t.outcome FROM tasks t JOIN executions e ON e.run_id = t.run_id
-         WHERE t.outcome IS NOT NULL AND e.owner = $1 AND e.status = 'running'
-         ORDER BY t.id LIMIT 1000"
-    );
-    let rows = query(pool, &sql, &[&epoch]).await?;
-    rows.iter().map(|r| Ok((task_row(r)?, from_json(get::<&str>(r, 15)?, "outcome")?))).collect()
+    let sql =
+        format!("SELECT {TASK_COLUMNS}, t.outcome FROM tasks t WHERE t.outcome IS NOT NULL ORDER BY t.id LIMIT $1");
+    let rows = query(pool, &sql, &[&CANDIDATES]).await?;
+    let found: Vec<(TaskRow, TaskOutcome)> = rows
+        .iter()
+        .map(|r| Ok((task_row(r)?, from_json(get::<&str>(r, 15)?, "outcome")?)))
+        .collect::<Result<_, StoreError>>()?;
+    let mine = owned(pool, epoch, found.iter().map(|(t, _)| t.run_id.clone()).collect(), true).await?;
+    Ok(found.into_iter().filter(|(t, _)| mine.contains(&t.run_id)).collect())
 }
 
 pub(crate) async fn expired(pool: &Pool, epoch: i64, now_ms: i64) -> Result<Vec<(TaskRow, &'static str)>, StoreError> {
     let sql = format!(
-        "SELECT {TASK_COLUMNS}, t.claimed_by IS NOT NULL, COALESCE(t.heartbeat_until_ms <= $2, false)
-         FROM tasks t JOIN executions e ON e.run_id = t.run_id
-         WHERE t.deadline_ms <= $2 AND t.outcome IS NULL AND e.owner = $1 AND e.status = 'running'
-         ORDER BY t.deadline_ms LIMIT 1000"
+        "SELECT {TASK_COLUMNS}, t.claimed_by IS NOT NULL, COALESCE(t.heartbeat_until_ms <= $1, false)
+         FROM tasks t WHERE t.deadline_ms <= $1 AND t.outcome IS NULL ORDER BY t.deadline_ms LIMIT $2"
     );
-    let rows = query(pool, &sql, &[&epoch, &now_ms]).await?;
-    rows.iter().map(|r| Ok((task_row(r)?, timeout_kind(get(r, 15)?, get(r, 16)?)))).collect()
+    let rows = query(pool, &sql, &[&now_ms, &CANDIDATES]).await?;
+    let found: Vec<(TaskRow, &'static str)> = rows
+        .iter()
+        .map(|r| Ok((task_row(r)?, timeout_kind(get(r, 15)?, get(r, 16)?))))
+        .collect::<Result<_, StoreError>>()?;
+    let mine = owned(pool, epoch, found.iter().map(|(t, _)| t.run_id.clone()).collect(), true).await?;
+    Ok(found.into_iter().filter(|(t, _)| mine.contains(&t.run_id)).collect())
 }
 
 /// Stores the change only if the tenant has the run, and wakes the run's owner, in one statement.
@@ -128,14 +183,9 @@ pub(crate) async fn post_change(
 }
 
 pub(crate) async fn posted_changes(pool: &Pool, epoch: i64) -> Result<Vec<PostedChange>, StoreError> {
-    let rows = query(
-        pool,
-        "SELECT c.id, c.tenant, c.run_id, c.body FROM changes c JOIN executions e ON e.run_id = c.run_id
-         WHERE e.owner = $1 ORDER BY c.id LIMIT 1000",
-        &[&epoch],
-    )
-    .await?;
-    rows.iter()
+    let rows = query(pool, "SELECT id, tenant, run_id, body FROM changes ORDER BY id LIMIT $1", &[&CANDIDATES]).await?;
+    let found: Vec<PostedChange> = rows
+        .iter()
         .map(|r| {
             Ok(PostedChange {
                 id: get(r, 0)?,
@@ -144,7 +194,9 @@ pub(crate) async fn posted_changes(pool: &Pool, epoch: i64) -> Result<Vec<Posted
                 change: from_json(get::<&str>(r, 3)?, "body")?,
             })
         })
-        .collect()
+        .collect::<Result<_, StoreError>>()?;
+    let mine = owned(pool, epoch, found.iter().map(|c| c.run_id.clone()).collect(), false).await?;
+    Ok(found.into_iter().filter(|c| mine.contains(&c.run_id)).collect())
 }
 
 pub(crate) async fn drop_change(pool: &Pool, tenant: &str, id: &str) -> Result<bool, StoreError> {
@@ -174,10 +226,14 @@ pub(crate) async fn depths(pool: &Pool, now_ms: i64) -> Result<Vec<QueueDepth>, 
         .collect()
 }
 
-pub(crate) async fn notify(pool: &Pool, wake: &Wake) -> Result<(), StoreError> {
+/// One statement outside any write: it takes the notification lock only for its own short,
+/// read-only transaction.
+pub(crate) async fn notify(pool: &Pool, wakes: &[Wake]) -> Result<(), StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
-    let st = client.prepare_cached("SELECT pg_notify('sluice', $1)").await.map_err(db_err)?;
-    client.query(&st, &[&wake.encode()]).await.map_err(db_err)?;
+    let st =
+        client.prepare_cached("SELECT pg_notify('sluice', w) FROM unnest($1::text[]) AS w").await.map_err(db_err)?;
+    let payloads: Vec<String> = wakes.iter().map(Wake::encode).collect();
+    client.query(&st, &[&payloads]).await.map_err(db_err)?;
     Ok(())
 }
 

@@ -245,12 +245,13 @@ async fn apply_batch(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure>
             ))));
         }
     }
-    if !batch.remove_tasks.is_empty() {
+    // The tasks settled above are deleted already; most batches remove only the one they settle.
+    if batch.remove_tasks.iter().any(|id| !batch.settles.iter().any(|s| &s.task_id == id)) {
         let st = tx.prepare_cached("DELETE FROM tasks WHERE id = ANY($1::text[])").await?;
         tx.execute(&st, &[&batch.remove_tasks]).await?;
     }
     if !batch.add_tasks.is_empty() {
-        insert_tasks(tx, batch).await?;
+        insert_tasks(tx, batch, writer_epoch(batch)).await?;
     }
     if !batch.remove_timers.is_empty() {
         let (runs, steps): (Vec<&str>, Vec<&str>) =
@@ -351,10 +352,15 @@ async fn settle(tx: &Transaction<'_>, settles: &[Settle]) -> Result<(), Failure>
     Ok(())
 }
 
-/// The wake-ups a batch sends: worker tasks added per queue, runs ended.
+/// The wake-ups a batch sends: worker tasks added to the shared queue, per queue. (A `NOTIFY`
+/// holds a lock that serializes committing transactions until they end, so batches send none
+/// in the usual case: their tasks are reserved for the writer, and the engine tells of ended
+/// runs after the commit, many in one statement.)
 fn wakes(batch: &Batch) -> Vec<String> {
     let mut queues: Vec<(&str, &str, u32)> = Vec::new();
-    for t in batch.add_tasks.iter().filter(|t| t.kind == TaskKind::Worker) {
+    // Tasks reserved for the writer wake no one: it releases those its workers do not take.
+    let unreserved = if writer_epoch(batch).is_some() { &[][..] } else { &batch.add_tasks[..] };
+    for t in unreserved.iter().filter(|t| t.kind == TaskKind::Worker) {
         match queues.iter_mut().find(|(tenant, queue, _)| *tenant == t.tenant && *queue == t.queue) {
             Some(q) => q.2 += 1,
             None => queues.push((&t.tenant, &t.queue, 1)),
@@ -362,12 +368,7 @@ fn wakes(batch: &Batch) -> Vec<String> {
     }
     let tasks =
         queues.into_iter().map(|(tenant, queue, n)| Wake::Tasks { tenant: tenant.into(), queue: queue.into(), n });
-    let ended = batch
-        .execs
-        .iter()
-        .filter(|c| c.row.status.is_terminal())
-        .map(|c| Wake::Ended { tenant: c.tenant.clone(), workflow_id: c.row.workflow_id.clone() });
-    tasks.chain(ended).map(|w| w.encode()).collect()
+    tasks.map(|w| w.encode()).collect()
 }
 
 async fn apply_exec(tx: &Transaction<'_>, i: usize, change: &ExecChange) -> Result<(), Failure> {
@@ -544,7 +545,15 @@ async fn insert_events(tx: &Transaction<'_>, change: &ExecChange) -> Result<(), 
     }
 }
 
-async fn insert_tasks(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure> {
+/// The fencing epoch of the node writing a batch (all its changes carry the same).
+fn writer_epoch(batch: &Batch) -> Option<i64> {
+    batch.execs.iter().find_map(|c| c.fence)
+}
+
+/// Worker tasks written by a node are reserved for it (`claimed_by`, no claim deadline): it hands
+/// them to its workers from memory and releases those they do not take. Without a node they go
+/// to the shared queue at once.
+async fn insert_tasks(tx: &Transaction<'_>, batch: &Batch, reserve_for: Option<i64>) -> Result<(), Failure> {
     let tasks = batch.add_tasks.as_slice();
     let ids = column(tasks, |t| t.id.as_str());
     let tenants = column(tasks, |t| t.tenant.as_str());
@@ -565,8 +574,10 @@ async fn insert_tasks(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure
         .prepare_cached(
             "INSERT INTO tasks (id, tenant, queue, kind, run_id, workflow_id, step, attempt, input,
                  visible_at_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id,
-                 deadline_ms)
-             SELECT u.*, CASE WHEN u.kind = 'worker' THEN u.visible_at_ms + u.schedule_to_start_ms END
+                 deadline_ms, claimed_by)
+             SELECT u.*,
+                 CASE WHEN u.kind = 'worker' AND $16::bigint IS NULL THEN u.visible_at_ms + u.schedule_to_start_ms END,
+                 CASE WHEN u.kind = 'worker' THEN $16::bigint END
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                  $7::text[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
                  $13::bigint[], $14::bigint[], $15::text[])
@@ -593,6 +604,7 @@ async fn insert_tasks(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure
                 &heartbeats,
                 &created,
                 &traces,
+                &reserve_for,
             ],
         )
         .await;

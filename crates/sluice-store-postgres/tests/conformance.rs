@@ -234,6 +234,12 @@ impl Store for TestStore {
     fn shared_queues(&self) -> bool {
         self.store.shared_queues()
     }
+    fn live_nodes(&self) -> BoxFuture<'_, Result<u64>> {
+        self.store.live_nodes()
+    }
+    fn release_tasks(&self, epoch: i64, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<String>>> {
+        self.store.release_tasks(epoch, ids)
+    }
     fn claim_tasks(
         &self,
         tenant: &str,
@@ -269,8 +275,8 @@ impl Store for TestStore {
         self.store.queue_depths(now_ms)
     }
 
-    fn notify(&self, wake: Wake) -> BoxFuture<'_, Result<()>> {
-        self.store.notify(wake)
+    fn notify_all(&self, wakes: Vec<Wake>) -> BoxFuture<'_, Result<()>> {
+        self.store.notify_all(wakes)
     }
     fn listen(&self, sink: WakeSink) -> BoxFuture<'_, Result<()>> {
         self.store.listen(sink)

@@ -144,6 +144,19 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// How many nodes hold a live lease (this one included).
+    fn live_nodes(&self) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async { Ok(1) })
+    }
+
+    /// Hands reserved tasks to the shared queue. A worker task a node commits is reserved for
+    /// that node's workers (it hands it out from memory, with no write); these are the ones its
+    /// workers did not take. Returns the ids released (not those finished meanwhile) and wakes
+    /// every node's pollers.
+    fn release_tasks(&self, _epoch: i64, _ids: Vec<String>) -> BoxFuture<'_, Result<Vec<String>>> {
+        Box::pin(async { Err(unshared()) })
+    }
+
     /// Claims up to `max` worker tasks of a queue visible at `now_ms` that nobody claimed, for
     /// `epoch`'s node, skipping tasks others are claiming at the same moment. A claim lasts the
     /// task's start-to-close limit (and its heartbeat limit, when it has one) from `now_ms`.
@@ -207,7 +220,12 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Sends a wake-up to every listening node.
-    fn notify(&self, _wake: Wake) -> BoxFuture<'_, Result<()>> {
+    fn notify(&self, wake: Wake) -> BoxFuture<'_, Result<()>> {
+        self.notify_all(vec![wake])
+    }
+
+    /// Sends wake-ups to every listening node, in one round trip where the store can.
+    fn notify_all(&self, _wakes: Vec<Wake>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async { Ok(()) })
     }
 

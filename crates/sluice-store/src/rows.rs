@@ -169,20 +169,24 @@ pub enum Wake {
     Tasks { tenant: String, queue: String, n: u32 },
     /// An outcome was posted for a run owned by `epoch`.
     Outcome { epoch: i64 },
-    /// A run of `workflow_id` ended.
-    Ended { tenant: String, workflow_id: String },
+    /// Run `run_id` of `workflow_id` ended.
+    Ended { tenant: String, workflow_id: String, run_id: String },
+    /// `workflow_id` runs again (a start of an ended workflow id, a redrive): a result a node
+    /// remembers for it is stale.
+    Restarted { tenant: String, workflow_id: String },
     /// Wake-ups may have been missed (the listening connection was lost): look at everything.
     Resync,
 }
 
 impl Wake {
     /// The wire form: a JSON array (`["t", tenant, queue, n]`, `["o", epoch]`, `["e", tenant,
-    /// workflow_id]`).
+    /// workflow_id, run_id]`).
     pub fn encode(&self) -> String {
         let v = match self {
             Wake::Tasks { tenant, queue, n } => serde_json::json!(["t", tenant, queue, n]),
             Wake::Outcome { epoch } => serde_json::json!(["o", epoch]),
-            Wake::Ended { tenant, workflow_id } => serde_json::json!(["e", tenant, workflow_id]),
+            Wake::Ended { tenant, workflow_id, run_id } => serde_json::json!(["e", tenant, workflow_id, run_id]),
+            Wake::Restarted { tenant, workflow_id } => serde_json::json!(["s", tenant, workflow_id]),
             Wake::Resync => serde_json::json!(["r"]),
         };
         v.to_string()
@@ -199,9 +203,32 @@ impl Wake {
                 n: v.get(3).and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok())?,
             }),
             "o" => Some(Wake::Outcome { epoch: v.get(1)?.as_i64()? }),
-            "e" => Some(Wake::Ended { tenant: s(1)?, workflow_id: s(2)? }),
+            "e" => Some(Wake::Ended { tenant: s(1)?, workflow_id: s(2)?, run_id: s(3)? }),
+            "s" => Some(Wake::Restarted { tenant: s(1)?, workflow_id: s(2)? }),
             "r" => Some(Wake::Resync),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Wake;
+
+    #[test]
+    fn wake_ups_round_trip_and_unknown_ones_are_ignored() {
+        let (t, w) = (|s: &str| s.to_string(), "order-7");
+        for wake in [
+            Wake::Tasks { tenant: t("acme"), queue: t("q"), n: 3 },
+            Wake::Outcome { epoch: 42 },
+            Wake::Ended { tenant: t("acme"), workflow_id: t(w), run_id: t("r1") },
+            Wake::Restarted { tenant: t("acme"), workflow_id: t(w) },
+            Wake::Resync,
+        ] {
+            assert_eq!(Wake::decode(&wake.encode()), Some(wake));
+        }
+        for bad in ["", "[]", "[\"x\"]", "[\"t\", \"acme\"]", "[\"o\", \"7\"]", "{}"] {
+            assert_eq!(Wake::decode(bad), None, "{bad}");
         }
     }
 }

@@ -319,6 +319,20 @@ impl Store for ShardedStore {
         self.shards.iter().all(|s| s.shared_queues())
     }
 
+    fn live_nodes(&self) -> BoxFuture<'_, Result<u64>> {
+        self.shards[0].live_nodes()
+    }
+
+    /// Each shard releases the tasks it holds, with the node's epoch there.
+    fn release_tasks(&self, epoch: i64, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<String>>> {
+        Box::pin(async move {
+            let epochs = self.epochs_of(epoch)?;
+            let released =
+                all(self.shards.iter().zip(&epochs).map(|(s, e)| s.release_tasks(*e, ids.clone())).collect()).await?;
+            Ok(released.into_iter().flatten().collect())
+        })
+    }
+
     /// Claims from the shards in turn, starting at a different one each time, until `max`.
     fn claim_tasks(
         &self,
@@ -442,8 +456,8 @@ impl Store for ShardedStore {
     }
 
     /// A wake-up about a queue goes to every shard's listeners (which are every node).
-    fn notify(&self, wake: Wake) -> BoxFuture<'_, Result<()>> {
-        self.shards[0].notify(wake)
+    fn notify_all(&self, wakes: Vec<Wake>) -> BoxFuture<'_, Result<()>> {
+        self.shards[0].notify_all(wakes)
     }
 
     /// Listens on every shard; an answer posted for a node's epoch on one shard is told as

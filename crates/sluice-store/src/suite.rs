@@ -842,7 +842,7 @@ pub async fn shared_queues(s: &dyn Store) {
         }
     };
     // The listening connection is up once a wake-up sent now comes back.
-    let probe = Wake::Ended { tenant: t.clone(), workflow_id: "probe".into() };
+    let probe = Wake::Ended { tenant: t.clone(), workflow_id: "probe".into(), run_id: "probe".into() };
     let mut up = false;
     for _ in 0..200 {
         s.notify(probe.clone()).await.expect("notify");
@@ -864,11 +864,23 @@ pub async fn shared_queues(s: &dyn Store) {
     let waiting = TaskRow { schedule_to_start_ms: Some(5_000), visible_at_ms: now, ..task(&t, &r, "waiting", 1) };
     b1.add_tasks = vec![task(&t, &r, "charge", 1), beat.clone(), later.clone()];
     s.commit(b1).await.expect("create with tasks");
+    // Tasks a node writes are reserved for its workers until it releases them.
+    assert!(s.claim_tasks(&t, "payments", 10, now + 120_000, b).await.expect("claim").is_empty(), "reserved for a");
+    let ids: Vec<String> =
+        [&beat, &later].iter().map(|t| t.id.clone()).chain([TaskRow::make_id(&r.run_id, "charge", 1)]).collect();
+    assert!(s.release_tasks(b, ids.clone()).await.expect("release").is_empty(), "only a releases what is a's");
+    let mut released = s.release_tasks(a, ids.clone()).await.expect("release");
+    released.sort();
+    let mut want_released = ids.clone();
+    want_released.sort();
+    assert_eq!(released, want_released);
     assert!(
         heard_one(Wake::Tasks { tenant: t.clone(), queue: "payments".into(), n: 3 }).await,
-        "a commit that adds tasks wakes the pollers: {:?}",
+        "released tasks wake the pollers: {:?}",
         heard.lock().unwrap_or_else(|p| p.into_inner())
     );
+    assert!(s.release_tasks(a, ids).await.expect("release").is_empty(), "released once");
+    assert!(s.live_nodes().await.expect("live nodes") >= 2);
     let ro = row(&f.run_id(2), "shared-2", "orders", 2);
     let mut b2 = batch(vec![ExecChange { fence: Some(b), ..create(&other, ro.clone()) }]);
     b2.add_tasks = vec![task(&other, &ro, "charge", 1)];
@@ -918,6 +930,7 @@ pub async fn shared_queues(s: &dyn Store) {
     }];
     s.commit(b3).await.expect("a task nobody claims");
     let waiting_id = TaskRow::make_id(&waiting_run.run_id, "waiting", 1);
+    assert_eq!(s.release_tasks(a, vec![waiting_id.clone()]).await.expect("release"), std::slice::from_ref(&waiting_id));
     assert!(!s.post_outcome(&t, &waiting_id, done.clone()).await.expect("post"), "not claimed");
 
     let posted = s.posted_outcomes(a).await.expect("posted");
@@ -999,11 +1012,13 @@ pub async fn shared_queues(s: &dyn Store) {
     assert!(s.drop_change(&t, &c2).await.expect("drop"));
     assert!(s.posted_changes(a).await.expect("changes").is_empty());
 
-    // An ended run wakes result waiters everywhere.
-    s.commit(batch(vec![ExecChange { fence: Some(a), ..finish(&t, &current, ExecStatus::Completed) }]))
-        .await
-        .expect("finish");
-    assert!(heard_one(Wake::Ended { tenant: t.clone(), workflow_id: "shared-1".into() }).await);
+    let end = batch(vec![ExecChange { fence: Some(a), ..finish(&t, &current, ExecStatus::Completed) }]);
+    s.commit(end).await.expect("finish");
+
+    // Wake-ups sent together all arrive.
+    let ended = |n: u32| Wake::Ended { tenant: t.clone(), workflow_id: format!("shared-{n}"), run_id: format!("r{n}") };
+    s.notify_all(vec![ended(1), ended(2)]).await.expect("notify");
+    assert!(heard_one(ended(1)).await && heard_one(ended(2)).await, "many wake-ups in one call");
 
     // A node's claims end with its lease: the task is handed out again.
     let c = s.register_node(&f.tenant("node-c"), None, 60_000).await.expect("register c");
@@ -1011,6 +1026,8 @@ pub async fn shared_queues(s: &dyn Store) {
     let mut b4 = batch(vec![ExecChange { fence: Some(a), ..create(&t, r4.clone()) }]);
     b4.add_tasks = vec![TaskRow { queue: "retry".into(), ..task(&t, &r4, "charge", 1) }];
     s.commit(b4).await.expect("a task");
+    let retry_id = TaskRow::make_id(&r4.run_id, "charge", 1);
+    assert_eq!(s.release_tasks(a, vec![retry_id]).await.expect("release").len(), 1);
     assert_eq!(s.claim_tasks(&t, "retry", 5, now, c).await.expect("claim").len(), 1);
     assert!(s.claim_tasks(&t, "retry", 5, now, a).await.expect("claim").is_empty());
     assert!(s.renew_lease(c, -1_000).await.expect("renew"));

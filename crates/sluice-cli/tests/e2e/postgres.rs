@@ -448,6 +448,16 @@ async fn a_worker_on_one_node_serves_every_nodes_executions() {
     let completed = std::fs::read_to_string(&record).unwrap().lines().filter(|l| l.contains("\"completed\"")).count();
     assert_eq!(completed, 80, "every step answered once");
 
+    // A workflow id that ended on A runs again through B: A forgets the result it remembers.
+    let old = api_a.wait("two-0", 5).await;
+    let (status, again) = api_b.post("/v1/executions", &json!({"workflow": "two", "workflow_id": "two-0"})).await;
+    assert_eq!(status, 201, "{again}");
+    let new_run = again["run_id"].as_str().unwrap().to_string();
+    assert_ne!(old["run_id"].as_str(), Some(new_run.as_str()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, seen) = api_a.get("/v1/executions/two-0/result?wait_ms=10000").await;
+    assert_eq!(seen["run_id"].as_str(), Some(new_run.as_str()), "A answers with the new run: {seen}");
+
     // A task of A's run, claimed through B and never answered: its 1 s limit is enforced by A,
     // which schedules attempt 2; B's late answer to attempt 1 is refused.
     api_a
