@@ -8,10 +8,11 @@ use serde_json::{json, Value};
 
 use super::*;
 
-#[tokio::test]
-async fn timers_and_signals_survive_a_restart() {
-    let dir = TempDir::new("restart");
-    let mut server = ServerProcess::start(&bin(), dir.path()).await;
+on_both_backends!(timers_and_signals_survive_a_restart, sigkill_under_load_loses_nothing_and_repeats_nothing,);
+
+async fn timers_and_signals_survive_a_restart(backend: Backend) {
+    let db = Db::new("restart", backend);
+    let mut server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
     let api = server.api();
     api.publish(&json!({"name": "patient", "steps": [
         {"id": "nap", "type": "sleep", "duration": "1500ms"},
@@ -39,15 +40,14 @@ async fn timers_and_signals_survive_a_restart() {
 
 /// SIGKILL while 1,000 executions of a 5-step workflow run; after a restart all complete, no
 /// acknowledged start is lost and no step's completion was accepted twice.
-#[tokio::test]
-async fn sigkill_under_load_loses_nothing_and_repeats_nothing() {
+async fn sigkill_under_load_loses_nothing_and_repeats_nothing(backend: Backend) {
     const N: usize = 1000;
-    let dir = TempDir::new("crash");
-    let mut server = ServerProcess::start(&bin(), dir.path()).await;
+    let db = Db::new("crash", backend);
+    let mut server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
     let api = server.api();
     let steps: Vec<Value> = (1..=5).map(|i| json!({"id": format!("s{i}"), "type": "task", "queue": "noop"})).collect();
     api.publish(&json!({"name": "five", "steps": steps})).await;
-    let record = dir.path().join("worker.jsonl");
+    let record = db.dir().join("worker.jsonl");
     let _worker = WorkerProcess::rust(&bin(), &server, &["noop"], Some(&record));
 
     // Start executions from 8 concurrent clients; remember every start the server acknowledged.

@@ -4,6 +4,8 @@ use serde_json::json;
 
 use super::*;
 
+on_both_backends!(examples_run_with_the_rust_worker, examples_run_with_the_python_worker,);
+
 async fn run_examples(api: &Api) {
     for f in ["hello", "approval", "retry-dlq", "fan-out", "loop"] {
         api.publish_file(&repo().join(format!("examples/{f}.yaml"))).await;
@@ -44,18 +46,17 @@ async fn run_examples(api: &Api) {
     assert_eq!(row["output"], json!({"status": "approved", "document": "refund #42", "by": "grace"}), "{row}");
 }
 
-#[tokio::test]
-async fn examples_run_with_the_rust_worker() {
-    let (_dir, server, _worker) = server_with_worker("examples-rust").await;
+async fn examples_run_with_the_rust_worker(backend: Backend) {
+    let db = Db::new("examples-rust", backend);
+    let (server, _worker) = server_with_worker_on(&db).await;
     let api = server.api();
     run_examples(&api).await;
     assert!(assert_replays(&api).await >= 6);
 }
 
-#[tokio::test]
-async fn examples_run_with_the_python_worker() {
-    let dir = TempDir::new("examples-python");
-    let server = ServerProcess::start(&bin(), dir.path()).await;
+async fn examples_run_with_the_python_worker(backend: Backend) {
+    let db = Db::new("examples-python", backend);
+    let server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
     let _worker = WorkerProcess::python(&repo(), &server, &["greet", "enrich", "flaky", "echo"], None);
     let api = server.api();
     run_examples(&api).await;

@@ -6,7 +6,12 @@ use sluice_testkit::vendor::{FakeVendor, Reply};
 
 use super::*;
 
-async fn server_for(vendor: &FakeVendor, dir: &TempDir) -> ServerProcess {
+on_both_backends!(
+    llm_answers_are_journaled_and_a_sigkill_never_calls_the_model_again,
+    llm_step_calls_are_in_the_ledger_with_their_execution_and_step,
+);
+
+async fn server_for(vendor: &FakeVendor, db: &Db) -> ServerProcess {
     let config = format!(
         "
 providers:
@@ -24,10 +29,9 @@ prices:
 ",
         base = vendor.base_url()
     );
-    let file = dir.path().join("gateway.yaml");
+    let file = db.dir().join("gateway.yaml");
     std::fs::write(&file, config).unwrap();
-    let database = dir.path().join("sluice.db").display().to_string();
-    ServerProcess::start_with_args(&bin(), dir.path(), &database, &["--gateway", &file.display().to_string()]).await
+    ServerProcess::start_with_args(&bin(), db.dir(), db.url(), &["--gateway", &file.display().to_string()]).await
 }
 
 async fn wait_for_requests(vendor: &FakeVendor, n: usize) {
@@ -40,11 +44,10 @@ async fn wait_for_requests(vendor: &FakeVendor, n: usize) {
     panic!("the vendor got {} requests, expected {n}", vendor.requests());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn llm_answers_are_journaled_and_a_sigkill_never_calls_the_model_again() {
+async fn llm_answers_are_journaled_and_a_sigkill_never_calls_the_model_again(backend: Backend) {
     let vendor = FakeVendor::start().await;
-    let dir = TempDir::new("llm");
-    let mut server = server_for(&vendor, &dir).await;
+    let db = Db::new("llm", backend);
+    let mut server = server_for(&vendor, &db).await;
     let api = server.api();
     api.publish(&json!({
         "name": "enrich",
@@ -112,8 +115,8 @@ async fn llm_answers_are_journaled_and_a_sigkill_never_calls_the_model_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llm_steps_fall_back_fail_precisely_and_are_checked_at_publish() {
     let vendor = FakeVendor::start().await;
-    let dir = TempDir::new("llm-errors");
-    let server = server_for(&vendor, &dir).await;
+    let db = Db::new("llm-errors", Backend::Sqlite);
+    let server = server_for(&vendor, &db).await;
     let api = server.api();
 
     // A primary that answers 500 is served by the fallback; the step records which target served.
@@ -281,11 +284,10 @@ budgets:
     assert!(assert_replays(&api).await >= 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn llm_step_calls_are_in_the_ledger_with_their_execution_and_step() {
+async fn llm_step_calls_are_in_the_ledger_with_their_execution_and_step(backend: Backend) {
     let vendor = FakeVendor::start().await;
-    let dir = TempDir::new("llm-ledger");
-    let server = server_for(&vendor, &dir).await;
+    let db = Db::new("llm-ledger", backend);
+    let server = server_for(&vendor, &db).await;
     let api = server.api();
     api.publish(&json!({"name": "one", "steps": [
         {"id": "ask", "type": "llm", "route": "resilient", "prompt": "\"hi\""}

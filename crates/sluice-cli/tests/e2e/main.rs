@@ -2,6 +2,8 @@
 //! and the Python module), real HTTP. Every test ends by replaying the histories it produced.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
+mod backend;
 mod auth;
 mod bench;
 mod chat;
@@ -19,6 +21,7 @@ mod trace;
 
 use std::path::{Path, PathBuf};
 
+pub use backend::{Backend, Db};
 pub use sluice_testkit::{assert_replays, Api, ServerProcess, TempDir, WorkerProcess};
 
 pub fn bin() -> PathBuf {
@@ -29,12 +32,11 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A server on a fresh database with the Rust demo worker attached.
-pub async fn server_with_worker(label: &str) -> (TempDir, ServerProcess, WorkerProcess) {
-    let dir = TempDir::new(label);
-    let server = ServerProcess::start(&bin(), dir.path()).await;
+/// A server on `db` with the Rust demo worker attached.
+pub async fn server_with_worker_on(db: &Db) -> (ServerProcess, WorkerProcess) {
+    let server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
     let worker = WorkerProcess::rust(&bin(), &server, &[], None);
-    (dir, server, worker)
+    (server, worker)
 }
 
 /// Events of a history with the given type.

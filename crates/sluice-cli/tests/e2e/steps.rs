@@ -7,16 +7,29 @@ use serde_json::{json, Value};
 
 use super::*;
 
-#[tokio::test]
-async fn every_step_type_runs_end_to_end_with_the_rust_worker() {
-    let (_dir, server, _worker) = server_with_worker("steps").await;
+on_both_backends!(
+    every_step_type_runs_end_to_end_with_the_rust_worker,
+    every_step_type_runs_end_to_end_with_the_python_worker,
+    fail_step_fails_without_dead_letter_and_idempotent_start,
+    retries_back_off_then_dead_letter_then_redrive_completes,
+    pause_stops_scheduling_and_resume_continues,
+    cancel_reaches_the_worker_through_heartbeat_and_timeouts_retry,
+    queries_read_state_without_changing_it,
+    continue_as_new_keeps_each_run_history_bounded_over_10000_iterations,
+    schedule_to_start_and_heartbeat_timeouts_fail_the_attempt,
+    replay_command_proves_decisions_and_shows_the_timeline,
+    a_failing_child_is_retried_then_fails_its_parent,
+);
+
+async fn every_step_type_runs_end_to_end_with_the_rust_worker(backend: Backend) {
+    let db = Db::new("steps", backend);
+    let (server, _worker) = server_with_worker_on(&db).await;
     every_step_type(&server).await;
 }
 
-#[tokio::test]
-async fn every_step_type_runs_end_to_end_with_the_python_worker() {
-    let dir = TempDir::new("steps-python");
-    let server = ServerProcess::start(&bin(), dir.path()).await;
+async fn every_step_type_runs_end_to_end_with_the_python_worker(backend: Backend) {
+    let db = Db::new("steps-python", backend);
+    let server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
     let _worker = WorkerProcess::python(&repo(), &server, &["greet", "echo"], None);
     every_step_type(&server).await;
 }
@@ -89,9 +102,9 @@ async fn every_step_type(server: &ServerProcess) {
     assert!(assert_replays(&api).await >= 2);
 }
 
-#[tokio::test]
-async fn fail_step_fails_without_dead_letter_and_idempotent_start() {
-    let (_dir, server, _worker) = server_with_worker("fail").await;
+async fn fail_step_fails_without_dead_letter_and_idempotent_start(backend: Backend) {
+    let db = Db::new("fail", backend);
+    let (server, _worker) = server_with_worker_on(&db).await;
     let api = server.api();
     api.publish(&json!({"name": "failing", "steps": [
         {"id": "no", "type": "fail", "error": "out_of_stock", "message": "\"item \\(.input.sku) is gone\""}
@@ -112,9 +125,9 @@ async fn fail_step_fails_without_dead_letter_and_idempotent_start() {
     assert_replays(&api).await;
 }
 
-#[tokio::test]
-async fn retries_back_off_then_dead_letter_then_redrive_completes() {
-    let (_dir, server, _worker) = server_with_worker("retry").await;
+async fn retries_back_off_then_dead_letter_then_redrive_completes(backend: Backend) {
+    let db = Db::new("retry", backend);
+    let (server, _worker) = server_with_worker_on(&db).await;
     let api = server.api();
     api.publish(&json!({"name": "flaky", "steps": [
         {"id": "call", "type": "task", "queue": "flaky",
@@ -151,9 +164,9 @@ async fn retries_back_off_then_dead_letter_then_redrive_completes() {
     assert_replays(&api).await;
 }
 
-#[tokio::test]
-async fn pause_stops_scheduling_and_resume_continues() {
-    let (_dir, server, _worker) = server_with_worker("pause").await;
+async fn pause_stops_scheduling_and_resume_continues(backend: Backend) {
+    let db = Db::new("pause", backend);
+    let (server, _worker) = server_with_worker_on(&db).await;
     let api = server.api();
     api.publish(&json!({"name": "gated", "steps": [
         {"id": "gate", "type": "wait_signal", "signal": "go"},
@@ -174,10 +187,9 @@ async fn pause_stops_scheduling_and_resume_continues() {
     assert_replays(&api).await;
 }
 
-#[tokio::test]
-async fn cancel_reaches_the_worker_through_heartbeat_and_timeouts_retry() {
-    let dir = TempDir::new("cancel");
-    let server = ServerProcess::start(&bin(), dir.path()).await;
+async fn cancel_reaches_the_worker_through_heartbeat_and_timeouts_retry(backend: Backend) {
+    let db = Db::new("cancel", backend);
+    let server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
     let api = server.api();
     api.publish(&json!({"name": "manual", "steps": [
         {"id": "long", "type": "task", "queue": "manual", "timeouts": {"start_to_close": "300ms"},
@@ -213,10 +225,9 @@ async fn cancel_reaches_the_worker_through_heartbeat_and_timeouts_retry() {
     assert_replays(&api).await;
 }
 
-#[tokio::test]
-async fn queries_read_state_without_changing_it() {
-    let dir = TempDir::new("query");
-    let server = ServerProcess::start(&bin(), dir.path()).await;
+async fn queries_read_state_without_changing_it(backend: Backend) {
+    let db = Db::new("query", backend);
+    let server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
     let api = server.api();
     api.publish(&json!({"name": "q", "steps": [
         {"id": "a", "type": "transform", "expr": ".input.x + 1"},
@@ -235,10 +246,9 @@ async fn queries_read_state_without_changing_it() {
     assert_eq!((status, body["error"]["code"].as_str()), (404, Some("query_not_found")));
 }
 
-#[tokio::test]
-async fn continue_as_new_keeps_each_run_history_bounded_over_10000_iterations() {
-    let dir = TempDir::new("loop");
-    let server = ServerProcess::start(&bin(), dir.path()).await;
+async fn continue_as_new_keeps_each_run_history_bounded_over_10000_iterations(backend: Backend) {
+    let db = Db::new("loop", backend);
+    let server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
     let api = server.api();
     api.publish_file(&repo().join("examples/loop.yaml")).await;
     let id = api.start("loop", json!({"n": 10000}), Some("count")).await;
@@ -253,10 +263,9 @@ async fn continue_as_new_keeps_each_run_history_bounded_over_10000_iterations() 
     }
 }
 
-#[tokio::test]
-async fn schedule_to_start_and_heartbeat_timeouts_fail_the_attempt() {
-    let dir = TempDir::new("timeouts");
-    let server = ServerProcess::start(&bin(), dir.path()).await;
+async fn schedule_to_start_and_heartbeat_timeouts_fail_the_attempt(backend: Backend) {
+    let db = Db::new("timeouts", backend);
+    let server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
     let api = server.api();
     api.publish(&json!({"name": "nobody-home", "steps": [
         {"id": "wait", "type": "task", "queue": "empty", "timeouts": {"schedule_to_start": "200ms"},
@@ -289,9 +298,9 @@ async fn schedule_to_start_and_heartbeat_timeouts_fail_the_attempt() {
     assert_replays(&api).await;
 }
 
-#[tokio::test]
-async fn replay_command_proves_decisions_and_shows_the_timeline() {
-    let (_dir, server, _worker) = server_with_worker("replay").await;
+async fn replay_command_proves_decisions_and_shows_the_timeline(backend: Backend) {
+    let db = Db::new("replay", backend);
+    let (server, _worker) = server_with_worker_on(&db).await;
     let api = server.api();
     api.publish_file(&repo().join("examples/hello.yaml")).await;
     let id = api.start("hello", json!({"name": "Grace"}), Some("replay-me")).await;
@@ -317,10 +326,9 @@ async fn replay_command_proves_decisions_and_shows_the_timeline() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("execution_not_found"));
 }
 
-#[tokio::test]
-async fn a_failing_child_is_retried_then_fails_its_parent() {
-    let dir = TempDir::new("child-fail");
-    let server = ServerProcess::start(&bin(), dir.path()).await;
+async fn a_failing_child_is_retried_then_fails_its_parent(backend: Backend) {
+    let db = Db::new("child-fail", backend);
+    let server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
     let api = server.api();
     api.publish(
         &json!({"name": "broken", "steps": [{"id": "no", "type": "fail", "error": "broken", "message": "\"nope\""}]}),
