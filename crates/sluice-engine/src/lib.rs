@@ -356,9 +356,15 @@ impl Engine {
 
     /// Renews the lease every third of its length and takes over what dead nodes leave; stops
     /// (and says so on [`Engine::lease_lost`]) when the lease was lost to another node.
+    ///
+    /// After the store was unreachable, a node waits one lease length of renewals before it
+    /// takes anything over: every node's lease may have run out during the outage, and the
+    /// others, alive, need that long to renew theirs. Otherwise the first node back would end
+    /// the leases of all the others, which would then stop.
     async fn keep_lease(self) {
         let lease_ms = i64::try_from(self.inner.opts.lease.as_millis()).unwrap_or(i64::MAX);
         let every = self.inner.opts.lease / 3;
+        let mut unreachable_at: Option<std::time::Instant> = None;
         loop {
             tokio::time::sleep(every).await;
             match self.inner.store.renew_lease(self.inner.epoch, lease_ms).await {
@@ -371,9 +377,14 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot renew this node's lease; retrying");
+                    unreachable_at = Some(std::time::Instant::now());
                     continue;
                 }
             }
+            if unreachable_at.is_some_and(|at| at.elapsed() < self.inner.opts.lease) {
+                continue;
+            }
+            unreachable_at = None;
             match self.take_over().await {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(runs = n, "took over the executions of a node whose lease expired"),

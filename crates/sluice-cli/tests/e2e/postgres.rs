@@ -3,47 +3,8 @@
 
 use serde_json::{json, Value};
 
+use super::backend::PgDatabase;
 use super::*;
-
-fn admin_url() -> String {
-    std::env::var("SLUICE_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// A fresh database, dropped on drop.
-struct PgDatabase {
-    name: String,
-}
-
-impl PgDatabase {
-    fn create(label: &str) -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let name = format!("sluice_e2e_{label}_{}_{}", std::process::id(), nanos % 1_000_000_000);
-        psql(&format!("CREATE DATABASE {name}"));
-        Self { name }
-    }
-
-    fn url(&self) -> String {
-        let admin = admin_url();
-        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-        format!("{base}/{}", self.name)
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("psql")
-            .args([&admin_url(), "-q", "-c", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
-            .output();
-    }
-}
-
-fn psql(sql: &str) {
-    let out = std::process::Command::new("psql")
-        .args([&admin_url(), "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .output()
-        .unwrap_or_else(|e| panic!("psql is needed for the PostgreSQL tests (scripts/ensure-postgres): {e}"));
-    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 #[tokio::test]
 async fn workflows_run_and_survive_a_restart_on_postgres() {
@@ -527,4 +488,164 @@ async fn a_worker_on_one_node_serves_every_nodes_executions() {
     }
     waits.sort();
     assert!(waits[5] < Duration::from_millis(400), "B re-reads every second; wake-ups are faster: {waits:?}");
+}
+
+/// PostgreSQL is restarted while two nodes run executions on it (issue 3), and stays down
+/// longer than the nodes' leases. Clients start executions on both nodes, timers fire, and one
+/// worker, polling node B only, does the task steps of both (A's through the shared queue).
+/// While the database is down, clients see 503 with `Retry-After` and never another error; both
+/// nodes reconnect by themselves (their pools and their `LISTEN` connections) and keep their
+/// executions (neither ends the other's lapsed lease on its way back); every start they acknowledged completes, no step's
+/// completion is accepted twice (judged by the worker's own record), a task is never handed out
+/// again after its completion was acknowledged, and every history is one unbroken sequence that
+/// replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_load_gives_503s_and_loses_nothing() {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    const N: usize = 600;
+    let cluster = PrivateCluster::create();
+    let (dir_a, dir_b) = (TempDir::new("pg-restart-a"), TempDir::new("pg-restart-b"));
+    let a = ServerProcess::start_on(&bin(), dir_a.path(), &cluster.url()).await;
+    let b = ServerProcess::start_on(&bin(), dir_b.path(), &cluster.url()).await;
+    let apis = [a.api(), b.api()];
+    apis[0]
+        .publish(&json!({"name": "three", "steps": [
+            {"id": "s1", "type": "task", "queue": "noop"},
+            {"id": "nap", "type": "sleep", "duration": "50ms"},
+            {"id": "s2", "type": "task", "queue": "noop"},
+            {"id": "s3", "type": "task", "queue": "noop"}
+        ]}))
+        .await;
+    let record = dir_b.path().join("worker.jsonl");
+    let _worker = WorkerProcess::rust(&bin(), &b, &["noop"], Some(&record));
+
+    // 8 clients, 4 per node, start executions and retry a refused start under the same
+    // workflow id (which makes a repeated start answer with the run already there).
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let unavailable = Arc::new(AtomicUsize::new(0));
+    let mut starters = Vec::new();
+    for c in 0..8 {
+        let (api, acked, unavailable) = (apis[c % 2].clone(), acked.clone(), unavailable.clone());
+        starters.push(tokio::spawn(async move {
+            for i in (c..N).step_by(8) {
+                let id = format!("load-{i}");
+                loop {
+                    let resp = api
+                        .request(reqwest::Method::POST, "/v1/executions")
+                        .json(&json!({"workflow": "three", "workflow_id": id}))
+                        .send()
+                        .await
+                        .expect("the nodes stay up while their database is down");
+                    let status = resp.status().as_u16();
+                    if resp.status().is_success() {
+                        acked.lock().unwrap().push(id.clone());
+                        break;
+                    }
+                    let retry_after = resp.headers().get("retry-after").is_some();
+                    let body: Value = resp.json().await.unwrap_or(Value::Null);
+                    assert_eq!(status, 503, "a start while the database is down: {body}");
+                    assert!(retry_after, "a 503 carries Retry-After: {body}");
+                    assert_eq!(body["error"]["code"], "storage_unavailable", "{body}");
+                    unavailable.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    let completed_steps =
+        || std::fs::read_to_string(&record).unwrap_or_default().lines().filter(|l| l.contains("completed")).count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while completed_steps() < 300 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cluster.stop();
+    let done_at_stop = completed_steps();
+    assert!((300..N * 3).contains(&done_at_stop), "the restart did not land mid-run ({done_at_stop} steps done)");
+    // Longer than the 10 s lease, and the node's lease check every third of it.
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    assert!(unavailable.load(Ordering::Relaxed) > 0, "starts were refused with 503 while the database was down");
+    cluster.start();
+
+    for s in starters {
+        s.await.unwrap();
+    }
+    let ids: Vec<String> = acked.lock().unwrap().clone();
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), N);
+    for id in &ids {
+        let row = apis[0].wait(id, 120).await;
+        assert_eq!(row["status"], "completed", "{id}: {row}");
+    }
+
+    let text = std::fs::read_to_string(&record).unwrap();
+    let mut completed: HashMap<String, usize> = HashMap::new();
+    let mut received_after_ack = Vec::new();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let key = v["idempotency_key"].as_str().unwrap().to_string();
+        let step_key = key.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap();
+        match v["event"].as_str() {
+            Some("completed") => *completed.entry(step_key).or_default() += 1,
+            Some("received") if completed.contains_key(&step_key) => received_after_ack.push(key),
+            _ => {}
+        }
+    }
+    let twice: Vec<_> = completed.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "steps completed twice: {twice:?}");
+    assert!(
+        received_after_ack.is_empty(),
+        "tasks handed out after their completion was acknowledged: {received_after_ack:?}"
+    );
+    // No process died, so every step's completion reached the worker's record.
+    assert_eq!(completed.len(), N * 3, "every step was completed by the worker and acknowledged once");
+
+    let all = sluice_testkit::all_executions(&apis[1]).await;
+    assert_eq!(all.len(), N);
+    for e in &all {
+        let id = e["workflow_id"].as_str().unwrap();
+        let seqs: Vec<u64> = apis[1].history(id, None).await.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{id}");
+    }
+    assert_eq!(assert_replays(&apis[0]).await, N);
+
+    // Both nodes kept their leases: neither stopped, nor took the other's executions.
+    for node in [&a, &b] {
+        let text = reqwest::get(format!("{}/metrics", node.base)).await.unwrap().text().await.unwrap();
+        let value =
+            |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok());
+        assert_eq!(value("sluice_node_lease_lost"), Some(0), "{}", node.base);
+        assert_eq!(value("sluice_executions_taken_over_total"), Some(0), "{}", node.base);
+    }
+
+    // Both nodes listen again: a run that ends on A wakes a result long-poll on B at once
+    // (B would otherwise learn of it at its next re-read, up to a second later).
+    apis[0]
+        .publish(&json!({"name": "gated", "steps": [
+            {"id": "gate", "type": "wait_signal", "signal": "go"},
+            {"id": "done", "type": "transform", "expr": "{got: .steps.gate}"}
+        ]}))
+        .await;
+    let mut waits = Vec::new();
+    for i in 0..10 {
+        let id = apis[0].start("gated", Value::Null, Some(&format!("gated-{i}"))).await;
+        let waiter = {
+            let (api_b, id) = (apis[1].clone(), id.clone());
+            tokio::spawn(async move {
+                let (status, row) = api_b.get(&format!("/v1/executions/{id}/result?wait_ms=10000")).await;
+                (status, row, Instant::now())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sent = Instant::now();
+        let (status, body) = apis[0].post(&format!("/v1/executions/{id}/signals/go"), &json!(i)).await;
+        assert_eq!(status, 202, "{body}");
+        let (status, row, at) = waiter.await.unwrap();
+        assert_eq!((status, &row["output"]), (200, &json!({"got": i})), "{row}");
+        waits.push(at.duration_since(sent));
+    }
+    waits.sort();
+    assert!(waits[5] < Duration::from_millis(400), "wake-ups reach B after the restart: {waits:?}");
 }
