@@ -69,9 +69,10 @@ impl PostgresStore {
     /// Connects with `options` and migrates the database to this build's schema. Several nodes
     /// may do this at once: migrations run one after the other under an advisory lock.
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             StoreError::Internal(format!("invalid postgres url: {e}; expected postgres://user@host/db"))
         })?;
+        with_network_defaults(&mut config);
         let manager =
             Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
@@ -93,6 +94,38 @@ impl PostgresStore {
     /// later calls fail with `Unavailable`.
     pub fn close(&self) {
         self.pool.close();
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVES_RETRIES: u32 = 3;
+/// What `tokio_postgres` uses for `keepalives_idle` when none is given.
+const DRIVER_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// Limits on waiting for a database that stops answering without closing its connections (a
+/// network partition, a frozen host), where the URL does not set them: connecting gives up after
+/// `connect_timeout`, data the server does not acknowledge ends the connection after
+/// `tcp_user_timeout`, and keepalive probes find a silent idle connection. A call on such a
+/// connection then fails (`Unavailable`, a 503 to clients) instead of hanging, and the pool opens
+/// a new connection.
+fn with_network_defaults(config: &mut tokio_postgres::Config) {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    if config.get_keepalives_idle() == DRIVER_KEEPALIVES_IDLE {
+        config.keepalives_idle(KEEPALIVES_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVES_INTERVAL);
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(KEEPALIVES_RETRIES);
     }
 }
 
@@ -316,5 +349,40 @@ impl Store for PostgresStore {
     fn listen(&self, sink: WakeSink) -> BoxFuture<'_, Result<()>> {
         queues::listen(self.config.clone(), self.pool.clone(), sink);
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configured(url: &str) -> tokio_postgres::Config {
+        let mut config: tokio_postgres::Config = url.parse().unwrap_or_else(|e| panic!("{url}: {e}"));
+        with_network_defaults(&mut config);
+        config
+    }
+
+    #[test]
+    fn a_url_without_network_limits_gets_ours() {
+        let c = configured("postgres://sluice@db.internal/sluice");
+        assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert!(c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(c.get_keepalives_interval(), Some(KEEPALIVES_INTERVAL));
+        assert_eq!(c.get_keepalives_retries(), Some(KEEPALIVES_RETRIES));
+    }
+
+    #[test]
+    fn limits_in_the_url_are_kept() {
+        let c = configured(
+            "postgres://sluice@db.internal/sluice?connect_timeout=30&tcp_user_timeout=60&keepalives_idle=120\
+             &keepalives_interval=7&keepalives_retries=9",
+        );
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(30)));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(120));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(7)));
+        assert_eq!(c.get_keepalives_retries(), Some(9));
     }
 }
