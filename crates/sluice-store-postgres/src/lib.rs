@@ -1,14 +1,16 @@
-//! The PostgreSQL backend of the Sluice store: a pool of connections, one READ COMMITTED
-//! transaction per batch, optimistic concurrency by row checks and a partial unique index.
+//! The PostgreSQL backend of the Sluice store: a pool of connections, READ COMMITTED
+//! transactions that each commit one batch or a group of concurrent ones, optimistic
+//! concurrency by row checks and a partial unique index.
 //!
 //! Architecture invariant: a batch is applied whole or not at all, and is durable (committed,
-//! with `synchronous_commit` not off) when `commit` resolves `Ok`. A commit, once polled, is
-//! carried through even if the caller stops waiting. Batches of concurrent callers run in
-//! parallel on separate connections; a failing batch fails alone. Every statement is a static
-//! string with binds.
+//! with `synchronous_commit` not off) when `commit` resolves `Ok`. A commit, once queued, is
+//! carried through even if the caller stops waiting. Batches queued together are committed in
+//! one transaction by one of a few writers; a failing batch fails alone. Every statement is a
+//! static string with binds.
 
 mod codec;
 mod error;
+mod group;
 mod queues;
 mod read;
 mod schema;
@@ -36,11 +38,14 @@ pub struct PostgresOptions {
     /// How long a call waits for a free connection, or for a new one to connect, before it fails
     /// with `Unavailable`.
     pub acquire_timeout: Duration,
+    /// Transactions that commit batches at once, each holding a connection of the pool while
+    /// it commits; the batches queued meanwhile are committed together (see `group`).
+    pub writers: usize,
 }
 
 impl Default for PostgresOptions {
     fn default() -> Self {
-        Self { max_connections: 16, acquire_timeout: Duration::from_secs(10) }
+        Self { max_connections: 16, acquire_timeout: Duration::from_secs(10), writers: 4 }
     }
 }
 
@@ -48,6 +53,7 @@ impl Default for PostgresOptions {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    writers: group::Writers,
     /// For the connection that listens for wake-ups, which lives outside the pool.
     config: tokio_postgres::Config,
 }
@@ -87,7 +93,8 @@ impl PostgresStore {
         schema::check_durability(&client).await?;
         schema::migrate(&mut client).await?;
         drop(client);
-        Ok(Self { pool, config })
+        let writers = group::Writers::start(pool.clone(), options.writers);
+        Ok(Self { pool, writers, config })
     }
 
     /// Closes the pool: idle connections are closed now, busy ones when they are returned, and
@@ -135,12 +142,7 @@ impl Store for PostgresStore {
             if batch.is_empty() {
                 return Ok(());
             }
-            // A task of its own: a caller that stops waiting does not cut a transaction short,
-            // so whether the batch was applied never depends on when the caller gave up.
-            let pool = self.pool.clone();
-            tokio::spawn(async move { writer::commit(&pool, &batch).await })
-                .await
-                .map_err(|e| StoreError::Internal(format!("a postgres commit did not finish: {e}")))?
+            self.writers.commit(batch).await
         })
     }
 

@@ -7,7 +7,10 @@ use std::collections::HashSet;
 
 use deadpool_postgres::{Client, Pool, Transaction};
 use sluice_core::event::TaskKind;
-use sluice_store::{AuditRow, Batch, Doc, ExecChange, Settle, StoreError, TimerRow, Wake, WorkflowVersion};
+use sluice_store::{
+    AuditRow, Batch, BudgetAlertRow, Doc, ExecChange, Settle, StoreError, TaskRow, TimerRow, UsageRow, Wake,
+    WorkflowVersion,
+};
 
 use crate::codec::{enum_name, opt_json, opt_to_i64, to_i64, to_json};
 use crate::error::{db_err, describe, is_transient, is_unique_violation, pool_err};
@@ -16,7 +19,7 @@ use crate::error::{db_err, describe, is_transient, is_unique_violation, pool_err
 const TRANSIENT_RETRIES: u32 = 3;
 
 /// Why a batch was not applied.
-enum Failure {
+pub(crate) enum Failure {
     /// A domain error, final.
     Store(StoreError),
     /// An unexpected database error.
@@ -38,11 +41,12 @@ impl From<tokio_postgres::Error> for Failure {
     }
 }
 
-pub(crate) async fn commit(pool: &Pool, batch: &Batch) -> Result<(), StoreError> {
-    let mut client = pool.get().await.map_err(pool_err)?;
+/// Applies one batch in its own transaction on `client`, with precise errors: the batch's
+/// changes are checked one by one.
+pub(crate) async fn commit_on(client: &mut Client, batch: &Batch) -> Result<(), StoreError> {
     let mut retries = 0;
     loop {
-        match try_commit(&mut client, batch).await {
+        match try_commit(client, batch).await {
             Ok(()) => return Ok(()),
             Err(Failure::Store(e)) => return Err(e),
             Err(Failure::Db(e)) if is_transient(&e) && retries < TRANSIENT_RETRIES => {
@@ -233,29 +237,78 @@ async fn apply_batch(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure>
     for (i, change) in batch.execs.iter().enumerate() {
         apply_exec(tx, i, change).await?;
     }
-    if !batch.settles.is_empty() {
-        settle(tx, &batch.settles).await?;
+    apply_rows(tx, &Rows::of(std::slice::from_ref(batch))).await
+}
+
+/// What one or more batches write beside their executions and events, gathered so that each
+/// table takes one statement for all of them.
+pub(crate) struct Rows<'a> {
+    settles: Vec<&'a Settle>,
+    applied_changes: Vec<&'a str>,
+    remove_tasks: Vec<&'a str>,
+    add_tasks: Vec<&'a TaskRow>,
+    /// The node the tasks are reserved for: the writer of the batches (see [`writer_epoch`]).
+    reserve_for: Option<i64>,
+    remove_timers: Vec<(&'a str, &'a str)>,
+    add_timers: Vec<&'a TimerRow>,
+    usage: Vec<&'a UsageRow>,
+    alerts: Vec<&'a BudgetAlertRow>,
+}
+
+impl<'a> Rows<'a> {
+    /// The rows of `batches`, which must all have the same writer.
+    pub(crate) fn of(batches: &'a [impl std::borrow::Borrow<Batch>]) -> Self {
+        let mut rows = Rows {
+            settles: Vec::new(),
+            applied_changes: Vec::new(),
+            remove_tasks: Vec::new(),
+            add_tasks: Vec::new(),
+            reserve_for: batches.first().and_then(|b| writer_epoch(b.borrow())),
+            remove_timers: Vec::new(),
+            add_timers: Vec::new(),
+            usage: Vec::new(),
+            alerts: Vec::new(),
+        };
+        for b in batches {
+            let b = b.borrow();
+            rows.settles.extend(&b.settles);
+            rows.applied_changes.extend(b.applied_changes.iter().map(String::as_str));
+            // The tasks a batch settles are deleted with the settle; most remove only those.
+            if b.remove_tasks.iter().any(|id| !b.settles.iter().any(|s| &s.task_id == id)) {
+                rows.remove_tasks.extend(b.remove_tasks.iter().map(String::as_str));
+            }
+            rows.add_tasks.extend(&b.add_tasks);
+            rows.remove_timers.extend(b.remove_timers.iter().map(|(run, step)| (run.as_str(), step.as_str())));
+            rows.add_timers.extend(&b.add_timers);
+            rows.usage.extend(&b.usage);
+            rows.alerts.extend(&b.alerts);
+        }
+        rows
     }
-    if !batch.applied_changes.is_empty() {
+}
+
+pub(crate) async fn apply_rows(tx: &Transaction<'_>, rows: &Rows<'_>) -> Result<(), Failure> {
+    if !rows.settles.is_empty() {
+        settle(tx, &rows.settles).await?;
+    }
+    if !rows.applied_changes.is_empty() {
         let st = tx.prepare_cached("DELETE FROM changes WHERE id = ANY($1::text[])").await?;
-        if tx.execute(&st, &[&batch.applied_changes]).await? as usize != batch.applied_changes.len() {
+        if tx.execute(&st, &[&rows.applied_changes]).await? as usize != rows.applied_changes.len() {
             return Err(Failure::Store(StoreError::Conflict(format!(
                 "change {} was applied already",
-                batch.applied_changes.join(", ")
+                rows.applied_changes.join(", ")
             ))));
         }
     }
-    // The tasks settled above are deleted already; most batches remove only the one they settle.
-    if batch.remove_tasks.iter().any(|id| !batch.settles.iter().any(|s| &s.task_id == id)) {
+    if !rows.remove_tasks.is_empty() {
         let st = tx.prepare_cached("DELETE FROM tasks WHERE id = ANY($1::text[])").await?;
-        tx.execute(&st, &[&batch.remove_tasks]).await?;
+        tx.execute(&st, &[&rows.remove_tasks]).await?;
     }
-    if !batch.add_tasks.is_empty() {
-        insert_tasks(tx, batch, writer_epoch(batch)).await?;
+    if !rows.add_tasks.is_empty() {
+        insert_tasks(tx, &rows.add_tasks, rows.reserve_for).await?;
     }
-    if !batch.remove_timers.is_empty() {
-        let (runs, steps): (Vec<&str>, Vec<&str>) =
-            batch.remove_timers.iter().map(|(run, step)| (run.as_str(), step.as_str())).unzip();
+    if !rows.remove_timers.is_empty() {
+        let (runs, steps): (Vec<&str>, Vec<&str>) = rows.remove_timers.iter().copied().unzip();
         let st = tx
             .prepare_cached(
                 "DELETE FROM timers t USING unnest($1::text[], $2::text[]) AS d(run_id, step)
@@ -264,10 +317,10 @@ async fn apply_batch(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure>
             .await?;
         tx.execute(&st, &[&runs, &steps]).await?;
     }
-    if !batch.add_timers.is_empty() {
-        upsert_timers(tx, &batch.add_timers).await?;
+    if !rows.add_timers.is_empty() {
+        upsert_timers(tx, &rows.add_timers).await?;
     }
-    for u in &batch.usage {
+    for u in &rows.usage {
         let st = tx
             .prepare_cached(
                 "INSERT INTO usage (id, tenant, at_ms, api_key, source, route, target, provider, model,
@@ -311,7 +364,7 @@ async fn apply_batch(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure>
         )
         .await?;
     }
-    for a in &batch.alerts {
+    for a in &rows.alerts {
         let st = tx
             .prepare_cached(
                 "INSERT INTO budget_alerts (tenant, budget, period_start_ms, level, limit_usd, spent_usd, at_ms)
@@ -322,7 +375,7 @@ async fn apply_batch(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure>
         tx.execute(&st, &[&a.tenant, &a.budget, &a.period_start_ms, &a.level, &a.limit_usd, &a.spent_usd, &a.at_ms])
             .await?;
     }
-    let wakes = wakes(batch);
+    let wakes = wakes(&rows.add_tasks, rows.reserve_for);
     if !wakes.is_empty() {
         // Delivered when the transaction commits, and only then: nothing leaves before it is durable.
         let st = tx.prepare_cached("SELECT pg_notify('sluice', w) FROM unnest($1::text[]) AS w").await?;
@@ -333,7 +386,7 @@ async fn apply_batch(tx: &Transaction<'_>, batch: &Batch) -> Result<(), Failure>
 
 /// Deletes the tasks a batch records the outcome of; each must be pending, with a posted answer
 /// exactly when the batch records that one.
-async fn settle(tx: &Transaction<'_>, settles: &[Settle]) -> Result<(), Failure> {
+async fn settle(tx: &Transaction<'_>, settles: &[&Settle]) -> Result<(), Failure> {
     let ids = column(settles, |s| s.task_id.as_str());
     let posted = column(settles, |s| s.posted);
     let st = tx
@@ -356,10 +409,10 @@ async fn settle(tx: &Transaction<'_>, settles: &[Settle]) -> Result<(), Failure>
 /// holds a lock that serializes committing transactions until they end, so batches send none
 /// in the usual case: their tasks are reserved for the writer, and the engine tells of ended
 /// runs after the commit, many in one statement.)
-fn wakes(batch: &Batch) -> Vec<String> {
+fn wakes(tasks: &[&TaskRow], reserve_for: Option<i64>) -> Vec<String> {
     let mut queues: Vec<(&str, &str, u32)> = Vec::new();
     // Tasks reserved for the writer wake no one: it releases those its workers do not take.
-    let unreserved = if writer_epoch(batch).is_some() { &[][..] } else { &batch.add_tasks[..] };
+    let unreserved = if reserve_for.is_some() { &[][..] } else { tasks };
     for t in unreserved.iter().filter(|t| t.kind == TaskKind::Worker) {
         match queues.iter_mut().find(|(tenant, queue, _)| *tenant == t.tenant && *queue == t.queue) {
             Some(q) => q.2 += 1,
@@ -546,15 +599,14 @@ async fn insert_events(tx: &Transaction<'_>, change: &ExecChange) -> Result<(), 
 }
 
 /// The fencing epoch of the node writing a batch (all its changes carry the same).
-fn writer_epoch(batch: &Batch) -> Option<i64> {
+pub(crate) fn writer_epoch(batch: &Batch) -> Option<i64> {
     batch.execs.iter().find_map(|c| c.fence)
 }
 
 /// Worker tasks written by a node are reserved for it (`claimed_by`, no claim deadline): it hands
 /// them to its workers from memory and releases those they do not take. Without a node they go
 /// to the shared queue at once.
-async fn insert_tasks(tx: &Transaction<'_>, batch: &Batch, reserve_for: Option<i64>) -> Result<(), Failure> {
-    let tasks = batch.add_tasks.as_slice();
+async fn insert_tasks(tx: &Transaction<'_>, tasks: &[&TaskRow], reserve_for: Option<i64>) -> Result<(), Failure> {
     let ids = column(tasks, |t| t.id.as_str());
     let tenants = column(tasks, |t| t.tenant.as_str());
     let queues = column(tasks, |t| t.queue.as_str());
@@ -619,7 +671,7 @@ async fn insert_tasks(tx: &Transaction<'_>, batch: &Batch, reserve_for: Option<i
 }
 
 /// Adds timers, replacing a timer of the same run and step; of two in one batch the last wins.
-async fn upsert_timers(tx: &Transaction<'_>, timers: &[TimerRow]) -> Result<(), Failure> {
+async fn upsert_timers(tx: &Transaction<'_>, timers: &[&TimerRow]) -> Result<(), Failure> {
     // One statement may not touch a row twice, so earlier duplicates are dropped first.
     let mut seen = HashSet::new();
     let mut last =

@@ -47,6 +47,7 @@ sluice_store::store_suite!(@borrowed async { two_shards() };
 sluice_store::store_suite!(@shared async { two_shards() };
     concurrent_commits,
     failing_batch_does_not_fail_its_group,
+    concurrent_steps_commit_and_fenced_ones_fail_alone,
     racing_starts_one_wins,
 );
 

@@ -47,6 +47,7 @@ macro_rules! store_suite {
         $crate::store_suite!(@shared $make;
             concurrent_commits,
             failing_batch_does_not_fail_its_group,
+            concurrent_steps_commit_and_fenced_ones_fail_alone,
             racing_starts_one_wins,
         );
     };
@@ -1126,6 +1127,81 @@ pub async fn failing_batch_does_not_fail_its_group(s: Arc<dyn Store>) {
     assert_eq!(listed.len(), valid.len() + 1, "only the valid runs and the busy one exist");
     assert_eq!(s.get_run(&t, &busy_row.run_id).await.expect("busy"), Some(busy_row.clone()));
     assert_eq!(s.history(&t, &busy_row.run_id, 0, 100).await.expect("history"), busy_history);
+}
+
+/// Many runs take a step at once, as a busy node's do (an event, the finished task removed and
+/// the next one added, a timer replaced), while other batches for the same runs come from a
+/// node that does not own them or from a stale read: every step of the owner is applied with
+/// its tasks and timers, and every other batch fails alone with `Conflict`, changing nothing.
+pub async fn concurrent_steps_commit_and_fenced_ones_fail_alone(s: Arc<dyn Store>) {
+    const N: u32 = 120;
+    let f = Fixture::new();
+    let t = f.tenant("t");
+    let owner = s.register_node(&f.tenant("node-owner"), None, 60_000).await.expect("register owner");
+    let other = s.register_node(&f.tenant("node-other"), None, 60_000).await.expect("register other");
+    let fenced = |change: ExecChange, epoch: i64| ExecChange { fence: Some(epoch), ..change };
+
+    let mut set = JoinSet::new();
+    for n in 0..N {
+        let (s, t) = (s.clone(), t.clone());
+        let change = fenced(create(&t, row(&f.run_id(n), &format!("step-{n}"), "orders", i64::from(n))), owner);
+        set.spawn(async move {
+            let r = change.row.clone();
+            let mut b = batch(vec![change]);
+            b.add_tasks.push(task(&t, &r, "charge", 1));
+            b.add_timers.push(timer(&t, &r, "charge.timeout", 1_000 + i64::from(n)));
+            s.commit(b).await.map(|()| r)
+        });
+    }
+    let mut rows = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        rows.push(joined.expect("join").expect("concurrent create"));
+    }
+
+    let mut set = JoinSet::new();
+    for r in &rows {
+        let step = {
+            let mut b = batch(vec![fenced(append(&t, r, 2), owner)]);
+            b.remove_tasks.push(TaskRow::make_id(&r.run_id, "charge", 1));
+            b.add_tasks.push(task(&t, r, "ship", 1));
+            b.remove_timers.push((r.run_id.clone(), "charge.timeout".into()));
+            b.add_timers.push(timer(&t, r, "ship.timeout", 2_000));
+            b
+        };
+        let intruder = {
+            let mut b = batch(vec![fenced(append(&t, r, 1), other)]);
+            b.add_tasks.push(task(&t, r, "intruder", 1));
+            b
+        };
+        let mut stale = fenced(append(&t, r, 1), owner);
+        renumber(&mut stale.events, 9);
+        stale.row.next_seq = 10;
+        for (kind, b) in [("step", step), ("intruder", intruder), ("stale", batch(vec![stale]))] {
+            let s = s.clone();
+            set.spawn(async move { (kind, b.execs[0].row.run_id.clone(), s.commit(b).await) });
+        }
+    }
+    while let Some(joined) = set.join_next().await {
+        match joined.expect("join") {
+            ("step", _, Ok(())) => {}
+            ("intruder", _, Err(StoreError::Conflict(m))) => assert!(m.contains("fenced"), "{m}"),
+            ("stale", _, Err(StoreError::Conflict(_))) => {}
+            (kind, run, result) => panic!("{kind} batch for {run}: unexpected {result:?}"),
+        }
+    }
+
+    for r in &rows {
+        let stored = s.get_run(&t, &r.run_id).await.expect("run").expect("the run");
+        assert_eq!(stored.next_seq, 4, "run {}", r.run_id);
+        let seqs: Vec<u64> = s.history(&t, &r.run_id, 0, 100).await.expect("history").iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3], "run {}", r.run_id);
+    }
+    let tasks = tasks_of(&*s, &t).await;
+    assert_eq!(tasks.len(), N as usize, "one task a run");
+    assert!(tasks.iter().all(|task| task.step == "ship"), "only the owner's next tasks remain");
+    let timers = timers_of(&*s, &t).await;
+    assert_eq!(timers.len(), N as usize, "one timer a run");
+    assert!(timers.iter().all(|timer| timer.step == "ship.timeout" && timer.fire_at_ms == 2_000));
 }
 
 /// Concurrent starts of one workflow id: exactly one wins, every other gets its run id.

@@ -1,0 +1,359 @@
+//! Group commit: the batches that callers queue while the writers are busy are applied together,
+//! in one transaction with one statement per table for all of them, so PostgreSQL parses,
+//! plans, executes and flushes its log once for many engine decisions instead of once each.
+//!
+//! A group holds batches of different runs written by the same node. Its statements check
+//! every row as a lone batch's do (the history continues where the batch begins, the writer
+//! owns the run, a new run's workflow id is free, each settled task is pending, each posted
+//! change is still there) but only in total: when any check or statement fails, the group is
+//! rolled back and its batches are applied one by one, each in its own transaction with its own
+//! precise error, so a failing batch never fails the others. A group whose `COMMIT` itself
+//! fails fails whole: whether it was applied is unknown, as for a lone batch.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use deadpool_postgres::{Client, Pool, Transaction};
+use sluice_store::{Batch, ExecChange, StoreError};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::codec::{opt_json, to_i64, to_json};
+use crate::error::{db_err, describe, pool_err};
+use crate::writer::{self, apply_rows, writer_epoch, Rows};
+
+/// Batches taken into one group at most.
+const MAX_GROUP: usize = 64;
+
+struct Job {
+    batch: Batch,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The queue of batches to commit, served by a fixed number of writer tasks that each hold one
+/// connection while they commit. The tasks end when the last handle is dropped.
+#[derive(Clone)]
+pub(crate) struct Writers {
+    queue: mpsc::UnboundedSender<Job>,
+}
+
+impl Writers {
+    pub(crate) fn start(pool: Pool, writers: usize) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..writers.max(1) {
+            tokio::spawn(serve(pool.clone(), rx.clone()));
+        }
+        Self { queue }
+    }
+
+    /// Commits `batch`, alone or in a group; durable when it returns `Ok`. The writer task, not
+    /// the caller, drives the transaction, so a caller that stops waiting cuts nothing short.
+    pub(crate) async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        let (done, result) = oneshot::channel();
+        self.queue
+            .send(Job { batch, done })
+            .map_err(|_| StoreError::Unavailable("the postgres writers have stopped".into()))?;
+        result.await.map_err(|_| StoreError::Internal("a postgres commit did not finish".into()))?
+    }
+}
+
+async fn serve(pool: Pool, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
+    loop {
+        let mut jobs = Vec::new();
+        {
+            // One writer at a time takes what is queued; the others wait their turn here.
+            let mut rx = rx.lock().await;
+            match rx.recv().await {
+                Some(job) => jobs.push(job),
+                None => return,
+            }
+            while jobs.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        let mut client = match pool.get().await {
+            Ok(client) => client,
+            Err(e) => {
+                let e = pool_err(e);
+                for job in jobs {
+                    let _ = job.done.send(Err(e.clone()));
+                }
+                continue;
+            }
+        };
+        for group in groups(jobs) {
+            commit_group(&mut client, group).await;
+        }
+    }
+}
+
+/// Splits jobs into groups that may share a transaction: batches of different runs, by the same
+/// writer. Each job goes into the first group it fits, so the order of a run's batches is kept.
+fn groups(jobs: Vec<Job>) -> Vec<Vec<Job>> {
+    let mut groups: Vec<(Option<i64>, HashSet<String>, Vec<Job>)> = Vec::new();
+    for job in jobs {
+        let epoch = writer_epoch(&job.batch);
+        let runs: Vec<&str> = job.batch.execs.iter().map(|c| c.row.run_id.as_str()).collect();
+        // A run already in a group keeps its later batches out of every earlier group.
+        let last_with_run = groups.iter().rposition(|(_, seen, _)| runs.iter().any(|r| seen.contains(*r)));
+        let start = last_with_run.map_or(0, |i| i + 1);
+        let fits = groups.iter().skip(start).position(|(e, _, _)| *e == epoch).map(|i| i + start);
+        let slot = match fits {
+            Some(i) => i,
+            None => {
+                groups.push((epoch, HashSet::new(), Vec::new()));
+                groups.len() - 1
+            }
+        };
+        let (_, seen, group) = &mut groups[slot];
+        seen.extend(runs.into_iter().map(str::to_owned));
+        group.push(job);
+    }
+    groups.into_iter().map(|(_, _, group)| group).collect()
+}
+
+async fn commit_group(client: &mut Client, jobs: Vec<Job>) {
+    if jobs.len() > 1 {
+        let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
+        match try_group(client, &batches).await {
+            Outcome::Committed => {
+                for job in jobs {
+                    let _ = job.done.send(Ok(()));
+                }
+                return;
+            }
+            Outcome::Unknown(e) => {
+                for job in jobs {
+                    let _ = job.done.send(Err(e.clone()));
+                }
+                return;
+            }
+            Outcome::RolledBack => {}
+        }
+    }
+    for job in jobs {
+        let result = writer::commit_on(client, &job.batch).await;
+        let _ = job.done.send(result);
+    }
+}
+
+enum Outcome {
+    Committed,
+    /// Nothing of the group was applied: its batches go one by one.
+    RolledBack,
+    /// `COMMIT` failed: the group may or may not have been applied.
+    Unknown(StoreError),
+}
+
+async fn try_group(client: &mut Client, batches: &[&Batch]) -> Outcome {
+    let tx = match client.transaction().await {
+        Ok(tx) => tx,
+        Err(e) => return Outcome::Unknown(db_err(e)),
+    };
+    match apply_group(&tx, batches).await {
+        Ok(true) => match tx.commit().await {
+            Ok(()) => Outcome::Committed,
+            Err(e) => Outcome::Unknown(db_err(e)),
+        },
+        Ok(false) | Err(_) => {
+            if let Err(e) = tx.rollback().await {
+                tracing::error!(error = %describe(&e), "postgres rollback failed");
+            }
+            Outcome::RolledBack
+        }
+    }
+}
+
+/// Applies the group; `Ok(false)` when a check found a batch that must be applied alone.
+async fn apply_group(tx: &Transaction<'_>, batches: &[&Batch]) -> Result<bool, writer::Failure> {
+    let changes: Vec<&ExecChange> = batches.iter().flat_map(|b| &b.execs).collect();
+    if changes.iter().any(|c| c.events.windows(2).any(|w| w[1].seq != w[0].seq + 1)) {
+        return Ok(false);
+    }
+    // Updates first: a run that ends and the run that continues it share a workflow id, and
+    // only one of them may be running at a time.
+    let updates: Vec<&ExecChange> = changes.iter().copied().filter(|c| !c.create).collect();
+    if !updates.is_empty() && update_execs(tx, &updates).await? != updates.len() as u64 {
+        return Ok(false);
+    }
+    let creates: Vec<&ExecChange> = changes.iter().copied().filter(|c| c.create).collect();
+    if !creates.is_empty() && insert_execs(tx, &creates).await? != creates.len() as u64 {
+        return Ok(false);
+    }
+    insert_events(tx, &changes).await?;
+    let rows = Rows::of(batches);
+    apply_rows(tx, &rows).await?;
+    Ok(true)
+}
+
+/// Every update checks that the history continues where its batch begins and that the writer
+/// owns the run (as a lone batch's does); returns how many matched.
+async fn update_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<u64, writer::Failure> {
+    let mut runs = Vec::with_capacity(changes.len());
+    let mut tenants = Vec::with_capacity(changes.len());
+    let mut statuses = Vec::with_capacity(changes.len());
+    let mut paused = Vec::with_capacity(changes.len());
+    let mut dead = Vec::with_capacity(changes.len());
+    let mut outputs = Vec::with_capacity(changes.len());
+    let mut errors = Vec::with_capacity(changes.len());
+    let mut failed_steps = Vec::with_capacity(changes.len());
+    let mut next_seqs = Vec::with_capacity(changes.len());
+    let mut updated = Vec::with_capacity(changes.len());
+    let mut expected = Vec::with_capacity(changes.len());
+    let mut fences = Vec::with_capacity(changes.len());
+    for c in changes {
+        let row = &c.row;
+        runs.push(row.run_id.as_str());
+        tenants.push(c.tenant.as_str());
+        statuses.push(row.status.as_str());
+        paused.push(row.paused);
+        dead.push(row.dead_letter);
+        outputs.push(opt_json(row.output.as_ref())?);
+        errors.push(opt_json(row.error.as_ref())?);
+        failed_steps.push(row.failed_step.as_deref());
+        next_seqs.push(to_i64(row.next_seq, "next_seq")?);
+        updated.push(row.updated_at_ms);
+        expected.push(c.events.first().map(|e| to_i64(e.seq, "event seq")).transpose()?);
+        fences.push(c.fence);
+    }
+    let st = tx
+        .prepare_cached(
+            "UPDATE executions e SET status = u.status, paused = u.paused, dead_letter = u.dead_letter,
+                 output = u.output, error = u.error, failed_step = u.failed_step, next_seq = u.next_seq,
+                 updated_at_ms = u.updated_at_ms, owner = COALESCE(u.fence, e.owner)
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[],
+                     $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
+                 AS u(run_id, tenant, status, paused, dead_letter, output, error, failed_step, next_seq,
+                      updated_at_ms, expected, fence)
+             WHERE e.run_id = u.run_id AND e.tenant = u.tenant
+               AND (u.expected IS NULL OR e.next_seq = u.expected)
+               AND (u.fence IS NULL OR e.owner IS NULL OR e.owner = u.fence
+                    OR (e.status <> 'running' AND e.owner NOT IN (SELECT epoch FROM nodes)))",
+        )
+        .await?;
+    Ok(tx
+        .execute(
+            &st,
+            &[
+                &runs,
+                &tenants,
+                &statuses,
+                &paused,
+                &dead,
+                &outputs,
+                &errors,
+                &failed_steps,
+                &next_seqs,
+                &updated,
+                &expected,
+                &fences,
+            ],
+        )
+        .await?)
+}
+
+/// New runs; one whose workflow id is running already is skipped (`DO NOTHING`), which the
+/// count shows. Returns how many were inserted.
+async fn insert_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<u64, writer::Failure> {
+    let mut runs = Vec::with_capacity(changes.len());
+    let mut tenants = Vec::with_capacity(changes.len());
+    let mut workflow_ids = Vec::with_capacity(changes.len());
+    let mut workflows = Vec::with_capacity(changes.len());
+    let mut versions = Vec::with_capacity(changes.len());
+    let mut statuses = Vec::with_capacity(changes.len());
+    let mut paused = Vec::with_capacity(changes.len());
+    let mut dead = Vec::with_capacity(changes.len());
+    let mut inputs = Vec::with_capacity(changes.len());
+    let mut outputs = Vec::with_capacity(changes.len());
+    let mut errors = Vec::with_capacity(changes.len());
+    let mut failed_steps = Vec::with_capacity(changes.len());
+    let mut parents = Vec::with_capacity(changes.len());
+    let mut next_seqs = Vec::with_capacity(changes.len());
+    let mut created = Vec::with_capacity(changes.len());
+    let mut updated = Vec::with_capacity(changes.len());
+    let mut owners = Vec::with_capacity(changes.len());
+    for c in changes {
+        let row = &c.row;
+        runs.push(row.run_id.as_str());
+        tenants.push(c.tenant.as_str());
+        workflow_ids.push(row.workflow_id.as_str());
+        workflows.push(row.workflow.as_str());
+        versions.push(row.version.as_str());
+        statuses.push(row.status.as_str());
+        paused.push(row.paused);
+        dead.push(row.dead_letter);
+        inputs.push(to_json(&row.input)?);
+        outputs.push(opt_json(row.output.as_ref())?);
+        errors.push(opt_json(row.error.as_ref())?);
+        failed_steps.push(row.failed_step.as_deref());
+        parents.push(opt_json(row.parent.as_ref())?);
+        next_seqs.push(to_i64(row.next_seq, "next_seq")?);
+        created.push(row.created_at_ms);
+        updated.push(row.updated_at_ms);
+        owners.push(c.fence);
+    }
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
+                 dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
+                 updated_at_ms, owner)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 $7::bool[], $8::bool[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+                 $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[])
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    Ok(tx
+        .execute(
+            &st,
+            &[
+                &runs,
+                &tenants,
+                &workflow_ids,
+                &workflows,
+                &versions,
+                &statuses,
+                &paused,
+                &dead,
+                &inputs,
+                &outputs,
+                &errors,
+                &failed_steps,
+                &parents,
+                &next_seqs,
+                &created,
+                &updated,
+                &owners,
+            ],
+        )
+        .await?)
+}
+
+/// The events of every change; one already stored fails the statement (and so the group).
+async fn insert_events(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<(), writer::Failure> {
+    let n: usize = changes.iter().map(|c| c.events.len()).sum();
+    if n == 0 {
+        return Ok(());
+    }
+    let (mut runs, mut seqs, mut ats, mut data) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for c in changes {
+        for e in &c.events {
+            runs.push(c.row.run_id.as_str());
+            seqs.push(to_i64(e.seq, "event seq")?);
+            ats.push(e.at_ms);
+            data.push(to_json(e)?);
+        }
+    }
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO events (run_id, seq, at_ms, data)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[])",
+        )
+        .await?;
+    tx.execute(&st, &[&runs, &seqs, &ats, &data]).await?;
+    Ok(())
+}
