@@ -357,3 +357,55 @@ async fn insert_events(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<
     tx.execute(&st, &[&runs, &seqs, &ats, &data]).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use sluice_core::ExecStatus;
+    use sluice_store::ExecutionRow;
+
+    use super::*;
+
+    fn job(run: &str, fence: Option<i64>) -> Job {
+        let row = ExecutionRow {
+            run_id: run.into(),
+            workflow_id: run.into(),
+            workflow: "w".into(),
+            version: "v1".into(),
+            status: ExecStatus::Running,
+            paused: false,
+            dead_letter: false,
+            input: serde_json::Value::Null,
+            output: None,
+            error: None,
+            failed_step: None,
+            parent: None,
+            next_seq: 2,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        let change = ExecChange { tenant: "t".into(), row, events: Vec::new(), create: false, fence };
+        Job { batch: Batch { execs: vec![change], ..Batch::default() }, done: oneshot::channel().0 }
+    }
+
+    fn runs(groups: &[Vec<Job>]) -> Vec<Vec<&str>> {
+        groups.iter().map(|g| g.iter().map(|j| j.batch.execs[0].row.run_id.as_str()).collect()).collect()
+    }
+
+    #[test]
+    fn a_group_holds_each_run_once_and_one_writer() {
+        let jobs = vec![
+            job("a", Some(1)),
+            job("b", Some(1)),
+            job("a", Some(1)),
+            job("c", Some(1)),
+            job("c", Some(1)),
+            job("d", None),
+            job("a", Some(1)),
+            job("e", Some(1)),
+        ];
+        let groups = groups(jobs);
+        // A run's later batch goes to a later group, so its batches commit in order; a batch of
+        // another writer never joins a group.
+        assert_eq!(runs(&groups), vec![vec!["a", "b", "c", "e"], vec!["a", "c"], vec!["d"], vec!["a"]]);
+    }
+}
