@@ -24,6 +24,27 @@ use crate::writer::{self, apply_rows, writer_epoch, Rows};
 /// Batches taken into one group at most.
 const MAX_GROUP: usize = 64;
 
+const UPDATE_EXECS: &str = "UPDATE executions e SET status = u.status, paused = u.paused, dead_letter = u.dead_letter,
+                 output = u.output, error = u.error, failed_step = u.failed_step, next_seq = u.next_seq,
+                 updated_at_ms = u.updated_at_ms, owner = COALESCE(u.fence, e.owner)
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[],
+                     $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
+                 AS u(run_id, tenant, status, paused, dead_letter, output, error, failed_step, next_seq,
+                      updated_at_ms, expected, fence)
+             WHERE e.run_id = u.run_id AND e.tenant = u.tenant
+               AND (u.expected IS NULL OR e.next_seq = u.expected)
+               AND (u.fence IS NULL OR e.owner IS NULL OR e.owner = u.fence
+                    OR (e.status <> 'running' AND e.owner NOT IN (SELECT epoch FROM nodes)))";
+const INSERT_EXECS: &str = "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
+                 dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
+                 updated_at_ms, owner)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 $7::bool[], $8::bool[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+                 $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[])
+             ON CONFLICT DO NOTHING";
+const INSERT_EVENTS: &str = "INSERT INTO events (run_id, seq, at_ms, data)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[])";
+
 struct Job {
     batch: Batch,
     done: oneshot::Sender<Result<(), StoreError>>,
@@ -116,7 +137,7 @@ fn groups(jobs: Vec<Job>) -> Vec<Vec<Job>> {
 }
 
 async fn commit_group(client: &mut Client, jobs: Vec<Job>) {
-    if jobs.len() > 1 {
+    {
         let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
         match try_group(client, &batches).await {
             Outcome::Committed => {
@@ -167,7 +188,8 @@ async fn try_group(client: &mut Client, batches: &[&Batch]) -> Outcome {
     }
 }
 
-/// Applies the group; `Ok(false)` when a check found a batch that must be applied alone.
+/// Applies the group; `Ok(false)` when a check found a batch that must be applied alone. Every
+/// statement is sent at once, in order, and the answers read in order.
 async fn apply_group(tx: &Transaction<'_>, batches: &[&Batch]) -> Result<bool, writer::Failure> {
     let changes: Vec<&ExecChange> = batches.iter().flat_map(|b| &b.execs).collect();
     if changes.iter().any(|c| c.events.windows(2).any(|w| w[1].seq != w[0].seq + 1)) {
@@ -176,16 +198,30 @@ async fn apply_group(tx: &Transaction<'_>, batches: &[&Batch]) -> Result<bool, w
     // Updates first: a run that ends and the run that continues it share a workflow id, and
     // only one of them may be running at a time.
     let updates: Vec<&ExecChange> = changes.iter().copied().filter(|c| !c.create).collect();
-    if !updates.is_empty() && update_execs(tx, &updates).await? != updates.len() as u64 {
-        return Ok(false);
-    }
     let creates: Vec<&ExecChange> = changes.iter().copied().filter(|c| c.create).collect();
-    if !creates.is_empty() && insert_execs(tx, &creates).await? != creates.len() as u64 {
+    let rows = Rows::of(batches);
+    writer::warm(tx, &[UPDATE_EXECS, INSERT_EXECS, INSERT_EVENTS]).await?;
+    let (updated, created, events, rest) = tokio::join!(
+        async {
+            if updates.is_empty() {
+                return Ok(0);
+            }
+            update_execs(tx, &updates).await
+        },
+        async {
+            if creates.is_empty() {
+                return Ok(0);
+            }
+            insert_execs(tx, &creates).await
+        },
+        insert_events(tx, &changes),
+        apply_rows(tx, &rows),
+    );
+    if updated? != updates.len() as u64 || created? != creates.len() as u64 {
         return Ok(false);
     }
-    insert_events(tx, &changes).await?;
-    let rows = Rows::of(batches);
-    apply_rows(tx, &rows).await?;
+    events?;
+    rest?;
     Ok(true)
 }
 
@@ -219,21 +255,7 @@ async fn update_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<u
         expected.push(c.events.first().map(|e| to_i64(e.seq, "event seq")).transpose()?);
         fences.push(c.fence);
     }
-    let st = tx
-        .prepare_cached(
-            "UPDATE executions e SET status = u.status, paused = u.paused, dead_letter = u.dead_letter,
-                 output = u.output, error = u.error, failed_step = u.failed_step, next_seq = u.next_seq,
-                 updated_at_ms = u.updated_at_ms, owner = COALESCE(u.fence, e.owner)
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[],
-                     $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
-                 AS u(run_id, tenant, status, paused, dead_letter, output, error, failed_step, next_seq,
-                      updated_at_ms, expected, fence)
-             WHERE e.run_id = u.run_id AND e.tenant = u.tenant
-               AND (u.expected IS NULL OR e.next_seq = u.expected)
-               AND (u.fence IS NULL OR e.owner IS NULL OR e.owner = u.fence
-                    OR (e.status <> 'running' AND e.owner NOT IN (SELECT epoch FROM nodes)))",
-        )
-        .await?;
+    let st = tx.prepare_cached(UPDATE_EXECS).await?;
     Ok(tx
         .execute(
             &st,
@@ -295,17 +317,7 @@ async fn insert_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<u
         updated.push(row.updated_at_ms);
         owners.push(c.fence);
     }
-    let st = tx
-        .prepare_cached(
-            "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
-                 dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
-                 updated_at_ms, owner)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                 $7::bool[], $8::bool[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
-                 $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[])
-             ON CONFLICT DO NOTHING",
-        )
-        .await?;
+    let st = tx.prepare_cached(INSERT_EXECS).await?;
     Ok(tx
         .execute(
             &st,
@@ -348,12 +360,7 @@ async fn insert_events(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<
             data.push(to_json(e)?);
         }
     }
-    let st = tx
-        .prepare_cached(
-            "INSERT INTO events (run_id, seq, at_ms, data)
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[])",
-        )
-        .await?;
+    let st = tx.prepare_cached(INSERT_EVENTS).await?;
     tx.execute(&st, &[&runs, &seqs, &ats, &data]).await?;
     Ok(())
 }

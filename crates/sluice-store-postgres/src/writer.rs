@@ -15,6 +15,43 @@ use sluice_store::{
 use crate::codec::{enum_name, opt_json, opt_to_i64, to_i64, to_json};
 use crate::error::{db_err, describe, is_transient, is_unique_violation, pool_err};
 
+// The statements for the rows beside executions, shared by lone batches and groups.
+const SETTLE_TASKS: &str = "DELETE FROM tasks t USING unnest($1::text[], $2::bool[]) AS s(id, posted)
+             WHERE t.id = s.id AND (t.outcome IS NOT NULL) = s.posted";
+const DELETE_CHANGES: &str = "DELETE FROM changes WHERE id = ANY($1::text[])";
+const DELETE_TASKS: &str = "DELETE FROM tasks WHERE id = ANY($1::text[])";
+const INSERT_TASKS: &str = "INSERT INTO tasks (id, tenant, queue, kind, run_id, workflow_id, step, attempt, input,
+                 visible_at_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id,
+                 deadline_ms, claimed_by)
+             SELECT u.*,
+                 CASE WHEN u.kind = 'worker' AND $16::bigint IS NULL THEN u.visible_at_ms + u.schedule_to_start_ms END,
+                 CASE WHEN u.kind = 'worker' THEN $16::bigint END
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 $7::text[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
+                 $13::bigint[], $14::bigint[], $15::text[])
+                 AS u(id, tenant, queue, kind, run_id, workflow_id, step, attempt, input, visible_at_ms,
+                      schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id)";
+const DELETE_TIMERS: &str = "DELETE FROM timers t USING unnest($1::text[], $2::text[]) AS d(run_id, step)
+                 WHERE t.run_id = d.run_id AND t.step = d.step";
+const UPSERT_TIMERS: &str = "INSERT INTO timers (run_id, step, tenant, workflow_id, fire_at_ms)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+             ON CONFLICT (run_id, step) DO UPDATE
+                 SET tenant = EXCLUDED.tenant, workflow_id = EXCLUDED.workflow_id, fire_at_ms = EXCLUDED.fire_at_ms";
+
+/// Every statement that [`apply_rows`] may send, for [`warm`].
+pub(crate) const ROW_STATEMENTS: [&str; 6] =
+    [SETTLE_TASKS, DELETE_CHANGES, DELETE_TASKS, INSERT_TASKS, DELETE_TIMERS, UPSERT_TIMERS];
+
+/// Prepares `statements` on the transaction's connection unless they are already (each
+/// connection keeps its prepared statements). Statements sent together must be prepared first:
+/// preparing one costs a round trip, which would let a later statement overtake it.
+pub(crate) async fn warm(tx: &Transaction<'_>, statements: &[&str]) -> Result<(), Failure> {
+    for sql in statements {
+        tx.prepare_cached(sql).await?;
+    }
+    Ok(())
+}
+
 /// How often a batch that PostgreSQL failed to break a deadlock is tried again.
 const TRANSIENT_RETRIES: u32 = 3;
 
@@ -287,39 +324,68 @@ impl<'a> Rows<'a> {
     }
 }
 
+/// Applies `rows`: the statements for settles, posted changes, tasks and timers are sent at once,
+/// in this order, and their answers read in the same order, so the first error is the one
+/// reported (a statement after a failed one fails too, and the transaction is rolled back).
+/// Ledger rows and alerts, which few batches carry, follow one by one.
 pub(crate) async fn apply_rows(tx: &Transaction<'_>, rows: &Rows<'_>) -> Result<(), Failure> {
-    if !rows.settles.is_empty() {
-        settle(tx, &rows.settles).await?;
-    }
-    if !rows.applied_changes.is_empty() {
-        let st = tx.prepare_cached("DELETE FROM changes WHERE id = ANY($1::text[])").await?;
-        if tx.execute(&st, &[&rows.applied_changes]).await? as usize != rows.applied_changes.len() {
-            return Err(Failure::Store(StoreError::Conflict(format!(
-                "change {} was applied already",
-                rows.applied_changes.join(", ")
-            ))));
-        }
-    }
-    if !rows.remove_tasks.is_empty() {
-        let st = tx.prepare_cached("DELETE FROM tasks WHERE id = ANY($1::text[])").await?;
-        tx.execute(&st, &[&rows.remove_tasks]).await?;
-    }
-    if !rows.add_tasks.is_empty() {
-        insert_tasks(tx, &rows.add_tasks, rows.reserve_for).await?;
-    }
-    if !rows.remove_timers.is_empty() {
-        let (runs, steps): (Vec<&str>, Vec<&str>) = rows.remove_timers.iter().copied().unzip();
-        let st = tx
-            .prepare_cached(
-                "DELETE FROM timers t USING unnest($1::text[], $2::text[]) AS d(run_id, step)
-                 WHERE t.run_id = d.run_id AND t.step = d.step",
-            )
-            .await?;
-        tx.execute(&st, &[&runs, &steps]).await?;
-    }
-    if !rows.add_timers.is_empty() {
-        upsert_timers(tx, &rows.add_timers).await?;
-    }
+    warm(tx, &ROW_STATEMENTS).await?;
+    let (settled, changes, removed, added, unset, set) = tokio::join!(
+        async {
+            if rows.settles.is_empty() {
+                return Ok::<(), Failure>(());
+            }
+            settle(tx, &rows.settles).await
+        },
+        async {
+            if rows.applied_changes.is_empty() {
+                return Ok::<(), Failure>(());
+            }
+            let st = tx.prepare_cached(DELETE_CHANGES).await?;
+            if tx.execute(&st, &[&rows.applied_changes]).await? as usize != rows.applied_changes.len() {
+                return Err(Failure::Store(StoreError::Conflict(format!(
+                    "change {} was applied already",
+                    rows.applied_changes.join(", ")
+                ))));
+            }
+            Ok(())
+        },
+        async {
+            if rows.remove_tasks.is_empty() {
+                return Ok::<(), Failure>(());
+            }
+            let st = tx.prepare_cached(DELETE_TASKS).await?;
+            tx.execute(&st, &[&rows.remove_tasks]).await?;
+            Ok(())
+        },
+        async {
+            if rows.add_tasks.is_empty() {
+                return Ok::<(), Failure>(());
+            }
+            insert_tasks(tx, &rows.add_tasks, rows.reserve_for).await
+        },
+        async {
+            if rows.remove_timers.is_empty() {
+                return Ok::<(), Failure>(());
+            }
+            let (runs, steps): (Vec<&str>, Vec<&str>) = rows.remove_timers.iter().copied().unzip();
+            let st = tx.prepare_cached(DELETE_TIMERS).await?;
+            tx.execute(&st, &[&runs, &steps]).await?;
+            Ok(())
+        },
+        async {
+            if rows.add_timers.is_empty() {
+                return Ok::<(), Failure>(());
+            }
+            upsert_timers(tx, &rows.add_timers).await
+        },
+    );
+    settled?;
+    changes?;
+    removed?;
+    added?;
+    unset?;
+    set?;
     for u in &rows.usage {
         let st = tx
             .prepare_cached(
@@ -389,12 +455,7 @@ pub(crate) async fn apply_rows(tx: &Transaction<'_>, rows: &Rows<'_>) -> Result<
 async fn settle(tx: &Transaction<'_>, settles: &[&Settle]) -> Result<(), Failure> {
     let ids = column(settles, |s| s.task_id.as_str());
     let posted = column(settles, |s| s.posted);
-    let st = tx
-        .prepare_cached(
-            "DELETE FROM tasks t USING unnest($1::text[], $2::bool[]) AS s(id, posted)
-             WHERE t.id = s.id AND (t.outcome IS NOT NULL) = s.posted",
-        )
-        .await?;
+    let st = tx.prepare_cached(SETTLE_TASKS).await?;
     let n = tx.execute(&st, &[&ids, &posted]).await?;
     if n as usize != settles.len() {
         return Err(Failure::Store(StoreError::Conflict(format!(
@@ -622,21 +683,7 @@ async fn insert_tasks(tx: &Transaction<'_>, tasks: &[&TaskRow], reserve_for: Opt
     let heartbeats = try_column(tasks, |t| opt_to_i64(t.heartbeat_ms, "heartbeat_ms"))?;
     let created = column(tasks, |t| t.created_at_ms);
     let traces = column(tasks, |t| t.trace_id.as_deref());
-    let st = tx
-        .prepare_cached(
-            "INSERT INTO tasks (id, tenant, queue, kind, run_id, workflow_id, step, attempt, input,
-                 visible_at_ms, schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id,
-                 deadline_ms, claimed_by)
-             SELECT u.*,
-                 CASE WHEN u.kind = 'worker' AND $16::bigint IS NULL THEN u.visible_at_ms + u.schedule_to_start_ms END,
-                 CASE WHEN u.kind = 'worker' THEN $16::bigint END
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                 $7::text[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
-                 $13::bigint[], $14::bigint[], $15::text[])
-                 AS u(id, tenant, queue, kind, run_id, workflow_id, step, attempt, input, visible_at_ms,
-                      schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id)",
-        )
-        .await?;
+    let st = tx.prepare_cached(INSERT_TASKS).await?;
     let inserted = tx
         .execute(
             &st,
@@ -682,14 +729,7 @@ async fn upsert_timers(tx: &Transaction<'_>, timers: &[&TimerRow]) -> Result<(),
     let tenants = column(&last, |t| t.tenant.as_str());
     let workflow_ids = column(&last, |t| t.workflow_id.as_str());
     let fire_at = column(&last, |t| t.fire_at_ms);
-    let st = tx
-        .prepare_cached(
-            "INSERT INTO timers (run_id, step, tenant, workflow_id, fire_at_ms)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
-             ON CONFLICT (run_id, step) DO UPDATE
-                 SET tenant = EXCLUDED.tenant, workflow_id = EXCLUDED.workflow_id, fire_at_ms = EXCLUDED.fire_at_ms",
-        )
-        .await?;
+    let st = tx.prepare_cached(UPSERT_TIMERS).await?;
     tx.execute(&st, &[&runs, &steps, &tenants, &workflow_ids, &fire_at]).await?;
     Ok(())
 }
