@@ -1,6 +1,6 @@
 //! Crashes: the server process is SIGKILLed and restarted on the same database.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -99,26 +99,9 @@ async fn sigkill_under_load_loses_nothing_and_repeats_nothing(backend: Backend) 
     }
     // The worker's own record: a step's completion is acknowledged at most once, and a task is
     // never handed out again once its completion was acknowledged.
-    let text = std::fs::read_to_string(&record).unwrap();
-    let mut completed: HashMap<String, usize> = HashMap::new();
-    let mut received_after_ack = Vec::new();
-    for line in text.lines() {
-        let v: Value = serde_json::from_str(line).unwrap();
-        let key = v["idempotency_key"].as_str().unwrap().to_string();
-        // run/step/attempt → run/step
-        let step_key = key.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap();
-        match v["event"].as_str() {
-            Some("completed") => *completed.entry(step_key).or_default() += 1,
-            Some("received") if completed.contains_key(&step_key) => received_after_ack.push(key),
-            _ => {}
-        }
-    }
-    let twice: Vec<_> = completed.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "steps completed twice: {twice:?}");
-    assert!(
-        received_after_ack.is_empty(),
-        "tasks handed out after their completion was acknowledged: {received_after_ack:?}"
-    );
+    let record = WorkerRecord::read(&record);
+    record.assert_once();
+    let completed = &record.completed;
     // Results whose acknowledgement died with the server are not in the record (the steps are
     // done all the same): at most a few batches of the worker's 64 tasks in flight.
     assert!(completed.len() >= N * 5 - 300, "most steps were done by this worker: {}", completed.len());

@@ -39,6 +39,44 @@ pub async fn server_with_worker_on(db: &Db) -> (ServerProcess, WorkerProcess) {
     (server, worker)
 }
 
+/// What a worker's `--record` file says: how often each step's completion was acknowledged (by
+/// `run/step`), and the tasks handed out again after their step's completion was acknowledged.
+pub struct WorkerRecord {
+    pub completed: std::collections::HashMap<String, usize>,
+    pub received_after_ack: Vec<String>,
+}
+
+impl WorkerRecord {
+    pub fn read(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut record = Self { completed: Default::default(), received_after_ack: Vec::new() };
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let key = v["idempotency_key"].as_str().unwrap().to_string();
+            // run/step/attempt → run/step
+            let step_key = key.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap();
+            match v["event"].as_str() {
+                Some("completed") => *record.completed.entry(step_key).or_default() += 1,
+                Some("received") if record.completed.contains_key(&step_key) => record.received_after_ack.push(key),
+                _ => {}
+            }
+        }
+        record
+    }
+
+    /// Fails the test if a step's completion was acknowledged twice or a task was handed out
+    /// again after its completion was acknowledged.
+    pub fn assert_once(&self) {
+        let twice: Vec<_> = self.completed.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "steps completed twice: {twice:?}");
+        assert!(
+            self.received_after_ack.is_empty(),
+            "tasks handed out after their completion was acknowledged: {:?}",
+            self.received_after_ack
+        );
+    }
+}
+
 /// Events of a history with the given type.
 pub fn of_type<'a>(events: &'a [serde_json::Value], ty: &str) -> Vec<&'a serde_json::Value> {
     events.iter().filter(|e| e["type"] == ty).collect()

@@ -408,12 +408,8 @@ async fn three_nodes_run_ten_thousand_executions_and_one_is_sigkilled() {
     // The workers' records: a step's completion is accepted at most once over all workers.
     let mut accepted: HashMap<String, usize> = HashMap::new();
     for record in &records {
-        for line in std::fs::read_to_string(record).unwrap().lines() {
-            let v: Value = serde_json::from_str(line).unwrap();
-            if v["event"] == "completed" {
-                let key = v["idempotency_key"].as_str().unwrap();
-                *accepted.entry(key.rsplit_once('/').unwrap().0.to_string()).or_default() += 1;
-            }
+        for (step, n) in WorkerRecord::read(record).completed {
+            *accepted.entry(step).or_default() += n;
         }
     }
     let twice: Vec<_> = accepted.iter().filter(|(_, n)| **n > 1).collect();
@@ -438,7 +434,7 @@ async fn three_nodes_run_ten_thousand_executions_and_one_is_sigkilled() {
 /// across nodes, a late answer is refused, and a run that ends on A wakes result waiters on B.
 #[tokio::test]
 async fn a_worker_on_one_node_serves_every_nodes_executions() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let db = PgDatabase::create("queues");
     let (dir_a, dir_b) = (TempDir::new("pg-queues-a"), TempDir::new("pg-queues-b"));
@@ -526,33 +522,40 @@ async fn a_worker_on_one_node_serves_every_nodes_executions() {
     );
 
     // A run that ends on A wakes a result long-poll on B at once, not at its next re-read.
-    api_a
-        .publish(&json!({"name": "gated", "steps": [
-            {"id": "gate", "type": "wait_signal", "signal": "go"},
-            {"id": "done", "type": "transform", "expr": "{got: .steps.gate}"}
-        ]}))
-        .await;
+    let waits = result_wake_ups(&api_a, &api_b).await;
+    assert!(waits[5] < Duration::from_millis(400), "B re-reads every second; wake-ups are faster: {waits:?}");
+}
+
+/// Runs ten executions on node `a` that wait for a signal, each with a result long-poll on node
+/// `b`; returns, sorted, how long after the signal each long-poll answered.
+async fn result_wake_ups(a: &Api, b: &Api) -> Vec<std::time::Duration> {
+    use std::time::{Duration, Instant};
+
+    a.publish(&json!({"name": "gated", "steps": [
+        {"id": "gate", "type": "wait_signal", "signal": "go"},
+        {"id": "done", "type": "transform", "expr": "{got: .steps.gate}"}
+    ]}))
+    .await;
     let mut waits = Vec::new();
     for i in 0..10 {
-        let id = api_a.start("gated", Value::Null, Some(&format!("gated-{i}"))).await;
+        let id = a.start("gated", Value::Null, Some(&format!("gated-{i}"))).await;
         let waiter = {
-            let api_b = api_b.clone();
-            let id = id.clone();
+            let (b, id) = (b.clone(), id.clone());
             tokio::spawn(async move {
-                let (status, row) = api_b.get(&format!("/v1/executions/{id}/result?wait_ms=10000")).await;
+                let (status, row) = b.get(&format!("/v1/executions/{id}/result?wait_ms=10000")).await;
                 (status, row, Instant::now())
             })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
         let sent = Instant::now();
-        let (status, body) = api_a.post(&format!("/v1/executions/{id}/signals/go"), &json!(i)).await;
+        let (status, body) = a.post(&format!("/v1/executions/{id}/signals/go"), &json!(i)).await;
         assert_eq!(status, 202, "{body}");
         let (status, row, at) = waiter.await.unwrap();
         assert_eq!((status, &row["output"]), (200, &json!({"got": i})), "{row}");
         waits.push(at.duration_since(sent));
     }
     waits.sort();
-    assert!(waits[5] < Duration::from_millis(400), "B re-reads every second; wake-ups are faster: {waits:?}");
+    waits
 }
 
 /// PostgreSQL is restarted while two nodes run executions on it (issue 3), and stays down
@@ -560,13 +563,13 @@ async fn a_worker_on_one_node_serves_every_nodes_executions() {
 /// worker, polling node B only, does the task steps of both (A's through the shared queue).
 /// While the database is down, clients see 503 with `Retry-After` and never another error; both
 /// nodes reconnect by themselves (their pools and their `LISTEN` connections) and keep their
-/// executions (neither ends the other's lapsed lease on its way back); every start they acknowledged completes, no step's
-/// completion is accepted twice (judged by the worker's own record), a task is never handed out
-/// again after its completion was acknowledged, and every history is one unbroken sequence that
-/// replays.
+/// executions (neither ends the other's lapsed lease on its way back); every start they
+/// acknowledged completes, no step's completion is accepted twice (judged by the worker's own
+/// record), a task is never handed out again after its completion was acknowledged, and every
+/// history is one unbroken sequence that replays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_under_load_gives_503s_and_loses_nothing() {
-    use std::collections::{HashMap, HashSet};
+    use std::collections::HashSet;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
@@ -645,25 +648,9 @@ async fn postgres_restarted_under_load_gives_503s_and_loses_nothing() {
         assert_eq!(row["status"], "completed", "{id}: {row}");
     }
 
-    let text = std::fs::read_to_string(&record).unwrap();
-    let mut completed: HashMap<String, usize> = HashMap::new();
-    let mut received_after_ack = Vec::new();
-    for line in text.lines() {
-        let v: Value = serde_json::from_str(line).unwrap();
-        let key = v["idempotency_key"].as_str().unwrap().to_string();
-        let step_key = key.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap();
-        match v["event"].as_str() {
-            Some("completed") => *completed.entry(step_key).or_default() += 1,
-            Some("received") if completed.contains_key(&step_key) => received_after_ack.push(key),
-            _ => {}
-        }
-    }
-    let twice: Vec<_> = completed.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "steps completed twice: {twice:?}");
-    assert!(
-        received_after_ack.is_empty(),
-        "tasks handed out after their completion was acknowledged: {received_after_ack:?}"
-    );
+    let record = WorkerRecord::read(&record);
+    record.assert_once();
+    let completed = &record.completed;
     // No process died, so every step's completion reached the worker's record.
     assert_eq!(completed.len(), N * 3, "every step was completed by the worker and acknowledged once");
 
@@ -687,30 +674,6 @@ async fn postgres_restarted_under_load_gives_503s_and_loses_nothing() {
 
     // Both nodes listen again: a run that ends on A wakes a result long-poll on B at once
     // (B would otherwise learn of it at its next re-read, up to a second later).
-    apis[0]
-        .publish(&json!({"name": "gated", "steps": [
-            {"id": "gate", "type": "wait_signal", "signal": "go"},
-            {"id": "done", "type": "transform", "expr": "{got: .steps.gate}"}
-        ]}))
-        .await;
-    let mut waits = Vec::new();
-    for i in 0..10 {
-        let id = apis[0].start("gated", Value::Null, Some(&format!("gated-{i}"))).await;
-        let waiter = {
-            let (api_b, id) = (apis[1].clone(), id.clone());
-            tokio::spawn(async move {
-                let (status, row) = api_b.get(&format!("/v1/executions/{id}/result?wait_ms=10000")).await;
-                (status, row, Instant::now())
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let sent = Instant::now();
-        let (status, body) = apis[0].post(&format!("/v1/executions/{id}/signals/go"), &json!(i)).await;
-        assert_eq!(status, 202, "{body}");
-        let (status, row, at) = waiter.await.unwrap();
-        assert_eq!((status, &row["output"]), (200, &json!({"got": i})), "{row}");
-        waits.push(at.duration_since(sent));
-    }
-    waits.sort();
+    let waits = result_wake_ups(&apis[0], &apis[1]).await;
     assert!(waits[5] < Duration::from_millis(400), "wake-ups reach B after the restart: {waits:?}");
 }
