@@ -213,6 +213,8 @@ pub(crate) struct Inner {
     pub epoch: i64,
     /// Set when the lease was lost: another node owns this node's executions now.
     pub lease_lost: tokio::sync::watch::Sender<bool>,
+    /// Set when the server stops: long-polls answer at once instead of holding it up.
+    pub stopping: tokio::sync::watch::Sender<bool>,
     /// Worker tasks are claimed in the store's queues, shared with the other nodes.
     pub shared: bool,
     /// Woken when another node posted a worker's answer for one of this node's executions.
@@ -299,6 +301,7 @@ impl Engine {
             admission: SyncMutex::new(HashMap::new()),
             epoch,
             lease_lost: tokio::sync::watch::channel(false).0,
+            stopping: tokio::sync::watch::channel(false).0,
             shared,
             outcomes: Notify::new(),
             settling: shared::Settling::default(),
@@ -398,6 +401,19 @@ impl Engine {
     pub async fn lease_lost(&self) {
         let mut rx = self.inner.lease_lost.subscribe();
         let _ = rx.wait_for(|lost| *lost).await;
+    }
+
+    /// Ends every long-poll now and each later one at once (a task poll with no task, a result
+    /// wait with the execution as it is), so that a stopping server's in-flight requests finish
+    /// instead of holding it up for their whole wait.
+    pub fn stop_waiting(&self) {
+        self.inner.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`Engine::stop_waiting`] was called.
+    pub(crate) async fn stopped(&self) {
+        let mut rx = self.inner.stopping.subscribe();
+        let _ = rx.wait_for(|stopping| *stopping).await;
     }
 
     /// Whether this node lost its lease.
@@ -720,6 +736,7 @@ impl Engine {
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(row),
+                () = self.stopped() => return Ok(row),
                 // A continue-as-new hands over to a new run; re-read at least every second.
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
@@ -874,6 +891,7 @@ impl Engine {
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
+                () = self.stopped() => return Ok(Vec::new()),
             }
         }
     }

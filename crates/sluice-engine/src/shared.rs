@@ -162,6 +162,7 @@ impl Engine {
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
+                () = self.stopped() => return Ok(Vec::new()),
                 _ = tokio::time::sleep(RECHECK) => {}
             }
         }

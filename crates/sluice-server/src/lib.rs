@@ -168,6 +168,13 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let ledger = engine.clone();
+    // Long-polls in flight end when the shutdown begins, so that draining the connections takes
+    // moments, not the length of the longest wait.
+    let waits = engine.clone();
+    let shutdown = async move {
+        shutdown.await;
+        waits.stop_waiting();
+    };
     let served = match opts.tls.clone() {
         Some(tls) => tls::serve(listener, router_with(engine, opts), tls, shutdown).await,
         None => serve_router(listener, router_with(engine, opts), shutdown).await,

@@ -192,6 +192,24 @@ impl ServerProcess {
         }
     }
 
+    /// Sends SIGTERM (a graceful stop) and waits up to `within` for the process to exit; returns
+    /// how long it took, or `None` if it was still running (it is then killed).
+    pub fn terminate(&mut self, within: Duration) -> Option<Duration> {
+        let mut child = self.child.take()?;
+        let sent = Instant::now();
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "cannot send SIGTERM to the server");
+        while sent.elapsed() < within {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Some(sent.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     /// Kills and starts again on the same port and database.
     pub async fn restart(&mut self) {
         self.kill();

@@ -1,4 +1,5 @@
-//! Crashes: the server process is SIGKILLed and restarted on the same database.
+//! Crashes and stops: the server process is SIGKILLed (or stopped with SIGTERM) and started
+//! again on the same database.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -8,7 +9,11 @@ use serde_json::{json, Value};
 
 use super::*;
 
-on_both_backends!(timers_and_signals_survive_a_restart, sigkill_under_load_loses_nothing_and_repeats_nothing,);
+on_both_backends!(
+    timers_and_signals_survive_a_restart,
+    sigkill_under_load_loses_nothing_and_repeats_nothing,
+    sigterm_ends_long_polls_and_stops_at_once,
+);
 
 async fn timers_and_signals_survive_a_restart(backend: Backend) {
     let db = Db::new("restart", backend);
@@ -106,4 +111,41 @@ async fn sigkill_under_load_loses_nothing_and_repeats_nothing(backend: Backend) 
     // done all the same): at most a few batches of the worker's 64 tasks in flight.
     assert!(completed.len() >= N * 5 - 300, "most steps were done by this worker: {}", completed.len());
     assert_eq!(assert_replays(&api).await, N);
+}
+
+/// SIGTERM stops the server at once even with long-polls in flight, as a rolling restart of
+/// nodes needs: a task poll answers with no task and a result wait with the execution as it
+/// is, both well before their waits would end; started again, the server has lost nothing.
+async fn sigterm_ends_long_polls_and_stops_at_once(backend: Backend) {
+    let db = Db::new("sigterm", backend);
+    let mut server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
+    let api = server.api();
+    api.publish(&json!({"name": "held", "steps": [
+        {"id": "gate", "type": "wait_signal", "signal": "go"},
+        {"id": "done", "type": "transform", "expr": "{got: .steps.gate}"}
+    ]}))
+    .await;
+    let id = api.start("held", Value::Null, Some("held-1")).await;
+    let poll = {
+        let api = api.clone();
+        tokio::spawn(async move { api.post("/v1/tasks/poll", &json!({"queue": "nobody", "wait_ms": 60_000})).await })
+    };
+    let result = {
+        let (api, id) = (api.clone(), id.clone());
+        tokio::spawn(async move { api.get(&format!("/v1/executions/{id}/result?wait_ms=60000")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let took = tokio::task::block_in_place(|| server.terminate(Duration::from_secs(30)));
+    let took = took.expect("the server exited within 30 s of SIGTERM");
+    assert!(took < Duration::from_secs(5), "the server took {took:?} to stop");
+    let (status, body) = poll.await.unwrap();
+    assert_eq!((status, &body["tasks"]), (200, &json!([])), "{body}");
+    let (status, row) = result.await.unwrap();
+    assert_eq!((status, row["status"].as_str()), (200, Some("running")), "{row}");
+
+    server.restart().await;
+    let api = server.api();
+    assert_eq!(api.post(&format!("/v1/executions/{id}/signals/go"), &json!(1)).await.0, 202);
+    assert_eq!(api.wait(&id, 20).await["output"], json!({"got": 1}));
+    assert_replays(&api).await;
 }
