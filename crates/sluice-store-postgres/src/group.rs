@@ -34,14 +34,16 @@ const UPDATE_EXECS: &str = "UPDATE executions e SET status = u.status, paused = 
              WHERE e.run_id = u.run_id AND e.tenant = u.tenant
                AND (u.expected IS NULL OR e.next_seq = u.expected)
                AND (u.fence IS NULL OR e.owner IS NULL OR e.owner = u.fence
-                    OR (e.status <> 'running' AND e.owner NOT IN (SELECT epoch FROM nodes)))";
+                    OR (e.status <> 'running' AND e.owner NOT IN (SELECT epoch FROM nodes)))
+             RETURNING e.run_id";
 const INSERT_EXECS: &str = "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
                  dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
                  updated_at_ms, owner)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                  $7::bool[], $8::bool[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
                  $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[])
-             ON CONFLICT DO NOTHING";
+             ON CONFLICT DO NOTHING
+             RETURNING run_id";
 const INSERT_EVENTS: &str = "INSERT INTO events (run_id, seq, at_ms, data)
              SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[])";
 
@@ -136,8 +138,10 @@ fn groups(jobs: Vec<Job>) -> Vec<Vec<Job>> {
     groups.into_iter().map(|(_, _, group)| group).collect()
 }
 
-async fn commit_group(client: &mut Client, jobs: Vec<Job>) {
-    {
+async fn commit_group(client: &mut Client, mut jobs: Vec<Job>) {
+    // A batch the group's checks single out is applied alone, and the rest tried again as a
+    // group (once): one duplicate start does not send 63 other batches down the slow path.
+    for _ in 0..2 {
         let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
         match try_group(client, &batches).await {
             Outcome::Committed => {
@@ -152,7 +156,22 @@ async fn commit_group(client: &mut Client, jobs: Vec<Job>) {
                 }
                 return;
             }
-            Outcome::RolledBack => {}
+            Outcome::Without(bad) => {
+                let mut rest = Vec::with_capacity(jobs.len());
+                for (i, job) in jobs.into_iter().enumerate() {
+                    if bad.contains(&i) {
+                        let result = writer::commit_on(client, &job.batch).await;
+                        let _ = job.done.send(result);
+                    } else {
+                        rest.push(job);
+                    }
+                }
+                jobs = rest;
+                if jobs.is_empty() {
+                    return;
+                }
+            }
+            Outcome::RolledBack => break,
         }
     }
     for job in jobs {
@@ -165,6 +184,8 @@ enum Outcome {
     Committed,
     /// Nothing of the group was applied: its batches go one by one.
     RolledBack,
+    /// Nothing of the group was applied, and these batches (by index) failed its checks.
+    Without(HashSet<usize>),
     /// `COMMIT` failed: the group may or may not have been applied.
     Unknown(StoreError),
 }
@@ -174,60 +195,83 @@ async fn try_group(client: &mut Client, batches: &[&Batch]) -> Outcome {
         Ok(tx) => tx,
         Err(e) => return Outcome::Unknown(db_err(e)),
     };
-    match apply_group(&tx, batches).await {
-        Ok(true) => match tx.commit().await {
+    let verdict = apply_group(&tx, batches).await;
+    if let Ok(Verdict::Applied) = verdict {
+        return match tx.commit().await {
             Ok(()) => Outcome::Committed,
             Err(e) => Outcome::Unknown(db_err(e)),
-        },
-        Ok(false) | Err(_) => {
-            if let Err(e) = tx.rollback().await {
-                tracing::error!(error = %describe(&e), "postgres rollback failed");
-            }
-            Outcome::RolledBack
-        }
+        };
+    }
+    if let Err(e) = tx.rollback().await {
+        tracing::error!(error = %describe(&e), "postgres rollback failed");
+    }
+    match verdict {
+        Ok(Verdict::Without(bad)) => Outcome::Without(bad),
+        _ => Outcome::RolledBack,
     }
 }
 
-/// Applies the group; `Ok(false)` when a check found a batch that must be applied alone. Every
-/// statement is sent at once, in order, and the answers read in order.
-async fn apply_group(tx: &Transaction<'_>, batches: &[&Batch]) -> Result<bool, writer::Failure> {
-    let changes: Vec<&ExecChange> = batches.iter().flat_map(|b| &b.execs).collect();
-    if changes.iter().any(|c| c.events.windows(2).any(|w| w[1].seq != w[0].seq + 1)) {
-        return Ok(false);
+enum Verdict {
+    Applied,
+    /// These batches (by index) failed a check: the group must go without them.
+    Without(HashSet<usize>),
+}
+
+/// Applies the group, or says which batches failed its checks. Every statement is sent at once,
+/// in order, and the answers read in order.
+async fn apply_group(tx: &Transaction<'_>, batches: &[&Batch]) -> Result<Verdict, writer::Failure> {
+    let changes: Vec<(usize, &ExecChange)> =
+        batches.iter().enumerate().flat_map(|(i, b)| b.execs.iter().map(move |c| (i, c))).collect();
+    // A batch whose events leave a gap, or that changes one run twice, is left to the checks of
+    // the lone path (one statement cannot write a row twice).
+    let mut seen = HashSet::new();
+    let twice: HashSet<&str> =
+        changes.iter().map(|(_, c)| c.row.run_id.as_str()).filter(|run| !seen.insert(*run)).collect();
+    let odd: HashSet<usize> = changes
+        .iter()
+        .filter(|(_, c)| twice.contains(c.row.run_id.as_str()) || c.events.windows(2).any(|w| w[1].seq != w[0].seq + 1))
+        .map(|(i, _)| *i)
+        .collect();
+    if !odd.is_empty() {
+        return Ok(Verdict::Without(odd));
     }
     // Updates first: a run that ends and the run that continues it share a workflow id, and
     // only one of them may be running at a time.
-    let updates: Vec<&ExecChange> = changes.iter().copied().filter(|c| !c.create).collect();
-    let creates: Vec<&ExecChange> = changes.iter().copied().filter(|c| c.create).collect();
+    let updates: Vec<&ExecChange> = changes.iter().filter(|(_, c)| !c.create).map(|(_, c)| *c).collect();
+    let creates: Vec<&ExecChange> = changes.iter().filter(|(_, c)| c.create).map(|(_, c)| *c).collect();
+    let all: Vec<&ExecChange> = changes.iter().map(|(_, c)| *c).collect();
     let rows = Rows::of(batches);
     writer::warm(tx, &[UPDATE_EXECS, INSERT_EXECS, INSERT_EVENTS]).await?;
     let (updated, created, events, rest) = tokio::join!(
         async {
             if updates.is_empty() {
-                return Ok(0);
+                return Ok(Vec::new());
             }
             update_execs(tx, &updates).await
         },
         async {
             if creates.is_empty() {
-                return Ok(0);
+                return Ok(Vec::new());
             }
             insert_execs(tx, &creates).await
         },
-        insert_events(tx, &changes),
+        insert_events(tx, &all),
         apply_rows(tx, &rows),
     );
-    if updated? != updates.len() as u64 || created? != creates.len() as u64 {
-        return Ok(false);
+    let written: HashSet<String> = updated?.into_iter().chain(created?).collect();
+    let bad: HashSet<usize> =
+        changes.iter().filter(|(_, c)| !written.contains(&c.row.run_id)).map(|(i, _)| *i).collect();
+    if !bad.is_empty() {
+        return Ok(Verdict::Without(bad));
     }
     events?;
     rest?;
-    Ok(true)
+    Ok(Verdict::Applied)
 }
 
 /// Every update checks that the history continues where its batch begins and that the writer
-/// owns the run (as a lone batch's does); returns how many matched.
-async fn update_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<u64, writer::Failure> {
+/// owns the run (as a lone batch's does); returns the runs that matched.
+async fn update_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<Vec<String>, writer::Failure> {
     let mut runs = Vec::with_capacity(changes.len());
     let mut tenants = Vec::with_capacity(changes.len());
     let mut statuses = Vec::with_capacity(changes.len());
@@ -256,8 +300,8 @@ async fn update_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<u
         fences.push(c.fence);
     }
     let st = tx.prepare_cached(UPDATE_EXECS).await?;
-    Ok(tx
-        .execute(
+    let returned = tx
+        .query(
             &st,
             &[
                 &runs,
@@ -274,12 +318,13 @@ async fn update_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<u
                 &fences,
             ],
         )
-        .await?)
+        .await?;
+    returned.iter().map(|r| r.try_get(0).map_err(writer::Failure::from)).collect()
 }
 
-/// New runs; one whose workflow id is running already is skipped (`DO NOTHING`), which the
-/// count shows. Returns how many were inserted.
-async fn insert_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<u64, writer::Failure> {
+/// New runs; one whose workflow id is running already is skipped (`DO NOTHING`). Returns the
+/// runs inserted.
+async fn insert_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<Vec<String>, writer::Failure> {
     let mut runs = Vec::with_capacity(changes.len());
     let mut tenants = Vec::with_capacity(changes.len());
     let mut workflow_ids = Vec::with_capacity(changes.len());
@@ -318,8 +363,8 @@ async fn insert_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<u
         owners.push(c.fence);
     }
     let st = tx.prepare_cached(INSERT_EXECS).await?;
-    Ok(tx
-        .execute(
+    let returned = tx
+        .query(
             &st,
             &[
                 &runs,
@@ -341,7 +386,8 @@ async fn insert_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<u
                 &owners,
             ],
         )
-        .await?)
+        .await?;
+    returned.iter().map(|r| r.try_get(0).map_err(writer::Failure::from)).collect()
 }
 
 /// The events of every change; one already stored fails the statement (and so the group).
