@@ -6,8 +6,9 @@
 //! every row as a lone batch's do (the history continues where the batch begins, the writer
 //! owns the run, a new run's workflow id is free, each settled task is pending, each posted
 //! change is still there) but only in total: when any check or statement fails, the group is
-//! rolled back and its batches are applied one by one, each in its own transaction with its own
-//! precise error, so a failing batch never fails the others. A group whose `COMMIT` itself
+//! rolled back. The batches a check singled out are applied alone, each in its own transaction
+//! with its own precise error, and the rest tried again as a group; after a second failure, or a
+//! failing statement, every batch goes alone. A failing batch never fails the others. A group whose `COMMIT` itself
 //! fails fails whole: whether it was applied is unknown, as for a lone batch.
 
 use std::collections::HashSet;
