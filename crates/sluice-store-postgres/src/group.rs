@@ -18,35 +18,14 @@ use deadpool_postgres::{Client, Pool, Transaction};
 use sluice_store::{Batch, ExecChange, StoreError};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use crate::codec::{opt_json, to_i64, to_json};
 use crate::error::{db_err, describe, pool_err};
-use crate::writer::{self, apply_rows, writer_epoch, Rows};
+use crate::writer::{
+    self, apply_rows, insert_events, insert_execs, update_execs, writer_epoch, Rows, INSERT_EVENTS, INSERT_EXECS,
+    UPDATE_EXECS,
+};
 
 /// Batches taken into one group at most.
 const MAX_GROUP: usize = 64;
-
-const UPDATE_EXECS: &str = "UPDATE executions e SET status = u.status, paused = u.paused, dead_letter = u.dead_letter,
-                 output = u.output, error = u.error, failed_step = u.failed_step, next_seq = u.next_seq,
-                 updated_at_ms = u.updated_at_ms, owner = COALESCE(u.fence, e.owner)
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[],
-                     $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
-                 AS u(run_id, tenant, status, paused, dead_letter, output, error, failed_step, next_seq,
-                      updated_at_ms, expected, fence)
-             WHERE e.run_id = u.run_id AND e.tenant = u.tenant
-               AND (u.expected IS NULL OR e.next_seq = u.expected)
-               AND (u.fence IS NULL OR e.owner IS NULL OR e.owner = u.fence
-                    OR (e.status <> 'running' AND e.owner NOT IN (SELECT epoch FROM nodes)))
-             RETURNING e.run_id";
-const INSERT_EXECS: &str = "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
-                 dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
-                 updated_at_ms, owner)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                 $7::bool[], $8::bool[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
-                 $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[])
-             ON CONFLICT DO NOTHING
-             RETURNING run_id";
-const INSERT_EVENTS: &str = "INSERT INTO events (run_id, seq, at_ms, data)
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[])";
 
 struct Job {
     batch: Batch,
@@ -268,148 +247,6 @@ async fn apply_group(tx: &Transaction<'_>, batches: &[&Batch]) -> Result<Verdict
     events?;
     rest?;
     Ok(Verdict::Applied)
-}
-
-/// Every update checks that the history continues where its batch begins and that the writer
-/// owns the run (as a lone batch's does); returns the runs that matched.
-async fn update_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<Vec<String>, writer::Failure> {
-    let mut runs = Vec::with_capacity(changes.len());
-    let mut tenants = Vec::with_capacity(changes.len());
-    let mut statuses = Vec::with_capacity(changes.len());
-    let mut paused = Vec::with_capacity(changes.len());
-    let mut dead = Vec::with_capacity(changes.len());
-    let mut outputs = Vec::with_capacity(changes.len());
-    let mut errors = Vec::with_capacity(changes.len());
-    let mut failed_steps = Vec::with_capacity(changes.len());
-    let mut next_seqs = Vec::with_capacity(changes.len());
-    let mut updated = Vec::with_capacity(changes.len());
-    let mut expected = Vec::with_capacity(changes.len());
-    let mut fences = Vec::with_capacity(changes.len());
-    for c in changes {
-        let row = &c.row;
-        runs.push(row.run_id.as_str());
-        tenants.push(c.tenant.as_str());
-        statuses.push(row.status.as_str());
-        paused.push(row.paused);
-        dead.push(row.dead_letter);
-        outputs.push(opt_json(row.output.as_ref())?);
-        errors.push(opt_json(row.error.as_ref())?);
-        failed_steps.push(row.failed_step.as_deref());
-        next_seqs.push(to_i64(row.next_seq, "next_seq")?);
-        updated.push(row.updated_at_ms);
-        expected.push(c.events.first().map(|e| to_i64(e.seq, "event seq")).transpose()?);
-        fences.push(c.fence);
-    }
-    let st = tx.prepare_cached(UPDATE_EXECS).await?;
-    let returned = tx
-        .query(
-            &st,
-            &[
-                &runs,
-                &tenants,
-                &statuses,
-                &paused,
-                &dead,
-                &outputs,
-                &errors,
-                &failed_steps,
-                &next_seqs,
-                &updated,
-                &expected,
-                &fences,
-            ],
-        )
-        .await?;
-    returned.iter().map(|r| r.try_get(0).map_err(writer::Failure::from)).collect()
-}
-
-/// New runs; one whose workflow id is running already is skipped (`DO NOTHING`). Returns the
-/// runs inserted.
-async fn insert_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<Vec<String>, writer::Failure> {
-    let mut runs = Vec::with_capacity(changes.len());
-    let mut tenants = Vec::with_capacity(changes.len());
-    let mut workflow_ids = Vec::with_capacity(changes.len());
-    let mut workflows = Vec::with_capacity(changes.len());
-    let mut versions = Vec::with_capacity(changes.len());
-    let mut statuses = Vec::with_capacity(changes.len());
-    let mut paused = Vec::with_capacity(changes.len());
-    let mut dead = Vec::with_capacity(changes.len());
-    let mut inputs = Vec::with_capacity(changes.len());
-    let mut outputs = Vec::with_capacity(changes.len());
-    let mut errors = Vec::with_capacity(changes.len());
-    let mut failed_steps = Vec::with_capacity(changes.len());
-    let mut parents = Vec::with_capacity(changes.len());
-    let mut next_seqs = Vec::with_capacity(changes.len());
-    let mut created = Vec::with_capacity(changes.len());
-    let mut updated = Vec::with_capacity(changes.len());
-    let mut owners = Vec::with_capacity(changes.len());
-    for c in changes {
-        let row = &c.row;
-        runs.push(row.run_id.as_str());
-        tenants.push(c.tenant.as_str());
-        workflow_ids.push(row.workflow_id.as_str());
-        workflows.push(row.workflow.as_str());
-        versions.push(row.version.as_str());
-        statuses.push(row.status.as_str());
-        paused.push(row.paused);
-        dead.push(row.dead_letter);
-        inputs.push(to_json(&row.input)?);
-        outputs.push(opt_json(row.output.as_ref())?);
-        errors.push(opt_json(row.error.as_ref())?);
-        failed_steps.push(row.failed_step.as_deref());
-        parents.push(opt_json(row.parent.as_ref())?);
-        next_seqs.push(to_i64(row.next_seq, "next_seq")?);
-        created.push(row.created_at_ms);
-        updated.push(row.updated_at_ms);
-        owners.push(c.fence);
-    }
-    let st = tx.prepare_cached(INSERT_EXECS).await?;
-    let returned = tx
-        .query(
-            &st,
-            &[
-                &runs,
-                &tenants,
-                &workflow_ids,
-                &workflows,
-                &versions,
-                &statuses,
-                &paused,
-                &dead,
-                &inputs,
-                &outputs,
-                &errors,
-                &failed_steps,
-                &parents,
-                &next_seqs,
-                &created,
-                &updated,
-                &owners,
-            ],
-        )
-        .await?;
-    returned.iter().map(|r| r.try_get(0).map_err(writer::Failure::from)).collect()
-}
-
-/// The events of every change; one already stored fails the statement (and so the group).
-async fn insert_events(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<(), writer::Failure> {
-    let n: usize = changes.iter().map(|c| c.events.len()).sum();
-    if n == 0 {
-        return Ok(());
-    }
-    let (mut runs, mut seqs, mut ats, mut data) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    for c in changes {
-        for e in &c.events {
-            runs.push(c.row.run_id.as_str());
-            seqs.push(to_i64(e.seq, "event seq")?);
-            ats.push(e.at_ms);
-            data.push(to_json(e)?);
-        }
-    }
-    let st = tx.prepare_cached(INSERT_EVENTS).await?;
-    tx.execute(&st, &[&runs, &seqs, &ats, &data]).await?;
-    Ok(())
 }
 
 #[cfg(test)]

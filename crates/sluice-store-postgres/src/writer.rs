@@ -1,7 +1,8 @@
-//! Writes: each batch is one READ COMMITTED transaction on a pooled connection. Optimistic
-//! concurrency is a row check (`UPDATE ... WHERE next_seq = $n` must match one row), and the
-//! partial unique index on running runs makes starts idempotent; a failing batch is rolled back
-//! whole and concurrent batches do not wait for each other beyond the rows they share.
+//! Writes: the statements that commit batches, one or many at a time (see `group`), and a lone
+//! batch's READ COMMITTED transaction with precise errors. Optimistic concurrency is a row check
+//! (`UPDATE ... WHERE next_seq = $n` must match the row), and the partial unique index on running
+//! runs makes starts idempotent; a failing batch is rolled back whole and concurrent batches do
+//! not wait for each other beyond the rows they share.
 
 use std::collections::HashSet;
 
@@ -37,6 +38,36 @@ const UPSERT_TIMERS: &str = "INSERT INTO timers (run_id, step, tenant, workflow_
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
              ON CONFLICT (run_id, step) DO UPDATE
                  SET tenant = EXCLUDED.tenant, workflow_id = EXCLUDED.workflow_id, fire_at_ms = EXCLUDED.fire_at_ms";
+
+// The statements for executions and events: the optimistic check and the change in one
+// statement, for one change or many. An update only matches while the stored history ends
+// where its batch begins and the writer owns the run; a concurrent writer of the same run holds
+// the row until it commits, and the check is then made again on its result. Immutable columns
+// (input, workflow, version, parent) are written once, at create.
+pub(crate) const UPDATE_EXECS: &str =
+    "UPDATE executions e SET status = u.status, paused = u.paused, dead_letter = u.dead_letter,
+                 output = u.output, error = u.error, failed_step = u.failed_step, next_seq = u.next_seq,
+                 updated_at_ms = u.updated_at_ms, owner = COALESCE(u.fence, e.owner)
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[],
+                     $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
+                 AS u(run_id, tenant, status, paused, dead_letter, output, error, failed_step, next_seq,
+                      updated_at_ms, expected, fence)
+             WHERE e.run_id = u.run_id AND e.tenant = u.tenant
+               AND (u.expected IS NULL OR e.next_seq = u.expected)
+               AND (u.fence IS NULL OR e.owner IS NULL OR e.owner = u.fence
+                    OR (e.status <> 'running' AND e.owner NOT IN (SELECT epoch FROM nodes)))
+             RETURNING e.run_id";
+pub(crate) const INSERT_EXECS: &str =
+    "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
+                 dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
+                 updated_at_ms, owner)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 $7::bool[], $8::bool[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+                 $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[])
+             ON CONFLICT DO NOTHING
+             RETURNING run_id";
+pub(crate) const INSERT_EVENTS: &str = "INSERT INTO events (run_id, seq, at_ms, data)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[])";
 
 /// Every statement that [`apply_rows`] may send, for [`warm`].
 pub(crate) const ROW_STATEMENTS: [&str; 6] =
@@ -498,94 +529,26 @@ async fn apply_exec(tx: &Transaction<'_>, i: usize, change: &ExecChange) -> Resu
     } else {
         update_exec(tx, i, change).await?;
     }
-    insert_events(tx, change).await
+    insert_events(tx, &[change]).await
 }
 
 async fn insert_exec(tx: &Transaction<'_>, change: &ExecChange) -> Result<(), Failure> {
-    let row = &change.row;
     // DO NOTHING rather than an error: the transaction stays usable to ask which run is running.
     // Under READ COMMITTED a racing insert of the same workflow id waits here for the other
     // transaction and then sees its outcome.
-    let st = tx
-        .prepare_cached(
-            "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
-                 dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
-                 updated_at_ms, owner)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-             ON CONFLICT DO NOTHING",
-        )
-        .await?;
-    let inserted = tx
-        .execute(
-            &st,
-            &[
-                &row.run_id,
-                &change.tenant,
-                &row.workflow_id,
-                &row.workflow,
-                &row.version,
-                &row.status.as_str(),
-                &row.paused,
-                &row.dead_letter,
-                &to_json(&row.input)?,
-                &opt_json(row.output.as_ref())?,
-                &opt_json(row.error.as_ref())?,
-                &row.failed_step,
-                &opt_json(row.parent.as_ref())?,
-                &to_i64(row.next_seq, "next_seq")?,
-                &row.created_at_ms,
-                &row.updated_at_ms,
-                &change.fence,
-            ],
-        )
-        .await?;
-    if inserted == 1 {
+    if insert_execs(tx, &[change]).await?.len() == 1 {
         return Ok(());
     }
     Err(Failure::Store(match running_run(tx, change).await? {
         Some(running) => StoreError::AlreadyRunning(running),
-        None => StoreError::Conflict(format!("run {} already exists", row.run_id)),
+        None => StoreError::Conflict(format!("run {} already exists", change.row.run_id)),
     }))
 }
 
 async fn update_exec(tx: &Transaction<'_>, i: usize, change: &ExecChange) -> Result<(), Failure> {
     let row = &change.row;
-    // The optimistic check and the update in one statement: it only matches while the stored
-    // history ends where this batch begins. A concurrent writer of the same run holds the row
-    // until it commits; the check is then made again on its result. Immutable columns (input,
-    // workflow, version, parent) are written once, at create.
-    let expected = change.events.first().map(|e| to_i64(e.seq, "event seq")).transpose()?;
-    let st = tx
-        .prepare_cached(
-            "UPDATE executions SET status = $3, paused = $4, dead_letter = $5, output = $6, error = $7,
-                 failed_step = $8, next_seq = $9, updated_at_ms = $10
-                 , owner = COALESCE($12::bigint, owner)
-             WHERE run_id = $1 AND tenant = $2 AND ($11::bigint IS NULL OR next_seq = $11::bigint)
-               AND ($12::bigint IS NULL OR owner IS NULL OR owner = $12::bigint
-                    OR (status <> 'running' AND owner NOT IN (SELECT epoch FROM nodes)))",
-        )
-        .await?;
-    let updated = tx
-        .execute(
-            &st,
-            &[
-                &row.run_id,
-                &change.tenant,
-                &row.status.as_str(),
-                &row.paused,
-                &row.dead_letter,
-                &opt_json(row.output.as_ref())?,
-                &opt_json(row.error.as_ref())?,
-                &row.failed_step,
-                &to_i64(row.next_seq, "next_seq")?,
-                &row.updated_at_ms,
-                &expected,
-                &change.fence,
-            ],
-        )
-        .await;
-    match updated {
-        Ok(1) => Ok(()),
+    match update_execs(tx, &[change]).await {
+        Ok(updated) if updated.len() == 1 => Ok(()),
         Ok(_) => {
             let st =
                 tx.prepare_cached("SELECT next_seq, owner FROM executions WHERE run_id = $1 AND tenant = $2").await?;
@@ -603,17 +566,17 @@ async fn update_exec(tx: &Transaction<'_>, i: usize, change: &ExecChange) -> Res
                         }
                     }
                     let stored: i64 = stored.try_get(0)?;
+                    let expected = change.events.first().map_or(0, |e| e.seq);
                     Err(Failure::Store(StoreError::Conflict(format!(
-                        "run {}: the history continues at event {stored}, the batch starts at {}; reload and retry",
-                        row.run_id,
-                        expected.unwrap_or(0)
+                        "run {}: the history continues at event {stored}, the batch starts at {expected}; reload and retry",
+                        row.run_id
                     ))))
                 }
             }
         }
         // Back to running (a redrive) while another run of the workflow id runs.
-        Err(e) if is_unique_violation(&e) => Err(Failure::Running(i, e)),
-        Err(e) => Err(Failure::Db(e)),
+        Err(Failure::Db(e)) if is_unique_violation(&e) => Err(Failure::Running(i, e)),
+        Err(e) => Err(e),
     }
 }
 
@@ -631,30 +594,154 @@ async fn running_run(tx: &Transaction<'_>, change: &ExecChange) -> Result<Option
     row.map(|r| r.try_get(0)).transpose().map_err(db_err)
 }
 
-async fn insert_events(tx: &Transaction<'_>, change: &ExecChange) -> Result<(), Failure> {
-    if change.events.is_empty() {
-        return Ok(());
+/// Every update checks that the history continues where its batch begins and that the writer
+/// owns the run (as a lone batch's does); returns the runs that matched.
+pub(crate) async fn update_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<Vec<String>, Failure> {
+    let mut runs = Vec::with_capacity(changes.len());
+    let mut tenants = Vec::with_capacity(changes.len());
+    let mut statuses = Vec::with_capacity(changes.len());
+    let mut paused = Vec::with_capacity(changes.len());
+    let mut dead = Vec::with_capacity(changes.len());
+    let mut outputs = Vec::with_capacity(changes.len());
+    let mut errors = Vec::with_capacity(changes.len());
+    let mut failed_steps = Vec::with_capacity(changes.len());
+    let mut next_seqs = Vec::with_capacity(changes.len());
+    let mut updated = Vec::with_capacity(changes.len());
+    let mut expected = Vec::with_capacity(changes.len());
+    let mut fences = Vec::with_capacity(changes.len());
+    for c in changes {
+        let row = &c.row;
+        runs.push(row.run_id.as_str());
+        tenants.push(c.tenant.as_str());
+        statuses.push(row.status.as_str());
+        paused.push(row.paused);
+        dead.push(row.dead_letter);
+        outputs.push(opt_json(row.output.as_ref())?);
+        errors.push(opt_json(row.error.as_ref())?);
+        failed_steps.push(row.failed_step.as_deref());
+        next_seqs.push(to_i64(row.next_seq, "next_seq")?);
+        updated.push(row.updated_at_ms);
+        expected.push(c.events.first().map(|e| to_i64(e.seq, "event seq")).transpose()?);
+        fences.push(c.fence);
     }
-    let mut seqs = Vec::with_capacity(change.events.len());
-    let mut ats = Vec::with_capacity(change.events.len());
-    let mut data = Vec::with_capacity(change.events.len());
-    for e in &change.events {
-        seqs.push(to_i64(e.seq, "event seq")?);
-        ats.push(e.at_ms);
-        data.push(to_json(e)?);
-    }
-    let st = tx
-        .prepare_cached(
-            "INSERT INTO events (run_id, seq, at_ms, data)
-             SELECT $1, u.seq, u.at_ms, u.data FROM unnest($2::bigint[], $3::bigint[], $4::text[]) AS u(seq, at_ms, data)",
+    let st = tx.prepare_cached(UPDATE_EXECS).await?;
+    let returned = tx
+        .query(
+            &st,
+            &[
+                &runs,
+                &tenants,
+                &statuses,
+                &paused,
+                &dead,
+                &outputs,
+                &errors,
+                &failed_steps,
+                &next_seqs,
+                &updated,
+                &expected,
+                &fences,
+            ],
         )
         .await?;
-    match tx.execute(&st, &[&change.row.run_id, &seqs, &ats, &data]).await {
+    returned.iter().map(|r| r.try_get(0).map_err(Failure::from)).collect()
+}
+
+/// New runs; one whose workflow id is running already is skipped (`DO NOTHING`). Returns the
+/// runs inserted.
+pub(crate) async fn insert_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<Vec<String>, Failure> {
+    let mut runs = Vec::with_capacity(changes.len());
+    let mut tenants = Vec::with_capacity(changes.len());
+    let mut workflow_ids = Vec::with_capacity(changes.len());
+    let mut workflows = Vec::with_capacity(changes.len());
+    let mut versions = Vec::with_capacity(changes.len());
+    let mut statuses = Vec::with_capacity(changes.len());
+    let mut paused = Vec::with_capacity(changes.len());
+    let mut dead = Vec::with_capacity(changes.len());
+    let mut inputs = Vec::with_capacity(changes.len());
+    let mut outputs = Vec::with_capacity(changes.len());
+    let mut errors = Vec::with_capacity(changes.len());
+    let mut failed_steps = Vec::with_capacity(changes.len());
+    let mut parents = Vec::with_capacity(changes.len());
+    let mut next_seqs = Vec::with_capacity(changes.len());
+    let mut created = Vec::with_capacity(changes.len());
+    let mut updated = Vec::with_capacity(changes.len());
+    let mut owners = Vec::with_capacity(changes.len());
+    for c in changes {
+        let row = &c.row;
+        runs.push(row.run_id.as_str());
+        tenants.push(c.tenant.as_str());
+        workflow_ids.push(row.workflow_id.as_str());
+        workflows.push(row.workflow.as_str());
+        versions.push(row.version.as_str());
+        statuses.push(row.status.as_str());
+        paused.push(row.paused);
+        dead.push(row.dead_letter);
+        inputs.push(to_json(&row.input)?);
+        outputs.push(opt_json(row.output.as_ref())?);
+        errors.push(opt_json(row.error.as_ref())?);
+        failed_steps.push(row.failed_step.as_deref());
+        parents.push(opt_json(row.parent.as_ref())?);
+        next_seqs.push(to_i64(row.next_seq, "next_seq")?);
+        created.push(row.created_at_ms);
+        updated.push(row.updated_at_ms);
+        owners.push(c.fence);
+    }
+    let st = tx.prepare_cached(INSERT_EXECS).await?;
+    let returned = tx
+        .query(
+            &st,
+            &[
+                &runs,
+                &tenants,
+                &workflow_ids,
+                &workflows,
+                &versions,
+                &statuses,
+                &paused,
+                &dead,
+                &inputs,
+                &outputs,
+                &errors,
+                &failed_steps,
+                &parents,
+                &next_seqs,
+                &created,
+                &updated,
+                &owners,
+            ],
+        )
+        .await?;
+    returned.iter().map(|r| r.try_get(0).map_err(Failure::from)).collect()
+}
+
+/// The events of every change; one already stored fails the statement with `Conflict`.
+pub(crate) async fn insert_events(tx: &Transaction<'_>, changes: &[&ExecChange]) -> Result<(), Failure> {
+    let n: usize = changes.iter().map(|c| c.events.len()).sum();
+    if n == 0 {
+        return Ok(());
+    }
+    let (mut runs, mut seqs, mut ats, mut data) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for c in changes {
+        for e in &c.events {
+            runs.push(c.row.run_id.as_str());
+            seqs.push(to_i64(e.seq, "event seq")?);
+            ats.push(e.at_ms);
+            data.push(to_json(e)?);
+        }
+    }
+    let st = tx.prepare_cached(INSERT_EVENTS).await?;
+    match tx.execute(&st, &[&runs, &seqs, &ats, &data]).await {
         Ok(_) => Ok(()),
-        Err(e) if is_unique_violation(&e) => Err(Failure::Store(StoreError::Conflict(format!(
-            "run {}: an event of the batch is already stored",
-            change.row.run_id
-        )))),
+        Err(e) if is_unique_violation(&e) => {
+            let mut runs: Vec<&str> = changes.iter().map(|c| c.row.run_id.as_str()).collect();
+            runs.dedup();
+            Err(Failure::Store(StoreError::Conflict(format!(
+                "run {}: an event of the batch is already stored",
+                runs.join(", ")
+            ))))
+        }
         Err(e) => Err(Failure::Db(e)),
     }
 }
