@@ -25,9 +25,11 @@ use sluice_server::sluice_auth::{Quota, RateLimitConfig};
 use sluice_server::sluice_gateway::Gateway;
 
 // Many small, short-lived allocations per step (JSON, events): mimalloc handles them far better
-// than the system allocator.
+// than the system allocator. Counted per thread, so that each expression evaluation has a
+// memory account (`sluice_core::expr::EvalLimits`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: sluice_core::expr::CountingAlloc<mimalloc::MiMalloc> =
+    sluice_core::expr::CountingAlloc(mimalloc::MiMalloc);
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Durable workflows for AI pipelines, in one binary")]
@@ -494,7 +496,11 @@ async fn replay(api: &Api, workflow_id: &str, run_id: Option<&str>, json: bool) 
         }
         events.extend(batch);
     }
-    let verdict = sluice_core::replay::check(&def, &events);
+    // Under the limits of the engine's evaluation threads (with the default memory), so that an
+    // expression that tripped a limit there trips it here too.
+    let limits = sluice_core::expr::EvalLimits::engine(sluice_core::expr::DEFAULT_EVAL_MEMORY);
+    let verdict = sluice_core::expr::run_on_eval_thread(limits, || sluice_core::replay::check(&def, &events))
+        .context("cannot start a thread to replay on")?;
     let states = sluice_core::replay::states(&events);
     if json {
         let timeline: Vec<Value> = events

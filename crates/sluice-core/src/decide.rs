@@ -17,11 +17,30 @@ use crate::state::{ExecState, ExecStatus, StepStatus};
 /// Produces the events that follow from `st`, applying each to `st` as it goes. Returns nothing
 /// when the run is finished, paused or waiting on the world.
 pub fn decide(def: &WorkflowDef, st: &mut ExecState) -> Vec<Event> {
+    decide_until_yield(def, st).events
+}
+
+/// What [`decide_until_yield`] decided.
+#[derive(Debug, Default)]
+pub struct Decided {
+    /// The events decided, already applied to the state.
+    pub events: Vec<Event>,
+    /// An expression needed more than the thread's limits allow in place
+    /// ([`crate::expr::EvalLimits::yield_on_limit`]): `decide` must run again on the state as it
+    /// now is, with the full limits. The events so far stand; that evaluation left no trace.
+    pub yielded: bool,
+}
+
+/// `decide` that stops where an expression yields instead of recording a limit. Deciding again
+/// over the updated state goes on from there: `decide` is a function of the state, and the
+/// events before the yield are part of it.
+pub fn decide_until_yield(def: &WorkflowDef, st: &mut ExecState) -> Decided {
     if st.status != ExecStatus::Running || st.paused || st.run_id.is_empty() {
-        return Vec::new();
+        return Decided::default();
     }
     let mut d = Decider { def, st, out: Vec::new() };
     let root = Scope { prefix: String::new(), item: None };
+    let mut yielded = false;
     match d.seq(&def.steps, &root) {
         Flow::Done(last) => {
             let output = match &def.output {
@@ -30,6 +49,7 @@ pub fn decide(def: &WorkflowDef, st: &mut ExecState) -> Vec<Event> {
             };
             match output {
                 Ok(output) => d.emit(EventKind::ExecutionCompleted { output }),
+                Err(ExprError::Yield) => yielded = true,
                 Err(e) => d.emit(EventKind::ExecutionFailed {
                     error: expr_error("output", &e),
                     step: None,
@@ -38,9 +58,10 @@ pub fn decide(def: &WorkflowDef, st: &mut ExecState) -> Vec<Event> {
             }
         }
         Flow::Failed(error, step) => d.emit(EventKind::ExecutionFailed { error, step: Some(step), dead_letter: true }),
+        Flow::Yield => yielded = true,
         Flow::Pending | Flow::Ended => {}
     }
-    d.out
+    Decided { events: d.out, yielded }
 }
 
 enum Flow {
@@ -51,6 +72,8 @@ enum Flow {
     Failed(ErrorInfo, String),
     /// The run ended (return, fail, continue_as_new).
     Ended,
+    /// An expression yielded ([`ExprError::Yield`]): stop here, decide again with full limits.
+    Yield,
 }
 
 struct Scope {
@@ -71,7 +94,7 @@ struct Decider<'a> {
 }
 
 fn expr_error(what: &str, e: &ExprError) -> ErrorInfo {
-    ErrorInfo::new("expression", format!("{what}: {e}"))
+    ErrorInfo::new(e.kind(), format!("{what}: {e}"))
 }
 
 impl Decider<'_> {
@@ -87,6 +110,14 @@ impl Decider<'_> {
 
     fn eval(&self, e: &Expr, scope: &Scope) -> Result<Value, ExprError> {
         e.eval(self.ctx(scope))
+    }
+
+    /// Fails the step with an expression's error, or stops deciding when the expression yielded.
+    fn expr_failed(&mut self, key: &str, what: &str, e: ExprError) -> Flow {
+        if e == ExprError::Yield {
+            return Flow::Yield;
+        }
+        self.fail_step(key, expr_error(what, &e))
     }
 
     fn fail_step(&mut self, key: &str, error: ErrorInfo) -> Flow {
@@ -117,7 +148,7 @@ impl Decider<'_> {
                             self.emit(EventKind::StepSkipped { step: key });
                             return Flow::Done(Val::Null);
                         }
-                        Err(e) => return self.fail_step(&key, expr_error("when", &e)),
+                        Err(e) => return self.expr_failed(&key, "when", e),
                     }
                 }
                 self.start(step, scope, &key)
@@ -156,7 +187,7 @@ impl Decider<'_> {
         };
         let input = match input {
             Ok(v) => v,
-            Err(e) => return self.fail_step(key, expr_error("input", &e)),
+            Err(e) => return self.expr_failed(key, "input", e),
         };
         self.emit(EventKind::TaskScheduled {
             step: key.to_string(),
@@ -221,7 +252,7 @@ impl Decider<'_> {
         };
         let input = match input {
             Ok(v) => v,
-            Err(e) => return self.fail_step(key, expr_error("input", &e)),
+            Err(e) => return self.expr_failed(key, "input", e),
         };
         // Child ids stay within the workflow id alphabet: `parent.step`, `parent.map-3.step`.
         let mut workflow_id =
@@ -249,7 +280,7 @@ impl Decider<'_> {
                     self.emit(EventKind::StepCompleted { step: key.to_string(), output });
                     Flow::Done(val)
                 }
-                Err(e) => self.fail_step(key, expr_error("expr", &e)),
+                Err(e) => self.expr_failed(key, "expr", e),
             },
             StepKind::Switch(sw) => {
                 let mut chosen = sw.cases.len();
@@ -260,7 +291,7 @@ impl Decider<'_> {
                             break;
                         }
                         Ok(false) => {}
-                        Err(e) => return self.fail_step(key, expr_error(&format!("cases[{i}].when"), &e)),
+                        Err(e) => return self.expr_failed(key, &format!("cases[{i}].when"), e),
                     }
                 }
                 self.emit(EventKind::BranchChosen { step: key.to_string(), branch: chosen });
@@ -282,7 +313,7 @@ impl Decider<'_> {
                         format!("items: expected an array, got {}", crate::expr::type_name(&other)),
                     ),
                 ),
-                Err(e) => self.fail_step(key, expr_error("items", &e)),
+                Err(e) => self.expr_failed(key, "items", e),
             },
             StepKind::Sleep(s) => {
                 self.emit(EventKind::TimerStarted { step: key.to_string(), duration_ms: s.duration.as_millis() });
@@ -306,7 +337,7 @@ impl Decider<'_> {
                         self.emit(EventKind::ExecutionContinuedAsNew { input });
                         Flow::Ended
                     }
-                    Err(e) => self.fail_step(key, expr_error("input", &e)),
+                    Err(e) => self.expr_failed(key, "input", e),
                 }
             }
             StepKind::Fail(f) => {
@@ -314,7 +345,7 @@ impl Decider<'_> {
                     Some(e) => match self.eval(e, scope) {
                         Ok(Value::String(s)) => s,
                         Ok(other) => other.to_string(),
-                        Err(e) => return self.fail_step(key, expr_error("message", &e)),
+                        Err(e) => return self.expr_failed(key, "message", e),
                     },
                     None => format!("workflow failed at step `{key}`"),
                 };
@@ -335,7 +366,7 @@ impl Decider<'_> {
                         self.emit(EventKind::ExecutionCompleted { output });
                         Flow::Ended
                     }
-                    Err(e) => self.fail_step(key, expr_error("output", &e)),
+                    Err(e) => self.expr_failed(key, "output", e),
                 }
             }
         }
@@ -421,6 +452,7 @@ impl Decider<'_> {
                         Flow::Pending => pending = true,
                         failed @ Flow::Failed(..) => return self.finish_container(key, failed),
                         Flow::Ended => return Flow::Ended,
+                        Flow::Yield => return Flow::Yield,
                     }
                 }
                 if pending {
@@ -452,6 +484,7 @@ impl Decider<'_> {
                         Flow::Pending => running += 1,
                         failed @ Flow::Failed(..) => return self.finish_container(key, failed),
                         Flow::Ended => return Flow::Ended,
+                        Flow::Yield => return Flow::Yield,
                     }
                     i += 1;
                 }

@@ -18,6 +18,106 @@ pub const MAX_EXPR_LEN: usize = 16 * 1024;
 /// not timed, so an evaluation that fits does so on every machine and replay agrees.
 pub const MAX_EVAL_STEPS: u64 = 2_000_000;
 
+/// Deepest value an expression may produce as its result: stored values must parse again
+/// (history is JSON, and JSON readers stop at 128 levels), and every reader recurses over them.
+pub const MAX_VALUE_DEPTH: usize = 100;
+
+/// The limits one evaluation runs under. Every evaluation has them: the defaults bound steps,
+/// stack and memory on any thread; the engine sets its own around `decide` ([`with_limits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EvalLimits {
+    /// Terms evaluated (see [`MAX_EVAL_STEPS`]).
+    pub steps: u64,
+    /// Bytes of stack the evaluation may grow by.
+    pub stack_bytes: usize,
+    /// Bytes the evaluation may hold at once; counted only where the process installs
+    /// [`CountingAlloc`] as its global allocator, and bounding the size of the result always.
+    pub memory_bytes: usize,
+    /// The wall-clock deadline, if any.
+    pub deadline: Option<std::time::Instant>,
+    /// Whether passing a limit means "try again with more" ([`ExprError::Yield`]) rather than
+    /// failing ([`ExprError::Limit`]): the engine evaluates small expressions in place and moves
+    /// the rest to threads made for them.
+    pub yield_on_limit: bool,
+}
+
+/// Bytes of stack the evaluator may grow by on a thread made for evaluations
+/// ([`run_on_eval_thread`], the engine's evaluation threads): deep recursion in jq such as
+/// `def f: [f]; f` stops here with `expr.limit`.
+pub const EVALUATOR_STACK: usize = 32 * 1024 * 1024;
+
+/// Bytes one evaluation may hold at once unless the server is told otherwise.
+pub const DEFAULT_EVAL_MEMORY: usize = 64 * 1024 * 1024;
+
+impl EvalLimits {
+    /// Limits safe on any thread (a stack guard of 512 KiB), for evaluations outside the engine.
+    pub const FULL: EvalLimits = EvalLimits {
+        steps: MAX_EVAL_STEPS,
+        stack_bytes: 512 * 1024,
+        memory_bytes: DEFAULT_EVAL_MEMORY,
+        deadline: None,
+        yield_on_limit: false,
+    };
+
+    /// The limits of the engine's evaluation threads, with `memory_bytes` per evaluation. A replay
+    /// that must agree with what the engine recorded runs under these too ([`run_on_eval_thread`]).
+    pub const fn engine(memory_bytes: usize) -> EvalLimits {
+        EvalLimits {
+            steps: MAX_EVAL_STEPS,
+            stack_bytes: EVALUATOR_STACK,
+            memory_bytes,
+            deadline: None,
+            yield_on_limit: false,
+        }
+    }
+
+    /// The stack a thread needs to evaluate under these limits: the evaluator's guard, plus what
+    /// dropping or comparing the deepest value the memory account allows recurses over (a value
+    /// nests one level per allocation; measured at under 100 bytes of stack a level, so 4 bytes
+    /// of stack for each byte of memory leaves a wide margin).
+    pub const fn thread_stack(&self) -> usize {
+        self.stack_bytes.saturating_add(self.memory_bytes.saturating_mul(4))
+    }
+}
+
+/// Runs `f` under `limits` on a thread of its own with the stack they need
+/// ([`EvalLimits::thread_stack`]), for tools that evaluate outside the engine (replay). Fails
+/// only when no such thread can be started.
+pub fn run_on_eval_thread<T: Send>(limits: EvalLimits, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    std::thread::scope(|scope| {
+        let handle = std::thread::Builder::new()
+            .name("sluice-eval".into())
+            .stack_size(limits.thread_stack())
+            .spawn_scoped(scope, || with_limits(limits, f))?;
+        match handle.join() {
+            Ok(v) => Ok(v),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// The global allocator wrapper that gives each evaluation its memory account: install it in a
+/// binary with `#[global_allocator] static A: CountingAlloc<System> = CountingAlloc(System);`.
+pub use jaq_core::fuel::Counting as CountingAlloc;
+
+std::thread_local! {
+    static LIMITS: std::cell::Cell<EvalLimits> = const { std::cell::Cell::new(EvalLimits::FULL) };
+}
+
+/// Runs `f` with `limits` on every expression it evaluates on this thread. The core itself never
+/// reads the clock: the runtime chooses a deadline and where to run.
+pub fn with_limits<T>(limits: EvalLimits, f: impl FnOnce() -> T) -> T {
+    let before = LIMITS.with(|l| l.replace(limits));
+    let r = f();
+    LIMITS.with(|l| l.set(before));
+    r
+}
+
+/// The limits evaluations on this thread run under now.
+pub fn current_limits() -> EvalLimits {
+    LIMITS.with(std::cell::Cell::get)
+}
+
 /// Filters that would make an expression depend on the world outside its input.
 const FORBIDDEN: &[&str] = &["now", "env", "localtime", "strflocaltime", "input", "inputs"];
 
@@ -60,6 +160,23 @@ pub enum ExprError {
     NoOutput,
     #[error("jq expression produced {0}, expected {1}")]
     Type(String, &'static str),
+    /// A limit on steps, time, stack, memory or depth stopped the evaluation (`expr.limit`).
+    #[error("{0}")]
+    Limit(String),
+    /// A limit of an evaluation made with `yield_on_limit` was reached: evaluate again with the
+    /// full limits. Never recorded.
+    #[error("expression needs more than an in-place evaluation allows")]
+    Yield,
+}
+
+impl ExprError {
+    /// The type of the step error this becomes: `expr.limit` for a limit, else `expression`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ExprError::Limit(_) | ExprError::Yield => "expr.limit",
+            _ => "expression",
+        }
+    }
 }
 
 impl Expr {
@@ -97,19 +214,30 @@ impl Expr {
         &self.src
     }
 
-    /// Evaluates against `input` and returns the first output, within `MAX_EVAL_STEPS`.
+    /// Evaluates against `input` and returns the first output, within the thread's
+    /// [`EvalLimits`].
     pub fn eval_val(&self, input: Val) -> Result<Val, ExprError> {
+        let limits = current_limits();
         let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
-        jaq_core::fuel::set_steps(MAX_EVAL_STEPS);
+        jaq_core::fuel::begin(jaq_core::fuel::Limits {
+            steps: limits.steps,
+            deadline: limits.deadline,
+            stack_bytes: limits.stack_bytes,
+            memory_bytes: limits.memory_bytes,
+        });
         let first = {
             let mut out = self.filter.id.run((ctx, input));
             out.next()
         };
-        jaq_core::fuel::set_steps(u64::MAX);
+        // A serialiser that passed its cap cut its text and tripped a limit without failing:
+        // whatever came out is not the expression's value.
+        if let Some(limit) = jaq_core::fuel::end() {
+            return Err(limit_error(limits, limit));
+        }
         match first {
             Some(Ok(v)) => Ok(v),
             Some(Err(exn)) => Err(ExprError::Eval(match exn.get_err() {
-                Ok(e) => e.to_string(),
+                Ok(e) => short_display(&e),
                 Err(_) => "the expression stopped without a value".into(),
             })),
             None => Err(ExprError::NoOutput),
@@ -117,7 +245,8 @@ impl Expr {
     }
 
     pub fn eval(&self, input: Val) -> Result<Value, ExprError> {
-        self.eval_val(input).map(|v| from_val(&v))
+        let v = self.eval_val(input)?;
+        try_from_val(&v, current_limits())
     }
 
     /// Evaluates a condition: `false` and `null` are false, everything else is true (jq's rule).
@@ -226,7 +355,104 @@ pub fn to_val(v: &Value) -> Val {
     }
 }
 
-/// Converts jaq's value type back into JSON. Non-finite numbers become `null`, as in jq.
+fn limit_error(limits: EvalLimits, limit: jaq_core::fuel::Limit) -> ExprError {
+    use jaq_core::fuel::Limit;
+    if limits.yield_on_limit {
+        return ExprError::Yield;
+    }
+    ExprError::Limit(match limit {
+        Limit::Steps => format!("{} ({} steps, or the time allowed)", limit.message(), limits.steps),
+        Limit::Stack => format!("{} (more than {} KiB of stack)", limit.message(), limits.stack_bytes / 1024),
+        Limit::Memory => format!("{} ({} MiB)", limit.message(), limits.memory_bytes / (1024 * 1024)),
+        Limit::Depth => format!("{} (more than {} levels)", limit.message(), jaq_json::write::MAX_DEPTH),
+    })
+}
+
+/// An error message that quotes values, cut to a few KiB (`Display` of a value is capped too).
+fn short_display(e: &impl fmt::Display) -> String {
+    use std::fmt::Write;
+    struct Capped(String);
+    impl fmt::Write for Capped {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            const CAP: usize = 4096;
+            if self.0.len() + s.len() > CAP {
+                let mut end = CAP.saturating_sub(self.0.len()).min(s.len());
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                self.0.push_str(&s[..end]);
+                self.0.push('…');
+                return Err(fmt::Error);
+            }
+            self.0.push_str(s);
+            Ok(())
+        }
+    }
+    let mut out = Capped(String::new());
+    let _ = write!(out, "{e}");
+    out.0
+}
+
+/// Converts an expression's result into JSON within `limits`: at most [`MAX_VALUE_DEPTH`] levels
+/// deep, and at most `limits.memory_bytes` as JSON (counted as it is built: a value that shares
+/// its parts, such as 40 rounds of `[., .]`, is small in jaq and huge as JSON).
+pub fn try_from_val(v: &Val, limits: EvalLimits) -> Result<Value, ExprError> {
+    let mut budget = limits.memory_bytes;
+    let out = convert(v, 0, &mut budget);
+    out.ok_or_else(|| {
+        if limits.yield_on_limit {
+            return ExprError::Yield;
+        }
+        if budget == 0 {
+            ExprError::Limit(format!(
+                "{} ({} MiB as JSON)",
+                jaq_core::fuel::Limit::Memory.message(),
+                limits.memory_bytes / (1024 * 1024)
+            ))
+        } else {
+            ExprError::Limit(format!("the result nests more than {MAX_VALUE_DEPTH} levels deep"))
+        }
+    })
+}
+
+/// `from_val` with a depth limit and a byte budget; `None` when either is passed (an exhausted
+/// budget is left at 0).
+fn convert(v: &Val, depth: usize, budget: &mut usize) -> Option<Value> {
+    let cost = match v {
+        Val::TStr(b) | Val::BStr(b) => b.len() + 2,
+        _ => 8,
+    };
+    if cost > *budget {
+        *budget = 0;
+        return None;
+    }
+    *budget -= cost;
+    Some(match v {
+        Val::Arr(items) if depth < MAX_VALUE_DEPTH => {
+            let mut out = Vec::with_capacity(items.len().min(*budget / 8));
+            for item in items.iter() {
+                out.push(convert(item, depth + 1, budget)?);
+            }
+            Value::Array(out)
+        }
+        Val::Obj(map) if depth < MAX_VALUE_DEPTH => {
+            let mut out = Map::with_capacity(map.len().min(*budget / 8));
+            for (k, v) in map.iter() {
+                let key = match k {
+                    Val::TStr(b) | Val::BStr(b) => String::from_utf8_lossy(b).into_owned(),
+                    other => convert(other, depth + 1, budget)?.to_string(),
+                };
+                out.insert(key, convert(v, depth + 1, budget)?);
+            }
+            Value::Object(out)
+        }
+        Val::Arr(_) | Val::Obj(_) => return None,
+        other => from_val(other),
+    })
+}
+
+/// Converts jaq's value type back into JSON. Non-finite numbers become `null`, as in jq. For
+/// values that come from stored JSON; an expression's result goes through [`try_from_val`].
 pub fn from_val(v: &Val) -> Value {
     match v {
         Val::Null => Value::Null,
@@ -267,14 +493,10 @@ fn num_to_json(n: &jaq_json::Num) -> Value {
     }
 }
 
-/// Runs `f` with a wall-clock limit on the expressions it evaluates on this thread. The core
-/// itself never reads the clock: the runtime chooses to bound a whole `decide` this way, as a
-/// last line of defence behind the step budget.
+/// Runs `f` with a wall-clock limit on the expressions it evaluates on this thread, the other
+/// limits as they are.
 pub fn with_deadline<T>(deadline: std::time::Instant, f: impl FnOnce() -> T) -> T {
-    jaq_core::fuel::set_deadline(Some(deadline));
-    let r = f();
-    jaq_core::fuel::set_deadline(None);
-    r
+    with_limits(EvalLimits { deadline: Some(deadline), ..current_limits() }, f)
 }
 
 /// Builds a JSON object value for jaq from key/value pairs without going through JSON.
@@ -337,7 +559,7 @@ mod tests {
         ] {
             let e = Expr::parse(src).unwrap_or_else(|err| panic!("{src}: {err}"));
             match e.eval(Val::Null) {
-                Err(ExprError::Eval(msg)) => assert!(msg.contains("budget"), "{src}: {msg}"),
+                Err(ExprError::Limit(msg)) => assert!(msg.contains("budget"), "{src}: {msg}"),
                 other => panic!("{src} should exceed the budget, got {other:?}"),
             }
         }
@@ -349,7 +571,78 @@ mod tests {
     fn a_deadline_stops_evaluation() {
         let e = Expr::parse("last(range(1e12))").unwrap_or_else(|err| panic!("{err}"));
         let r = with_deadline(std::time::Instant::now(), || e.eval(Val::Null));
-        assert!(matches!(r, Err(ExprError::Eval(ref m)) if m.contains("budget")), "{r:?}");
+        assert!(matches!(r, Err(ExprError::Limit(ref m)) if m.contains("budget")), "{r:?}");
+    }
+
+    // The memory account counts what this test binary allocates.
+    #[global_allocator]
+    static ALLOC: CountingAlloc<std::alloc::System> = CountingAlloc(std::alloc::System);
+
+    /// Runs `f` on a thread with `stack` bytes of stack, as the engine's evaluation threads have.
+    fn on_big_stack<T: Send + 'static>(stack: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let t = std::thread::Builder::new().stack_size(stack).spawn(f).unwrap_or_else(|e| panic!("{e}"));
+        t.join().unwrap_or_else(|_| panic!("the evaluation thread panicked"))
+    }
+
+    fn limit_of(src: &str, input: Value) -> String {
+        let e = Expr::parse(src).unwrap_or_else(|err| panic!("{src}: {err}"));
+        match e.eval(to_val(&input)) {
+            Err(ExprError::Limit(msg)) => msg,
+            other => panic!("{src} should stop at a limit, got {other:?}"),
+        }
+    }
+
+    /// Issue 13, item 1: each of these aborted the whole process (stack overflow, or an
+    /// allocation of 100 GB), or ran without end. Each is now a typed `expr.limit` error.
+    #[test]
+    fn hostile_expressions_stop_at_a_limit_and_the_process_lives() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("def f: [f]; f", json!(null), "recursed too deeply"),
+            ("def f: {a: f}; f", json!(null), "recursed too deeply"),
+            ("reduce range(100000) as $i (0; [.])", json!(null), "nests more than 100"),
+            (".s | fromjson", json!({"s": "[".repeat(100_000)}), "nests too deeply"),
+            ("\"x\" * 100000000000", json!(null), "more memory than its limit"),
+            ("reduce range(25) as $i ([0]; . + .)", json!(null), "more memory than its limit"),
+            ("reduce range(40) as $i ([]; [., .]) | tostring", json!(null), "more memory than its limit"),
+            ("reduce range(40) as $i ([]; [., .]) | tojson | length", json!(null), "more memory than its limit"),
+            ("reduce range(40) as $i ([]; [., .])", json!(null), "as JSON"),
+            ("reduce range(30) as $i (\"ab\"; . + .)", json!(null), "more memory than its limit"),
+            ("[limit(3000000; repeat(1))] | length", json!(null), "evaluation budget"),
+        ];
+        let results = on_big_stack(256 << 20, move || {
+            cases.into_iter().map(|(src, input, want)| (src, limit_of(src, input), want)).collect::<Vec<_>>()
+        });
+        for (src, msg, want) in results {
+            assert!(msg.contains(want), "{src}: {msg} (expected it to say `{want}`)");
+        }
+    }
+
+    #[test]
+    fn an_error_quoting_a_huge_shared_value_is_cut_short() {
+        let e = Expr::parse("reduce range(40) as $i ([1]; [., .]) | .a").unwrap_or_else(|err| panic!("{err}"));
+        match e.eval(Val::Null) {
+            Err(ExprError::Eval(msg)) => assert!(msg.len() < 8192 && msg.ends_with('…'), "{}", msg.len()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn yielding_limits_ask_for_a_second_evaluation_instead_of_failing() {
+        let small = EvalLimits { steps: 100, yield_on_limit: true, ..EvalLimits::FULL };
+        let e = Expr::parse("[range(1000)] | length").unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(with_limits(small, || e.eval(Val::Null)), Err(ExprError::Yield));
+        assert_eq!(e.eval(Val::Null), Ok(json!(1000)), "the full limits are back after with_limits");
+        let tiny = Expr::parse(".a + 1").unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(with_limits(small, || tiny.eval(to_val(&json!({"a": 1})))), Ok(json!(2)));
+    }
+
+    #[test]
+    fn ordinary_work_fits_the_limits() {
+        check("[range(100000) | tostring] | length", json!(null), json!(100000));
+        check("\"ab\" * 1000 | length", json!(null), json!(2000));
+        check("[range(50)] | tojson | fromjson | length", json!(null), json!(50));
+        let nested = (0..90).fold(json!(1), |v, _| json!([v]));
+        check(".", nested.clone(), nested);
     }
 
     #[test]

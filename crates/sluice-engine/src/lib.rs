@@ -8,6 +8,7 @@
 mod cache;
 mod clock;
 mod error;
+mod eval;
 mod http;
 mod ledger;
 mod llm;
@@ -47,6 +48,11 @@ pub struct EngineOptions {
     pub cache_capacity: usize,
     /// Wall-clock limit on the expressions of one decision, behind their step budget.
     pub decide_time_limit: Duration,
+    /// Threads that evaluate expressions too large to evaluate in place (see `eval`).
+    pub expr_threads: usize,
+    /// Bytes one expression evaluation may hold at once; past it the step fails with
+    /// `expr.limit`.
+    pub expr_memory: usize,
     /// The AI gateway that serves `llm` steps; without one they fail with `llm.no_gateway`.
     pub gateway: Option<Arc<sluice_gateway::Gateway>>,
     /// How often queued usage rows (of chat calls) are committed: the longest they wait in memory.
@@ -71,6 +77,8 @@ impl Default for EngineOptions {
             reap_interval: Duration::from_millis(200),
             cache_capacity: 100_000,
             decide_time_limit: Duration::from_secs(1),
+            expr_threads: std::thread::available_parallelism().map(usize::from).unwrap_or(2).clamp(2, 8),
+            expr_memory: sluice_core::expr::DEFAULT_EVAL_MEMORY,
             gateway: None,
             usage_every: Duration::from_millis(20),
             tenant_max_running: None,
@@ -220,6 +228,8 @@ pub(crate) struct Inner {
     /// Woken when another node posted a worker's answer for one of this node's executions.
     pub outcomes: Notify,
     pub settling: shared::Settling,
+    /// The threads that evaluate large expressions.
+    pub eval: eval::EvalPool,
     /// Wake-ups about ended runs, sent together every few milliseconds (see `shared`).
     pub ended: SyncMutex<Vec<sluice_store::Wake>>,
     pub opts: EngineOptions,
@@ -305,6 +315,7 @@ impl Engine {
             shared,
             outcomes: Notify::new(),
             settling: shared::Settling::default(),
+            eval: eval::EvalPool::start(opts.expr_threads, opts.expr_memory, opts.decide_time_limit)?,
             ended: SyncMutex::new(Vec::new()),
             opts,
         });
@@ -781,9 +792,12 @@ impl Engine {
         if name == "state" {
             return Ok(sluice_core::expr::from_val(&ctx));
         }
-        let expr: &Expr =
-            def.queries.get(name).ok_or_else(|| Error::NotFound { what: "query", id: name.to_string() })?;
-        expr.eval(ctx).map_err(|e| Error::invalid(format!("queries.{name}"), e.to_string()))
+        let expr: Expr =
+            def.queries.get(name).ok_or_else(|| Error::NotFound { what: "query", id: name.to_string() })?.clone();
+        // Any reader may call a query, again and again: it runs under the same limits as a step,
+        // on the evaluation threads.
+        let out = self.inner.eval.run(move || expr.eval(ctx)).await?;
+        out.map_err(|e| Error::invalid(format!("queries.{name}"), e.to_string()))
     }
 
     /// Takes a dead-lettered execution out of the queue and retries its failed step.

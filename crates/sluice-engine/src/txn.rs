@@ -6,13 +6,16 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use serde_json::Value;
+use sluice_core::decide::decide_until_yield;
 use sluice_core::event::{Event, EventKind, ParentRef};
+use sluice_core::expr::with_limits;
 use sluice_core::state::StepStatus;
 use sluice_core::{decide, ErrorInfo, ExecState, ExecStatus};
 use sluice_store::{Batch, ExecChange, ExecutionRow, TaskRow, TimerRow};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tracing::Instrument;
 
+use crate::eval::IN_PLACE;
 use crate::trace::{execution_span, TraceId};
 use crate::{lock, new_id, now_ms, Engine, Error, ExecEntry, Ledger, Result};
 
@@ -277,8 +280,22 @@ impl Engine {
                 for kind in externals {
                     events.push(entry.state.push(kind, tx.now));
                 }
-                let deadline = std::time::Instant::now() + self.inner.opts.decide_time_limit;
-                events.extend(sluice_core::expr::with_deadline(deadline, || decide(&entry.def, &mut entry.state)));
+                // In place first; an expression that needs more moves the rest of the decision
+                // to the evaluation threads (`eval`), on a copy of the state that replaces it.
+                let decided = with_limits(IN_PLACE, || decide_until_yield(&entry.def, &mut entry.state));
+                events.extend(decided.events);
+                if decided.yielded {
+                    let def = entry.def.clone();
+                    let mut st = entry.state.clone();
+                    let decided = self.inner.eval.run(move || (decide(&def, &mut st), st)).await;
+                    match decided {
+                        Ok((more, st)) => {
+                            events.extend(more);
+                            entry.state = st;
+                        }
+                        Err(e) => return self.abort(tx, e),
+                    }
+                }
                 effects(entry, &events, tx.now, &mut tx.batch, &mut follows);
                 t.events.extend(events);
             }

@@ -217,6 +217,11 @@ impl ServerProcess {
     }
 
     /// A client with the owner key.
+    /// The server process's id (0 when it is not running).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     pub fn api(&self) -> Api {
         Api { http: self.http.clone(), base: self.base.clone(), key: self.key.clone() }
     }
@@ -520,7 +525,11 @@ pub async fn assert_replays(api: &Api) -> usize {
             .collect();
         let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
         assert!(seqs.iter().enumerate().all(|(i, s)| *s == i as u64 + 1), "history of {wid} has gaps: {seqs:?}");
-        if let Err(d) = sluice_core::replay::check(&def, &events) {
+        // Under the limits of the engine's evaluation threads, so limits trip as they did there.
+        let limits = sluice_core::expr::EvalLimits::engine(sluice_core::expr::DEFAULT_EVAL_MEMORY);
+        let verdict = sluice_core::expr::run_on_eval_thread(limits, || sluice_core::replay::check(&def, &events))
+            .unwrap_or_else(|e| panic!("no evaluation thread: {e}"));
+        if let Err(d) = verdict {
             panic!("replay of {wid} ({name}) diverged: {d}");
         }
         checked += 1;

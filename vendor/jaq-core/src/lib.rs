@@ -41,7 +41,7 @@
 //! assert_eq!(out.next(), None);;
 //! ~~~
 #![no_std]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 extern crate alloc;

@@ -11,6 +11,7 @@ mod durability;
 mod errors;
 mod eval;
 mod examples;
+mod hostile;
 mod llm;
 mod oidc;
 mod postgres;
@@ -20,6 +21,11 @@ mod tls;
 mod trace;
 
 use std::path::{Path, PathBuf};
+
+// Replays in these tests evaluate expressions as the server does: with a memory account.
+#[global_allocator]
+static ALLOC: sluice_core::expr::CountingAlloc<std::alloc::System> =
+    sluice_core::expr::CountingAlloc(std::alloc::System);
 
 pub use backend::{Backend, Db};
 pub use sluice_testkit::{assert_replays, Api, ServerProcess, TempDir, WorkerProcess};
