@@ -11,6 +11,7 @@ mod durability;
 mod errors;
 mod eval;
 mod examples;
+mod http_steps;
 mod llm;
 mod oidc;
 mod postgres;
