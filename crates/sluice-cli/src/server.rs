@@ -427,7 +427,7 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace
     }
     eprintln!("  API        {url}/openapi.json   metrics {url}/metrics");
     // Loopback is allowed so that the examples can call local services; `serve` denies it.
-    eprintln!("  egress     http steps may reach {egress} (loopback for sluice dev only)");
+    eprintln!("  egress     http steps may reach {egress}: loopback for sluice dev only (docs/security.md)");
     match &args.gateway {
         Some(file) => {
             eprintln!("  gateway    {url}/v1/chat/completions   config {}", file.display())

@@ -92,7 +92,7 @@ impl AllowEntry {
     /// Loopback, IPv4 and IPv6: what `sluice dev` allows.
     pub fn loopback() -> [AllowEntry; 2] {
         [
-            AllowEntry::Net(IpNet::new_assert(Ipv4Addr::LOCALHOST.into(), 8)),
+            AllowEntry::Net(IpNet::new_assert(Ipv4Addr::new(127, 0, 0, 0).into(), 8)),
             AllowEntry::Net(IpNet::new_assert(Ipv6Addr::LOCALHOST.into(), 128)),
         ]
     }
@@ -178,7 +178,7 @@ impl Allow {
     /// Whether a host name is allowed by name, whatever it resolves to.
     fn allows_name(&self, host: &str) -> bool {
         let host = normalize_host(host);
-        self.hosts.iter().any(|h| *h == host)
+        self.hosts.contains(&host)
             || self.domains.iter().any(|d| host.strip_suffix(d.as_str()).is_some_and(|sub| sub.ends_with('.')))
     }
 
@@ -521,6 +521,7 @@ mod tests {
             let got = input.parse::<AllowEntry>().map(|e| e.to_string()).map_err(|_| ());
             assert_eq!(got, expect.map(str::to_string), "{input:?}");
         }
+        assert_eq!(AllowEntry::loopback().map(|e| e.to_string()), ["127.0.0.0/8", "::1/128"]);
     }
 
     /// An allowed network admits its addresses in every spelling, the IPv4-mapped IPv6 form

@@ -369,3 +369,50 @@ async fn http_max_body_sets_the_limit_and_error_bodies_are_cut_to_it() {
     assert_eq!(rows[2]["error"]["details"].as_str().map(str::len), Some(64 * 1024));
     assert_replays(&api).await;
 }
+
+/// `sluice dev` allows loopback, so that workflows tried locally can call local services, and
+/// its banner says so.
+#[tokio::test]
+async fn http_steps_reach_loopback_under_sluice_dev() {
+    let dir = TempDir::new("egress-dev");
+    let port = sluice_testkit::free_port();
+    let log = dir.path().join("dev.log");
+    let dev = std::process::Command::new(bin())
+        .args(["dev", "--no-worker", "--port", &port.to_string(), "--examples", "no-examples-here"])
+        .arg("--database")
+        .arg(dir.path().join("sluice.db"))
+        .env("SLUICE_LOG_FORMAT", "text")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _dev = KillOnDrop(dev);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let banner = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("  gateway ") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no banner: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let egress = banner.lines().find(|l| l.trim_start().starts_with("egress")).unwrap_or_default();
+    assert!(egress.contains("127.0.0.0/8") && egress.contains("loopback"), "{banner}");
+    let key = banner.split_whitespace().find(|w| w.starts_with("slk_")).unwrap();
+    let api = Api::with_key(&format!("http://127.0.0.1:{port}"), Some(key));
+
+    let local = Local::start(|_, _| Reply::Text("reached")).await;
+    publish_call(&api).await;
+    let row = &call_each(&api, "dev", &[format!("http://localhost:{}/", local.port)]).await[0];
+    assert_eq!(row["output"], json!({"status": 200, "body": "reached"}), "{row}");
+}
+
+/// Stops a process when the test ends, failed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
