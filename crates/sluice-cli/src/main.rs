@@ -20,7 +20,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::client::Api;
-use sluice_engine::EngineOptions;
+use sluice_engine::{AllowEntry, EgressPolicy, EngineOptions};
 use sluice_server::sluice_auth::{Quota, RateLimitConfig};
 use sluice_server::sluice_gateway::Gateway;
 
@@ -97,12 +97,27 @@ pub struct ServeArgs {
     /// to expire (10 s).
     #[arg(long, value_name = "NAME", env = "SLUICE_NODE_ID")]
     node_id: Option<String>,
+    /// Let `http` steps reach this address, network (CIDR) or host name (`*.corp.example` for
+    /// the names under a domain) beyond public addresses, which alone are allowed by default.
+    /// Repeatable, or comma-separated in the variable; see docs/security.md, Egress policy.
+    #[arg(long = "egress-allow", value_name = "CIDR_OR_HOST", env = "SLUICE_EGRESS_ALLOW", value_delimiter = ',',
+          value_parser = parse_allow)]
+    egress_allow: Vec<AllowEntry>,
+    /// Egress config (YAML or JSON): `allow: [...]` for every tenant, and
+    /// `tenants: {ID: {allow: [...]}}` for one tenant's `http` steps; adds to --egress-allow.
+    #[arg(long, value_name = "FILE", env = "SLUICE_EGRESS_CONFIG")]
+    egress_config: Option<PathBuf>,
+    /// Largest response body an `http` step keeps; a larger one fails the step with
+    /// `http.too_large`. Bytes, or with a unit: `512KiB`, `4MiB`.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", env = "SLUICE_HTTP_MAX_BODY", value_parser = parse_size)]
+    http_max_body: usize,
     #[command(flatten)]
     tls: TlsArgs,
 }
 
 impl ServeArgs {
-    fn engine_options(&self, gateway: Option<Arc<Gateway>>) -> EngineOptions {
+    /// The engine's options; `loopback` lets `http` steps reach this machine (`sluice dev`).
+    fn engine_options(&self, gateway: Option<Arc<Gateway>>, loopback: bool) -> Result<EngineOptions> {
         let defaults = EngineOptions::default();
         let node = match (&self.node_id, self.port) {
             (Some(id), _) => id.clone(),
@@ -110,7 +125,28 @@ impl ServeArgs {
             (None, 0) => sluice_engine::unique_node_name(),
             (None, port) => format!("{}:{port}", self.bind),
         };
-        EngineOptions { gateway, tenant_max_running: self.max_running_per_tenant, node, ..defaults }
+        let mut egress = match &self.egress_config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the egress config {}", path.display()))?;
+                EgressPolicy::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            }
+            None => EgressPolicy::default(),
+        };
+        for entry in self.egress_allow.iter().cloned() {
+            egress.server.add(entry);
+        }
+        if loopback {
+            AllowEntry::loopback().into_iter().for_each(|e| egress.server.add(e));
+        }
+        Ok(EngineOptions {
+            gateway,
+            tenant_max_running: self.max_running_per_tenant,
+            node,
+            http_max_body: self.http_max_body,
+            egress,
+            ..defaults
+        })
     }
 
     fn limits(&self) -> RateLimitConfig {
@@ -125,6 +161,29 @@ impl ServeArgs {
 
 fn parse_quota(s: &str) -> Result<Quota, String> {
     Quota::parse(s)
+}
+
+fn parse_allow(s: &str) -> Result<AllowEntry, String> {
+    s.parse()
+}
+
+/// `1048576`, `512KiB`, `4MiB`, `1GiB`.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let unit: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit `{other}`: use bytes, KiB, MiB or GiB")),
+    };
+    let n: usize = digits.parse().map_err(|_| format!("`{s}` is not a size such as 1048576 or 4MiB"))?;
+    match n.checked_mul(unit) {
+        Some(0) | None => Err(format!("`{s}` is not a size between 1 byte and the memory of this machine")),
+        Some(bytes) => Ok(bytes),
+    }
 }
 
 /// HTTPS and mutual TLS; see docs/operations.md.

@@ -245,8 +245,9 @@ pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
     let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
     let oidc = oidc_of(&args)?;
-    let (engine, listener, addr) =
-        start(&args.database, &args.bind, args.port, args.engine_options(gateway.clone()), tls.is_none()).await?;
+    let opts = args.engine_options(gateway.clone(), false)?;
+    let egress = opts.egress.summary();
+    let (engine, listener, addr) = start(&args.database, &args.bind, args.port, opts, tls.is_none()).await?;
     let directory = if args.insecure_no_auth {
         warn_insecure();
         None
@@ -270,7 +271,7 @@ pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
     let gateway_file = args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     let client_auth = tls.as_ref().map(|t| t.options().client_auth.to_string()).unwrap_or_default();
     tracing::info!(%addr, url = %url_of(addr, tls.as_ref()), database = %describe_database(&args.database),
-        gateway = %gateway_file, tls_client_auth = %client_auth, auth = directory.is_some(),
+        gateway = %gateway_file, tls_client_auth = %client_auth, auth = directory.is_some(), egress = %egress,
         oidc = %oidc.as_ref().map(|o| o.config().issuer.clone()).unwrap_or_default(), trace_id = %process_trace, "sluice serving");
     let opts = sluice_server::Options { gateway, directory, oidc, limits: args.limits(), tls };
     let watched = engine.clone();
@@ -355,8 +356,9 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace
     let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
     let oidc = oidc_of(&args)?;
-    let (engine, listener, addr) =
-        start(&args.database, &args.bind, args.port, args.engine_options(gateway.clone()), tls.is_none()).await?;
+    let opts = args.engine_options(gateway.clone(), true)?;
+    let egress = opts.egress.summary();
+    let (engine, listener, addr) = start(&args.database, &args.bind, args.port, opts, tls.is_none()).await?;
     let url = url_of(addr, tls.as_ref());
     let published = publish_examples(&engine, &examples).await;
     // A local tenant, a key for you (printed once) and one for the demo worker.
@@ -397,7 +399,7 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace
         // Every line of a JSON log is a JSON object: the banner is one log line.
         tracing::info!(%url, database = %describe_database(&args.database), workflows = %published.join(","),
             gateway = %args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-            trace_id = %process_trace, "sluice serving");
+            egress = %egress, trace_id = %process_trace, "sluice serving");
         server.await??;
         return Ok(());
     }
@@ -424,6 +426,8 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace
         }
     }
     eprintln!("  API        {url}/openapi.json   metrics {url}/metrics");
+    // Loopback is allowed so that the examples can call local services; `serve` denies it.
+    eprintln!("  egress     http steps may reach {egress}: loopback for sluice dev only (docs/security.md)");
     match &args.gateway {
         Some(file) => {
             eprintln!("  gateway    {url}/v1/chat/completions   config {}", file.display())

@@ -7,6 +7,7 @@
 
 mod cache;
 mod clock;
+mod egress;
 mod error;
 mod eval;
 mod http;
@@ -31,6 +32,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use clock::now_ms;
+pub use egress::{is_public, Allow, AllowEntry, EgressPolicy};
 pub use error::Error;
 pub use ledger::{outcome_name, CallContext, CallStats, Ledger, Refused};
 pub use trace::{SpanId, TraceId, TraceParent};
@@ -39,6 +41,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Longest a long-poll may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Largest response body an `http` step keeps unless configured otherwise: 1 MiB.
+pub const DEFAULT_HTTP_MAX_BODY: usize = 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -69,6 +74,10 @@ pub struct EngineOptions {
     /// Where other nodes reach this one (`http://host:port`), to send it signals and other
     /// changes to the executions it owns.
     pub url: Option<String>,
+    /// Largest response body an `http` step keeps; a larger one fails the step (`http.too_large`).
+    pub http_max_body: usize,
+    /// What `http` steps may connect to beyond public addresses.
+    pub egress: EgressPolicy,
 }
 
 impl Default for EngineOptions {
@@ -85,6 +94,8 @@ impl Default for EngineOptions {
             node: "local".into(),
             lease: Duration::from_secs(10),
             url: None,
+            http_max_body: DEFAULT_HTTP_MAX_BODY,
+            egress: EgressPolicy::default(),
         }
     }
 }
@@ -203,7 +214,8 @@ pub(crate) struct Inner {
     pub wake: Notify,
     /// Waiters for results, by (tenant, workflow_id).
     pub watchers: SyncMutex<HashMap<(String, String), Arc<Notify>>>,
-    pub http: reqwest::Client,
+    /// The clients of `http` steps, under the egress policy.
+    pub http: egress::Egress,
     /// Latest version of each workflow, by (tenant, name).
     pub latest: SyncMutex<HashMap<(String, String), String>>,
     /// Recently finished runs by (tenant, workflow_id), so result waiters need no store read.
@@ -287,10 +299,7 @@ pub fn validate_workflow_id(id: &str) -> Result<()> {
 impl Engine {
     /// Loads pending tasks and timers from the store and starts the background loops.
     pub async fn start(store: Arc<dyn Store>, opts: EngineOptions) -> Result<(Engine, JoinHandle<()>)> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        let http = egress::Egress::new(&opts.egress).map_err(|e| Error::Internal(e.to_string()))?;
         let lease_ms = i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX);
         let epoch = store.register_node(&opts.node, opts.url.as_deref(), lease_ms).await?;
         let shared = store.shared_queues();

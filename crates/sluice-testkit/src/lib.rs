@@ -216,6 +216,11 @@ impl ServerProcess {
         self.spawn().await;
     }
 
+    /// The process id while it runs (to read its memory from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// A client with the owner key.
     /// The server process's id (0 when it is not running).
     pub fn pid(&self) -> u32 {

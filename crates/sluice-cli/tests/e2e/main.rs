@@ -12,6 +12,7 @@ mod errors;
 mod eval;
 mod examples;
 mod hostile;
+mod http_steps;
 mod llm;
 mod oidc;
 mod postgres;

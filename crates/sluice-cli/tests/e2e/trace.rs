@@ -34,7 +34,9 @@ async fn trace_ids_reach_http_steps_workers_children_and_every_log_line() {
     let dir = TempDir::new("trace");
     let db = dir.path().join("sluice.db").display().to_string();
     // Debug, so that the request lines (`observe`) and the engine's step lines are logged too.
-    let server = ServerProcess::start_with_env(&bin(), dir.path(), &db, &[], &[("SLUICE_LOG", "debug")]).await;
+    // The http step calls a local server: loopback is allowed for it.
+    let allow = ["--egress-allow", "127.0.0.1/32"];
+    let server = ServerProcess::start_with_env(&bin(), dir.path(), &db, &allow, &[("SLUICE_LOG", "debug")]).await;
     let (record, worker_log) = (dir.path().join("worker.jsonl"), dir.path().join("worker.log"));
     let _worker = WorkerProcess::rust_logged(&bin(), &server, &["greet"], Some(&record), &worker_log, "debug");
     let upstream = RecordingServer::start().await;
