@@ -193,7 +193,7 @@ fn user_view(u: &UserDoc) -> UserView {
 }
 
 /// A normalized email, or why it is not one.
-pub(crate) fn check_email(email: &str) -> Result<String, AuthError> {
+pub fn check_email(email: &str) -> Result<String, AuthError> {
     let e = email.trim().to_lowercase();
     let ok = e.len() <= 254
         && e.split_once('@').is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())

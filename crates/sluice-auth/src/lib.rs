@@ -21,7 +21,7 @@ pub mod role;
 pub mod sharing;
 
 pub use audit::Auditor;
-pub use directory::{ApiKeyView, AuthConfig, Directory, NewApiKey, NewUser, UserView};
+pub use directory::{check_email, ApiKeyView, AuthConfig, Directory, NewApiKey, NewUser, UserView};
 pub use error::AuthError;
 pub use ratelimit::{Limited, Quota, RateLimitConfig, RateLimiter, RateState};
 pub use role::{Actor, Perm, Principal, Role};

@@ -312,3 +312,40 @@ async fn serve_refuses_to_start_without_credentials_unless_told_to() {
     assert_eq!((status, me["role"].as_str(), me["tenant"].as_str()), (200, Some("owner"), Some("default")));
     assert!(server.log_text().contains("AUTHENTICATION IS OFF"), "the insecure mode is logged loudly");
 }
+
+async fn login(api: &Api, tenant: &str, email: &str, password: &str) -> (u16, Value) {
+    api.post("/v1/auth/login", &json!({"tenant": tenant, "email": email, "password": password})).await
+}
+
+/// Issue 13, item 8: the login limiter counted attempts per email alone, so failed logins naming
+/// a tenant that does not exist (or another tenant) locked the real user out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_attempts_are_counted_per_tenant_and_account() {
+    let dir = TempDir::new("auth-login-buckets");
+    let server = ServerProcess::start(&bin(), dir.path()).await;
+    let owner = server.api();
+    let other_key = sluice_testkit::admin_init(&bin(), dir.path(), &server.database, "globex");
+    let other = Api::with_key(&server.base, Some(&other_key));
+    let user = json!({"email": "ada@example.com", "password": "correct horse battery", "role": "editor"});
+    assert_eq!(owner.post("/v1/users", &user).await.0, 201);
+    assert_eq!(other.post("/v1/users", &user).await.0, 201);
+    let anonymous = Api::new(&server.base);
+
+    // Ten wrong guesses against a tenant that does not exist touch no real account.
+    for _ in 0..10 {
+        let (status, body) = login(&anonymous, "no-such-tenant", "ada@example.com", "guess guess guess").await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let (status, body) = login(&anonymous, "no-such-tenant", "ada@example.com", "guess guess guess").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limited")), "{body}");
+    let (status, body) = login(&anonymous, "default", "ada@example.com", "correct horse battery").await;
+    assert_eq!(status, 200, "the real user is not locked out: {body}");
+
+    // Ten against ada of globex lock out that account only.
+    for _ in 0..10 {
+        assert_eq!(login(&anonymous, "globex", "ada@example.com", "guess guess guess").await.0, 401);
+    }
+    assert_eq!(login(&anonymous, "globex", "ada@example.com", "correct horse battery").await.0, 429);
+    let (status, body) = login(&anonymous, "default", "ADA@example.com", "correct horse battery").await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -42,12 +42,11 @@ pub struct LoginBody {
 
 pub async fn login(State(app): State<AppState>, JsonBody(b): JsonBody<LoginBody>) -> Result<Json<Value>, ApiError> {
     let dir = directory(&app)?;
-    // Guessing is slowed per account, whatever the answer.
-    let who = Principal {
-        tenant: b.tenant.clone(),
-        actor: Actor::User { email: b.email.trim().to_lowercase() },
-        role: Role::Viewer,
-    };
+    // Guessing is slowed per account (tenant and email), whatever the answer. Names that cannot
+    // be a tenant or an email share one bucket each, so made-up text cannot grow the limiter.
+    let tenant = if sluice_auth::check_tenant_id(&b.tenant).is_ok() { b.tenant.clone() } else { "?".into() };
+    let email = sluice_auth::check_email(&b.email).unwrap_or_else(|_| "?".into());
+    let who = Principal { tenant, actor: Actor::User { email }, role: Role::Viewer };
     if let Err(limited) = app.security.login_limiter.check(&who) {
         return Err(ApiError::new(
             "rate_limited",
