@@ -58,6 +58,11 @@ struct TenantDoc {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct UserDoc {
+    /// The user's unique id (UUID v7), which session tokens name: a user removed and made again
+    /// with the same email is another user. Users stored before ids existed get one the first
+    /// time they are read (`Directory::load_user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
     email: String,
     role: Role,
     /// Absent for users who sign in only through an identity provider.
@@ -90,6 +95,7 @@ struct CertDoc {
 /// A user as the API shows it (never the password hash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UserView {
+    pub id: String,
     pub email: String,
     pub role: Role,
     pub created_at_ms: i64,
@@ -189,7 +195,17 @@ fn key_view(id: &str, k: &KeyDoc) -> ApiKeyView {
 }
 
 fn user_view(u: &UserDoc) -> UserView {
-    UserView { email: u.email.clone(), role: u.role, created_at_ms: u.created_at_ms, created_by: u.created_by.clone() }
+    UserView {
+        id: u.id.clone().unwrap_or_default(),
+        email: u.email.clone(),
+        role: u.role,
+        created_at_ms: u.created_at_ms,
+        created_by: u.created_by.clone(),
+    }
+}
+
+fn new_user_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 /// A normalized email, or why it is not one.
@@ -289,6 +305,7 @@ impl Directory {
             None => None,
         };
         let user = UserDoc {
+            id: Some(new_user_id()),
             email: email.clone(),
             role: new.role,
             password_hash,
@@ -303,7 +320,19 @@ impl Directory {
     }
 
     pub async fn list_users(&self, tenant: &str) -> Result<Vec<UserView>, AuthError> {
-        self.store.list_docs(tenant, USER).await?.iter().map(|d| decode::<UserDoc>(d).map(|u| user_view(&u))).collect()
+        let mut users = Vec::new();
+        for d in self.store.list_docs(tenant, USER).await? {
+            let u: UserDoc = decode(&d)?;
+            let u = match u.id {
+                Some(_) => u,
+                None => match self.load_user(tenant, &d.id).await? {
+                    Some(u) => u,
+                    None => continue,
+                },
+            };
+            users.push(user_view(&u));
+        }
+        Ok(users)
     }
 
     /// Removes a user; their session tokens stop working within the cache time.
@@ -342,10 +371,9 @@ impl Directory {
             ))
         };
         let result = loop {
-            let found = self.store.get_doc(tenant, USER, &email).await?;
+            let found = self.load_user_doc(tenant, &email).await?;
             match found {
-                Some(d) => {
-                    let mut user: UserDoc = decode(&d)?;
+                Some((mut user, version)) => {
                     if user.created_by != source {
                         break (user_view(&user), false);
                     }
@@ -354,7 +382,7 @@ impl Directory {
                         break (user_view(&user), false);
                     }
                     user.role = role;
-                    if self.store.put_doc(doc(tenant, USER, &email, encode(&user)?, d.version)).await? {
+                    if self.store.put_doc(doc(tenant, USER, &email, encode(&user)?, version)).await? {
                         tracing::info!(tenant, email = %email, role = %role, "role of an external user follows the identity provider");
                         break (user_view(&user), false);
                     }
@@ -367,6 +395,7 @@ impl Directory {
                 None => {
                     let role = role.ok_or_else(no_role)?;
                     let user = UserDoc {
+                        id: Some(new_user_id()),
                         email: email.clone(),
                         role,
                         password_hash: None,
@@ -392,16 +421,38 @@ impl Directory {
                 return Ok(c.value.clone());
             }
         }
-        let user = match self.store.get_doc(tenant, USER, email).await {
-            Ok(Some(d)) => Some(decode::<UserDoc>(&d)?),
-            Ok(None) => None,
+        let user = match self.load_user(tenant, email).await {
+            Ok(u) => u,
             Err(e) => match lock(&self.users).get(&key) {
                 Some(stale) => return Ok(stale.value.clone()),
-                None => return Err(e.into()),
+                None => return Err(e),
             },
         };
         lock(&self.users).insert(key, Cached { value: user.clone(), at: Instant::now() });
         Ok(user)
+    }
+
+    /// The user stored under `email`, uncached; see [`Self::load_user_doc`].
+    async fn load_user(&self, tenant: &str, email: &str) -> Result<Option<UserDoc>, AuthError> {
+        Ok(self.load_user_doc(tenant, email).await?.map(|(u, _)| u))
+    }
+
+    /// The user stored under `email` and the version of its document, uncached. A user stored
+    /// before users had ids is given one here, and it is written back so that every node agrees
+    /// on it (whoever writes first wins; the others read the winner's).
+    async fn load_user_doc(&self, tenant: &str, email: &str) -> Result<Option<(UserDoc, i64)>, AuthError> {
+        loop {
+            let Some(d) = self.store.get_doc(tenant, USER, email).await? else { return Ok(None) };
+            let mut user: UserDoc = decode(&d)?;
+            if user.id.is_some() {
+                return Ok(Some((user, d.version)));
+            }
+            user.id = Some(new_user_id());
+            if self.store.put_doc(doc(tenant, USER, email, encode(&user)?, d.version)).await? {
+                tracing::info!(tenant, email = %email, "gave a user stored without an id its id");
+                return Ok(Some((user, d.version + 1)));
+            }
+        }
     }
 
     // ---- API keys ----
@@ -557,8 +608,17 @@ impl Directory {
             ));
         }
         let claims = self.verify_token(credential).await?;
+        let Some(email) = &claims.email else {
+            return Err(AuthError::Unauthenticated(
+                "this session token is of an older format that named the user by email; log in again".into(),
+            ));
+        };
         let gone = || AuthError::Unauthenticated("the user of this session no longer exists".into());
-        let user = self.user(&claims.tid, &claims.sub).await?.ok_or_else(gone)?;
+        let user = self.user(&claims.tid, email).await?.ok_or_else(gone)?;
+        // The user the token was issued to, not someone given the same email since.
+        if user.id.as_deref() != Some(claims.sub.as_str()) {
+            return Err(gone());
+        }
         // The current role counts, not the one at login.
         Ok(Principal { tenant: claims.tid, actor: Actor::User { email: user.email }, role: user.role })
     }
@@ -621,7 +681,7 @@ impl Directory {
     pub async fn login(&self, tenant: &str, email: &str, password: &str) -> Result<(String, i64), AuthError> {
         let email = email.trim().to_lowercase();
         let user = if check_tenant_id(tenant).is_ok() && tenant != SYSTEM_SCOPE {
-            self.store.get_doc(tenant, USER, &email).await?.map(|d| decode::<UserDoc>(&d)).transpose()?
+            self.load_user(tenant, &email).await?
         } else {
             None
         };
@@ -635,19 +695,24 @@ impl Directory {
         .await
         .map_err(|e| AuthError::Internal(format!("password check stopped: {e}")))?;
         match user {
-            Some(u) if ok => self.issue_token(tenant, &u.email, u.role),
+            Some(u) if ok => self.issue_token(tenant, &user_view(&u)),
             _ => Err(AuthError::InvalidCredentials),
         }
     }
 
     /// A session token for a user who proved who they are (a password, an identity provider).
-    pub fn issue_token(&self, tenant: &str, email: &str, role: Role) -> Result<(String, i64), AuthError> {
+    /// It names the user by id (and email, to find them), so it dies with the user.
+    pub fn issue_token(&self, tenant: &str, user: &UserView) -> Result<(String, i64), AuthError> {
+        if user.id.is_empty() {
+            return Err(AuthError::Internal(format!("user {} has no id", user.email)));
+        }
         let now = now_ms();
         let exp_ms = now.saturating_add(i64::try_from(self.config.token_ttl.as_millis()).unwrap_or(i64::MAX));
         let claims = Claims {
-            sub: email.into(),
+            sub: user.id.clone(),
+            email: Some(user.email.clone()),
             tid: tenant.into(),
-            role: role.as_str().into(),
+            role: user.role.as_str().into(),
             iat: now / 1000,
             exp: exp_ms / 1000,
             iss: ISSUER.into(),

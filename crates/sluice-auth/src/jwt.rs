@@ -16,8 +16,11 @@ pub const AUDIENCE: &str = "sluice-api";
 /// What a session token says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
-    /// The user's email.
+    /// The user's id (UUID v7). Tokens issued before users had ids held the email here.
     pub sub: String,
+    /// The user's email, under which the directory finds the user (whose id must be `sub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
     /// The tenant.
     pub tid: String,
     pub role: String,
@@ -142,7 +145,8 @@ mod tests {
 
     fn claims(exp: i64) -> Claims {
         Claims {
-            sub: "ada@example.com".into(),
+            sub: "0190d3c2-0000-7000-8000-000000000000".into(),
+            email: Some("ada@example.com".into()),
             tid: "acme".into(),
             role: "editor".into(),
             iat: crate::now_ms() / 1000,
@@ -159,7 +163,7 @@ mod tests {
         let old = StoredKey::generate(1_000).unwrap();
         let ring1 = Keyring::new(std::slice::from_ref(&old)).unwrap();
         let t1 = ring1.sign(&claims(now + 3600)).unwrap();
-        assert_eq!(ring1.verify(&t1).unwrap().sub, "ada@example.com");
+        assert_eq!(ring1.verify(&t1).unwrap().email.as_deref(), Some("ada@example.com"));
 
         let new = StoredKey::generate(2_000).unwrap();
         let ring2 = Keyring::new(&[old.clone(), new.clone()]).unwrap();

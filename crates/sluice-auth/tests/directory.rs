@@ -182,7 +182,7 @@ async fn users_from_an_identity_provider_are_provisioned_and_follow_its_roles() 
     assert_eq!(user.created_by, idp);
     assert!(matches!(d.login("acme", "new@acme.io", "").await, Err(AuthError::InvalidCredentials)));
     // The provider's role applies at the next sign-in, and to open sessions.
-    let (token, _) = d.issue_token("acme", "new@acme.io", Role::Editor).unwrap();
+    let (token, _) = d.issue_token("acme", &user).unwrap();
     let (user, created) = d.sign_in_external("acme", "new@acme.io", Some(Role::Viewer), true, idp).await.unwrap();
     assert_eq!((user.role, created), (Role::Viewer, false));
     assert_eq!(d.authenticate(&token, None).await.unwrap().role, Role::Viewer);
@@ -200,5 +200,61 @@ async fn users_from_an_identity_provider_are_provisioned_and_follow_its_roles() 
         d.sign_in_external("acme", "not an email", Some(Role::Viewer), true, idp).await,
         Err(AuthError::Invalid { .. })
     ));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Issue 13, item 10: a session named its user by email, so a removed user's token worked again,
+/// with the new user's role, once someone was added under the same email.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_dies_with_its_user_even_when_the_email_comes_back() {
+    let (dir, s) = store("user-ids");
+    let d = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    d.create_tenant("acme", "Acme").await.unwrap();
+    let new = |role| NewUser { email: "ada@acme.io".into(), password: Some("correct horse battery".into()), role };
+    let first = d.create_user("acme", None, new(Role::Viewer)).await.unwrap();
+    assert_eq!(first.id.len(), 36, "a UUID: {first:?}");
+    let (token, _) = d.login("acme", "ada@acme.io", "correct horse battery").await.unwrap();
+    assert_eq!(d.authenticate(&token, None).await.unwrap().role, Role::Viewer);
+
+    d.delete_user("acme", &admin("acme"), "ada@acme.io").await.unwrap();
+    let second = d.create_user("acme", None, new(Role::Owner)).await.unwrap();
+    assert_ne!(second.id, first.id);
+    assert!(
+        matches!(d.authenticate(&token, None).await, Err(AuthError::Unauthenticated(m)) if m.contains("no longer exists")),
+        "the old session does not become the new owner"
+    );
+    // Another node, which never cached the first user, refuses it too.
+    let other = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    assert!(matches!(other.authenticate(&token, None).await, Err(AuthError::Unauthenticated(_))));
+    let (fresh, _) = d.login("acme", "ada@acme.io", "correct horse battery").await.unwrap();
+    assert_eq!(other.authenticate(&fresh, None).await.unwrap().role, Role::Owner);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Users stored before users had ids get one when first read, written back once.
+#[tokio::test(flavor = "multi_thread")]
+async fn users_stored_without_an_id_get_one_on_first_use() {
+    let (dir, s) = store("user-id-migration");
+    let d = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    d.create_tenant("acme", "Acme").await.unwrap();
+    d.create_user(
+        "acme",
+        None,
+        NewUser { email: "ada@acme.io".into(), password: Some("correct horse battery".into()), role: Role::Editor },
+    )
+    .await
+    .unwrap();
+    // Rewrite the stored user as an older version wrote it: no id.
+    let mut old = s.get_doc("acme", "user", "ada@acme.io").await.unwrap().unwrap();
+    old.body.as_object_mut().unwrap().remove("id");
+    assert!(s.put_doc(old.clone()).await.unwrap());
+    assert!(s.get_doc("acme", "user", "ada@acme.io").await.unwrap().unwrap().body.get("id").is_none());
+
+    let fresh = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    let (token, _) = fresh.login("acme", "ada@acme.io", "correct horse battery").await.unwrap();
+    let stored = s.get_doc("acme", "user", "ada@acme.io").await.unwrap().unwrap();
+    let id = stored.body["id"].as_str().expect("an id written back").to_string();
+    assert_eq!(fresh.authenticate(&token, None).await.unwrap().user(), Some("ada@acme.io"));
+    assert_eq!(fresh.list_users("acme").await.unwrap()[0].id, id, "the id stays the one written");
     let _ = std::fs::remove_dir_all(dir);
 }
