@@ -16,7 +16,7 @@ use sluice_store::{Doc, Store};
 
 use crate::jwt::{Claims, Keyring, StoredKey, AUDIENCE, ISSUER};
 use crate::role::{Actor, Principal, Role};
-use crate::{apikey, check_tenant_id, now_ms, password, AuthError, SYSTEM_SCOPE};
+use crate::{apikey, check_tenant_id, now_ms, password, AuthError, LoginFailure, SYSTEM_SCOPE};
 
 const TENANT: &str = "tenant";
 const USER: &str = "user";
@@ -114,6 +114,14 @@ pub struct ApiKeyView {
     pub revoked_at_ms: Option<i64>,
     pub last_used_ms: Option<i64>,
     pub client_cert_sha256: Option<String>,
+}
+
+/// A session opened by a password login.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub token: String,
+    pub expires_at_ms: i64,
+    pub user: UserView,
 }
 
 pub struct NewUser {
@@ -677,14 +685,12 @@ impl Directory {
             .map_err(|e| e.unwrap_or_else(|| AuthError::Unauthenticated("invalid session token: unknown key".into())))
     }
 
-    /// Checks a password and returns a session token and its expiry (ms).
-    pub async fn login(&self, tenant: &str, email: &str, password: &str) -> Result<(String, i64), AuthError> {
+    /// Checks a password and opens a session. A failure says why, for the server's records; the
+    /// caller must be told only "wrong email or password".
+    pub async fn login(&self, tenant: &str, email: &str, password: &str) -> Result<Session, AuthError> {
         let email = email.trim().to_lowercase();
-        let user = if check_tenant_id(tenant).is_ok() && tenant != SYSTEM_SCOPE {
-            self.load_user(tenant, &email).await?
-        } else {
-            None
-        };
+        let real_tenant = check_tenant_id(tenant).is_ok() && tenant != SYSTEM_SCOPE;
+        let user = if real_tenant { self.load_user(tenant, &email).await? } else { None };
         let stored = user.as_ref().and_then(|u| u.password_hash.clone());
         let pw = password.to_string();
         let ok = tokio::task::spawn_blocking(move || {
@@ -695,8 +701,16 @@ impl Directory {
         .await
         .map_err(|e| AuthError::Internal(format!("password check stopped: {e}")))?;
         match user {
-            Some(u) if ok => self.issue_token(tenant, &user_view(&u)),
-            _ => Err(AuthError::InvalidCredentials),
+            Some(u) if ok => {
+                let user = user_view(&u);
+                let (token, expires_at_ms) = self.issue_token(tenant, &user)?;
+                Ok(Session { token, expires_at_ms, user })
+            }
+            Some(_) => Err(AuthError::InvalidCredentials(LoginFailure::WrongPassword)),
+            None if real_tenant && self.tenant_exists(tenant).await? => {
+                Err(AuthError::InvalidCredentials(LoginFailure::UnknownUser))
+            }
+            None => Err(AuthError::InvalidCredentials(LoginFailure::UnknownTenant)),
         }
     }
 

@@ -21,8 +21,8 @@ pub mod role;
 pub mod sharing;
 
 pub use audit::Auditor;
-pub use directory::{check_email, ApiKeyView, AuthConfig, Directory, NewApiKey, NewUser, UserView};
-pub use error::AuthError;
+pub use directory::{check_email, ApiKeyView, AuthConfig, Directory, NewApiKey, NewUser, Session, UserView};
+pub use error::{AuthError, LoginFailure};
 pub use ratelimit::{Limited, Quota, RateLimitConfig, RateLimiter, RateState};
 pub use role::{Actor, Perm, Principal, Role};
 pub use sharing::{Access, Grant, Shares, Sharing};

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_auth::{Actor, AuthConfig, AuthError, Directory, NewApiKey, NewUser, Principal, Role};
+use sluice_auth::{Actor, AuthConfig, AuthError, Directory, LoginFailure, NewApiKey, NewUser, Principal, Role};
 use sluice_store::Store;
 use sluice_store_sqlite::SqliteStore;
 
@@ -57,17 +57,23 @@ async fn users_log_in_and_sessions_follow_the_directory() {
     let text = raw.body.to_string();
     assert!(text.contains("$argon2id$") && !text.contains("correct horse"), "{text}");
 
-    let (token, exp) = d.login("acme", "ADA@example.com", "correct horse battery").await.unwrap();
-    assert!(exp > sluice_auth::now_ms());
+    let session = d.login("acme", "ADA@example.com", "correct horse battery").await.unwrap();
+    let token = session.token;
+    assert!(session.expires_at_ms > sluice_auth::now_ms());
+    assert_eq!((session.user.email.as_str(), session.user.role), ("ada@example.com", Role::Editor));
     let p = d.authenticate(&token, None).await.unwrap();
     assert_eq!((p.tenant.as_str(), p.role, p.user()), ("acme", Role::Editor, Some("ada@example.com")));
-    for (tenant, email, pw) in [
-        ("acme", "ada@example.com", "wrong password!!"),
-        ("acme", "nobody@example.com", "correct horse battery"),
-        ("other", "ada@example.com", "correct horse battery"),
-        ("_system", "ada@example.com", "correct horse battery"),
+    // One answer for every failure; the reason is for the server's records only.
+    for (tenant, email, pw, why) in [
+        ("acme", "ada@example.com", "wrong password!!", LoginFailure::WrongPassword),
+        ("acme", "nobody@example.com", "correct horse battery", LoginFailure::UnknownUser),
+        ("other", "ada@example.com", "correct horse battery", LoginFailure::UnknownTenant),
+        ("_system", "ada@example.com", "correct horse battery", LoginFailure::UnknownTenant),
+        ("Not A Tenant", "ada@example.com", "correct horse battery", LoginFailure::UnknownTenant),
     ] {
-        assert_eq!(d.login(tenant, email, pw).await.unwrap_err(), AuthError::InvalidCredentials, "{tenant} {email}");
+        let e = d.login(tenant, email, pw).await.unwrap_err();
+        assert_eq!(e, AuthError::InvalidCredentials(why), "{tenant} {email}");
+        assert_eq!(e.to_string(), "wrong email or password");
     }
 
     // A rotated signing key keeps old sessions valid; a second node loads the new key on demand.
@@ -79,7 +85,7 @@ async fn users_log_in_and_sessions_follow_the_directory() {
     let kids = rotating.signing_kids();
     assert!(kids.len() >= 2, "rotation made a second key: {kids:?}");
     assert!(rotating.authenticate(&token, None).await.is_ok(), "a session of the old key survives rotation");
-    let (fresh, _) = rotating.login("acme", "ada@example.com", "correct horse battery").await.unwrap();
+    let fresh = rotating.login("acme", "ada@example.com", "correct horse battery").await.unwrap().token;
     assert!(other_node.authenticate(&fresh, None).await.is_ok(), "another node learns the new kid from the store");
 
     // Removing the user ends their sessions.
@@ -180,7 +186,10 @@ async fn users_from_an_identity_provider_are_provisioned_and_follow_its_roles() 
     let (user, created) = d.sign_in_external("acme", "New@Acme.io", Some(Role::Editor), true, idp).await.unwrap();
     assert_eq!((user.email.as_str(), user.role, created), ("new@acme.io", Role::Editor, true));
     assert_eq!(user.created_by, idp);
-    assert!(matches!(d.login("acme", "new@acme.io", "").await, Err(AuthError::InvalidCredentials)));
+    assert!(matches!(
+        d.login("acme", "new@acme.io", "").await,
+        Err(AuthError::InvalidCredentials(LoginFailure::WrongPassword))
+    ));
     // The provider's role applies at the next sign-in, and to open sessions.
     let (token, _) = d.issue_token("acme", &user).unwrap();
     let (user, created) = d.sign_in_external("acme", "new@acme.io", Some(Role::Viewer), true, idp).await.unwrap();
@@ -213,7 +222,7 @@ async fn a_session_dies_with_its_user_even_when_the_email_comes_back() {
     let new = |role| NewUser { email: "ada@acme.io".into(), password: Some("correct horse battery".into()), role };
     let first = d.create_user("acme", None, new(Role::Viewer)).await.unwrap();
     assert_eq!(first.id.len(), 36, "a UUID: {first:?}");
-    let (token, _) = d.login("acme", "ada@acme.io", "correct horse battery").await.unwrap();
+    let token = d.login("acme", "ada@acme.io", "correct horse battery").await.unwrap().token;
     assert_eq!(d.authenticate(&token, None).await.unwrap().role, Role::Viewer);
 
     d.delete_user("acme", &admin("acme"), "ada@acme.io").await.unwrap();
@@ -226,7 +235,7 @@ async fn a_session_dies_with_its_user_even_when_the_email_comes_back() {
     // Another node, which never cached the first user, refuses it too.
     let other = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
     assert!(matches!(other.authenticate(&token, None).await, Err(AuthError::Unauthenticated(_))));
-    let (fresh, _) = d.login("acme", "ada@acme.io", "correct horse battery").await.unwrap();
+    let fresh = d.login("acme", "ada@acme.io", "correct horse battery").await.unwrap().token;
     assert_eq!(other.authenticate(&fresh, None).await.unwrap().role, Role::Owner);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -251,7 +260,7 @@ async fn users_stored_without_an_id_get_one_on_first_use() {
     assert!(s.get_doc("acme", "user", "ada@acme.io").await.unwrap().unwrap().body.get("id").is_none());
 
     let fresh = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
-    let (token, _) = fresh.login("acme", "ada@acme.io", "correct horse battery").await.unwrap();
+    let token = fresh.login("acme", "ada@acme.io", "correct horse battery").await.unwrap().token;
     let stored = s.get_doc("acme", "user", "ada@acme.io").await.unwrap().unwrap();
     let id = stored.body["id"].as_str().expect("an id written back").to_string();
     assert_eq!(fresh.authenticate(&token, None).await.unwrap().user(), Some("ada@acme.io"));

@@ -349,3 +349,51 @@ async fn login_attempts_are_counted_per_tenant_and_account() {
     let (status, body) = login(&anonymous, "default", "ADA@example.com", "correct horse battery").await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// Issue 13, item 11: any anonymous caller could add rows with an actor of their choosing to any
+/// tenant's audit log (even one that did not exist yet), and login rows had no address or trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_logins_of_real_accounts_reach_a_tenants_audit_log() {
+    let dir = TempDir::new("auth-login-audit");
+    let server = ServerProcess::start(&bin(), dir.path()).await;
+    let owner = server.api();
+    let user = json!({"email": "ada@example.com", "password": "correct horse battery", "role": "editor"});
+    assert_eq!(owner.post("/v1/users", &user).await.0, 201);
+    let anonymous = Api::new(&server.base);
+    let attempt = |tenant: &str, email: &str, password: &str, trace: &str| {
+        anonymous
+            .request(reqwest::Method::POST, "/v1/auth/login")
+            .header("x-trace-id", trace)
+            .json(&json!({"tenant": tenant, "email": email, "password": password}))
+            .send()
+    };
+    let trace = |n: u8| format!("{n:032x}");
+    // A tenant that does not exist (yet), and an email that names no user of a real tenant.
+    assert_eq!(attempt("ghost", "user:root@ghost", "whatever it is", &trace(1)).await.unwrap().status(), 401);
+    assert_eq!(attempt("default", "forged actor text", "whatever it is", &trace(2)).await.unwrap().status(), 401);
+    // The real user: a wrong password, then the right one.
+    assert_eq!(attempt("default", "ada@example.com", "wrong password!", &trace(3)).await.unwrap().status(), 401);
+    assert_eq!(attempt("default", "ADA@example.com", "correct horse battery", &trace(4)).await.unwrap().status(), 200);
+
+    let (status, audit) = owner.get("/v1/audit?limit=500").await;
+    assert_eq!(status, 200, "{audit}");
+    let mut logins: Vec<&Value> =
+        audit["entries"].as_array().unwrap().iter().filter(|e| e["action"] == "auth.login").collect();
+    logins.sort_by_key(|e| e["id"].as_str().unwrap().to_string());
+    assert_eq!(logins.len(), 2, "only the real account's logins: {logins:?}");
+    for (row, (status, role, n)) in logins.iter().zip([(401, Value::Null, 3), (200, json!("editor"), 4)]) {
+        assert_eq!(row["actor"], "user:ada@example.com", "{row}");
+        assert_eq!((row["status"].as_u64(), &row["role"]), (Some(status), &role), "{row}");
+        assert_eq!(row["source_ip"], "127.0.0.1", "{row}");
+        assert_eq!(row["trace_id"], trace(n), "{row}");
+    }
+    // The tenant made afterwards starts with an empty log.
+    let ghost_key = sluice_testkit::admin_init(&bin(), dir.path(), &server.database, "ghost");
+    let (_, audit) = Api::with_key(&server.base, Some(&ghost_key)).get("/v1/audit?limit=500").await;
+    assert!(audit["entries"].as_array().unwrap().is_empty(), "{audit}");
+    // The others are in the server's log, with the address.
+    let log = server.log_lines();
+    let warned = |message: &str| log.iter().any(|l| l["message"] == message && l["source_ip"] == "127.0.0.1");
+    assert!(warned("failed login: no such tenant"), "{}", server.log_text());
+    assert!(warned("failed login: no such user in the tenant"), "{}", server.log_text());
+}

@@ -3,19 +3,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{Extensions, StatusCode};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sluice_auth::{Actor, Directory, NewApiKey, NewUser, Principal, Role};
+use sluice_auth::{Actor, AuthError, Directory, LoginFailure, NewApiKey, NewUser, Principal, Role};
 use sluice_store::{AuditFilter, AuditRow};
 
 use crate::auth::Caller;
 use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::routes::executions::MAX_PAGE;
-use crate::AppState;
+use crate::trace::TraceContext;
+use crate::{AppState, Peer};
 
 fn directory(app: &AppState) -> Result<Arc<Directory>, ApiError> {
     app.security.directory.clone().ok_or_else(|| {
@@ -40,7 +41,11 @@ pub struct LoginBody {
     password: String,
 }
 
-pub async fn login(State(app): State<AppState>, JsonBody(b): JsonBody<LoginBody>) -> Result<Json<Value>, ApiError> {
+pub async fn login(
+    State(app): State<AppState>,
+    ext: Extensions,
+    JsonBody(b): JsonBody<LoginBody>,
+) -> Result<Json<Value>, ApiError> {
     let dir = directory(&app)?;
     // Guessing is slowed per account (tenant and email), whatever the answer. Names that cannot
     // be a tenant or an email share one bucket each, so made-up text cannot grow the limiter.
@@ -54,23 +59,44 @@ pub async fn login(State(app): State<AppState>, JsonBody(b): JsonBody<LoginBody>
         )
         .with_details(json!({"retry_after_s": limited.retry_after_secs()})));
     }
+    let source_ip = ext.get::<ConnectInfo<Peer>>().map(|c| c.0.addr.ip().to_string());
+    let trace_id = ext.get::<TraceContext>().map(|t| t.trace_id.to_string());
     let result = dir.login(&b.tenant, &b.email, &b.password).await;
-    if sluice_auth::check_tenant_id(&b.tenant).is_ok() {
-        app.security.auditor.record(AuditRow {
-            id: uuid::Uuid::now_v7().to_string(),
-            tenant: b.tenant.clone(),
-            at_ms: sluice_auth::now_ms(),
-            actor: who.label(),
-            role: None,
-            action: "auth.login".into(),
-            target: "/v1/auth/login".into(),
-            status: if result.is_ok() { 200 } else { 401 },
-            source_ip: None,
-            trace_id: None,
-        });
+    // A tenant's audit log records logins of its real users only: what an anonymous caller
+    // names (a tenant, an email) never becomes a row there. The rest goes to the server's log.
+    let row = |user: &str, role: Option<Role>, status: u16| AuditRow {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant: b.tenant.clone(),
+        at_ms: sluice_auth::now_ms(),
+        actor: format!("user:{user}"),
+        role: role.map(|r| r.as_str().to_string()),
+        action: "auth.login".into(),
+        target: "/v1/auth/login".into(),
+        status,
+        source_ip: source_ip.clone(),
+        trace_id: trace_id.clone(),
+    };
+    let source = source_ip.as_deref().unwrap_or("unknown");
+    match &result {
+        Ok(session) => app.security.auditor.record(row(&session.user.email, Some(session.user.role), 200)),
+        Err(AuthError::InvalidCredentials(LoginFailure::WrongPassword)) => {
+            app.security.auditor.record(row(who.user().unwrap_or_default(), None, 401));
+        }
+        Err(AuthError::InvalidCredentials(LoginFailure::UnknownUser)) => {
+            tracing::warn!(tenant = %b.tenant, email = ?clip(&b.email), source_ip = source, "failed login: no such user in the tenant");
+        }
+        Err(AuthError::InvalidCredentials(LoginFailure::UnknownTenant)) => {
+            tracing::warn!(tenant = ?clip(&b.tenant), email = ?clip(&b.email), source_ip = source, "failed login: no such tenant");
+        }
+        Err(_) => {}
     }
-    let (token, expires_at_ms) = result?;
-    Ok(Json(json!({"token": token, "token_type": "Bearer", "expires_at_ms": expires_at_ms})))
+    let session = result?;
+    Ok(Json(json!({"token": session.token, "token_type": "Bearer", "expires_at_ms": session.expires_at_ms})))
+}
+
+/// At most 100 characters of what a caller sent, for a log line.
+fn clip(s: &str) -> &str {
+    s.char_indices().nth(100).map_or(s, |(i, _)| &s[..i])
 }
 
 pub async fn whoami(Caller(p): Caller) -> Json<Value> {
