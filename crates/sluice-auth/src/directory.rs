@@ -6,7 +6,7 @@
 //! database cannot be reached, what the node read before still authenticates.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_store::{Doc, Store};
 
-use crate::jwt::{Claims, Keyring, StoredKey, AUDIENCE, ISSUER};
+use crate::jwt::{Claims, Signer, StoredKey, Verifier, AUDIENCE, ISSUER};
 use crate::role::{Actor, Principal, Role};
+use crate::seal::ServerKey;
 use crate::{apikey, check_tenant_id, now_ms, password, AuthError, LoginFailure, SYSTEM_SCOPE};
 
 const TENANT: &str = "tenant";
@@ -26,9 +27,12 @@ const SIGNING_KEY: &str = "signing_key";
 const CLIENT_CERT: &str = "client_cert";
 /// A key's last-used time is written at most this often.
 const TOUCH_EVERY_MS: i64 = 60_000;
-/// Unknown `kid`s reload the keyring from the store at most this often (made-up tokens must not
-/// reach the store on every request).
-const RING_RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// The check that the server key is the one the database was set up with (in `SYSTEM_SCOPE`).
+const SERVER_KEY: &str = "server_key";
+const SERVER_KEY_CHECK: &str = "check";
+/// An unknown `kid` is looked up in the store again after this long (made-up tokens must not
+/// reach the store on every request; a key made on another node is found within it).
+const UNKNOWN_KID_TTL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
@@ -85,6 +89,14 @@ struct KeyDoc {
     /// authenticates as this key, and the key works only over a connection with it.
     #[serde(default)]
     client_cert_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ServerKeyCheck {
+    /// Names the server key, for the error when another key is given.
+    fingerprint: String,
+    /// A constant sealed with it.
+    sealed: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,6 +169,11 @@ struct Cached<T> {
     at: Instant,
 }
 
+/// The ids of the tenants in `store`, in order (no server key needed).
+pub async fn tenant_ids(store: &dyn Store) -> Result<Vec<String>, AuthError> {
+    Ok(store.list_docs(SYSTEM_SCOPE, TENANT).await?.into_iter().map(|d| d.id).collect())
+}
+
 /// See the module docs.
 pub struct Directory {
     store: Arc<dyn Store>,
@@ -165,9 +182,12 @@ pub struct Directory {
     keys: Mutex<HashMap<String, Cached<Option<TenantKey>>>>,
     /// (tenant, email) → the user (or `None`).
     users: Mutex<HashMap<(String, String), CachedUser>>,
-    ring: RwLock<Arc<Keyring>>,
-    /// When an unknown `kid` last made this node reload the ring.
-    ring_loaded: Mutex<Option<Instant>>,
+    /// Seals the signing keys in the store.
+    server_key: ServerKey,
+    /// Tenant → its current signing key.
+    signers: Mutex<HashMap<String, Arc<Signer>>>,
+    /// Signing key id → the public key and its tenant (or `None`: no such key).
+    verifiers: Mutex<HashMap<String, Cached<Option<Arc<Verifier>>>>>,
     touched: Mutex<HashMap<String, i64>>,
 }
 
@@ -243,18 +263,26 @@ fn check_grant(by: Option<&Principal>, role: Role) -> Result<(), AuthError> {
 }
 
 impl Directory {
-    /// Opens the directory and makes sure there is a current signing key.
-    pub async fn open(store: Arc<dyn Store>, config: AuthConfig) -> Result<Arc<Self>, AuthError> {
+    /// Opens the directory. `server_key` seals the session signing keys in the store; it must
+    /// be the key the database was first used with (this checks it, and records it on a new
+    /// database).
+    pub async fn open(
+        store: Arc<dyn Store>,
+        config: AuthConfig,
+        server_key: ServerKey,
+    ) -> Result<Arc<Self>, AuthError> {
         let dir = Arc::new(Self {
             store,
             config,
             keys: Mutex::default(),
             users: Mutex::default(),
-            ring: RwLock::new(Arc::new(Keyring::default())),
-            ring_loaded: Mutex::new(None),
+            server_key,
+            signers: Mutex::default(),
+            verifiers: Mutex::default(),
             touched: Mutex::default(),
         });
-        dir.rotate_signing_key().await?;
+        dir.check_server_key().await?;
+        dir.retire_shared_signing_keys().await?;
         Ok(dir)
     }
 
@@ -262,19 +290,49 @@ impl Directory {
         &self.config
     }
 
-    /// Rotates the signing key every few minutes if it is due, and reloads keys other nodes made.
-    pub fn spawn_maintenance(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let dir = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if let Err(e) = dir.rotate_signing_key().await {
-                    tracing::warn!(error = %e, "cannot rotate the session signing key; will retry");
+    /// Fails unless the server key opens the check the database was set up with; writes that
+    /// check on a database that has none.
+    async fn check_server_key(&self) -> Result<(), AuthError> {
+        const WHAT: &str = "server key check";
+        loop {
+            match self.store.get_doc(SYSTEM_SCOPE, SERVER_KEY, SERVER_KEY_CHECK).await? {
+                Some(d) => {
+                    let stored: ServerKeyCheck = decode(&d)?;
+                    if self.server_key.open(&stored.sealed, WHAT).is_err() {
+                        return Err(AuthError::Internal(format!(
+                            "the server key {} is not the one this database was set up with ({}): give every node \
+                             and `sluice admin` command the same --secret-key-file or SLUICE_SECRET_KEY",
+                            self.server_key.fingerprint(),
+                            stored.fingerprint
+                        )));
+                    }
+                    return Ok(());
+                }
+                None => {
+                    let check = ServerKeyCheck {
+                        fingerprint: self.server_key.fingerprint().to_string(),
+                        sealed: self.server_key.seal(WHAT.as_bytes(), WHAT)?,
+                    };
+                    let body = encode(&check)?;
+                    if self.store.put_doc(doc(SYSTEM_SCOPE, SERVER_KEY, SERVER_KEY_CHECK, body, 0)).await? {
+                        tracing::info!(fingerprint = %check.fingerprint, "this database's secrets are sealed with the server key");
+                        return Ok(());
+                    }
+                    // Another node wrote it first: check against theirs.
                 }
             }
-        })
+        }
+    }
+
+    /// Removes the signing keys that versions before per-tenant keys shared between tenants (and
+    /// stored in clear): no token they signed is accepted any more, since such tokens named
+    /// their user by email.
+    async fn retire_shared_signing_keys(&self) -> Result<(), AuthError> {
+        for d in self.store.list_docs(SYSTEM_SCOPE, SIGNING_KEY).await? {
+            self.store.delete_doc(SYSTEM_SCOPE, SIGNING_KEY, &d.id).await?;
+            tracing::info!(kid = %d.id, "retired a session signing key shared by every tenant");
+        }
+        Ok(())
     }
 
     // ---- tenants ----
@@ -292,7 +350,7 @@ impl Directory {
 
     /// Tenant ids, in order.
     pub async fn tenants(&self) -> Result<Vec<String>, AuthError> {
-        Ok(self.store.list_docs(SYSTEM_SCOPE, TENANT).await?.into_iter().map(|d| d.id).collect())
+        tenant_ids(&*self.store).await
     }
 
     // ---- users ----
@@ -662,27 +720,37 @@ impl Directory {
     }
 
     async fn verify_token(&self, token: &str) -> Result<Claims, AuthError> {
-        let ring = self.ring();
-        match ring.verify(token) {
-            Ok(c) => return Ok(c),
-            Err(Some(e)) => return Err(e),
-            Err(None) => {}
+        let kid = crate::jwt::kid_of(token)?;
+        let unknown = || AuthError::Unauthenticated("invalid session token: unknown key".into());
+        let verifier = self.verifier(&kid).await?.ok_or_else(unknown)?;
+        let max_lifetime_s = i64::try_from(self.config.token_ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX);
+        verifier.verify(token, now_ms() / 1000, max_lifetime_s)
+    }
+
+    /// The public key named `kid` and its tenant, found with the one lookup across tenants.
+    async fn verifier(&self, kid: &str) -> Result<Option<Arc<Verifier>>, AuthError> {
+        if kid.len() != 16 || !kid.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
         }
-        // Another node may have rotated: reload once, at most every second.
-        let due = {
-            let mut last = lock(&self.ring_loaded);
-            let due = last.is_none_or(|t| t.elapsed() >= RING_RELOAD_EVERY);
-            if due {
-                *last = Some(Instant::now());
+        if let Some(c) = lock(&self.verifiers).get(kid) {
+            // Keys do not change; only the absence of one may end.
+            if c.value.is_some() || c.at.elapsed() < UNKNOWN_KID_TTL {
+                return Ok(c.value.clone());
             }
-            due
-        };
-        if due {
-            self.load_ring().await?;
         }
-        let ring = self.ring();
-        ring.verify(token)
-            .map_err(|e| e.unwrap_or_else(|| AuthError::Unauthenticated("invalid session token: unknown key".into())))
+        let found = match self.store.find_doc(SIGNING_KEY, kid).await? {
+            Some(d) if d.tenant != SYSTEM_SCOPE => {
+                let key: StoredKey = decode(&d)?;
+                Some(Arc::new(key.verifier(&d.tenant)?))
+            }
+            _ => None,
+        };
+        let mut verifiers = lock(&self.verifiers);
+        if verifiers.len() > 100_000 {
+            verifiers.clear();
+        }
+        verifiers.insert(kid.to_string(), Cached { value: found.clone(), at: Instant::now() });
+        Ok(found)
     }
 
     /// Checks a password and opens a session. A failure says why, for the server's records; the
@@ -703,7 +771,7 @@ impl Directory {
         match user {
             Some(u) if ok => {
                 let user = user_view(&u);
-                let (token, expires_at_ms) = self.issue_token(tenant, &user)?;
+                let (token, expires_at_ms) = self.issue_token(tenant, &user).await?;
                 Ok(Session { token, expires_at_ms, user })
             }
             Some(_) => Err(AuthError::InvalidCredentials(LoginFailure::WrongPassword)),
@@ -716,7 +784,7 @@ impl Directory {
 
     /// A session token for a user who proved who they are (a password, an identity provider).
     /// It names the user by id (and email, to find them), so it dies with the user.
-    pub fn issue_token(&self, tenant: &str, user: &UserView) -> Result<(String, i64), AuthError> {
+    pub async fn issue_token(&self, tenant: &str, user: &UserView) -> Result<(String, i64), AuthError> {
         if user.id.is_empty() {
             return Err(AuthError::Internal(format!("user {} has no id", user.email)));
         }
@@ -728,13 +796,13 @@ impl Directory {
             tid: tenant.into(),
             role: user.role.as_str().into(),
             iat: now / 1000,
+            nbf: None,
             exp: exp_ms / 1000,
             iss: ISSUER.into(),
             aud: AUDIENCE.into(),
             jti: crate::hex(&crate::random_bytes::<12>()?),
         };
-        let ring = self.ring();
-        Ok((ring.sign(&claims)?, exp_ms))
+        Ok((self.signer(tenant).await?.sign(&claims)?, exp_ms))
     }
 
     /// Whether any tenant has a user or an API key that can sign in.
@@ -750,47 +818,60 @@ impl Directory {
 
     // ---- signing keys ----
 
-    /// The keyring as last loaded.
-    fn ring(&self) -> Arc<Keyring> {
-        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    async fn stored_keys(&self) -> Result<Vec<StoredKey>, AuthError> {
-        self.store.list_docs(SYSTEM_SCOPE, SIGNING_KEY).await?.iter().map(decode).collect()
-    }
-
-    async fn load_ring(&self) -> Result<(), AuthError> {
-        let ring = Keyring::new(&self.stored_keys().await?)?;
-        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ring);
-        Ok(())
-    }
-
-    /// Makes a new signing key when the newest is older than `rotate_after` (or there is none),
-    /// drops keys whose tokens have all expired, and reloads the ring.
-    pub async fn rotate_signing_key(&self) -> Result<(), AuthError> {
+    /// The key that signs `tenant`'s tokens: its newest, or a new one when that is older than
+    /// `rotate_after` (or there is none). Keys whose tokens have all expired are removed then.
+    async fn signer(&self, tenant: &str) -> Result<Arc<Signer>, AuthError> {
         let now = now_ms();
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        let keys = self.stored_keys().await?;
-        let newest = keys.iter().map(|k| k.created_at_ms).max();
-        if newest.is_none_or(|t| now - t >= ms(self.config.rotate_after)) {
-            let key = StoredKey::generate(now)?;
-            // Two nodes rotating at once make two keys; both verify, the newer signs.
-            self.store.put_doc(doc(SYSTEM_SCOPE, SIGNING_KEY, &key.kid, encode(&key)?, 0)).await?;
-            tracing::info!(kid = %key.kid, "new session signing key");
+        let rotate_after = ms(self.config.rotate_after);
+        if let Some(s) = lock(&self.signers).get(tenant) {
+            if now - s.created_at_ms < rotate_after {
+                return Ok(Arc::clone(s));
+            }
         }
+        let keys = self.stored_keys(tenant).await?;
+        let newest = match keys.first() {
+            Some(k) if now - k.created_at_ms < rotate_after => k.clone(),
+            _ => {
+                let key = StoredKey::generate(tenant, now, &self.server_key)?;
+                // Two nodes rotating at once make two keys; both verify, and each signs with its own.
+                self.store.put_doc(doc(tenant, SIGNING_KEY, &key.kid, encode(&key)?, 0)).await?;
+                tracing::info!(tenant, kid = %key.kid, "new session signing key");
+                key
+            }
+        };
         // A key signs until a newer one exists; its tokens live `token_ttl` after that.
-        let keep = ms(self.config.rotate_after).saturating_add(ms(self.config.token_ttl)).saturating_add(60_000);
-        let mut keys = self.stored_keys().await?;
-        keys.sort_by_key(|k| std::cmp::Reverse(k.created_at_ms));
-        for old in keys.iter().skip(1).filter(|k| now - k.created_at_ms > keep) {
-            self.store.delete_doc(SYSTEM_SCOPE, SIGNING_KEY, &old.kid).await?;
-            tracing::info!(kid = %old.kid, "retired session signing key");
+        let keep = rotate_after.saturating_add(ms(self.config.token_ttl)).saturating_add(60_000);
+        for old in keys.iter().filter(|k| k.kid != newest.kid && now - k.created_at_ms > keep) {
+            self.store.delete_doc(tenant, SIGNING_KEY, &old.kid).await?;
+            lock(&self.verifiers).remove(&old.kid);
+            tracing::info!(tenant, kid = %old.kid, "retired session signing key");
         }
-        self.load_ring().await
+        let signer = Arc::new(newest.signer(tenant, &self.server_key)?);
+        lock(&self.signers).insert(tenant.to_string(), Arc::clone(&signer));
+        Ok(signer)
     }
 
-    /// The key ids in the ring, newest first.
-    pub fn signing_kids(&self) -> Vec<String> {
-        self.ring().kids().into_iter().map(str::to_string).collect()
+    /// A tenant's signing keys, newest first. Keys stored in clear (by versions before sealing)
+    /// are sealed and written back.
+    async fn stored_keys(&self, tenant: &str) -> Result<Vec<StoredKey>, AuthError> {
+        let mut keys = Vec::new();
+        for d in self.store.list_docs(tenant, SIGNING_KEY).await? {
+            let mut key: StoredKey = decode(&d)?;
+            if key.seal_clear(tenant, &self.server_key)? {
+                // A lost race means another node sealed it first.
+                if self.store.put_doc(doc(tenant, SIGNING_KEY, &d.id, encode(&key)?, d.version)).await? {
+                    tracing::info!(tenant, kid = %key.kid, "sealed a session signing key stored in clear");
+                }
+            }
+            keys.push(key);
+        }
+        keys.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.kid.cmp(&b.kid)));
+        Ok(keys)
+    }
+
+    /// The ids of a tenant's signing keys, newest first.
+    pub async fn signing_kids(&self, tenant: &str) -> Result<Vec<String>, AuthError> {
+        Ok(self.stored_keys(tenant).await?.into_iter().map(|k| k.kid).collect())
     }
 }

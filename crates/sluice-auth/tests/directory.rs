@@ -5,7 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_auth::{Actor, AuthConfig, AuthError, Directory, LoginFailure, NewApiKey, NewUser, Principal, Role};
+use base64::Engine as _;
+use sluice_auth::jwt::{Claims, StoredKey};
+use sluice_auth::{
+    Actor, AuthConfig, AuthError, Directory, LoginFailure, NewApiKey, NewUser, Principal, Role, ServerKey,
+};
 use sluice_store::Store;
 use sluice_store_sqlite::SqliteStore;
 
@@ -17,6 +21,13 @@ fn store(label: &str) -> (std::path::PathBuf, Arc<dyn Store>) {
     (dir, s)
 }
 
+/// The server key of every directory in these tests (two nodes of a database share theirs).
+const SERVER_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+async fn open(s: &Arc<dyn Store>, config: AuthConfig) -> Arc<Directory> {
+    Directory::open(Arc::clone(s), config, ServerKey::parse(SERVER_KEY).unwrap()).await.unwrap()
+}
+
 fn admin(tenant: &str) -> Principal {
     Principal { tenant: tenant.into(), actor: Actor::User { email: "root@acme.io".into() }, role: Role::Admin }
 }
@@ -24,7 +35,7 @@ fn admin(tenant: &str) -> Principal {
 #[tokio::test(flavor = "multi_thread")]
 async fn users_log_in_and_sessions_follow_the_directory() {
     let (dir, s) = store("users");
-    let d = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    let d = open(&s, AuthConfig::default()).await;
     assert!(!d.has_credentials().await.unwrap());
     assert!(d.create_tenant("acme", "Acme").await.unwrap());
     assert!(!d.create_tenant("acme", "Acme again").await.unwrap());
@@ -77,12 +88,10 @@ async fn users_log_in_and_sessions_follow_the_directory() {
     }
 
     // A rotated signing key keeps old sessions valid; a second node loads the new key on demand.
-    let other_node = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
-    let rotating =
-        Directory::open(Arc::clone(&s), AuthConfig { rotate_after: Duration::from_millis(1), ..AuthConfig::default() })
-            .await
-            .unwrap();
-    let kids = rotating.signing_kids();
+    let other_node = open(&s, AuthConfig::default()).await;
+    let rotating = open(&s, AuthConfig { rotate_after: Duration::from_millis(1), ..AuthConfig::default() }).await;
+    assert!(rotating.login("acme", "ada@example.com", "correct horse battery").await.is_ok());
+    let kids = rotating.signing_kids("acme").await.unwrap();
     assert!(kids.len() >= 2, "rotation made a second key: {kids:?}");
     assert!(rotating.authenticate(&token, None).await.is_ok(), "a session of the old key survives rotation");
     let fresh = rotating.login("acme", "ada@example.com", "correct horse battery").await.unwrap().token;
@@ -100,7 +109,7 @@ async fn users_log_in_and_sessions_follow_the_directory() {
 #[tokio::test(flavor = "multi_thread")]
 async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
     let (dir, s) = store("keys");
-    let d = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    let d = open(&s, AuthConfig::default()).await;
     d.create_tenant("acme", "Acme").await.unwrap();
     d.create_tenant("globex", "Globex").await.unwrap();
     let (view, key) = d
@@ -175,7 +184,7 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn users_from_an_identity_provider_are_provisioned_and_follow_its_roles() {
     let (dir, s) = store("external");
-    let d = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    let d = open(&s, AuthConfig::default()).await;
     d.create_tenant("acme", "Acme").await.unwrap();
     let idp = "oidc:https://idp.example.com";
 
@@ -191,7 +200,7 @@ async fn users_from_an_identity_provider_are_provisioned_and_follow_its_roles() 
         Err(AuthError::InvalidCredentials(LoginFailure::WrongPassword))
     ));
     // The provider's role applies at the next sign-in, and to open sessions.
-    let (token, _) = d.issue_token("acme", &user).unwrap();
+    let (token, _) = d.issue_token("acme", &user).await.unwrap();
     let (user, created) = d.sign_in_external("acme", "new@acme.io", Some(Role::Viewer), true, idp).await.unwrap();
     assert_eq!((user.role, created), (Role::Viewer, false));
     assert_eq!(d.authenticate(&token, None).await.unwrap().role, Role::Viewer);
@@ -217,7 +226,7 @@ async fn users_from_an_identity_provider_are_provisioned_and_follow_its_roles() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_dies_with_its_user_even_when_the_email_comes_back() {
     let (dir, s) = store("user-ids");
-    let d = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    let d = open(&s, AuthConfig::default()).await;
     d.create_tenant("acme", "Acme").await.unwrap();
     let new = |role| NewUser { email: "ada@acme.io".into(), password: Some("correct horse battery".into()), role };
     let first = d.create_user("acme", None, new(Role::Viewer)).await.unwrap();
@@ -233,7 +242,7 @@ async fn a_session_dies_with_its_user_even_when_the_email_comes_back() {
         "the old session does not become the new owner"
     );
     // Another node, which never cached the first user, refuses it too.
-    let other = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    let other = open(&s, AuthConfig::default()).await;
     assert!(matches!(other.authenticate(&token, None).await, Err(AuthError::Unauthenticated(_))));
     let fresh = d.login("acme", "ada@acme.io", "correct horse battery").await.unwrap().token;
     assert_eq!(other.authenticate(&fresh, None).await.unwrap().role, Role::Owner);
@@ -244,7 +253,7 @@ async fn a_session_dies_with_its_user_even_when_the_email_comes_back() {
 #[tokio::test(flavor = "multi_thread")]
 async fn users_stored_without_an_id_get_one_on_first_use() {
     let (dir, s) = store("user-id-migration");
-    let d = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    let d = open(&s, AuthConfig::default()).await;
     d.create_tenant("acme", "Acme").await.unwrap();
     d.create_user(
         "acme",
@@ -259,11 +268,121 @@ async fn users_stored_without_an_id_get_one_on_first_use() {
     assert!(s.put_doc(old.clone()).await.unwrap());
     assert!(s.get_doc("acme", "user", "ada@acme.io").await.unwrap().unwrap().body.get("id").is_none());
 
-    let fresh = Directory::open(Arc::clone(&s), AuthConfig::default()).await.unwrap();
+    let fresh = open(&s, AuthConfig::default()).await;
     let token = fresh.login("acme", "ada@acme.io", "correct horse battery").await.unwrap().token;
     let stored = s.get_doc("acme", "user", "ada@acme.io").await.unwrap().unwrap();
     let id = stored.body["id"].as_str().expect("an id written back").to_string();
     assert_eq!(fresh.authenticate(&token, None).await.unwrap().user(), Some("ada@acme.io"));
     assert_eq!(fresh.list_users("acme").await.unwrap()[0].id, id, "the id stays the one written");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A token signed with `key_tenant`'s newest signing key, as someone holding the key could make.
+async fn forge(s: &Arc<dyn Store>, key_tenant: &str, claims: &Claims) -> String {
+    let mut docs = s.list_docs(key_tenant, "signing_key").await.unwrap();
+    docs.sort_by_key(|d| d.body["created_at_ms"].as_i64());
+    let key: StoredKey = serde_json::from_value(docs.pop().expect("a signing key").body).unwrap();
+    key.signer(key_tenant, &ServerKey::parse(SERVER_KEY).unwrap()).unwrap().sign(claims).unwrap()
+}
+
+/// Issue 13, item 19: signing keys were shared by all tenants and stored in clear, and a token
+/// signed with one was accepted whatever its `nbf`, `iat` or lifetime.
+#[tokio::test(flavor = "multi_thread")]
+async fn session_keys_are_per_tenant_sealed_and_bound_tokens_by_time() {
+    let (dir, s) = store("signing-keys");
+    let d = open(&s, AuthConfig::default()).await;
+    let pw = || Some("correct horse battery".to_string());
+    for tenant in ["acme", "globex"] {
+        d.create_tenant(tenant, tenant).await.unwrap();
+        d.create_user(tenant, None, NewUser { email: format!("ada@{tenant}.io"), password: pw(), role: Role::Owner })
+            .await
+            .unwrap();
+    }
+    let acme = d.login("acme", "ada@acme.io", "correct horse battery").await.unwrap();
+    let globex = d.login("globex", "ada@globex.io", "correct horse battery").await.unwrap();
+    let kid = |t: &str| jsonwebtoken::decode_header(t).unwrap().kid.unwrap();
+    assert_ne!(kid(&acme.token), kid(&globex.token), "each tenant signs with its own key");
+
+    // Keys are stored sealed with the server key, and only that key opens the directory.
+    for tenant in ["acme", "globex"] {
+        for doc in s.list_docs(tenant, "signing_key").await.unwrap() {
+            assert!(doc.body.get("pkcs8").is_none() && doc.body["sealed"].as_str().unwrap().starts_with("v1:"));
+        }
+    }
+    let wrong = Directory::open(Arc::clone(&s), AuthConfig::default(), ServerKey::generate().unwrap().0).await;
+    assert!(
+        matches!(&wrong, Err(AuthError::Internal(m)) if m.contains("not the one this database was set up with")),
+        "{:?}",
+        wrong.err()
+    );
+
+    // acme's key cannot speak for globex.
+    let now = sluice_auth::now_ms() / 1000;
+    let claims = |tid: &str, user: &sluice_auth::UserView, iat: i64, exp: i64| Claims {
+        sub: user.id.clone(),
+        email: Some(user.email.clone()),
+        tid: tid.into(),
+        role: "owner".into(),
+        iat,
+        nbf: None,
+        exp,
+        iss: "sluice".into(),
+        aud: "sluice-api".into(),
+        jti: "forged".into(),
+    };
+    let forged = forge(&s, "acme", &claims("globex", &globex.user, now, now + 600)).await;
+    assert!(
+        matches!(d.authenticate(&forged, None).await, Err(AuthError::Unauthenticated(m)) if m.contains("another tenant"))
+    );
+    let fine = forge(&s, "acme", &claims("acme", &acme.user, now, now + 600)).await;
+    assert_eq!(d.authenticate(&fine, None).await.unwrap().tenant, "acme");
+
+    // Times: not issued ahead of the clock, not valid yet, or valid for years.
+    let year = 365 * 86_400;
+    let ahead = claims("acme", &acme.user, now + 3600, now + 7200);
+    let not_yet = Claims { nbf: Some(now + 3600), ..claims("acme", &acme.user, now, now + 3600) };
+    let decade = claims("acme", &acme.user, now, now + 10 * year);
+    for (c, why) in [(ahead, "in the future"), (not_yet, "not valid yet"), (decade, "longer than")] {
+        let token = forge(&s, "acme", &c).await;
+        let refused = d.authenticate(&token, None).await;
+        assert!(matches!(&refused, Err(AuthError::Unauthenticated(m)) if m.contains(why)), "{c:?}: {refused:?}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Keys stored in clear by older versions: a tenant's are sealed when first read; those shared
+/// by every tenant are removed (the tokens they signed named users by email and are refused).
+#[tokio::test(flavor = "multi_thread")]
+async fn signing_keys_stored_in_clear_are_sealed_or_retired() {
+    let (dir, s) = store("clear-keys");
+    let d = open(&s, AuthConfig::default()).await;
+    d.create_tenant("acme", "Acme").await.unwrap();
+    d.create_user(
+        "acme",
+        None,
+        NewUser { email: "ada@acme.io".into(), password: Some("correct horse battery".into()), role: Role::Owner },
+    )
+    .await
+    .unwrap();
+    let token = d.login("acme", "ada@acme.io", "correct horse battery").await.unwrap().token;
+    // Write the key back in clear, as an older version stored it, and a shared one beside it.
+    let server_key = ServerKey::parse(SERVER_KEY).unwrap();
+    let mut stored = s.list_docs("acme", "signing_key").await.unwrap().pop().unwrap();
+    let mut key: StoredKey = serde_json::from_value(stored.body.clone()).unwrap();
+    let pkcs8 = server_key.open(key.sealed.as_deref().unwrap(), &StoredKey::sealed_name("acme", &key.kid)).unwrap();
+    key.pkcs8 = Some(base64::engine::general_purpose::STANDARD.encode(pkcs8));
+    key.sealed = None;
+    stored.body = serde_json::to_value(&key).unwrap();
+    assert!(s.put_doc(stored.clone()).await.unwrap());
+    let shared = sluice_store::Doc { tenant: "_system".into(), id: "00000000000000aa".into(), version: 0, ..stored };
+    assert!(s.put_doc(shared).await.unwrap());
+
+    let fresh = open(&s, AuthConfig::default()).await;
+    assert!(s.list_docs("_system", "signing_key").await.unwrap().is_empty(), "the shared key is gone");
+    // The clear key still verifies and signs, and is stored sealed from then on.
+    assert!(fresh.authenticate(&token, None).await.is_ok());
+    assert!(fresh.login("acme", "ada@acme.io", "correct horse battery").await.is_ok());
+    let body = s.get_doc("acme", "signing_key", &key.kid).await.unwrap().unwrap().body;
+    assert!(body.get("pkcs8").is_none() && body["sealed"].as_str().unwrap().starts_with("v1:"), "{body}");
     let _ = std::fs::remove_dir_all(dir);
 }

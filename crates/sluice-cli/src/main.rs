@@ -96,7 +96,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "NAME", env = "SLUICE_NODE_ID")]
     node_id: Option<String>,
     #[command(flatten)]
+    secret: SecretArgs,
+    #[command(flatten)]
     tls: TlsArgs,
+}
+
+/// The server key that seals the secrets kept in the database; see docs/security.md.
+#[derive(Args, Clone, Default)]
+pub struct SecretArgs {
+    /// The server key's file (64 hex characters), made with mode 0600 when absent. Default: the
+    /// SQLite database's path with `.key` appended; a PostgreSQL database needs this or
+    /// SLUICE_SECRET_KEY (the key itself), the same on every node.
+    #[arg(long, value_name = "FILE", env = "SLUICE_SECRET_KEY_FILE")]
+    secret_key_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -259,6 +271,8 @@ enum AdminAction {
         /// Write the key to this file (created with mode 0600) instead of stdout.
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
+        #[command(flatten)]
+        secret: SecretArgs,
     },
     /// List the tenants.
     Tenants {
@@ -346,8 +360,14 @@ async fn dispatch(cli: Cli, process_trace: sluice_engine::TraceId) -> Result<()>
     match cli.command {
         Command::Dev { serve, examples, no_worker } => server::dev(serve, examples, !no_worker, process_trace).await,
         Command::Serve { serve } => server::serve(serve, process_trace).await,
-        Command::Admin { action: AdminAction::Init { database, tenant, key_name, email, key_file } } => {
-            server::admin_init(&database, &tenant, &key_name, email.as_deref(), key_file.as_deref()).await
+        Command::Admin { action: AdminAction::Init { database, tenant, key_name, email, key_file, secret } } => {
+            let init = server::AdminInit {
+                tenant: &tenant,
+                key_name: &key_name,
+                email: email.as_deref(),
+                key_file: key_file.as_deref(),
+            };
+            server::admin_init(&database, &secret, init).await
         }
         Command::Admin { action: AdminAction::Tenants { database } } => {
             for t in server::tenants(&database).await? {

@@ -191,7 +191,7 @@ impl Oidc {
         let source = format!("oidc:{}", self.config.issuer);
         let auto = self.config.provision == Provision::Auto;
         let (user, created) = dir.sign_in_external(&self.config.tenant, &email, role, auto, &source).await?;
-        let (token, expires_at_ms) = dir.issue_token(&self.config.tenant, &user)?;
+        let (token, expires_at_ms) = dir.issue_token(&self.config.tenant, &user).await?;
         Ok(Login {
             tenant: self.config.tenant.clone(),
             email: user.email,

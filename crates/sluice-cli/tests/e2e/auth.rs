@@ -397,3 +397,54 @@ async fn only_logins_of_real_accounts_reach_a_tenants_audit_log() {
     assert!(warned("failed login: no such tenant"), "{}", server.log_text());
     assert!(warned("failed login: no such user in the tenant"), "{}", server.log_text());
 }
+
+/// Issue 13, item 19: the server key that seals the session signing keys is made beside a SQLite
+/// database (owner-only), must be given for PostgreSQL, and a wrong one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_key_is_made_beside_the_database_and_must_match() {
+    let dir = TempDir::new("auth-server-key");
+    let db = dir.path().join("sluice.db");
+    let key_file = dir.path().join("sluice.db.key");
+    let key = sluice_testkit::admin_init(&bin(), dir.path(), &db.display().to_string(), "default");
+    let text = std::fs::read_to_string(&key_file).expect("admin init made the key file beside the database");
+    assert_eq!(text.trim().len(), 64, "{text}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    // The server finds the same key, and sessions outlive a restart.
+    let mut server = ServerProcess::start(&bin(), dir.path()).await;
+    let owner = Api::with_key(&server.base, Some(&key));
+    let user = json!({"email": "ada@example.com", "password": "correct horse battery", "role": "editor"});
+    assert_eq!(owner.post("/v1/users", &user).await.0, 201);
+    let (status, login) = login(&Api::new(&server.base), "default", "ada@example.com", "correct horse battery").await;
+    assert_eq!(status, 200, "{login}");
+    server.restart().await;
+    let ada = Api::with_key(&server.base, login["token"].as_str());
+    assert_eq!(ada.get("/v1/auth/whoami").await.0, 200);
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), text, "the key file is kept");
+    drop(server);
+
+    let serve = |envs: &[(&str, &str)], database: &str| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(["serve", "--port", "0", "--database", database])
+            .env_remove("SLUICE_SECRET_KEY")
+            .env_remove("SLUICE_SECRET_KEY_FILE")
+            .env_remove("SLUICE_INSECURE_NO_AUTH");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    // Another key for this database is refused.
+    let other = "11".repeat(32);
+    let out = serve(&[("SLUICE_SECRET_KEY", &other)], &db.display().to_string());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not the one this database was set up with"), "{err}");
+    // PostgreSQL keeps no file beside it: the key must be given.
+    let out = serve(&[], "postgres://sluice@127.0.0.1:1/none");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--secret-key-file"), "{err}");
+}
