@@ -17,6 +17,7 @@ use sluice_store::{Doc, Store};
 use crate::jwt::{Claims, Signer, StoredKey, Verifier, AUDIENCE, ISSUER};
 use crate::role::{Actor, Principal, Role};
 use crate::seal::ServerKey;
+use crate::text::{check_email, check_visible, normalize_email};
 use crate::{apikey, check_tenant_id, now_ms, password, AuthError, LoginFailure, SYSTEM_SCOPE};
 
 const TENANT: &str = "tenant";
@@ -236,19 +237,6 @@ fn new_user_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-/// A normalized email, or why it is not one.
-pub fn check_email(email: &str) -> Result<String, AuthError> {
-    let e = email.trim().to_lowercase();
-    let ok = e.len() <= 254
-        && e.split_once('@').is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
-        && !e.chars().any(|c| c.is_whitespace() || c.is_control());
-    if ok {
-        Ok(e)
-    } else {
-        Err(AuthError::invalid("email", "expected an email address like ada@example.com (at most 254 characters)"))
-    }
-}
-
 fn creator(by: Option<&Principal>) -> String {
     by.map(Principal::label).unwrap_or_else(|| "cli".into())
 }
@@ -340,6 +328,7 @@ impl Directory {
     /// Creates a tenant; false when it exists already.
     pub async fn create_tenant(&self, id: &str, name: &str) -> Result<bool, AuthError> {
         check_tenant_id(id).map_err(|m| AuthError::invalid("tenant", m))?;
+        check_visible("name", name)?;
         let body = encode(&TenantDoc { name: name.into(), created_at_ms: now_ms() })?;
         Ok(self.store.put_doc(doc(SYSTEM_SCOPE, TENANT, id, body, 0)).await?)
     }
@@ -401,18 +390,31 @@ impl Directory {
         Ok(users)
     }
 
-    /// Removes a user; their session tokens stop working within the cache time.
-    pub async fn delete_user(&self, tenant: &str, by: &Principal, email: &str) -> Result<(), AuthError> {
-        let email = email.to_lowercase();
-        let found = self.store.get_doc(tenant, USER, &email).await?;
-        let Some(found) = found else {
-            return Err(AuthError::NotFound(format!("no user {email} in this tenant")));
+    /// Removes a user; their session tokens stop working within the cache time. Returns the
+    /// email as stored. (It finds users stored before emails were normalised under their old
+    /// form too, so that look-alikes made then can be removed.)
+    pub async fn delete_user(&self, tenant: &str, by: &Principal, email: &str) -> Result<String, AuthError> {
+        let Some((email, found)) = self.find_user_doc(tenant, email).await? else {
+            return Err(AuthError::NotFound(format!("no user {} in this tenant", normalize_email(email))));
         };
         let user: UserDoc = decode(&found)?;
         check_grant(Some(by), user.role)?;
         self.store.delete_doc(tenant, USER, &email).await?;
-        lock(&self.users).remove(&(tenant.to_string(), email));
-        Ok(())
+        lock(&self.users).remove(&(tenant.to_string(), email.clone()));
+        Ok(email)
+    }
+
+    /// The stored id (the email) and document of the user `email` names: under its normal form,
+    /// else under the form versions before NFKC stored (trimmed, lower case).
+    async fn find_user_doc(&self, tenant: &str, email: &str) -> Result<Option<(String, Doc)>, AuthError> {
+        let normal = normalize_email(email);
+        let legacy = email.trim().to_lowercase();
+        for id in [normal, legacy] {
+            if let Some(d) = self.store.get_doc(tenant, USER, &id).await? {
+                return Ok(Some((id, d)));
+            }
+        }
+        Ok(None)
     }
 
     /// Signs in a user whom an identity provider vouched for (`source`, e.g. `oidc:<issuer>`):
@@ -534,6 +536,7 @@ impl Directory {
         if name.is_empty() || name.len() > 100 {
             return Err(AuthError::invalid("name", "expected 1 to 100 characters naming the key"));
         }
+        check_visible("name", &name)?;
         check_grant(by, new.role)?;
         let fingerprint = new.client_cert_sha256.as_deref().map(check_fingerprint).transpose()?;
         let (id, key) = apikey::generate()?;
@@ -756,9 +759,13 @@ impl Directory {
     /// Checks a password and opens a session. A failure says why, for the server's records; the
     /// caller must be told only "wrong email or password".
     pub async fn login(&self, tenant: &str, email: &str, password: &str) -> Result<Session, AuthError> {
-        let email = email.trim().to_lowercase();
+        check_visible("email", email.trim())?;
         let real_tenant = check_tenant_id(tenant).is_ok() && tenant != SYSTEM_SCOPE;
-        let user = if real_tenant { self.load_user(tenant, &email).await? } else { None };
+        let found = if real_tenant { self.find_user_doc(tenant, email).await? } else { None };
+        let user = match found {
+            Some((id, _)) => self.load_user(tenant, &id).await?,
+            None => None,
+        };
         let stored = user.as_ref().and_then(|u| u.password_hash.clone());
         let pw = password.to_string();
         let ok = tokio::task::spawn_blocking(move || {

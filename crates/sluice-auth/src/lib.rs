@@ -21,14 +21,16 @@ pub mod ratelimit;
 pub mod role;
 pub mod seal;
 pub mod sharing;
+pub mod text;
 
 pub use audit::Auditor;
-pub use directory::{check_email, ApiKeyView, AuthConfig, Directory, NewApiKey, NewUser, Session, UserView};
+pub use directory::{ApiKeyView, AuthConfig, Directory, NewApiKey, NewUser, Session, UserView};
 pub use error::{AuthError, LoginFailure};
 pub use ratelimit::{Limited, Quota, RateLimitConfig, RateLimiter, RateState};
 pub use role::{Actor, Perm, Principal, Role};
 pub use seal::ServerKey;
 pub use sharing::{Access, Grant, Shares, Sharing};
+pub use text::check_email;
 
 /// The tenant scope of deployment-wide documents (tenants themselves, signing keys). Tenant ids
 /// cannot take this name.

@@ -386,3 +386,52 @@ async fn signing_keys_stored_in_clear_are_sealed_or_retired() {
     assert!(body.get("pkcs8").is_none() && body["sealed"].as_str().unwrap().starts_with("v1:"), "{body}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Issue 13, item 20: emails were only lower-cased, so a look-alike in compatibility characters
+/// was another user, and bidi controls were accepted in emails and key names.
+#[tokio::test(flavor = "multi_thread")]
+async fn look_alike_emails_are_one_user_and_hidden_characters_are_refused() {
+    let (dir, s) = store("look-alikes");
+    let d = open(&s, AuthConfig::default()).await;
+    d.create_tenant("acme", "Acme").await.unwrap();
+    let new = |email: &str| NewUser {
+        email: email.into(),
+        password: Some("correct horse battery".into()),
+        role: Role::Editor,
+    };
+    let ada = d.create_user("acme", None, new("ＡＤＡ@Example.com")).await.unwrap();
+    assert_eq!(ada.email, "ada@example.com");
+    assert!(matches!(d.create_user("acme", None, new("ada@example.com")).await, Err(AuthError::Conflict(_))));
+    assert!(d.login("acme", "ａｄａ@example.com", "correct horse battery").await.is_ok());
+    fn field<T>(r: Result<T, AuthError>) -> String {
+        match r {
+            Err(AuthError::Invalid { field, .. }) => field,
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+    assert_eq!(field(d.create_user("acme", None, new("moc.elpmaxe@\u{202E}eve")).await), "email");
+    assert_eq!(field(d.create_user("acme", None, new("eve\u{200B}@example.com")).await), "email");
+    assert_eq!(field(d.login("acme", "ada\u{2066}@example.com", "correct horse battery").await), "email");
+    let key =
+        |name: &str| NewApiKey { name: name.into(), role: Role::Viewer, expires_in: None, client_cert_sha256: None };
+    assert_eq!(field(d.create_api_key("acme", None, key("deploy\u{202E}gnp.exe")).await), "name");
+    assert!(d.create_api_key("acme", None, key("nightly — café")).await.is_ok());
+    assert_eq!(field(d.create_tenant("globex", "Globex\u{FEFF}").await), "name");
+    assert!(matches!(
+        d.sign_in_external("acme", "ＡＤＡ@example.com", Some(Role::Viewer), true, "oidc:x").await,
+        Ok((u, false)) if u.email == "ada@example.com"
+    ));
+
+    // A user stored before normalisation under a look-alike form can still sign in and be removed.
+    let mut legacy = s.get_doc("acme", "user", "ada@example.com").await.unwrap().unwrap();
+    let mut body = legacy.body.clone();
+    body["email"] = "ｂｏｂ@example.com".into();
+    body["id"] = "0190d3c2-0000-7000-8000-0000000000b0".into();
+    legacy = sluice_store::Doc { id: "ｂｏｂ@example.com".into(), body, version: 0, ..legacy };
+    assert!(s.put_doc(legacy).await.unwrap());
+    assert!(d.login("acme", "ｂｏｂ@example.com", "correct horse battery").await.is_ok());
+    assert_eq!(d.delete_user("acme", &admin("acme"), "ＢＯＢ@example.com").await.unwrap(), "ｂｏｂ@example.com");
+    assert!(s.get_doc("acme", "user", "ｂｏｂ@example.com").await.unwrap().is_none());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -448,3 +448,29 @@ async fn the_server_key_is_made_beside_the_database_and_must_match() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--secret-key-file"), "{err}");
 }
+
+/// Issue 13, item 20: look-alike emails and hidden characters, over HTTP: a 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_alike_identifiers_are_refused_or_merged() {
+    let dir = TempDir::new("auth-look-alikes");
+    let server = ServerProcess::start(&bin(), dir.path()).await;
+    let owner = server.api();
+    let user = |email: &str| json!({"email": email, "password": "correct horse battery", "role": "viewer"});
+    let (status, made) = owner.post("/v1/users", &user("ＡＤＡ@example.com")).await;
+    assert_eq!((status, made["user"]["email"].as_str()), (201, Some("ada@example.com")), "{made}");
+    assert_eq!(owner.post("/v1/users", &user("ada@example.com")).await.0, 409, "the same user");
+    for (path, body, field) in [
+        ("/v1/users", user("moc.elpmaxe@\u{202E}eve"), "email"),
+        ("/v1/users", user("eve\u{200F}@example.com"), "email"),
+        ("/v1/api-keys", json!({"name": "ci\u{2067}", "role": "viewer"}), "name"),
+    ] {
+        let (status, body) = owner.post(path, &body).await;
+        assert_eq!((status, body["error"]["details"]["field"].as_str()), (400, Some(field)), "{body}");
+    }
+    let (status, login) =
+        login(&Api::new(&server.base), "default", "ａｄａ@ＥＸＡＭＰＬＥ.com", "correct horse battery").await;
+    assert_eq!(status, 200, "{login}");
+    let r = owner.request(reqwest::Method::DELETE, "/v1/users/%EF%BC%A1DA@example.com").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["deleted"], "ada@example.com");
+}

@@ -138,8 +138,8 @@ pub async fn delete_user(
     Caller(p): Caller,
     Path(email): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    directory(&app)?.delete_user(&p.tenant, &p, &email).await?;
-    Ok(Json(json!({"deleted": email.to_lowercase()})))
+    let deleted = directory(&app)?.delete_user(&p.tenant, &p, &email).await?;
+    Ok(Json(json!({"deleted": deleted})))
 }
 
 #[derive(Deserialize)]
