@@ -150,6 +150,10 @@ pub struct NewApiKey {
     pub expires_in: Option<Duration>,
     /// Bind the key to this client certificate (SHA-256 of its DER, hex; colons allowed).
     pub client_cert_sha256: Option<String>,
+    /// The certificate the request's connection presented (verified by the TLS layer), which a
+    /// binding asked for over the API must be: whoever binds a certificate proves they hold it.
+    /// The command line (an operator, `by` = `None`) binds without it.
+    pub presented_cert_sha256: Option<String>,
 }
 
 /// A fingerprint as 64 lowercase hex characters, or why it is not one.
@@ -539,6 +543,15 @@ impl Directory {
         check_visible("name", &name)?;
         check_grant(by, new.role)?;
         let fingerprint = new.client_cert_sha256.as_deref().map(check_fingerprint).transpose()?;
+        if let (Some(fp), Some(_)) = (&fingerprint, by) {
+            if new.presented_cert_sha256.as_deref() != Some(fp.as_str()) {
+                return Err(AuthError::Forbidden(
+                    "bind a key to a client certificate over a connection that presents that certificate (it proves \
+                     you hold it), or ask an operator to bind it with `sluice admin key`"
+                        .into(),
+                ));
+            }
+        }
         let (id, key) = apikey::generate()?;
         let now = now_ms();
         let expires_at_ms =
@@ -556,7 +569,9 @@ impl Directory {
         };
         if let Some(fp) = &fingerprint {
             // One key per certificate, across tenants: the certificate names its key.
-            if self.store.find_doc(CLIENT_CERT, fp).await?.is_some()
+            // (Bindings live in their tenant's scope, so the store cannot refuse a second one in
+            // another: look first. Two tenants racing would both have to hold the certificate.)
+            if !self.free_stale_binding(fp).await?
                 || !self
                     .store
                     .put_doc(doc(tenant, CLIENT_CERT, fp, encode(&CertDoc { key_id: id.clone() })?, 0))
@@ -570,6 +585,29 @@ impl Directory {
         }
         lock(&self.keys).remove(&id);
         Ok((key_view(&id, &k), key))
+    }
+
+    /// Removes the binding of certificate `fp` when the key it names no longer holds it (revoked,
+    /// expired, gone, or bound to another certificate): such bindings, left by versions that did
+    /// not free them, would keep the certificate from ever being bound again.
+    /// Whether the certificate is free now.
+    async fn free_stale_binding(&self, fp: &str) -> Result<bool, AuthError> {
+        let Some(found) = self.store.find_doc(CLIENT_CERT, fp).await? else { return Ok(true) };
+        let bound: CertDoc = decode(&found)?;
+        let holds = match self.store.get_doc(&found.tenant, API_KEY, &bound.key_id).await? {
+            Some(d) => {
+                let k: KeyDoc = decode(&d)?;
+                k.revoked_at_ms.is_none()
+                    && k.expires_at_ms.is_none_or(|e| e > now_ms())
+                    && k.client_cert_sha256.as_deref() == Some(fp)
+            }
+            None => false,
+        };
+        if !holds {
+            self.store.delete_doc(&found.tenant, CLIENT_CERT, fp).await?;
+            tracing::info!(key_id = %bound.key_id, "freed a client certificate binding of a key that no longer holds it");
+        }
+        Ok(!holds)
     }
 
     pub async fn list_api_keys(&self, tenant: &str) -> Result<Vec<ApiKeyView>, AuthError> {
@@ -594,6 +632,13 @@ impl Directory {
                 k.revoked_at_ms = Some(now_ms());
                 if !self.store.put_doc(doc(tenant, API_KEY, id, encode(&k)?, found.version)).await? {
                     continue;
+                }
+            }
+            // The certificate is free to be bound again (by whoever proves they hold it).
+            if let Some(fp) = &k.client_cert_sha256 {
+                let bound = self.store.get_doc(tenant, CLIENT_CERT, fp).await?;
+                if bound.map(|d| decode::<CertDoc>(&d)).transpose()?.is_some_and(|c| c.key_id == id) {
+                    self.store.delete_doc(tenant, CLIENT_CERT, fp).await?;
                 }
             }
             lock(&self.keys).remove(id);

@@ -116,7 +116,13 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
         .create_api_key(
             "acme",
             None,
-            NewApiKey { name: "ci".into(), role: Role::Worker, expires_in: None, client_cert_sha256: None },
+            NewApiKey {
+                name: "ci".into(),
+                role: Role::Worker,
+                expires_in: None,
+                client_cert_sha256: None,
+                presented_cert_sha256: None,
+            },
         )
         .await
         .unwrap();
@@ -163,6 +169,7 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
                 role: Role::Viewer,
                 expires_in: Some(Duration::from_millis(1)),
                 client_cert_sha256: None,
+                presented_cert_sha256: None,
             },
         )
         .await
@@ -171,7 +178,13 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
     assert!(matches!(d.authenticate(&short, None).await, Err(AuthError::Unauthenticated(m)) if m.contains("expired")));
     // Grants.
     let editor = Principal { role: Role::Editor, ..admin("acme") };
-    let want = || NewApiKey { name: "x".into(), role: Role::Viewer, expires_in: None, client_cert_sha256: None };
+    let want = || NewApiKey {
+        name: "x".into(),
+        role: Role::Viewer,
+        expires_in: None,
+        client_cert_sha256: None,
+        presented_cert_sha256: None,
+    };
     assert!(matches!(d.create_api_key("acme", Some(&editor), want()).await, Err(AuthError::Forbidden(_))));
     assert!(matches!(
         d.create_api_key("acme", None, NewApiKey { name: " ".into(), ..want() }).await,
@@ -413,8 +426,13 @@ async fn look_alike_emails_are_one_user_and_hidden_characters_are_refused() {
     assert_eq!(field(d.create_user("acme", None, new("moc.elpmaxe@\u{202E}eve")).await), "email");
     assert_eq!(field(d.create_user("acme", None, new("eve\u{200B}@example.com")).await), "email");
     assert_eq!(field(d.login("acme", "ada\u{2066}@example.com", "correct horse battery").await), "email");
-    let key =
-        |name: &str| NewApiKey { name: name.into(), role: Role::Viewer, expires_in: None, client_cert_sha256: None };
+    let key = |name: &str| NewApiKey {
+        name: name.into(),
+        role: Role::Viewer,
+        expires_in: None,
+        client_cert_sha256: None,
+        presented_cert_sha256: None,
+    };
     assert_eq!(field(d.create_api_key("acme", None, key("deploy\u{202E}gnp.exe")).await), "name");
     assert!(d.create_api_key("acme", None, key("nightly — café")).await.is_ok());
     assert_eq!(field(d.create_tenant("globex", "Globex\u{FEFF}").await), "name");
@@ -433,5 +451,51 @@ async fn look_alike_emails_are_one_user_and_hidden_characters_are_refused() {
     assert!(d.login("acme", "ｂｏｂ@example.com", "correct horse battery").await.is_ok());
     assert_eq!(d.delete_user("acme", &admin("acme"), "ＢＯＢ@example.com").await.unwrap(), "ｂｏｂ@example.com");
     assert!(s.get_doc("acme", "user", "ｂｏｂ@example.com").await.unwrap().is_none());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Issue 13, item 9: any tenant could bind any certificate's fingerprint (and so squat it, or
+/// make it authenticate as its own key), and revoking a key never freed its certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn binding_a_client_certificate_takes_holding_it_and_revocation_frees_it() {
+    let (dir, s) = store("cert-bindings");
+    let d = open(&s, AuthConfig::default()).await;
+    d.create_tenant("acme", "Acme").await.unwrap();
+    d.create_tenant("globex", "Globex").await.unwrap();
+    let (acme_cert, globex_cert) = ("a".repeat(64), "b".repeat(64));
+    let bind = |fp: &str, presented: Option<&str>| NewApiKey {
+        name: "worker".into(),
+        role: Role::Worker,
+        expires_in: None,
+        client_cert_sha256: Some(fp.into()),
+        presented_cert_sha256: presented.map(str::to_string),
+    };
+    // globex cannot bind acme's certificate: it presents none, or its own.
+    for presented in [None, Some(globex_cert.as_str())] {
+        let refused = d.create_api_key("globex", Some(&admin("globex")), bind(&acme_cert, presented)).await;
+        assert!(matches!(refused, Err(AuthError::Forbidden(_))), "{presented:?}: {refused:?}");
+    }
+    // acme, presenting it, can; the certificate is acme's key.
+    let (key, _) = d.create_api_key("acme", Some(&admin("acme")), bind(&acme_cert, Some(&acme_cert))).await.unwrap();
+    assert_eq!(d.authenticate_certificate(&acme_cert).await.unwrap().tenant, "acme");
+    let again = d.create_api_key("globex", Some(&admin("globex")), bind(&acme_cert, Some(&acme_cert))).await;
+    assert!(matches!(again, Err(AuthError::Conflict(_))), "bound already: {again:?}");
+    // Revoking frees it.
+    d.revoke_api_key("acme", &admin("acme"), &key.id).await.unwrap();
+    assert!(d.authenticate_certificate(&acme_cert).await.is_err());
+    let (rebound, _) =
+        d.create_api_key("globex", Some(&admin("globex")), bind(&acme_cert, Some(&acme_cert))).await.unwrap();
+    assert_eq!(d.authenticate_certificate(&acme_cert).await.unwrap().api_key(), Some(rebound.id.as_str()));
+
+    // A binding left behind by a revoked key (as older versions left them) is freed too.
+    let (old, _) = d.create_api_key("acme", None, bind(&globex_cert, None)).await.unwrap();
+    let mut stored = s.get_doc("acme", "api_key", &old.id).await.unwrap().unwrap();
+    stored.body["revoked_at_ms"] = 1.into();
+    assert!(s.put_doc(stored).await.unwrap());
+    assert!(s.find_doc("client_cert", &globex_cert).await.unwrap().is_some());
+    let fresh = open(&s, AuthConfig::default()).await;
+    let (mine, _) =
+        fresh.create_api_key("globex", Some(&admin("globex")), bind(&globex_cert, Some(&globex_cert))).await.unwrap();
+    assert_eq!(fresh.authenticate_certificate(&globex_cert).await.unwrap().api_key(), Some(mine.id.as_str()));
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -148,6 +148,7 @@ pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out:
                         role: Role::Admin,
                         expires_in: None,
                         client_cert_sha256: None,
+                        presented_cert_sha256: None,
                     };
                     key = Some(dir.create_api_key(sluice_server::routes::DEFAULT_TENANT, None, new).await?.1);
                 }

@@ -274,6 +274,29 @@ enum AdminAction {
         #[command(flatten)]
         secret: SecretArgs,
     },
+    /// Make an API key of a tenant, optionally bound to a client certificate (an operator's
+    /// binding: over the API, only a connection that presents the certificate may bind it).
+    /// Prints the key once on stdout.
+    Key {
+        #[arg(long, default_value = "sluice.db", env = "SLUICE_DATABASE")]
+        database: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Name of the key.
+        #[arg(long)]
+        name: String,
+        /// owner, admin, editor, viewer or worker.
+        #[arg(long, default_value = "worker")]
+        role: String,
+        /// Bind the key to this client certificate (SHA-256 of its DER, hex; colons allowed).
+        #[arg(long, value_name = "HEX")]
+        client_cert_sha256: Option<String>,
+        /// Write the key to this file (created with mode 0600) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
     /// List the tenants.
     Tenants {
         #[arg(long, default_value = "sluice.db", env = "SLUICE_DATABASE")]
@@ -368,6 +391,18 @@ async fn dispatch(cli: Cli, process_trace: sluice_engine::TraceId) -> Result<()>
                 key_file: key_file.as_deref(),
             };
             server::admin_init(&database, &secret, init).await
+        }
+        Command::Admin {
+            action: AdminAction::Key { database, tenant, name, role, client_cert_sha256, key_file, secret },
+        } => {
+            let key = server::AdminKey {
+                tenant: &tenant,
+                name: &name,
+                role: &role,
+                client_cert_sha256,
+                key_file: key_file.as_deref(),
+            };
+            server::admin_key(&database, &secret, key).await
         }
         Command::Admin { action: AdminAction::Tenants { database } } => {
             for t in server::tenants(&database).await? {

@@ -369,7 +369,13 @@ pub async fn admin_init(database: &str, secret: &SecretArgs, init: AdminInit<'_>
         .create_api_key(
             tenant,
             None,
-            NewApiKey { name: key_name.into(), role: Role::Owner, expires_in: None, client_cert_sha256: None },
+            NewApiKey {
+                name: key_name.into(),
+                role: Role::Owner,
+                expires_in: None,
+                client_cert_sha256: None,
+                presented_cert_sha256: None,
+            },
         )
         .await?;
     match key_file {
@@ -379,6 +385,48 @@ pub async fn admin_init(database: &str, secret: &SecretArgs, init: AdminInit<'_>
         }
         None => {
             eprintln!("owner API key {} of tenant {tenant} (shown once; store it):", view.id);
+            crate::out(&key);
+        }
+    }
+    Ok(())
+}
+
+/// What `sluice admin key` makes.
+pub struct AdminKey<'a> {
+    pub tenant: &'a str,
+    pub name: &'a str,
+    pub role: &'a str,
+    pub client_cert_sha256: Option<String>,
+    pub key_file: Option<&'a Path>,
+}
+
+/// `sluice admin key`: a key of an existing tenant, straight on the database; the operator may
+/// bind it to any client certificate.
+pub async fn admin_key(database: &str, secret: &SecretArgs, new: AdminKey<'_>) -> Result<()> {
+    let role = Role::parse(new.role)
+        .with_context(|| format!("unknown role {:?}; expected owner, admin, editor, viewer or worker", new.role))?;
+    let store = open_store(database).await?;
+    let dir = open_directory(&store, server_key(database, secret)?).await?;
+    if !dir.tenant_exists(new.tenant).await? {
+        anyhow::bail!("no tenant {}: make it with `sluice admin init --tenant {}`", new.tenant, new.tenant);
+    }
+    let made = NewApiKey {
+        name: new.name.into(),
+        role,
+        expires_in: None,
+        client_cert_sha256: new.client_cert_sha256,
+        presented_cert_sha256: None,
+    };
+    let (view, key) = dir.create_api_key(new.tenant, None, made).await?;
+    let bound =
+        view.client_cert_sha256.as_deref().map(|fp| format!(", bound to the certificate {fp}")).unwrap_or_default();
+    match new.key_file {
+        Some(path) => {
+            write_secret(path, &key, false)?;
+            eprintln!("{role} API key {} of tenant {}{bound} written to {}", view.id, new.tenant, path.display());
+        }
+        None => {
+            eprintln!("{role} API key {} of tenant {}{bound} (shown once; store it):", view.id, new.tenant);
             crate::out(&key);
         }
     }
@@ -422,7 +470,13 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace
     let (directory, owner_key, worker_key) = if let Some(key) = key {
         let dir = open_directory(engine.store(), key).await?;
         dir.create_tenant(DEFAULT_TENANT, "Local development").await?;
-        let key = |name: &str, role| NewApiKey { name: name.into(), role, expires_in: None, client_cert_sha256: None };
+        let key = |name: &str, role| NewApiKey {
+            name: name.into(),
+            role,
+            expires_in: None,
+            client_cert_sha256: None,
+            presented_cert_sha256: None,
+        };
         let (_, owner) = dir.create_api_key(DEFAULT_TENANT, None, key("dev", Role::Owner)).await?;
         let (_, worker) = dir.create_api_key(DEFAULT_TENANT, None, key("dev-worker", Role::Worker)).await?;
         if let Some(oidc) = &oidc {

@@ -151,7 +151,8 @@ pub struct NewKeyBody {
     #[serde(default)]
     expires_in_s: Option<u64>,
     /// Bind the key to a client certificate (SHA-256 of its DER, hex): over mutual TLS the
-    /// certificate alone authenticates as the key, and the key works only with it.
+    /// certificate alone authenticates as the key, and the key works only with it. The request
+    /// must come over a connection that presents this certificate.
     #[serde(default)]
     client_cert_sha256: Option<String>,
 }
@@ -159,6 +160,7 @@ pub struct NewKeyBody {
 pub async fn create_key(
     State(app): State<AppState>,
     Caller(p): Caller,
+    ext: Extensions,
     JsonBody(b): JsonBody<NewKeyBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let role = role_of("role", &b.role)?;
@@ -170,6 +172,9 @@ pub async fn create_key(
         role,
         expires_in: b.expires_in_s.map(Duration::from_secs),
         client_cert_sha256: b.client_cert_sha256,
+        presented_cert_sha256: ext
+            .get::<ConnectInfo<Peer>>()
+            .and_then(|c| c.0.client_cert.as_ref().map(|cert| cert.fingerprint_sha256.clone())),
     };
     let (view, key) = directory(&app)?.create_api_key(&p.tenant, Some(&p), new).await?;
     Ok((StatusCode::CREATED, Json(json!({"api_key": view, "key": key, "note": "the key is shown only now; store it"}))))
