@@ -6,7 +6,7 @@
 //! database cannot be reached, what the node read before still authenticates.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -14,9 +14,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_store::{Doc, Store};
 
-use crate::jwt::{Claims, Keyring, StoredKey, AUDIENCE, ISSUER};
+use crate::jwt::{Claims, Signer, StoredKey, Verifier, AUDIENCE, ISSUER};
 use crate::role::{Actor, Principal, Role};
-use crate::{apikey, check_tenant_id, now_ms, password, AuthError, SYSTEM_SCOPE};
+use crate::seal::ServerKey;
+use crate::text::{check_email, check_visible, normalize_email};
+use crate::{apikey, check_tenant_id, now_ms, password, AuthError, LoginFailure, SYSTEM_SCOPE};
 
 const TENANT: &str = "tenant";
 const USER: &str = "user";
@@ -26,9 +28,12 @@ const SIGNING_KEY: &str = "signing_key";
 const CLIENT_CERT: &str = "client_cert";
 /// A key's last-used time is written at most this often.
 const TOUCH_EVERY_MS: i64 = 60_000;
-/// Unknown `kid`s reload the keyring from the store at most this often (made-up tokens must not
-/// reach the store on every request).
-const RING_RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// The check that the server key is the one the database was set up with (in `SYSTEM_SCOPE`).
+const SERVER_KEY: &str = "server_key";
+const SERVER_KEY_CHECK: &str = "check";
+/// An unknown `kid` is looked up in the store again after this long (made-up tokens must not
+/// reach the store on every request; a key made on another node is found within it).
+const UNKNOWN_KID_TTL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
@@ -58,6 +63,11 @@ struct TenantDoc {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct UserDoc {
+    /// The user's unique id (UUID v7), which session tokens name: a user removed and made again
+    /// with the same email is another user. Users stored before ids existed get one the first
+    /// time they are read (`Directory::load_user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
     email: String,
     role: Role,
     /// Absent for users who sign in only through an identity provider.
@@ -83,6 +93,14 @@ struct KeyDoc {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+struct ServerKeyCheck {
+    /// Names the server key, for the error when another key is given.
+    fingerprint: String,
+    /// A constant sealed with it.
+    sealed: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct CertDoc {
     key_id: String,
 }
@@ -90,6 +108,7 @@ struct CertDoc {
 /// A user as the API shows it (never the password hash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UserView {
+    pub id: String,
     pub email: String,
     pub role: Role,
     pub created_at_ms: i64,
@@ -110,6 +129,14 @@ pub struct ApiKeyView {
     pub client_cert_sha256: Option<String>,
 }
 
+/// A session opened by a password login.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub token: String,
+    pub expires_at_ms: i64,
+    pub user: UserView,
+}
+
 pub struct NewUser {
     pub email: String,
     /// `None`: the user signs in only through the identity provider.
@@ -123,6 +150,10 @@ pub struct NewApiKey {
     pub expires_in: Option<Duration>,
     /// Bind the key to this client certificate (SHA-256 of its DER, hex; colons allowed).
     pub client_cert_sha256: Option<String>,
+    /// The certificate the request's connection presented (verified by the TLS layer), which a
+    /// binding asked for over the API must be: whoever binds a certificate proves they hold it.
+    /// The command line (an operator, `by` = `None`) binds without it.
+    pub presented_cert_sha256: Option<String>,
 }
 
 /// A fingerprint as 64 lowercase hex characters, or why it is not one.
@@ -143,6 +174,11 @@ struct Cached<T> {
     at: Instant,
 }
 
+/// The ids of the tenants in `store`, in order (no server key needed).
+pub async fn tenant_ids(store: &dyn Store) -> Result<Vec<String>, AuthError> {
+    Ok(store.list_docs(SYSTEM_SCOPE, TENANT).await?.into_iter().map(|d| d.id).collect())
+}
+
 /// See the module docs.
 pub struct Directory {
     store: Arc<dyn Store>,
@@ -151,9 +187,12 @@ pub struct Directory {
     keys: Mutex<HashMap<String, Cached<Option<TenantKey>>>>,
     /// (tenant, email) → the user (or `None`).
     users: Mutex<HashMap<(String, String), CachedUser>>,
-    ring: RwLock<Arc<Keyring>>,
-    /// When an unknown `kid` last made this node reload the ring.
-    ring_loaded: Mutex<Option<Instant>>,
+    /// Seals the signing keys in the store.
+    server_key: ServerKey,
+    /// Tenant → its current signing key.
+    signers: Mutex<HashMap<String, Arc<Signer>>>,
+    /// Signing key id → the public key and its tenant (or `None`: no such key).
+    verifiers: Mutex<HashMap<String, Cached<Option<Arc<Verifier>>>>>,
     touched: Mutex<HashMap<String, i64>>,
 }
 
@@ -189,20 +228,17 @@ fn key_view(id: &str, k: &KeyDoc) -> ApiKeyView {
 }
 
 fn user_view(u: &UserDoc) -> UserView {
-    UserView { email: u.email.clone(), role: u.role, created_at_ms: u.created_at_ms, created_by: u.created_by.clone() }
+    UserView {
+        id: u.id.clone().unwrap_or_default(),
+        email: u.email.clone(),
+        role: u.role,
+        created_at_ms: u.created_at_ms,
+        created_by: u.created_by.clone(),
+    }
 }
 
-/// A normalized email, or why it is not one.
-pub(crate) fn check_email(email: &str) -> Result<String, AuthError> {
-    let e = email.trim().to_lowercase();
-    let ok = e.len() <= 254
-        && e.split_once('@').is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
-        && !e.chars().any(|c| c.is_whitespace() || c.is_control());
-    if ok {
-        Ok(e)
-    } else {
-        Err(AuthError::invalid("email", "expected an email address like ada@example.com (at most 254 characters)"))
-    }
+fn new_user_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 fn creator(by: Option<&Principal>) -> String {
@@ -219,18 +255,26 @@ fn check_grant(by: Option<&Principal>, role: Role) -> Result<(), AuthError> {
 }
 
 impl Directory {
-    /// Opens the directory and makes sure there is a current signing key.
-    pub async fn open(store: Arc<dyn Store>, config: AuthConfig) -> Result<Arc<Self>, AuthError> {
+    /// Opens the directory. `server_key` seals the session signing keys in the store; it must
+    /// be the key the database was first used with (this checks it, and records it on a new
+    /// database).
+    pub async fn open(
+        store: Arc<dyn Store>,
+        config: AuthConfig,
+        server_key: ServerKey,
+    ) -> Result<Arc<Self>, AuthError> {
         let dir = Arc::new(Self {
             store,
             config,
             keys: Mutex::default(),
             users: Mutex::default(),
-            ring: RwLock::new(Arc::new(Keyring::default())),
-            ring_loaded: Mutex::new(None),
+            server_key,
+            signers: Mutex::default(),
+            verifiers: Mutex::default(),
             touched: Mutex::default(),
         });
-        dir.rotate_signing_key().await?;
+        dir.check_server_key().await?;
+        dir.retire_shared_signing_keys().await?;
         Ok(dir)
     }
 
@@ -238,19 +282,49 @@ impl Directory {
         &self.config
     }
 
-    /// Rotates the signing key every few minutes if it is due, and reloads keys other nodes made.
-    pub fn spawn_maintenance(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let dir = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if let Err(e) = dir.rotate_signing_key().await {
-                    tracing::warn!(error = %e, "cannot rotate the session signing key; will retry");
+    /// Fails unless the server key opens the check the database was set up with; writes that
+    /// check on a database that has none.
+    async fn check_server_key(&self) -> Result<(), AuthError> {
+        const WHAT: &str = "server key check";
+        loop {
+            match self.store.get_doc(SYSTEM_SCOPE, SERVER_KEY, SERVER_KEY_CHECK).await? {
+                Some(d) => {
+                    let stored: ServerKeyCheck = decode(&d)?;
+                    if self.server_key.open(&stored.sealed, WHAT).is_err() {
+                        return Err(AuthError::Internal(format!(
+                            "the server key {} is not the one this database was set up with ({}): give every node \
+                             and `sluice admin` command the same --secret-key-file or SLUICE_SECRET_KEY",
+                            self.server_key.fingerprint(),
+                            stored.fingerprint
+                        )));
+                    }
+                    return Ok(());
+                }
+                None => {
+                    let check = ServerKeyCheck {
+                        fingerprint: self.server_key.fingerprint().to_string(),
+                        sealed: self.server_key.seal(WHAT.as_bytes(), WHAT)?,
+                    };
+                    let body = encode(&check)?;
+                    if self.store.put_doc(doc(SYSTEM_SCOPE, SERVER_KEY, SERVER_KEY_CHECK, body, 0)).await? {
+                        tracing::info!(fingerprint = %check.fingerprint, "this database's secrets are sealed with the server key");
+                        return Ok(());
+                    }
+                    // Another node wrote it first: check against theirs.
                 }
             }
-        })
+        }
+    }
+
+    /// Removes the signing keys that versions before per-tenant keys shared between tenants (and
+    /// stored in clear): no token they signed is accepted any more, since such tokens named
+    /// their user by email.
+    async fn retire_shared_signing_keys(&self) -> Result<(), AuthError> {
+        for d in self.store.list_docs(SYSTEM_SCOPE, SIGNING_KEY).await? {
+            self.store.delete_doc(SYSTEM_SCOPE, SIGNING_KEY, &d.id).await?;
+            tracing::info!(kid = %d.id, "retired a session signing key shared by every tenant");
+        }
+        Ok(())
     }
 
     // ---- tenants ----
@@ -258,6 +332,7 @@ impl Directory {
     /// Creates a tenant; false when it exists already.
     pub async fn create_tenant(&self, id: &str, name: &str) -> Result<bool, AuthError> {
         check_tenant_id(id).map_err(|m| AuthError::invalid("tenant", m))?;
+        check_visible("name", name)?;
         let body = encode(&TenantDoc { name: name.into(), created_at_ms: now_ms() })?;
         Ok(self.store.put_doc(doc(SYSTEM_SCOPE, TENANT, id, body, 0)).await?)
     }
@@ -268,7 +343,7 @@ impl Directory {
 
     /// Tenant ids, in order.
     pub async fn tenants(&self) -> Result<Vec<String>, AuthError> {
-        Ok(self.store.list_docs(SYSTEM_SCOPE, TENANT).await?.into_iter().map(|d| d.id).collect())
+        tenant_ids(&*self.store).await
     }
 
     // ---- users ----
@@ -289,6 +364,7 @@ impl Directory {
             None => None,
         };
         let user = UserDoc {
+            id: Some(new_user_id()),
             email: email.clone(),
             role: new.role,
             password_hash,
@@ -303,21 +379,46 @@ impl Directory {
     }
 
     pub async fn list_users(&self, tenant: &str) -> Result<Vec<UserView>, AuthError> {
-        self.store.list_docs(tenant, USER).await?.iter().map(|d| decode::<UserDoc>(d).map(|u| user_view(&u))).collect()
+        let mut users = Vec::new();
+        for d in self.store.list_docs(tenant, USER).await? {
+            let u: UserDoc = decode(&d)?;
+            let u = match u.id {
+                Some(_) => u,
+                None => match self.load_user(tenant, &d.id).await? {
+                    Some(u) => u,
+                    None => continue,
+                },
+            };
+            users.push(user_view(&u));
+        }
+        Ok(users)
     }
 
-    /// Removes a user; their session tokens stop working within the cache time.
-    pub async fn delete_user(&self, tenant: &str, by: &Principal, email: &str) -> Result<(), AuthError> {
-        let email = email.to_lowercase();
-        let found = self.store.get_doc(tenant, USER, &email).await?;
-        let Some(found) = found else {
-            return Err(AuthError::NotFound(format!("no user {email} in this tenant")));
+    /// Removes a user; their session tokens stop working within the cache time. Returns the
+    /// email as stored. (It finds users stored before emails were normalised under their old
+    /// form too, so that look-alikes made then can be removed.)
+    pub async fn delete_user(&self, tenant: &str, by: &Principal, email: &str) -> Result<String, AuthError> {
+        let Some((email, found)) = self.find_user_doc(tenant, email).await? else {
+            return Err(AuthError::NotFound(format!("no user {} in this tenant", normalize_email(email))));
         };
         let user: UserDoc = decode(&found)?;
         check_grant(Some(by), user.role)?;
         self.store.delete_doc(tenant, USER, &email).await?;
-        lock(&self.users).remove(&(tenant.to_string(), email));
-        Ok(())
+        lock(&self.users).remove(&(tenant.to_string(), email.clone()));
+        Ok(email)
+    }
+
+    /// The stored id (the email) and document of the user `email` names: under its normal form,
+    /// else under the form versions before NFKC stored (trimmed, lower case).
+    async fn find_user_doc(&self, tenant: &str, email: &str) -> Result<Option<(String, Doc)>, AuthError> {
+        let normal = normalize_email(email);
+        let legacy = email.trim().to_lowercase();
+        for id in [normal, legacy] {
+            if let Some(d) = self.store.get_doc(tenant, USER, &id).await? {
+                return Ok(Some((id, d)));
+            }
+        }
+        Ok(None)
     }
 
     /// Signs in a user whom an identity provider vouched for (`source`, e.g. `oidc:<issuer>`):
@@ -342,10 +443,9 @@ impl Directory {
             ))
         };
         let result = loop {
-            let found = self.store.get_doc(tenant, USER, &email).await?;
+            let found = self.load_user_doc(tenant, &email).await?;
             match found {
-                Some(d) => {
-                    let mut user: UserDoc = decode(&d)?;
+                Some((mut user, version)) => {
                     if user.created_by != source {
                         break (user_view(&user), false);
                     }
@@ -354,7 +454,7 @@ impl Directory {
                         break (user_view(&user), false);
                     }
                     user.role = role;
-                    if self.store.put_doc(doc(tenant, USER, &email, encode(&user)?, d.version)).await? {
+                    if self.store.put_doc(doc(tenant, USER, &email, encode(&user)?, version)).await? {
                         tracing::info!(tenant, email = %email, role = %role, "role of an external user follows the identity provider");
                         break (user_view(&user), false);
                     }
@@ -367,6 +467,7 @@ impl Directory {
                 None => {
                     let role = role.ok_or_else(no_role)?;
                     let user = UserDoc {
+                        id: Some(new_user_id()),
                         email: email.clone(),
                         role,
                         password_hash: None,
@@ -392,16 +493,38 @@ impl Directory {
                 return Ok(c.value.clone());
             }
         }
-        let user = match self.store.get_doc(tenant, USER, email).await {
-            Ok(Some(d)) => Some(decode::<UserDoc>(&d)?),
-            Ok(None) => None,
+        let user = match self.load_user(tenant, email).await {
+            Ok(u) => u,
             Err(e) => match lock(&self.users).get(&key) {
                 Some(stale) => return Ok(stale.value.clone()),
-                None => return Err(e.into()),
+                None => return Err(e),
             },
         };
         lock(&self.users).insert(key, Cached { value: user.clone(), at: Instant::now() });
         Ok(user)
+    }
+
+    /// The user stored under `email`, uncached; see [`Self::load_user_doc`].
+    async fn load_user(&self, tenant: &str, email: &str) -> Result<Option<UserDoc>, AuthError> {
+        Ok(self.load_user_doc(tenant, email).await?.map(|(u, _)| u))
+    }
+
+    /// The user stored under `email` and the version of its document, uncached. A user stored
+    /// before users had ids is given one here, and it is written back so that every node agrees
+    /// on it (whoever writes first wins; the others read the winner's).
+    async fn load_user_doc(&self, tenant: &str, email: &str) -> Result<Option<(UserDoc, i64)>, AuthError> {
+        loop {
+            let Some(d) = self.store.get_doc(tenant, USER, email).await? else { return Ok(None) };
+            let mut user: UserDoc = decode(&d)?;
+            if user.id.is_some() {
+                return Ok(Some((user, d.version)));
+            }
+            user.id = Some(new_user_id());
+            if self.store.put_doc(doc(tenant, USER, email, encode(&user)?, d.version)).await? {
+                tracing::info!(tenant, email = %email, "gave a user stored without an id its id");
+                return Ok(Some((user, d.version + 1)));
+            }
+        }
     }
 
     // ---- API keys ----
@@ -417,8 +540,18 @@ impl Directory {
         if name.is_empty() || name.len() > 100 {
             return Err(AuthError::invalid("name", "expected 1 to 100 characters naming the key"));
         }
+        check_visible("name", &name)?;
         check_grant(by, new.role)?;
         let fingerprint = new.client_cert_sha256.as_deref().map(check_fingerprint).transpose()?;
+        if let (Some(fp), Some(_)) = (&fingerprint, by) {
+            if new.presented_cert_sha256.as_deref() != Some(fp.as_str()) {
+                return Err(AuthError::Forbidden(
+                    "bind a key to a client certificate over a connection that presents that certificate (it proves \
+                     you hold it), or ask an operator to bind it with `sluice admin key`"
+                        .into(),
+                ));
+            }
+        }
         let (id, key) = apikey::generate()?;
         let now = now_ms();
         let expires_at_ms =
@@ -436,7 +569,9 @@ impl Directory {
         };
         if let Some(fp) = &fingerprint {
             // One key per certificate, across tenants: the certificate names its key.
-            if self.store.find_doc(CLIENT_CERT, fp).await?.is_some()
+            // (Bindings live in their tenant's scope, so the store cannot refuse a second one in
+            // another: look first. Two tenants racing would both have to hold the certificate.)
+            if !self.free_stale_binding(fp).await?
                 || !self
                     .store
                     .put_doc(doc(tenant, CLIENT_CERT, fp, encode(&CertDoc { key_id: id.clone() })?, 0))
@@ -450,6 +585,29 @@ impl Directory {
         }
         lock(&self.keys).remove(&id);
         Ok((key_view(&id, &k), key))
+    }
+
+    /// Removes the binding of certificate `fp` when the key it names no longer holds it (revoked,
+    /// expired, gone, or bound to another certificate): such bindings, left by versions that did
+    /// not free them, would keep the certificate from ever being bound again.
+    /// Whether the certificate is free now.
+    async fn free_stale_binding(&self, fp: &str) -> Result<bool, AuthError> {
+        let Some(found) = self.store.find_doc(CLIENT_CERT, fp).await? else { return Ok(true) };
+        let bound: CertDoc = decode(&found)?;
+        let holds = match self.store.get_doc(&found.tenant, API_KEY, &bound.key_id).await? {
+            Some(d) => {
+                let k: KeyDoc = decode(&d)?;
+                k.revoked_at_ms.is_none()
+                    && k.expires_at_ms.is_none_or(|e| e > now_ms())
+                    && k.client_cert_sha256.as_deref() == Some(fp)
+            }
+            None => false,
+        };
+        if !holds {
+            self.store.delete_doc(&found.tenant, CLIENT_CERT, fp).await?;
+            tracing::info!(key_id = %bound.key_id, "freed a client certificate binding of a key that no longer holds it");
+        }
+        Ok(!holds)
     }
 
     pub async fn list_api_keys(&self, tenant: &str) -> Result<Vec<ApiKeyView>, AuthError> {
@@ -474,6 +632,13 @@ impl Directory {
                 k.revoked_at_ms = Some(now_ms());
                 if !self.store.put_doc(doc(tenant, API_KEY, id, encode(&k)?, found.version)).await? {
                     continue;
+                }
+            }
+            // The certificate is free to be bound again (by whoever proves they hold it).
+            if let Some(fp) = &k.client_cert_sha256 {
+                let bound = self.store.get_doc(tenant, CLIENT_CERT, fp).await?;
+                if bound.map(|d| decode::<CertDoc>(&d)).transpose()?.is_some_and(|c| c.key_id == id) {
+                    self.store.delete_doc(tenant, CLIENT_CERT, fp).await?;
                 }
             }
             lock(&self.keys).remove(id);
@@ -557,8 +722,17 @@ impl Directory {
             ));
         }
         let claims = self.verify_token(credential).await?;
+        let Some(email) = &claims.email else {
+            return Err(AuthError::Unauthenticated(
+                "this session token is of an older format that named the user by email; log in again".into(),
+            ));
+        };
         let gone = || AuthError::Unauthenticated("the user of this session no longer exists".into());
-        let user = self.user(&claims.tid, &claims.sub).await?.ok_or_else(gone)?;
+        let user = self.user(&claims.tid, email).await?.ok_or_else(gone)?;
+        // The user the token was issued to, not someone given the same email since.
+        if user.id.as_deref() != Some(claims.sub.as_str()) {
+            return Err(gone());
+        }
         // The current role counts, not the one at login.
         Ok(Principal { tenant: claims.tid, actor: Actor::User { email: user.email }, role: user.role })
     }
@@ -594,36 +768,48 @@ impl Directory {
     }
 
     async fn verify_token(&self, token: &str) -> Result<Claims, AuthError> {
-        let ring = self.ring();
-        match ring.verify(token) {
-            Ok(c) => return Ok(c),
-            Err(Some(e)) => return Err(e),
-            Err(None) => {}
-        }
-        // Another node may have rotated: reload once, at most every second.
-        let due = {
-            let mut last = lock(&self.ring_loaded);
-            let due = last.is_none_or(|t| t.elapsed() >= RING_RELOAD_EVERY);
-            if due {
-                *last = Some(Instant::now());
-            }
-            due
-        };
-        if due {
-            self.load_ring().await?;
-        }
-        let ring = self.ring();
-        ring.verify(token)
-            .map_err(|e| e.unwrap_or_else(|| AuthError::Unauthenticated("invalid session token: unknown key".into())))
+        let kid = crate::jwt::kid_of(token)?;
+        let unknown = || AuthError::Unauthenticated("invalid session token: unknown key".into());
+        let verifier = self.verifier(&kid).await?.ok_or_else(unknown)?;
+        let max_lifetime_s = i64::try_from(self.config.token_ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX);
+        verifier.verify(token, now_ms() / 1000, max_lifetime_s)
     }
 
-    /// Checks a password and returns a session token and its expiry (ms).
-    pub async fn login(&self, tenant: &str, email: &str, password: &str) -> Result<(String, i64), AuthError> {
-        let email = email.trim().to_lowercase();
-        let user = if check_tenant_id(tenant).is_ok() && tenant != SYSTEM_SCOPE {
-            self.store.get_doc(tenant, USER, &email).await?.map(|d| decode::<UserDoc>(&d)).transpose()?
-        } else {
-            None
+    /// The public key named `kid` and its tenant, found with the one lookup across tenants.
+    async fn verifier(&self, kid: &str) -> Result<Option<Arc<Verifier>>, AuthError> {
+        if kid.len() != 16 || !kid.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        if let Some(c) = lock(&self.verifiers).get(kid) {
+            // Keys do not change; only the absence of one may end.
+            if c.value.is_some() || c.at.elapsed() < UNKNOWN_KID_TTL {
+                return Ok(c.value.clone());
+            }
+        }
+        let found = match self.store.find_doc(SIGNING_KEY, kid).await? {
+            Some(d) if d.tenant != SYSTEM_SCOPE => {
+                let key: StoredKey = decode(&d)?;
+                Some(Arc::new(key.verifier(&d.tenant)?))
+            }
+            _ => None,
+        };
+        let mut verifiers = lock(&self.verifiers);
+        if verifiers.len() > 100_000 {
+            verifiers.clear();
+        }
+        verifiers.insert(kid.to_string(), Cached { value: found.clone(), at: Instant::now() });
+        Ok(found)
+    }
+
+    /// Checks a password and opens a session. A failure says why, for the server's records; the
+    /// caller must be told only "wrong email or password".
+    pub async fn login(&self, tenant: &str, email: &str, password: &str) -> Result<Session, AuthError> {
+        check_visible("email", email.trim())?;
+        let real_tenant = check_tenant_id(tenant).is_ok() && tenant != SYSTEM_SCOPE;
+        let found = if real_tenant { self.find_user_doc(tenant, email).await? } else { None };
+        let user = match found {
+            Some((id, _)) => self.load_user(tenant, &id).await?,
+            None => None,
         };
         let stored = user.as_ref().and_then(|u| u.password_hash.clone());
         let pw = password.to_string();
@@ -635,27 +821,40 @@ impl Directory {
         .await
         .map_err(|e| AuthError::Internal(format!("password check stopped: {e}")))?;
         match user {
-            Some(u) if ok => self.issue_token(tenant, &u.email, u.role),
-            _ => Err(AuthError::InvalidCredentials),
+            Some(u) if ok => {
+                let user = user_view(&u);
+                let (token, expires_at_ms) = self.issue_token(tenant, &user).await?;
+                Ok(Session { token, expires_at_ms, user })
+            }
+            Some(_) => Err(AuthError::InvalidCredentials(LoginFailure::WrongPassword)),
+            None if real_tenant && self.tenant_exists(tenant).await? => {
+                Err(AuthError::InvalidCredentials(LoginFailure::UnknownUser))
+            }
+            None => Err(AuthError::InvalidCredentials(LoginFailure::UnknownTenant)),
         }
     }
 
     /// A session token for a user who proved who they are (a password, an identity provider).
-    pub fn issue_token(&self, tenant: &str, email: &str, role: Role) -> Result<(String, i64), AuthError> {
+    /// It names the user by id (and email, to find them), so it dies with the user.
+    pub async fn issue_token(&self, tenant: &str, user: &UserView) -> Result<(String, i64), AuthError> {
+        if user.id.is_empty() {
+            return Err(AuthError::Internal(format!("user {} has no id", user.email)));
+        }
         let now = now_ms();
         let exp_ms = now.saturating_add(i64::try_from(self.config.token_ttl.as_millis()).unwrap_or(i64::MAX));
         let claims = Claims {
-            sub: email.into(),
+            sub: user.id.clone(),
+            email: Some(user.email.clone()),
             tid: tenant.into(),
-            role: role.as_str().into(),
+            role: user.role.as_str().into(),
             iat: now / 1000,
+            nbf: None,
             exp: exp_ms / 1000,
             iss: ISSUER.into(),
             aud: AUDIENCE.into(),
             jti: crate::hex(&crate::random_bytes::<12>()?),
         };
-        let ring = self.ring();
-        Ok((ring.sign(&claims)?, exp_ms))
+        Ok((self.signer(tenant).await?.sign(&claims)?, exp_ms))
     }
 
     /// Whether any tenant has a user or an API key that can sign in.
@@ -671,47 +870,60 @@ impl Directory {
 
     // ---- signing keys ----
 
-    /// The keyring as last loaded.
-    fn ring(&self) -> Arc<Keyring> {
-        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    async fn stored_keys(&self) -> Result<Vec<StoredKey>, AuthError> {
-        self.store.list_docs(SYSTEM_SCOPE, SIGNING_KEY).await?.iter().map(decode).collect()
-    }
-
-    async fn load_ring(&self) -> Result<(), AuthError> {
-        let ring = Keyring::new(&self.stored_keys().await?)?;
-        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ring);
-        Ok(())
-    }
-
-    /// Makes a new signing key when the newest is older than `rotate_after` (or there is none),
-    /// drops keys whose tokens have all expired, and reloads the ring.
-    pub async fn rotate_signing_key(&self) -> Result<(), AuthError> {
+    /// The key that signs `tenant`'s tokens: its newest, or a new one when that is older than
+    /// `rotate_after` (or there is none). Keys whose tokens have all expired are removed then.
+    async fn signer(&self, tenant: &str) -> Result<Arc<Signer>, AuthError> {
         let now = now_ms();
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        let keys = self.stored_keys().await?;
-        let newest = keys.iter().map(|k| k.created_at_ms).max();
-        if newest.is_none_or(|t| now - t >= ms(self.config.rotate_after)) {
-            let key = StoredKey::generate(now)?;
-            // Two nodes rotating at once make two keys; both verify, the newer signs.
-            self.store.put_doc(doc(SYSTEM_SCOPE, SIGNING_KEY, &key.kid, encode(&key)?, 0)).await?;
-            tracing::info!(kid = %key.kid, "new session signing key");
+        let rotate_after = ms(self.config.rotate_after);
+        if let Some(s) = lock(&self.signers).get(tenant) {
+            if now - s.created_at_ms < rotate_after {
+                return Ok(Arc::clone(s));
+            }
         }
+        let keys = self.stored_keys(tenant).await?;
+        let newest = match keys.first() {
+            Some(k) if now - k.created_at_ms < rotate_after => k.clone(),
+            _ => {
+                let key = StoredKey::generate(tenant, now, &self.server_key)?;
+                // Two nodes rotating at once make two keys; both verify, and each signs with its own.
+                self.store.put_doc(doc(tenant, SIGNING_KEY, &key.kid, encode(&key)?, 0)).await?;
+                tracing::info!(tenant, kid = %key.kid, "new session signing key");
+                key
+            }
+        };
         // A key signs until a newer one exists; its tokens live `token_ttl` after that.
-        let keep = ms(self.config.rotate_after).saturating_add(ms(self.config.token_ttl)).saturating_add(60_000);
-        let mut keys = self.stored_keys().await?;
-        keys.sort_by_key(|k| std::cmp::Reverse(k.created_at_ms));
-        for old in keys.iter().skip(1).filter(|k| now - k.created_at_ms > keep) {
-            self.store.delete_doc(SYSTEM_SCOPE, SIGNING_KEY, &old.kid).await?;
-            tracing::info!(kid = %old.kid, "retired session signing key");
+        let keep = rotate_after.saturating_add(ms(self.config.token_ttl)).saturating_add(60_000);
+        for old in keys.iter().filter(|k| k.kid != newest.kid && now - k.created_at_ms > keep) {
+            self.store.delete_doc(tenant, SIGNING_KEY, &old.kid).await?;
+            lock(&self.verifiers).remove(&old.kid);
+            tracing::info!(tenant, kid = %old.kid, "retired session signing key");
         }
-        self.load_ring().await
+        let signer = Arc::new(newest.signer(tenant, &self.server_key)?);
+        lock(&self.signers).insert(tenant.to_string(), Arc::clone(&signer));
+        Ok(signer)
     }
 
-    /// The key ids in the ring, newest first.
-    pub fn signing_kids(&self) -> Vec<String> {
-        self.ring().kids().into_iter().map(str::to_string).collect()
+    /// A tenant's signing keys, newest first. Keys stored in clear (by versions before sealing)
+    /// are sealed and written back.
+    async fn stored_keys(&self, tenant: &str) -> Result<Vec<StoredKey>, AuthError> {
+        let mut keys = Vec::new();
+        for d in self.store.list_docs(tenant, SIGNING_KEY).await? {
+            let mut key: StoredKey = decode(&d)?;
+            if key.seal_clear(tenant, &self.server_key)? {
+                // A lost race means another node sealed it first.
+                if self.store.put_doc(doc(tenant, SIGNING_KEY, &d.id, encode(&key)?, d.version)).await? {
+                    tracing::info!(tenant, kid = %key.kid, "sealed a session signing key stored in clear");
+                }
+            }
+            keys.push(key);
+        }
+        keys.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.kid.cmp(&b.kid)));
+        Ok(keys)
+    }
+
+    /// The ids of a tenant's signing keys, newest first.
+    pub async fn signing_kids(&self, tenant: &str) -> Result<Vec<String>, AuthError> {
+        Ok(self.stored_keys(tenant).await?.into_iter().map(|k| k.kid).collect())
     }
 }

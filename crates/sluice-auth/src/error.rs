@@ -8,9 +8,10 @@ pub enum AuthError {
     /// No credentials, or credentials that name nobody (401).
     #[error("{0}")]
     Unauthenticated(String),
-    /// A login with a wrong email or password; the same message for both (401).
+    /// A login with a wrong email or password; the same message whatever the reason (401). The
+    /// reason is for the server's own records (the audit log, the server log), never the caller.
     #[error("wrong email or password")]
-    InvalidCredentials,
+    InvalidCredentials(LoginFailure),
     /// Authenticated, but the role does not allow this (403).
     #[error("{0}")]
     Forbidden(String),
@@ -28,6 +29,17 @@ pub enum AuthError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+}
+
+/// Why a password login failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginFailure {
+    /// The tenant does not exist (or cannot be a tenant's id).
+    UnknownTenant,
+    /// The tenant exists; the email names none of its users.
+    UnknownUser,
+    /// A user of the tenant, a wrong password (or a user who signs in only through OIDC).
+    WrongPassword,
 }
 
 impl AuthError {

@@ -1,6 +1,7 @@
 //! Who may do what in Sluice: tenants, users (argon2id passwords), API keys (shown once, stored
 //! as a SHA-256 digest, revocable, with a last-used time), roles and their permissions, signed
-//! session tokens (Ed25519 JWTs whose signing keys rotate, named by `kid`), OIDC login against an
+//! session tokens (Ed25519 JWTs naming their user's id, signed with keys of their own tenant that
+//! rotate, named by `kid`, and stored sealed with the server key), OIDC login against an
 //! external issuer, sharing of workflows with users, keys and roles, GCRA rate limits, and the
 //! audit log writer.
 //!
@@ -18,14 +19,18 @@ pub mod oidc;
 pub mod password;
 pub mod ratelimit;
 pub mod role;
+pub mod seal;
 pub mod sharing;
+pub mod text;
 
 pub use audit::Auditor;
-pub use directory::{ApiKeyView, AuthConfig, Directory, NewApiKey, NewUser, UserView};
-pub use error::AuthError;
+pub use directory::{ApiKeyView, AuthConfig, Directory, NewApiKey, NewUser, Session, UserView};
+pub use error::{AuthError, LoginFailure};
 pub use ratelimit::{Limited, Quota, RateLimitConfig, RateLimiter, RateState};
 pub use role::{Actor, Perm, Principal, Role};
+pub use seal::ServerKey;
 pub use sharing::{Access, Grant, Shares, Sharing};
+pub use text::check_email;
 
 /// The tenant scope of deployment-wide documents (tenants themselves, signing keys). Tenant ids
 /// cannot take this name.

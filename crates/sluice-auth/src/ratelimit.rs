@@ -4,6 +4,10 @@
 //!
 //! Checks run from the narrowest scope out (key or user, tenant, global), stopping at the first
 //! refusal, so a caller refused by their own limit uses none of the shared ones.
+//!
+//! A key or user bucket is named by its tenant and principal together: the same email in two
+//! tenants is two users with two quotas, and requests naming a tenant that does not exist fill
+//! buckets of their own, never a real account's.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -83,7 +87,9 @@ pub struct RateLimitConfig {
     pub global: Option<Quota>,
 }
 
-type Keyed = governor::RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+/// A bucket per `(tenant, principal)` (key id or email), or per tenant.
+type Keyed<K> = governor::RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
+type Scoped = (String, String);
 type Direct = governor::RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 
 /// The tightest state among the limits a request passed, for the `RateLimit-*` headers.
@@ -115,16 +121,17 @@ impl Limited {
 pub struct RateLimiter {
     config: RateLimitConfig,
     clock: DefaultClock,
-    keys: Option<Keyed>,
-    users: Option<Keyed>,
-    tenants: Option<Keyed>,
+    keys: Option<Keyed<Scoped>>,
+    users: Option<Keyed<Scoped>>,
+    tenants: Option<Keyed<String>>,
     global: Option<Direct>,
 }
 
 impl RateLimiter {
     pub fn new(config: RateLimitConfig) -> Self {
-        let keyed =
-            |q: Option<Quota>| q.and_then(Quota::governor).map(|q| governor::RateLimiter::keyed(q).with_middleware());
+        fn keyed<K: Clone + Eq + std::hash::Hash>(q: Option<Quota>) -> Option<Keyed<K>> {
+            q.and_then(Quota::governor).map(|q| governor::RateLimiter::keyed(q).with_middleware())
+        }
         Self {
             keys: keyed(config.per_key),
             users: keyed(config.per_user),
@@ -156,7 +163,8 @@ impl RateLimiter {
             Actor::Anonymous => None,
         };
         if let Some((scope, limiter, quota, who)) = scoped {
-            let snap = limiter.check_key(who).map_err(|n| self.refused(scope, quota, &n))?;
+            let bucket = (p.tenant.clone(), who.clone());
+            let snap = limiter.check_key(&bucket).map_err(|n| self.refused(scope, quota, &n))?;
             note(quota, snap.remaining_burst_capacity());
         }
         if let Some((limiter, quota)) = self.tenants.as_ref().zip(self.config.per_tenant) {
@@ -182,7 +190,11 @@ impl RateLimiter {
     /// Forgets keys whose quota is back to full, so the maps stay as small as the set of recent
     /// callers.
     pub fn housekeep(&self) {
-        for l in [&self.keys, &self.users, &self.tenants].into_iter().flatten() {
+        for l in [&self.keys, &self.users].into_iter().flatten() {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+        if let Some(l) = &self.tenants {
             l.retain_recent();
             l.shrink_to_fit();
         }
@@ -226,6 +238,34 @@ mod tests {
         assert!((35..=36).contains(&refused.retry_after_secs()), "{refused:?}");
         // Another user has their own quota.
         assert!(l.check(&user("acme", "bob@example.com")).is_ok());
+    }
+
+    /// Issue 13, item 8: buckets were named by the email alone, so one tenant's user spent the
+    /// quota of the same email in every other tenant.
+    #[test]
+    fn the_same_email_in_two_tenants_has_two_quotas() {
+        let l = RateLimiter::new(RateLimitConfig {
+            per_user: Some(Quota::parse("3/hour").unwrap()),
+            per_key: Some(Quota::parse("3/hour").unwrap()),
+            ..Default::default()
+        });
+        for _ in 0..3 {
+            l.check(&user("acme", "ada@example.com")).unwrap();
+        }
+        assert_eq!(l.check(&user("acme", "ada@example.com")).unwrap_err().scope, "user");
+        assert_eq!(l.check(&user("globex", "ada@example.com")).unwrap().unwrap().remaining, 2);
+        // Nor does a tenant that does not exist reach a real account's bucket.
+        assert!(l.check(&user("no-such-tenant", "ada@example.com")).is_ok());
+        let key = |tenant: &str| Principal {
+            tenant: tenant.into(),
+            actor: Actor::ApiKey { id: "0123456789abcdef".into(), name: "ci".into() },
+            role: Role::Editor,
+        };
+        for _ in 0..3 {
+            l.check(&key("acme")).unwrap();
+        }
+        assert_eq!(l.check(&key("acme")).unwrap_err().scope, "key");
+        assert!(l.check(&key("globex")).is_ok());
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub fn check_grantee(to: &str) -> Result<String, AuthError> {
     let bad = |why: &str| AuthError::invalid("grants[].to", format!("{why}, got {to:?}"));
     let (kind, who) = to.split_once(':').ok_or_else(|| bad("expected `user:<email>`, `key:<id>` or `role:<role>`"))?;
     match kind {
-        "user" => match crate::directory::check_email(who) {
+        "user" => match crate::text::check_email(who) {
             Ok(email) => Ok(format!("user:{email}")),
             Err(_) => Err(bad("expected an email after `user:`")),
         },

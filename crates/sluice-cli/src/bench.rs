@@ -135,7 +135,12 @@ pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out:
             let opts = EngineOptions { node: sluice_engine::unique_node_name(), ..EngineOptions::default() };
             let (engine, listener, addr) = crate::server::start(&db, "127.0.0.1", 0, opts, true).await?;
             let directory = if auth {
-                let dir = crate::server::open_directory(engine.store()).await?;
+                // A scratch database of its own gets a key of its own, forgotten with it.
+                let server_key = match &tmp_db {
+                    Some(_) => sluice_server::sluice_auth::ServerKey::generate()?.0,
+                    None => crate::server::server_key(&db, &crate::SecretArgs::default())?,
+                };
+                let dir = crate::server::open_directory(engine.store(), server_key).await?;
                 if key.is_none() {
                     dir.create_tenant(sluice_server::routes::DEFAULT_TENANT, "Default").await?;
                     let new = NewApiKey {
@@ -143,6 +148,7 @@ pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out:
                         role: Role::Admin,
                         expires_in: None,
                         client_cert_sha256: None,
+                        presented_cert_sha256: None,
                     };
                     key = Some(dir.create_api_key(sluice_server::routes::DEFAULT_TENANT, None, new).await?.1);
                 }

@@ -112,7 +112,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value = "1MiB", env = "SLUICE_HTTP_MAX_BODY", value_parser = parse_size)]
     http_max_body: usize,
     #[command(flatten)]
+    secret: SecretArgs,
+    #[command(flatten)]
     tls: TlsArgs,
+}
+
+/// The server key that seals the secrets kept in the database; see docs/security.md.
+#[derive(Args, Clone, Default)]
+pub struct SecretArgs {
+    /// The server key's file (64 hex characters), made with mode 0600 when absent. Default: the
+    /// SQLite database's path with `.key` appended; a PostgreSQL database needs this or
+    /// SLUICE_SECRET_KEY (the key itself), the same on every node.
+    #[arg(long, value_name = "FILE", env = "SLUICE_SECRET_KEY_FILE")]
+    secret_key_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -320,6 +332,31 @@ enum AdminAction {
         /// Write the key to this file (created with mode 0600) instead of stdout.
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Make an API key of a tenant, optionally bound to a client certificate (an operator's
+    /// binding: over the API, only a connection that presents the certificate may bind it).
+    /// Prints the key once on stdout.
+    Key {
+        #[arg(long, default_value = "sluice.db", env = "SLUICE_DATABASE")]
+        database: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Name of the key.
+        #[arg(long)]
+        name: String,
+        /// owner, admin, editor, viewer or worker.
+        #[arg(long, default_value = "worker")]
+        role: String,
+        /// Bind the key to this client certificate (SHA-256 of its DER, hex; colons allowed).
+        #[arg(long, value_name = "HEX")]
+        client_cert_sha256: Option<String>,
+        /// Write the key to this file (created with mode 0600) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        secret: SecretArgs,
     },
     /// List the tenants.
     Tenants {
@@ -407,8 +444,26 @@ async fn dispatch(cli: Cli, process_trace: sluice_engine::TraceId) -> Result<()>
     match cli.command {
         Command::Dev { serve, examples, no_worker } => server::dev(serve, examples, !no_worker, process_trace).await,
         Command::Serve { serve } => server::serve(serve, process_trace).await,
-        Command::Admin { action: AdminAction::Init { database, tenant, key_name, email, key_file } } => {
-            server::admin_init(&database, &tenant, &key_name, email.as_deref(), key_file.as_deref()).await
+        Command::Admin { action: AdminAction::Init { database, tenant, key_name, email, key_file, secret } } => {
+            let init = server::AdminInit {
+                tenant: &tenant,
+                key_name: &key_name,
+                email: email.as_deref(),
+                key_file: key_file.as_deref(),
+            };
+            server::admin_init(&database, &secret, init).await
+        }
+        Command::Admin {
+            action: AdminAction::Key { database, tenant, name, role, client_cert_sha256, key_file, secret },
+        } => {
+            let key = server::AdminKey {
+                tenant: &tenant,
+                name: &name,
+                role: &role,
+                client_cert_sha256,
+                key_file: key_file.as_deref(),
+            };
+            server::admin_key(&database, &secret, key).await
         }
         Command::Admin { action: AdminAction::Tenants { database } } => {
             for t in server::tenants(&database).await? {

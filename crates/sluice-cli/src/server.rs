@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use sluice_engine::{Engine, EngineOptions, TraceId};
 use sluice_server::routes::DEFAULT_TENANT;
 use sluice_server::sluice_auth::oidc::{Config as OidcConfig, Oidc};
-use sluice_server::sluice_auth::{AuthConfig, Directory, NewApiKey, NewUser, Role};
+use sluice_server::sluice_auth::{AuthConfig, Directory, NewApiKey, NewUser, Role, ServerKey};
 use sluice_server::sluice_gateway::{Config as GatewayConfig, Gateway};
 use sluice_server::tls::{ClientAuth, Tls, TlsOptions, DEFAULT_HANDSHAKE_TIMEOUT};
 use sluice_store::{ShardedStore, Store};
@@ -17,7 +17,7 @@ use sluice_store_postgres::PostgresStore;
 use sluice_store_sqlite::SqliteStore;
 use tokio::net::TcpListener;
 
-use crate::{ServeArgs, TlsArgs};
+use crate::{SecretArgs, ServeArgs, TlsArgs};
 
 /// Opens the store named by `database`: a PostgreSQL URL, or else a SQLite file path.
 /// Several PostgreSQL URLs separated by commas make a sharded store: each execution lives on the
@@ -225,11 +225,62 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// The identity directory on `store`, with a current session signing key.
-pub async fn open_directory(store: &Arc<dyn Store>) -> Result<Arc<Directory>> {
-    Directory::open(Arc::clone(store), AuthConfig::default())
+/// The identity directory on `store`, whose secrets `key` seals.
+pub async fn open_directory(store: &Arc<dyn Store>, key: ServerKey) -> Result<Arc<Directory>> {
+    Directory::open(Arc::clone(store), AuthConfig::default(), key)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the identity directory: {e}"))
+}
+
+/// The server key of `database`: `SLUICE_SECRET_KEY` (the key itself), else the file
+/// `--secret-key-file`, else for SQLite the file beside the database (`<database>.key`). A file
+/// that does not exist is made, with a new key, readable by its owner only.
+pub fn server_key(database: &str, secret: &SecretArgs) -> Result<ServerKey> {
+    let from_env = std::env::var("SLUICE_SECRET_KEY").ok().filter(|v| !v.trim().is_empty());
+    if let Some(text) = from_env {
+        if secret.secret_key_file.is_some() {
+            anyhow::bail!("both SLUICE_SECRET_KEY and --secret-key-file are set: give the server key one way");
+        }
+        return ServerKey::parse(&text).map_err(|e| anyhow::anyhow!("SLUICE_SECRET_KEY: {e}"));
+    }
+    let is_postgres = database.starts_with("postgres://") || database.starts_with("postgresql://");
+    let path = match (&secret.secret_key_file, is_postgres) {
+        (Some(p), _) => p.clone(),
+        (None, false) => PathBuf::from(format!("{database}.key")),
+        (None, true) => anyhow::bail!(
+            "a PostgreSQL database needs the server key that seals its secrets: pass --secret-key-file FILE (made \
+             if absent; give every node the same file) or set SLUICE_SECRET_KEY (64 hex characters, e.g. from \
+             `openssl rand -hex 32`)"
+        ),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            warn_if_readable_by_others(&path);
+            ServerKey::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (key, text) = ServerKey::generate()?;
+            write_secret(&path, &format!("{text}\n"), true)?;
+            tracing::info!(path = %path.display(), fingerprint = key.fingerprint(),
+                "made a new server key; keep it with the database's backups, which are useless without it");
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read the server key {}", path.display())),
+    }
+}
+
+fn warn_if_readable_by_others(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), "the server key file can be read by others than its owner: chmod 600 it");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 fn warn_insecure() {
@@ -245,14 +296,12 @@ pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
     let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
     let oidc = oidc_of(&args)?;
+    let key = if args.insecure_no_auth { None } else { Some(server_key(&args.database, &args.secret)?) };
     let opts = args.engine_options(gateway.clone(), false)?;
     let egress = opts.egress.summary();
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port, opts, tls.is_none()).await?;
-    let directory = if args.insecure_no_auth {
-        warn_insecure();
-        None
-    } else {
-        let dir = open_directory(engine.store()).await?;
+    let directory = if let Some(key) = key {
+        let dir = open_directory(engine.store(), key).await?;
         if let Some(oidc) = &oidc {
             start_oidc(oidc, &dir).await?;
         }
@@ -265,8 +314,10 @@ pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
                 describe_database(&args.database)
             );
         }
-        dir.spawn_maintenance();
         Some(dir)
+    } else {
+        warn_insecure();
+        None
     };
     let gateway_file = args.gateway.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     let client_auth = tls.as_ref().map(|t| t.options().client_auth.to_string()).unwrap_or_default();
@@ -291,16 +342,19 @@ pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
     Ok(())
 }
 
+/// What `sluice admin init` makes.
+pub struct AdminInit<'a> {
+    pub tenant: &'a str,
+    pub key_name: &'a str,
+    pub email: Option<&'a str>,
+    pub key_file: Option<&'a Path>,
+}
+
 /// `sluice admin init`: a tenant and a new owner key (and user), straight on the database.
-pub async fn admin_init(
-    database: &str,
-    tenant: &str,
-    key_name: &str,
-    email: Option<&str>,
-    key_file: Option<&Path>,
-) -> Result<()> {
+pub async fn admin_init(database: &str, secret: &SecretArgs, init: AdminInit<'_>) -> Result<()> {
+    let AdminInit { tenant, key_name, email, key_file } = init;
     let store = open_store(database).await?;
-    let dir = open_directory(&store).await?;
+    let dir = open_directory(&store, server_key(database, secret)?).await?;
     if dir.create_tenant(tenant, tenant).await? {
         eprintln!("created tenant {tenant}");
     }
@@ -316,12 +370,18 @@ pub async fn admin_init(
         .create_api_key(
             tenant,
             None,
-            NewApiKey { name: key_name.into(), role: Role::Owner, expires_in: None, client_cert_sha256: None },
+            NewApiKey {
+                name: key_name.into(),
+                role: Role::Owner,
+                expires_in: None,
+                client_cert_sha256: None,
+                presented_cert_sha256: None,
+            },
         )
         .await?;
     match key_file {
         Some(path) => {
-            write_secret(path, &key)?;
+            write_secret(path, &key, false)?;
             eprintln!("owner API key {} of tenant {tenant} written to {}", view.id, path.display());
         }
         None => {
@@ -332,11 +392,57 @@ pub async fn admin_init(
     Ok(())
 }
 
-/// Writes a secret to a new file that only its owner can read.
-fn write_secret(path: &Path, secret: &str) -> Result<()> {
+/// What `sluice admin key` makes.
+pub struct AdminKey<'a> {
+    pub tenant: &'a str,
+    pub name: &'a str,
+    pub role: &'a str,
+    pub client_cert_sha256: Option<String>,
+    pub key_file: Option<&'a Path>,
+}
+
+/// `sluice admin key`: a key of an existing tenant, straight on the database; the operator may
+/// bind it to any client certificate.
+pub async fn admin_key(database: &str, secret: &SecretArgs, new: AdminKey<'_>) -> Result<()> {
+    let role = Role::parse(new.role)
+        .with_context(|| format!("unknown role {:?}; expected owner, admin, editor, viewer or worker", new.role))?;
+    let store = open_store(database).await?;
+    let dir = open_directory(&store, server_key(database, secret)?).await?;
+    if !dir.tenant_exists(new.tenant).await? {
+        anyhow::bail!("no tenant {}: make it with `sluice admin init --tenant {}`", new.tenant, new.tenant);
+    }
+    let made = NewApiKey {
+        name: new.name.into(),
+        role,
+        expires_in: None,
+        client_cert_sha256: new.client_cert_sha256,
+        presented_cert_sha256: None,
+    };
+    let (view, key) = dir.create_api_key(new.tenant, None, made).await?;
+    let bound =
+        view.client_cert_sha256.as_deref().map(|fp| format!(", bound to the certificate {fp}")).unwrap_or_default();
+    match new.key_file {
+        Some(path) => {
+            write_secret(path, &key, false)?;
+            eprintln!("{role} API key {} of tenant {}{bound} written to {}", view.id, new.tenant, path.display());
+        }
+        None => {
+            eprintln!("{role} API key {} of tenant {}{bound} (shown once; store it):", view.id, new.tenant);
+            crate::out(&key);
+        }
+    }
+    Ok(())
+}
+
+/// Writes a secret to a file that only its owner can read; with `new`, only if there is none.
+fn write_secret(path: &Path, secret: &str, new: bool) -> Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    if new {
+        opts.write(true).create_new(true);
+    } else {
+        opts.write(true).create(true).truncate(true);
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -349,33 +455,39 @@ fn write_secret(path: &Path, secret: &str) -> Result<()> {
 
 pub async fn tenants(database: &str) -> Result<Vec<String>> {
     let store = open_store(database).await?;
-    Ok(open_directory(&store).await?.tenants().await?)
+    Ok(sluice_server::sluice_auth::directory::tenant_ids(&*store).await?)
 }
 
 pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace: TraceId) -> Result<()> {
     let tls = tls_of(&args)?;
     let gateway = gateway_of(&args)?;
     let oidc = oidc_of(&args)?;
+    let key = if args.insecure_no_auth { None } else { Some(server_key(&args.database, &args.secret)?) };
     let opts = args.engine_options(gateway.clone(), true)?;
     let egress = opts.egress.summary();
     let (engine, listener, addr) = start(&args.database, &args.bind, args.port, opts, tls.is_none()).await?;
     let url = url_of(addr, tls.as_ref());
     let published = publish_examples(&engine, &examples).await;
     // A local tenant, a key for you (printed once) and one for the demo worker.
-    let (directory, owner_key, worker_key) = if args.insecure_no_auth {
-        warn_insecure();
-        (None, None, None)
-    } else {
-        let dir = open_directory(engine.store()).await?;
+    let (directory, owner_key, worker_key) = if let Some(key) = key {
+        let dir = open_directory(engine.store(), key).await?;
         dir.create_tenant(DEFAULT_TENANT, "Local development").await?;
-        let key = |name: &str, role| NewApiKey { name: name.into(), role, expires_in: None, client_cert_sha256: None };
+        let key = |name: &str, role| NewApiKey {
+            name: name.into(),
+            role,
+            expires_in: None,
+            client_cert_sha256: None,
+            presented_cert_sha256: None,
+        };
         let (_, owner) = dir.create_api_key(DEFAULT_TENANT, None, key("dev", Role::Owner)).await?;
         let (_, worker) = dir.create_api_key(DEFAULT_TENANT, None, key("dev-worker", Role::Worker)).await?;
         if let Some(oidc) = &oidc {
             start_oidc(oidc, &dir).await?;
         }
-        dir.spawn_maintenance();
         (Some(dir), Some(owner), Some(worker))
+    } else {
+        warn_insecure();
+        (None, None, None)
     };
     let tls_line = tls.as_ref().map(|t| {
         let o = t.options();

@@ -97,6 +97,24 @@ impl Security {
     }
 }
 
+/// Empties the limiters' buckets whose quota is back to full, every minute, so that their maps
+/// stay as small as the set of recent callers (logins naming made-up accounts included). Ends
+/// when the router is dropped.
+pub fn spawn_housekeeping(security: &Arc<Security>) {
+    let security = Arc::downgrade(security);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(s) = security.upgrade() else { return };
+            s.limiter.housekeep();
+            s.login_limiter.housekeep();
+        }
+    });
+}
+
 /// The principal of the request, put there by the middleware.
 pub struct Caller(pub Principal);
 

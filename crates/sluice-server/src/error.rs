@@ -132,7 +132,7 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::Unauthenticated(m) => Self::new("unauthenticated", m),
-            AuthError::InvalidCredentials => Self::new("invalid_credentials", e.to_string()),
+            AuthError::InvalidCredentials(_) => Self::new("invalid_credentials", e.to_string()),
             AuthError::Forbidden(m) => Self::new("forbidden", m),
             AuthError::Invalid { ref field, .. } => {
                 let field = field.clone();

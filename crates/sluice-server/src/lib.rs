@@ -77,6 +77,7 @@ pub fn router_with(engine: Engine, opts: Options) -> Router {
     let auditor = Auditor::start(Arc::clone(engine.store()));
     let shares = sluice_auth::Shares::new(engine.store().clone(), std::time::Duration::from_secs(5));
     let security = Arc::new(Security::new(opts.directory, opts.oidc, opts.limits, auditor, shares));
+    auth::spawn_housekeeping(&security);
     let metrics = Arc::new(metrics::Metrics::default());
     let state = AppState { engine, metrics, gateway: opts.gateway, security, tls: opts.tls };
     Router::new()

@@ -162,7 +162,9 @@ impl ServerProcess {
     async fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).ok();
         let stderr = log.map(Stdio::from).unwrap_or_else(Stdio::null);
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        with_server_key(&mut cmd, &self.database);
+        let child = cmd
             .args(["serve", "--port", &self.port.to_string(), "--database", &self.database])
             .args(&self.extra_args)
             .env("SLUICE_LOG_FORMAT", "json")
@@ -222,11 +224,6 @@ impl ServerProcess {
     }
 
     /// A client with the owner key.
-    /// The server process's id (0 when it is not running).
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
     pub fn api(&self) -> Api {
         Api { http: self.http.clone(), base: self.base.clone(), key: self.key.clone() }
     }
@@ -248,11 +245,28 @@ impl Drop for ServerProcess {
     }
 }
 
+/// The server key of the processes of the tests on PostgreSQL, which keep no key file beside
+/// the database (on SQLite each database gets its own, made beside it).
+pub const TEST_SERVER_KEY: &str = "7e57000000000000000000000000000000000000000000000000000000007e57";
+
+/// Gives `cmd` the tests' server key when `database` is PostgreSQL and the environment has none.
+fn with_server_key(cmd: &mut Command, database: &str) {
+    let postgres = database.starts_with("postgres://") || database.starts_with("postgresql://");
+    if postgres
+        && std::env::var_os("SLUICE_SECRET_KEY").is_none()
+        && std::env::var_os("SLUICE_SECRET_KEY_FILE").is_none()
+    {
+        cmd.env("SLUICE_SECRET_KEY", TEST_SERVER_KEY);
+    }
+}
+
 /// Runs `sluice admin init` on `database` for `tenant` and returns the new owner API key.
 pub fn admin_init(bin: &Path, dir: &Path, database: &str, tenant: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let file = dir.join(format!("owner-{tenant}-{nanos}.key"));
-    let out = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    with_server_key(&mut cmd, database);
+    let out = cmd
         .args(["admin", "init", "--database", database, "--tenant", tenant, "--key-file"])
         .arg(&file)
         .output()

@@ -180,7 +180,7 @@ impl Oidc {
         let d = self.provider.discovery(&self.config).await?;
         let tokens = self.provider.exchange(&self.config, &d, code, &pending.verifier).await?;
         let id = self.verify(&d, &tokens.id_token, &pending.nonce).await?;
-        let email = id.email.clone().ok_or(TokenError::Missing("email"))?.trim().to_lowercase();
+        let email = crate::text::normalize_email(&id.email.clone().ok_or(TokenError::Missing("email"))?);
         *who = Some(email.clone());
         if id.email_verified == Some(false) {
             return Err(Error::Forbidden(format!(
@@ -191,7 +191,7 @@ impl Oidc {
         let source = format!("oidc:{}", self.config.issuer);
         let auto = self.config.provision == Provision::Auto;
         let (user, created) = dir.sign_in_external(&self.config.tenant, &email, role, auto, &source).await?;
-        let (token, expires_at_ms) = dir.issue_token(&self.config.tenant, &user.email, user.role)?;
+        let (token, expires_at_ms) = dir.issue_token(&self.config.tenant, &user).await?;
         Ok(Login {
             tenant: self.config.tenant.clone(),
             email: user.email,

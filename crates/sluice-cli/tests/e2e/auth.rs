@@ -312,3 +312,165 @@ async fn serve_refuses_to_start_without_credentials_unless_told_to() {
     assert_eq!((status, me["role"].as_str(), me["tenant"].as_str()), (200, Some("owner"), Some("default")));
     assert!(server.log_text().contains("AUTHENTICATION IS OFF"), "the insecure mode is logged loudly");
 }
+
+async fn login(api: &Api, tenant: &str, email: &str, password: &str) -> (u16, Value) {
+    api.post("/v1/auth/login", &json!({"tenant": tenant, "email": email, "password": password})).await
+}
+
+/// Issue 13, item 8: the login limiter counted attempts per email alone, so failed logins naming
+/// a tenant that does not exist (or another tenant) locked the real user out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_attempts_are_counted_per_tenant_and_account() {
+    let dir = TempDir::new("auth-login-buckets");
+    let server = ServerProcess::start(&bin(), dir.path()).await;
+    let owner = server.api();
+    let other_key = sluice_testkit::admin_init(&bin(), dir.path(), &server.database, "globex");
+    let other = Api::with_key(&server.base, Some(&other_key));
+    let user = json!({"email": "ada@example.com", "password": "correct horse battery", "role": "editor"});
+    assert_eq!(owner.post("/v1/users", &user).await.0, 201);
+    assert_eq!(other.post("/v1/users", &user).await.0, 201);
+    let anonymous = Api::new(&server.base);
+
+    // Ten wrong guesses against a tenant that does not exist touch no real account.
+    for _ in 0..10 {
+        let (status, body) = login(&anonymous, "no-such-tenant", "ada@example.com", "guess guess guess").await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let (status, body) = login(&anonymous, "no-such-tenant", "ada@example.com", "guess guess guess").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limited")), "{body}");
+    let (status, body) = login(&anonymous, "default", "ada@example.com", "correct horse battery").await;
+    assert_eq!(status, 200, "the real user is not locked out: {body}");
+
+    // Ten against ada of globex lock out that account only.
+    for _ in 0..10 {
+        assert_eq!(login(&anonymous, "globex", "ada@example.com", "guess guess guess").await.0, 401);
+    }
+    assert_eq!(login(&anonymous, "globex", "ada@example.com", "correct horse battery").await.0, 429);
+    let (status, body) = login(&anonymous, "default", "ADA@example.com", "correct horse battery").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Issue 13, item 11: any anonymous caller could add rows with an actor of their choosing to any
+/// tenant's audit log (even one that did not exist yet), and login rows had no address or trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_logins_of_real_accounts_reach_a_tenants_audit_log() {
+    let dir = TempDir::new("auth-login-audit");
+    let server = ServerProcess::start(&bin(), dir.path()).await;
+    let owner = server.api();
+    let user = json!({"email": "ada@example.com", "password": "correct horse battery", "role": "editor"});
+    assert_eq!(owner.post("/v1/users", &user).await.0, 201);
+    let anonymous = Api::new(&server.base);
+    let attempt = |tenant: &str, email: &str, password: &str, trace: &str| {
+        anonymous
+            .request(reqwest::Method::POST, "/v1/auth/login")
+            .header("x-trace-id", trace)
+            .json(&json!({"tenant": tenant, "email": email, "password": password}))
+            .send()
+    };
+    let trace = |n: u8| format!("{n:032x}");
+    // A tenant that does not exist (yet), and an email that names no user of a real tenant.
+    assert_eq!(attempt("ghost", "user:root@ghost", "whatever it is", &trace(1)).await.unwrap().status(), 401);
+    assert_eq!(attempt("default", "forged actor text", "whatever it is", &trace(2)).await.unwrap().status(), 401);
+    // The real user: a wrong password, then the right one.
+    assert_eq!(attempt("default", "ada@example.com", "wrong password!", &trace(3)).await.unwrap().status(), 401);
+    assert_eq!(attempt("default", "ADA@example.com", "correct horse battery", &trace(4)).await.unwrap().status(), 200);
+
+    let (status, audit) = owner.get("/v1/audit?limit=500").await;
+    assert_eq!(status, 200, "{audit}");
+    let mut logins: Vec<&Value> =
+        audit["entries"].as_array().unwrap().iter().filter(|e| e["action"] == "auth.login").collect();
+    logins.sort_by_key(|e| e["id"].as_str().unwrap().to_string());
+    assert_eq!(logins.len(), 2, "only the real account's logins: {logins:?}");
+    for (row, (status, role, n)) in logins.iter().zip([(401, Value::Null, 3), (200, json!("editor"), 4)]) {
+        assert_eq!(row["actor"], "user:ada@example.com", "{row}");
+        assert_eq!((row["status"].as_u64(), &row["role"]), (Some(status), &role), "{row}");
+        assert_eq!(row["source_ip"], "127.0.0.1", "{row}");
+        assert_eq!(row["trace_id"], trace(n), "{row}");
+    }
+    // The tenant made afterwards starts with an empty log.
+    let ghost_key = sluice_testkit::admin_init(&bin(), dir.path(), &server.database, "ghost");
+    let (_, audit) = Api::with_key(&server.base, Some(&ghost_key)).get("/v1/audit?limit=500").await;
+    assert!(audit["entries"].as_array().unwrap().is_empty(), "{audit}");
+    // The others are in the server's log, with the address.
+    let log = server.log_lines();
+    let warned = |message: &str| log.iter().any(|l| l["message"] == message && l["source_ip"] == "127.0.0.1");
+    assert!(warned("failed login: no such tenant"), "{}", server.log_text());
+    assert!(warned("failed login: no such user in the tenant"), "{}", server.log_text());
+}
+
+/// Issue 13, item 19: the server key that seals the session signing keys is made beside a SQLite
+/// database (owner-only), must be given for PostgreSQL, and a wrong one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_key_is_made_beside_the_database_and_must_match() {
+    let dir = TempDir::new("auth-server-key");
+    let db = dir.path().join("sluice.db");
+    let key_file = dir.path().join("sluice.db.key");
+    let key = sluice_testkit::admin_init(&bin(), dir.path(), &db.display().to_string(), "default");
+    let text = std::fs::read_to_string(&key_file).expect("admin init made the key file beside the database");
+    assert_eq!(text.trim().len(), 64, "{text}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    // The server finds the same key, and sessions outlive a restart.
+    let mut server = ServerProcess::start(&bin(), dir.path()).await;
+    let owner = Api::with_key(&server.base, Some(&key));
+    let user = json!({"email": "ada@example.com", "password": "correct horse battery", "role": "editor"});
+    assert_eq!(owner.post("/v1/users", &user).await.0, 201);
+    let (status, login) = login(&Api::new(&server.base), "default", "ada@example.com", "correct horse battery").await;
+    assert_eq!(status, 200, "{login}");
+    server.restart().await;
+    let ada = Api::with_key(&server.base, login["token"].as_str());
+    assert_eq!(ada.get("/v1/auth/whoami").await.0, 200);
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), text, "the key file is kept");
+    drop(server);
+
+    let serve = |envs: &[(&str, &str)], database: &str| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(["serve", "--port", "0", "--database", database])
+            .env_remove("SLUICE_SECRET_KEY")
+            .env_remove("SLUICE_SECRET_KEY_FILE")
+            .env_remove("SLUICE_INSECURE_NO_AUTH");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    // Another key for this database is refused.
+    let other = "11".repeat(32);
+    let out = serve(&[("SLUICE_SECRET_KEY", &other)], &db.display().to_string());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not the one this database was set up with"), "{err}");
+    // PostgreSQL keeps no file beside it: the key must be given.
+    let out = serve(&[], "postgres://sluice@127.0.0.1:1/none");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--secret-key-file"), "{err}");
+}
+
+/// Issue 13, item 20: look-alike emails and hidden characters, over HTTP: a 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_alike_identifiers_are_refused_or_merged() {
+    let dir = TempDir::new("auth-look-alikes");
+    let server = ServerProcess::start(&bin(), dir.path()).await;
+    let owner = server.api();
+    let user = |email: &str| json!({"email": email, "password": "correct horse battery", "role": "viewer"});
+    let (status, made) = owner.post("/v1/users", &user("ＡＤＡ@example.com")).await;
+    assert_eq!((status, made["user"]["email"].as_str()), (201, Some("ada@example.com")), "{made}");
+    assert_eq!(owner.post("/v1/users", &user("ada@example.com")).await.0, 409, "the same user");
+    for (path, body, field) in [
+        ("/v1/users", user("moc.elpmaxe@\u{202E}eve"), "email"),
+        ("/v1/users", user("eve\u{200F}@example.com"), "email"),
+        ("/v1/api-keys", json!({"name": "ci\u{2067}", "role": "viewer"}), "name"),
+    ] {
+        let (status, body) = owner.post(path, &body).await;
+        assert_eq!((status, body["error"]["details"]["field"].as_str()), (400, Some(field)), "{body}");
+    }
+    let (status, login) =
+        login(&Api::new(&server.base), "default", "ａｄａ@ＥＸＡＭＰＬＥ.com", "correct horse battery").await;
+    assert_eq!(status, 200, "{login}");
+    let r = owner.request(reqwest::Method::DELETE, "/v1/users/%EF%BC%A1DA@example.com").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["deleted"], "ada@example.com");
+}

@@ -87,7 +87,7 @@ async fn hostile_expressions_fail_their_step_and_the_node_keeps_serving(backend:
 
     // Memory went back to what it was: nothing the attacks built is kept (mimalloc returns
     // freed pages over time, so allow it a moment).
-    let pid = server.pid();
+    let pid = server.pid().expect("the server runs");
     let mut rss = rss_kib(pid);
     for _ in 0..50 {
         if rss < 512 * 1024 {

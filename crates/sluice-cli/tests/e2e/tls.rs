@@ -213,12 +213,29 @@ async fn a_client_certificate_bound_to_a_key_authenticates_as_that_key() {
     let owner = server.api();
 
     let (bound, other) = (ca.client("worker-1"), ca.client("worker-2"));
-    let (status, made) = owner
+    let owner_key = server.key.clone().unwrap();
+    let bind = |client: reqwest::Client, bearer: String, fingerprint: String| {
+        let url = format!("{}/v1/api-keys", server.base);
+        async move {
+            let body = serde_json::json!({"name": "worker-1", "role": "worker", "client_cert_sha256": fingerprint});
+            let r = client.post(url).bearer_auth(bearer).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    // Issue 13, item 9: a binding proves possession. The owner's connection presents another
+    // certificate (`ops`): refused, and so is another tenant binding a certificate it does not hold.
+    let (status, body) = owner
         .post(
             "/v1/api-keys",
             &serde_json::json!({"name": "worker-1", "role": "worker", "client_cert_sha256": bound.fingerprint()}),
         )
         .await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{body}");
+    let globex = sluice_testkit::admin_init(&bin(), dir.path(), &db, "globex");
+    let (status, body) = bind(https_client(&ca, Some(&other)), globex.clone(), bound.fingerprint()).await;
+    assert_eq!(status, 403, "{body}");
+    // Over a connection that presents it, the owner binds it.
+    let (status, made) = bind(https_client(&ca, Some(&bound)), owner_key.clone(), bound.fingerprint()).await;
     assert_eq!(status, 201, "{made}");
     let (id, secret) = (made["api_key"]["id"].as_str().unwrap(), made["key"].as_str().unwrap());
     assert_eq!(made["api_key"]["client_cert_sha256"], bound.fingerprint().as_str());
@@ -246,8 +263,21 @@ async fn a_client_certificate_bound_to_a_key_authenticates_as_that_key() {
     assert_eq!(status, 401, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("bound to a client certificate"), "{body}");
     assert_eq!(whoami(https_client(&ca, Some(&bound)), Some(secret)).await.0, 200);
-    // Revoking the key ends the certificate's access too.
+    // Revoking the key ends the certificate's access too, and frees it to be bound again.
     let r = owner.request(reqwest::Method::DELETE, &format!("/v1/api-keys/{id}")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(whoami(https_client(&ca, Some(&bound)), None).await.0, 401);
+    let (status, made) = bind(https_client(&ca, Some(&bound)), owner_key, bound.fingerprint()).await;
+    assert_eq!(status, 201, "{made}");
+    assert_eq!(whoami(https_client(&ca, Some(&bound)), None).await.1["actor"]["id"], made["api_key"]["id"]);
+
+    // An operator binds on the database, without the certificate.
+    let out = std::process::Command::new(bin())
+        .args(["admin", "key", "--database", &db, "--tenant", "globex", "--name", "w2", "--client-cert-sha256"])
+        .arg(other.fingerprint())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (status, me) = whoami(https_client(&ca, Some(&other)), None).await;
+    assert_eq!((status, me["tenant"].as_str(), me["role"].as_str()), (200, Some("globex"), Some("worker")), "{me}");
 }

@@ -3,19 +3,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{Extensions, StatusCode};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sluice_auth::{Actor, Directory, NewApiKey, NewUser, Principal, Role};
+use sluice_auth::{Actor, AuthError, Directory, LoginFailure, NewApiKey, NewUser, Principal, Role};
 use sluice_store::{AuditFilter, AuditRow};
 
 use crate::auth::Caller;
 use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::routes::executions::MAX_PAGE;
-use crate::AppState;
+use crate::trace::TraceContext;
+use crate::{AppState, Peer};
 
 fn directory(app: &AppState) -> Result<Arc<Directory>, ApiError> {
     app.security.directory.clone().ok_or_else(|| {
@@ -40,14 +41,17 @@ pub struct LoginBody {
     password: String,
 }
 
-pub async fn login(State(app): State<AppState>, JsonBody(b): JsonBody<LoginBody>) -> Result<Json<Value>, ApiError> {
+pub async fn login(
+    State(app): State<AppState>,
+    ext: Extensions,
+    JsonBody(b): JsonBody<LoginBody>,
+) -> Result<Json<Value>, ApiError> {
     let dir = directory(&app)?;
-    // Guessing is slowed per account, whatever the answer.
-    let who = Principal {
-        tenant: b.tenant.clone(),
-        actor: Actor::User { email: b.email.trim().to_lowercase() },
-        role: Role::Viewer,
-    };
+    // Guessing is slowed per account (tenant and email), whatever the answer. Names that cannot
+    // be a tenant or an email share one bucket each, so made-up text cannot grow the limiter.
+    let tenant = if sluice_auth::check_tenant_id(&b.tenant).is_ok() { b.tenant.clone() } else { "?".into() };
+    let email = sluice_auth::check_email(&b.email).unwrap_or_else(|_| "?".into());
+    let who = Principal { tenant, actor: Actor::User { email }, role: Role::Viewer };
     if let Err(limited) = app.security.login_limiter.check(&who) {
         return Err(ApiError::new(
             "rate_limited",
@@ -55,23 +59,44 @@ pub async fn login(State(app): State<AppState>, JsonBody(b): JsonBody<LoginBody>
         )
         .with_details(json!({"retry_after_s": limited.retry_after_secs()})));
     }
+    let source_ip = ext.get::<ConnectInfo<Peer>>().map(|c| c.0.addr.ip().to_string());
+    let trace_id = ext.get::<TraceContext>().map(|t| t.trace_id.to_string());
     let result = dir.login(&b.tenant, &b.email, &b.password).await;
-    if sluice_auth::check_tenant_id(&b.tenant).is_ok() {
-        app.security.auditor.record(AuditRow {
-            id: uuid::Uuid::now_v7().to_string(),
-            tenant: b.tenant.clone(),
-            at_ms: sluice_auth::now_ms(),
-            actor: who.label(),
-            role: None,
-            action: "auth.login".into(),
-            target: "/v1/auth/login".into(),
-            status: if result.is_ok() { 200 } else { 401 },
-            source_ip: None,
-            trace_id: None,
-        });
+    // A tenant's audit log records logins of its real users only: what an anonymous caller
+    // names (a tenant, an email) never becomes a row there. The rest goes to the server's log.
+    let row = |user: &str, role: Option<Role>, status: u16| AuditRow {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant: b.tenant.clone(),
+        at_ms: sluice_auth::now_ms(),
+        actor: format!("user:{user}"),
+        role: role.map(|r| r.as_str().to_string()),
+        action: "auth.login".into(),
+        target: "/v1/auth/login".into(),
+        status,
+        source_ip: source_ip.clone(),
+        trace_id: trace_id.clone(),
+    };
+    let source = source_ip.as_deref().unwrap_or("unknown");
+    match &result {
+        Ok(session) => app.security.auditor.record(row(&session.user.email, Some(session.user.role), 200)),
+        Err(AuthError::InvalidCredentials(LoginFailure::WrongPassword)) => {
+            app.security.auditor.record(row(who.user().unwrap_or_default(), None, 401));
+        }
+        Err(AuthError::InvalidCredentials(LoginFailure::UnknownUser)) => {
+            tracing::warn!(tenant = %b.tenant, email = ?clip(&b.email), source_ip = source, "failed login: no such user in the tenant");
+        }
+        Err(AuthError::InvalidCredentials(LoginFailure::UnknownTenant)) => {
+            tracing::warn!(tenant = ?clip(&b.tenant), email = ?clip(&b.email), source_ip = source, "failed login: no such tenant");
+        }
+        Err(_) => {}
     }
-    let (token, expires_at_ms) = result?;
-    Ok(Json(json!({"token": token, "token_type": "Bearer", "expires_at_ms": expires_at_ms})))
+    let session = result?;
+    Ok(Json(json!({"token": session.token, "token_type": "Bearer", "expires_at_ms": session.expires_at_ms})))
+}
+
+/// At most 100 characters of what a caller sent, for a log line.
+fn clip(s: &str) -> &str {
+    s.char_indices().nth(100).map_or(s, |(i, _)| &s[..i])
 }
 
 pub async fn whoami(Caller(p): Caller) -> Json<Value> {
@@ -113,8 +138,8 @@ pub async fn delete_user(
     Caller(p): Caller,
     Path(email): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    directory(&app)?.delete_user(&p.tenant, &p, &email).await?;
-    Ok(Json(json!({"deleted": email.to_lowercase()})))
+    let deleted = directory(&app)?.delete_user(&p.tenant, &p, &email).await?;
+    Ok(Json(json!({"deleted": deleted})))
 }
 
 #[derive(Deserialize)]
@@ -126,7 +151,8 @@ pub struct NewKeyBody {
     #[serde(default)]
     expires_in_s: Option<u64>,
     /// Bind the key to a client certificate (SHA-256 of its DER, hex): over mutual TLS the
-    /// certificate alone authenticates as the key, and the key works only with it.
+    /// certificate alone authenticates as the key, and the key works only with it. The request
+    /// must come over a connection that presents this certificate.
     #[serde(default)]
     client_cert_sha256: Option<String>,
 }
@@ -134,6 +160,7 @@ pub struct NewKeyBody {
 pub async fn create_key(
     State(app): State<AppState>,
     Caller(p): Caller,
+    ext: Extensions,
     JsonBody(b): JsonBody<NewKeyBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let role = role_of("role", &b.role)?;
@@ -145,6 +172,9 @@ pub async fn create_key(
         role,
         expires_in: b.expires_in_s.map(Duration::from_secs),
         client_cert_sha256: b.client_cert_sha256,
+        presented_cert_sha256: ext
+            .get::<ConnectInfo<Peer>>()
+            .and_then(|c| c.0.client_cert.as_ref().map(|cert| cert.fingerprint_sha256.clone())),
     };
     let (view, key) = directory(&app)?.create_api_key(&p.tenant, Some(&p), new).await?;
     Ok((StatusCode::CREATED, Json(json!({"api_key": view, "key": key, "note": "the key is shown only now; store it"}))))
