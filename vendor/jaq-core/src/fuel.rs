@@ -111,21 +111,6 @@ pub fn trip(limit: Limit) {
     });
 }
 
-/// Limits the evaluation steps taken on this thread from now on; `u64::MAX` is no limit.
-pub fn set_steps(steps: u64) {
-    FUEL.with(|f| f.set(steps));
-}
-
-/// Steps left on this thread.
-pub fn steps_left() -> u64 {
-    FUEL.with(Cell::get)
-}
-
-/// Makes evaluations on this thread fail once `deadline` has passed; `None` removes it.
-pub fn set_deadline(deadline: Option<Instant>) {
-    DEADLINE.with(|d| d.set(deadline));
-}
-
 /// Bytes allocated and not yet freed on this thread (0 without the counting allocator).
 pub fn net_bytes() -> isize {
     NET.try_with(Cell::get).unwrap_or(0)
