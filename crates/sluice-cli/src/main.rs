@@ -151,12 +151,21 @@ impl ServeArgs {
         if loopback {
             AllowEntry::loopback().into_iter().for_each(|e| egress.server.add(e));
         }
+        // Fault injection for the test suite only; documented in docs/operations.md.
+        let lose_commit_acks = match std::env::var("SLUICE_FAULT_LOSE_COMMIT_ACKS") {
+            Ok(v) => v.parse().context("SLUICE_FAULT_LOSE_COMMIT_ACKS: expected a whole number")?,
+            Err(_) => 0,
+        };
+        if lose_commit_acks > 0 {
+            tracing::warn!(every = lose_commit_acks, "fault injection: commit acknowledgements will be lost");
+        }
         Ok(EngineOptions {
             gateway,
             tenant_max_running: self.max_running_per_tenant,
             node,
             http_max_body: self.http_max_body,
             egress,
+            lose_commit_acks,
             ..defaults
         })
     }

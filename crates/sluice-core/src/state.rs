@@ -340,7 +340,8 @@ impl ExecState {
         }
     }
 
-    fn is_current_attempt(&self, step: &str, attempt: u32) -> bool {
+    /// Whether `attempt` of `step` is outstanding, so that its outcome still counts.
+    pub fn is_current_attempt(&self, step: &str, attempt: u32) -> bool {
         self.steps.get(step).is_some_and(|s| s.status == StepStatus::Scheduled && s.attempt == attempt)
     }
 

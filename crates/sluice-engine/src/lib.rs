@@ -13,6 +13,7 @@ mod eval;
 mod http;
 mod ledger;
 mod llm;
+mod reconcile;
 mod shared;
 mod tasks;
 pub mod trace;
@@ -78,6 +79,9 @@ pub struct EngineOptions {
     pub http_max_body: usize,
     /// What `http` steps may connect to beyond public addresses.
     pub egress: EgressPolicy,
+    /// Fault injection for tests: every n-th successful commit is reported as failed, as when
+    /// the connection drops after the database applied a batch but before it said so. 0: never.
+    pub lose_commit_acks: u32,
 }
 
 impl Default for EngineOptions {
@@ -96,6 +100,7 @@ impl Default for EngineOptions {
             url: None,
             http_max_body: DEFAULT_HTTP_MAX_BODY,
             egress: EgressPolicy::default(),
+            lose_commit_acks: 0,
         }
     }
 }
@@ -192,6 +197,10 @@ pub struct Counters {
     pub changes_posted: std::sync::atomic::AtomicU64,
     /// Signals, cancels and redrives other nodes posted that this node applied.
     pub changes_applied: std::sync::atomic::AtomicU64,
+    /// Runs whose commit had an unknown outcome, brought in line with the store afterwards.
+    pub runs_reconciled: std::sync::atomic::AtomicU64,
+    /// Successful commits counted for `EngineOptions::lose_commit_acks`.
+    pub commits_ok: std::sync::atomic::AtomicU64,
 }
 
 /// One running execution in memory. `None` once it ended or after a failed commit, so the next
@@ -244,6 +253,8 @@ pub(crate) struct Inner {
     pub eval: eval::EvalPool,
     /// Wake-ups about ended runs, sent together every few milliseconds (see `shared`).
     pub ended: SyncMutex<Vec<sluice_store::Wake>>,
+    /// Runs whose last commit may or may not have been applied (see `reconcile`).
+    pub uncertain: reconcile::Uncertain,
     pub opts: EngineOptions,
 }
 
@@ -326,6 +337,7 @@ impl Engine {
             settling: shared::Settling::default(),
             eval: eval::EvalPool::start(opts.expr_threads, opts.expr_memory, opts.decide_time_limit)?,
             ended: SyncMutex::new(Vec::new()),
+            uncertain: reconcile::Uncertain::default(),
             opts,
         });
         let engine = Engine { inner };
@@ -339,6 +351,7 @@ impl Engine {
         let leases = engine.clone();
         tokio::spawn(async move { leases.keep_lease().await });
         tokio::spawn(engine.clone().write_usage());
+        tokio::spawn(engine.clone().reconcile_loop());
         Ok((engine, handle))
     }
 
@@ -1012,7 +1025,16 @@ impl Engine {
         let completed = matches!(event, EventKind::TaskCompleted { .. });
         let orphan = (!ledger.is_empty()).then(|| ledger.clone());
         let extra = txn::Extra::task(&row.id).with_ledger(ledger).with_settle(settle);
-        let result = self.advance(&row.tenant, &row.run_id, move |_| Ok(vec![event]), extra).await;
+        let (step, attempt, token) = (row.step.clone(), row.attempt, row.id.clone());
+        let make = move |state: &ExecState| {
+            // An answer to an attempt that is no longer outstanding (recorded already by a
+            // commit whose acknowledgement was lost, or timed out) changes nothing.
+            if !state.is_current_attempt(&step, attempt) {
+                return Err(Error::TaskNotFound(token));
+            }
+            Ok(vec![event])
+        };
+        let result = self.advance(&row.tenant, &row.run_id, make, extra).await;
         match result {
             Ok(()) => {
                 let counters = &self.inner.counters;
@@ -1028,6 +1050,15 @@ impl Engine {
                 Some(ledger) => self.record_usage(ledger).await,
                 None => Ok(()),
             },
+            // Its outcome was recorded before (by a commit whose answer was lost, by another
+            // node, by a timeout): nothing to put back, but what its calls cost is still owed.
+            Err(e) if is_settled(&e) || matches!(e, Error::TaskNotFound(_)) => {
+                lock(&self.inner.tasks).drop_task(&row.id);
+                if let Some(ledger) = orphan {
+                    self.record_usage(ledger).await?;
+                }
+                Err(e)
+            }
             Err(e) => {
                 let now = now_ms();
                 let mut t = lock(&self.inner.tasks);
@@ -1044,6 +1075,11 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether `e` is the store refusing to record a task's outcome because one was recorded already.
+pub fn is_settled(e: &Error) -> bool {
+    matches!(e, Error::Conflict(m) if m.contains("no longer pending"))
 }
 
 /// Whether `e` is the store refusing a change to an execution another node owns.

@@ -316,6 +316,11 @@ impl TaskTable {
         self.entries.remove(id)
     }
 
+    /// Ids of the tasks whose row matches.
+    pub fn entries_of(&self, matches: impl Fn(&TaskRow) -> bool) -> Vec<String> {
+        self.entries.iter().filter(|(_, e)| matches(&e.row)).map(|(id, _)| id.clone()).collect()
+    }
+
     pub fn restore(&mut self, entry: Entry) {
         self.entries.insert(entry.row.id.clone(), entry);
     }
@@ -386,6 +391,11 @@ impl Wheel {
             self.by_time.remove(&(old, run.clone(), step.clone()));
         }
         self.by_time.insert((at, run, step), tenant);
+    }
+
+    /// The timers of one run: (step, due time).
+    pub fn of_run(&self, run: &str) -> Vec<(String, i64)> {
+        self.index.iter().filter(|((r, _), _)| r == run).map(|((_, step), at)| (step.clone(), *at)).collect()
     }
 
     pub fn remove(&mut self, run: &str, step: &str) {

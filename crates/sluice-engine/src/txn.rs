@@ -183,7 +183,7 @@ impl Engine {
     }
 
     /// Locks a run's in-memory entry, loading it from the store when it is not cached.
-    async fn lock_run(
+    pub(crate) async fn lock_run(
         &self,
         tenant: &str,
         run_id: &str,
@@ -345,10 +345,24 @@ impl Engine {
             applied_changes: Vec::new(),
         };
         let batch = std::mem::replace(&mut tx.batch, effects);
-        let commit = self.inner.store.commit(batch).await;
+        let mut commit = self.inner.store.commit(batch).await;
+        let every = u64::from(self.inner.opts.lose_commit_acks);
+        if every > 0 && commit.is_ok() {
+            let n = self.inner.counters.commits_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if n % every == 0 {
+                commit = Err(sluice_store::StoreError::Unavailable(
+                    "injected fault: a commit's acknowledgement was lost".into(),
+                ));
+            }
+        }
         if let Err(e) = commit {
             self.inner.counters.commits_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return self.abort(tx, e.into());
+            let e: Error = e.into();
+            if crate::reconcile::outcome_unknown(&e) {
+                let runs = tx.touched.iter().filter_map(|t| Some((t.guard.as_ref()?.tenant.clone(), t.run_id.clone())));
+                self.inner.uncertain.mark(runs.collect::<Vec<_>>());
+            }
+            return self.abort(tx, e);
         }
         Ok(self.publish_effects(tx))
     }

@@ -64,6 +64,11 @@ impl Metrics {
             ("sluice_tasks_failed_total", "Task attempts failed or timed out.", &c.tasks_failed),
             ("sluice_commits_failed_total", "Store commits that failed.", &c.commits_failed),
             (
+                "sluice_runs_reconciled_total",
+                "Runs whose commit had an unknown outcome (the connection dropped) and whose tasks and timers were then read back from the store.",
+                &c.runs_reconciled,
+            ),
+            (
                 "sluice_executions_taken_over_total",
                 "Running executions this node took over (at its start, or from a node whose lease expired).",
                 &c.runs_taken_over,

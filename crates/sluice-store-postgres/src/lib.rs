@@ -209,6 +209,11 @@ impl Store for PostgresStore {
         Box::pin(read::load_timers(&self.pool))
     }
 
+    fn run_work(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<(Vec<TaskRow>, Vec<TimerRow>)>> {
+        let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
+        Box::pin(async move { read::run_work(&self.pool, &tenant, &run_id).await })
+    }
+
     fn list_usage(&self, tenant: &str, filter: UsageFilter) -> BoxFuture<'_, Result<Page<UsageRow>>> {
         let tenant = tenant.to_owned();
         Box::pin(async move { read::list_usage(&self.pool, &tenant, &filter).await })

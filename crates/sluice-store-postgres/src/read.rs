@@ -297,6 +297,16 @@ pub(crate) async fn load_tasks(pool: &Pool) -> Result<Vec<TaskRow>, StoreError> 
     rows.iter().map(task_row).collect()
 }
 
+fn timer_row(r: &Row) -> Result<TimerRow, StoreError> {
+    Ok(TimerRow {
+        tenant: get(r, 0)?,
+        run_id: get(r, 1)?,
+        workflow_id: get(r, 2)?,
+        step: get(r, 3)?,
+        fire_at_ms: get(r, 4)?,
+    })
+}
+
 pub(crate) async fn load_timers(pool: &Pool) -> Result<Vec<TimerRow>, StoreError> {
     let rows = query(
         pool,
@@ -304,17 +314,30 @@ pub(crate) async fn load_timers(pool: &Pool) -> Result<Vec<TimerRow>, StoreError
         &[],
     )
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(TimerRow {
-                tenant: get(r, 0)?,
-                run_id: get(r, 1)?,
-                workflow_id: get(r, 2)?,
-                step: get(r, 3)?,
-                fire_at_ms: get(r, 4)?,
-            })
-        })
-        .collect()
+    rows.iter().map(timer_row).collect()
+}
+
+/// The pending tasks and timers of one run. A task's id starts with its run id and `/`, so the
+/// primary key (collation "C") finds them as a range (`0` follows `/`).
+pub(crate) async fn run_work(
+    pool: &Pool,
+    tenant: &str,
+    run_id: &str,
+) -> Result<(Vec<TaskRow>, Vec<TimerRow>), StoreError> {
+    let (from, to) = (format!("{run_id}/"), format!("{run_id}0"));
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM tasks t WHERE t.id >= $1 AND t.id < $2 AND t.run_id = $3 AND t.tenant = $4 ORDER BY t.id"
+    );
+    let rows = query(pool, &sql, &[&from, &to, &run_id, &tenant]).await?;
+    let tasks = rows.iter().map(task_row).collect::<Result<_, _>>()?;
+    let rows = query(
+        pool,
+        "SELECT tenant, run_id, workflow_id, step, fire_at_ms FROM timers WHERE run_id = $1 AND tenant = $2 ORDER BY step",
+        &[&run_id, &tenant],
+    )
+    .await?;
+    let timers = rows.iter().map(timer_row).collect::<Result<_, _>>()?;
+    Ok((tasks, timers))
 }
 
 pub(crate) async fn ping(pool: &Pool) -> Result<(), StoreError> {

@@ -186,6 +186,9 @@ impl Store for TestStore {
     fn load_timers(&self) -> BoxFuture<'_, Result<Vec<TimerRow>>> {
         self.store.load_timers()
     }
+    fn run_work(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<(Vec<TaskRow>, Vec<TimerRow>)>> {
+        self.store.run_work(tenant, run_id)
+    }
     fn list_usage(&self, tenant: &str, filter: UsageFilter) -> BoxFuture<'_, Result<Page<UsageRow>>> {
         self.store.list_usage(tenant, filter)
     }

@@ -216,6 +216,11 @@ impl Store for SqliteStore {
         Box::pin(self.readers.run(read::load_timers))
     }
 
+    fn run_work(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<(Vec<TaskRow>, Vec<TimerRow>)>> {
+        let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
+        Box::pin(self.readers.run(move |c| read::run_work(c, &tenant, &run_id)))
+    }
+
     fn list_usage(&self, tenant: &str, filter: UsageFilter) -> BoxFuture<'_, Result<Page<UsageRow>>> {
         let tenant = tenant.to_owned();
         Box::pin(self.readers.run(move |c| read::list_usage(c, &tenant, &filter)))

@@ -288,31 +288,42 @@ pub(crate) fn history(
     rows.collect()
 }
 
+const TASK_COLUMNS: &str = "id, tenant, queue, kind, run_id, workflow_id, step, attempt, input, visible_at_ms, \
+     schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id";
+
+fn task_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
+    Ok(TaskRow {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        queue: r.get(2)?,
+        kind: enum_col(r, 3)?,
+        run_id: r.get(4)?,
+        workflow_id: r.get(5)?,
+        step: r.get(6)?,
+        attempt: r.get(7)?,
+        input: json_col(r, 8)?,
+        visible_at_ms: r.get(9)?,
+        schedule_to_start_ms: r.get(10)?,
+        start_to_close_ms: r.get(11)?,
+        heartbeat_ms: r.get(12)?,
+        created_at_ms: r.get(13)?,
+        trace_id: r.get(14)?,
+    })
+}
+
+fn timer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TimerRow> {
+    Ok(TimerRow {
+        tenant: r.get(0)?,
+        run_id: r.get(1)?,
+        workflow_id: r.get(2)?,
+        step: r.get(3)?,
+        fire_at_ms: r.get(4)?,
+    })
+}
+
 pub(crate) fn load_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskRow>> {
-    let mut st = conn.prepare_cached(
-        "SELECT id, tenant, queue, kind, run_id, workflow_id, step, attempt, input, visible_at_ms,
-                schedule_to_start_ms, start_to_close_ms, heartbeat_ms, created_at_ms, trace_id
-         FROM tasks ORDER BY visible_at_ms, id",
-    )?;
-    let rows = st.query_map([], |r| {
-        Ok(TaskRow {
-            id: r.get(0)?,
-            tenant: r.get(1)?,
-            queue: r.get(2)?,
-            kind: enum_col(r, 3)?,
-            run_id: r.get(4)?,
-            workflow_id: r.get(5)?,
-            step: r.get(6)?,
-            attempt: r.get(7)?,
-            input: json_col(r, 8)?,
-            visible_at_ms: r.get(9)?,
-            schedule_to_start_ms: r.get(10)?,
-            start_to_close_ms: r.get(11)?,
-            heartbeat_ms: r.get(12)?,
-            created_at_ms: r.get(13)?,
-            trace_id: r.get(14)?,
-        })
-    })?;
+    let mut st = conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks ORDER BY visible_at_ms, id"))?;
+    let rows = st.query_map([], task_row)?;
     rows.collect()
 }
 
@@ -320,16 +331,28 @@ pub(crate) fn load_timers(conn: &Connection) -> rusqlite::Result<Vec<TimerRow>> 
     let mut st = conn.prepare_cached(
         "SELECT tenant, run_id, workflow_id, step, fire_at_ms FROM timers ORDER BY fire_at_ms, run_id, step",
     )?;
-    let rows = st.query_map([], |r| {
-        Ok(TimerRow {
-            tenant: r.get(0)?,
-            run_id: r.get(1)?,
-            workflow_id: r.get(2)?,
-            step: r.get(3)?,
-            fire_at_ms: r.get(4)?,
-        })
-    })?;
+    let rows = st.query_map([], timer_row)?;
     rows.collect()
+}
+
+/// The pending tasks and timers of one run. A task's id starts with its run id and `/`, so the
+/// primary key finds them as a range (`0` follows `/`).
+pub(crate) fn run_work(
+    conn: &Connection,
+    tenant: &str,
+    run_id: &str,
+) -> rusqlite::Result<(Vec<TaskRow>, Vec<TimerRow>)> {
+    let (from, to) = (format!("{run_id}/"), format!("{run_id}0"));
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE id >= ?1 AND id < ?2 AND run_id = ?3 AND tenant = ?4 ORDER BY id"
+    ))?;
+    let tasks =
+        st.query_map(rusqlite::params![from, to, run_id, tenant], task_row)?.collect::<rusqlite::Result<_>>()?;
+    let mut st = conn.prepare_cached(
+        "SELECT tenant, run_id, workflow_id, step, fire_at_ms FROM timers WHERE run_id = ?1 AND tenant = ?2 ORDER BY step",
+    )?;
+    let timers = st.query_map(rusqlite::params![run_id, tenant], timer_row)?.collect::<rusqlite::Result<_>>()?;
+    Ok((tasks, timers))
 }
 
 pub(crate) fn ping(conn: &Connection) -> rusqlite::Result<()> {

@@ -92,6 +92,9 @@ pub trait Store: Send + Sync + 'static {
     fn load_tasks(&self) -> BoxFuture<'_, Result<Vec<TaskRow>>>;
     /// Every pending timer, for rebuilding the timer wheel at start.
     fn load_timers(&self) -> BoxFuture<'_, Result<Vec<TimerRow>>>;
+    /// The pending tasks and timers of one run of `tenant`, for bringing the engine's memory back
+    /// in line with the store after a commit whose outcome it could not learn.
+    fn run_work(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<(Vec<TaskRow>, Vec<TimerRow>)>>;
 
     /// Ledger rows, newest first, with keyset pagination.
     fn list_usage(&self, tenant: &str, filter: UsageFilter) -> BoxFuture<'_, Result<Page<UsageRow>>>;

@@ -213,6 +213,18 @@ impl Store for ShardedStore {
         })
     }
 
+    fn run_work(&self, tenant: &str, run_id: &str) -> BoxFuture<'_, Result<(Vec<TaskRow>, Vec<TimerRow>)>> {
+        let (tenant, run_id) = (tenant.to_string(), run_id.to_string());
+        Box::pin(async move {
+            let parts = all(self.shards.iter().map(|s| s.run_work(&tenant, &run_id)).collect()).await?;
+            Ok(parts.into_iter().fold((Vec::new(), Vec::new()), |(mut tasks, mut timers), (t, w)| {
+                tasks.extend(t);
+                timers.extend(w);
+                (tasks, timers)
+            }))
+        })
+    }
+
     fn list_usage(&self, tenant: &str, filter: UsageFilter) -> BoxFuture<'_, Result<Page<UsageRow>>> {
         let tenant = tenant.to_string();
         Box::pin(async move {

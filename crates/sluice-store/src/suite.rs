@@ -555,18 +555,41 @@ pub async fn continue_as_new_is_atomic(s: &dyn Store) {
 pub async fn tasks_and_timers(s: &dyn Store) {
     let f = Fixture::new();
     let t = f.tenant("t");
-    let create = create(&t, row(&f.run_id(1), "order-1", "orders", 1));
-    let r = create.row.clone();
+    let first = create(&t, row(&f.run_id(1), "order-1", "orders", 1));
+    let r = first.row.clone();
     let worker = TaskRow { schedule_to_start_ms: Some(60_000), heartbeat_ms: Some(5_000), ..task(&t, &r, "charge", 1) };
     // A task of a run started before trace ids has none.
     let http = TaskRow { kind: TaskKind::Http, queue: String::new(), trace_id: None, ..task(&t, &r, "notify", 1) };
     let (sleep, timeout) = (timer(&t, &r, "sleep", 5_000), timer(&t, &r, "approval", 7_000));
-    let mut b = batch(vec![create]);
+    let mut b = batch(vec![first]);
     b.add_tasks = vec![worker.clone(), http.clone()];
     b.add_timers = vec![sleep.clone(), timeout.clone()];
     s.commit(b).await.expect("add");
     assert_eq!(tasks_of(s, &t).await, sorted_tasks(vec![worker.clone(), http.clone()]));
     assert_eq!(timers_of(s, &t).await, sorted_timers(vec![sleep.clone(), timeout.clone()]));
+
+    // One run's work: neither another run's (even one whose id extends this one's) nor another
+    // tenant's.
+    let next = create(&t, row(&format!("{}0", r.run_id), "order-10", "orders", 1));
+    let other = next.row.clone();
+    let mut b = batch(vec![next]);
+    b.add_tasks = vec![task(&t, &other, "charge", 1)];
+    b.add_timers = vec![timer(&t, &other, "sleep", 5_000)];
+    s.commit(b).await.expect("another run");
+    let (tasks, timers) = s.run_work(&t, &r.run_id).await.expect("run work");
+    assert_eq!(sorted_tasks(tasks), sorted_tasks(vec![worker.clone(), http.clone()]));
+    assert_eq!(sorted_timers(timers), sorted_timers(vec![sleep.clone(), timeout.clone()]));
+    let (tasks, timers) = s.run_work(&t, &other.run_id).await.expect("run work");
+    assert_eq!((tasks.len(), timers.len()), (1, 1));
+    let (tasks, timers) = s.run_work(&f.tenant("elsewhere"), &r.run_id).await.expect("run work");
+    assert!(tasks.is_empty() && timers.is_empty(), "another tenant sees nothing");
+    s.commit(Batch {
+        remove_tasks: vec![TaskRow::make_id(&other.run_id, "charge", 1)],
+        remove_timers: vec![(other.run_id.clone(), "sleep".into())],
+        ..Batch::default()
+    })
+    .await
+    .expect("remove the other run's work");
 
     let retry = TaskRow { visible_at_ms: 99_000, ..task(&t, &r, "charge", 2) };
     let moved = TimerRow { fire_at_ms: 8_000, ..timeout.clone() };

@@ -13,6 +13,7 @@ on_both_backends!(
     timers_and_signals_survive_a_restart,
     sigkill_under_load_loses_nothing_and_repeats_nothing,
     sigterm_ends_long_polls_and_stops_at_once,
+    lost_commit_acknowledgements_neither_stall_nor_repeat_a_step,
 );
 
 async fn timers_and_signals_survive_a_restart(backend: Backend) {
@@ -111,6 +112,66 @@ async fn sigkill_under_load_loses_nothing_and_repeats_nothing(backend: Backend) 
     // done all the same): at most a few batches of the worker's 64 tasks in flight.
     assert!(completed.len() >= N * 5 - 300, "most steps were done by this worker: {}", completed.len());
     assert_eq!(assert_replays(&api).await, N);
+}
+
+/// A commit the database applied but whose acknowledgement was lost (the connection dropped
+/// between the two, as in a PostgreSQL outage under load; injected here on every fifth commit):
+/// the starts and answers it carried got `503`, yet the tasks and timers it created must be
+/// delivered, and the answer it recorded must not be recorded again. Before the engine read such
+/// runs back from the store, their next tasks stayed in the database only, and they never ended.
+async fn lost_commit_acknowledgements_neither_stall_nor_repeat_a_step(backend: Backend) {
+    const N: usize = 150;
+    let db = Db::new("lost-ack", backend);
+    let env = [("SLUICE_FAULT_LOSE_COMMIT_ACKS", "5")];
+    let server = ServerProcess::start_with_env(&bin(), db.dir(), db.url(), &[], &env).await;
+    let api = server.api();
+    api.publish(&json!({"name": "steady", "steps": [
+        {"id": "s1", "type": "task", "queue": "noop"},
+        {"id": "nap", "type": "sleep", "duration": "20ms"},
+        {"id": "s2", "type": "task", "queue": "noop"},
+        {"id": "s3", "type": "task", "queue": "noop"}
+    ]}))
+    .await;
+    let record = db.dir().join("worker.jsonl");
+    let _worker = WorkerProcess::rust(&bin(), &server, &["noop"], Some(&record));
+    let mut unavailable = 0;
+    for i in 0..N {
+        let id = format!("ack-{i}");
+        loop {
+            let resp = api
+                .request(reqwest::Method::POST, "/v1/executions")
+                .json(&json!({"workflow": "steady", "workflow_id": id}))
+                .send()
+                .await
+                .unwrap();
+            if resp.status().is_success() {
+                break;
+            }
+            assert_eq!(resp.status().as_u16(), 503, "{:?}", resp.text().await);
+            unavailable += 1;
+        }
+    }
+    assert!(unavailable > 0, "some starts met a lost acknowledgement");
+    for i in 0..N {
+        let id = format!("ack-{i}");
+        let row = api.wait(&id, 60).await;
+        assert_eq!(row["status"], "completed", "{id}: {row}");
+        // Each step's outcome is in the history once: an answer repeated after a lost
+        // acknowledgement was not recorded again.
+        let history = api.history(&id, None).await;
+        for step in ["s1", "s2", "s3"] {
+            let done = history.iter().filter(|e| e["type"] == "task_completed" && e["step"] == step).count();
+            assert_eq!(done, 1, "{id} {step}: {history:?}");
+        }
+        let seqs: Vec<u64> = history.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{id}");
+    }
+    WorkerRecord::read(&record).assert_once();
+    assert_eq!(assert_replays(&api).await, N);
+    let text = reqwest::get(format!("{}/metrics", server.base)).await.unwrap().text().await.unwrap();
+    let reconciled =
+        text.lines().find_map(|l| l.strip_prefix("sluice_runs_reconciled_total ")?.parse::<u64>().ok()).unwrap_or(0);
+    assert!(reconciled > 0, "runs were read back after lost acknowledgements: {reconciled}");
 }
 
 /// SIGTERM stops the server at once even with long-polls in flight, as a rolling restart of

@@ -592,14 +592,21 @@ async fn postgres_restarted_under_load_gives_503s_and_loses_nothing() {
     let _worker = WorkerProcess::rust(&bin(), &b, &["noop"], Some(&record));
 
     // 8 clients, 4 per node, start executions and retry a refused start under the same
-    // workflow id (which makes a repeated start answer with the run already there).
+    // workflow id (which makes a repeated start answer with the run already there). The first
+    // half is started before the database stops, the second half only once it has stopped, so
+    // that starts meet the outage however fast the first half ran.
     let acked = Arc::new(Mutex::new(Vec::new()));
     let unavailable = Arc::new(AtomicUsize::new(0));
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     let mut starters = Vec::new();
     for c in 0..8 {
         let (api, acked, unavailable) = (apis[c % 2].clone(), acked.clone(), unavailable.clone());
+        let mut stopped = stopped_rx.clone();
         starters.push(tokio::spawn(async move {
             for i in (c..N).step_by(8) {
+                if i >= N / 2 {
+                    stopped.wait_for(|s| *s).await.expect("the test holds the sender");
+                }
                 let id = format!("load-{i}");
                 loop {
                     let resp = api
@@ -631,6 +638,7 @@ async fn postgres_restarted_under_load_gives_503s_and_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     cluster.stop();
+    stopped_tx.send(true).unwrap();
     let done_at_stop = completed_steps();
     assert!((300..N * 3).contains(&done_at_stop), "the restart did not land mid-run ({done_at_stop} steps done)");
     // Longer than the 10 s lease, and the node's lease check every third of it.
