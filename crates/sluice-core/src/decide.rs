@@ -276,6 +276,10 @@ impl Decider<'_> {
             StepKind::Child(_) => self.start_child(step, scope, key, 1),
             StepKind::Transform(t) => match self.eval(&t.expr, scope) {
                 Ok(output) => {
+                    let size = crate::state::json_size(&output);
+                    if let Some(error) = self.st.limits.check("the step's output", size, self.st.bytes) {
+                        return self.fail_step(key, error);
+                    }
                     let val = to_val(&output);
                     self.emit(EventKind::StepCompleted { step: key.to_string(), output });
                     Flow::Done(val)
@@ -302,7 +306,23 @@ impl Decider<'_> {
                 self.progress(step, scope, key)
             }
             StepKind::Map(m) => match self.eval(&m.items, scope) {
+                Ok(Value::Array(items)) if items.len() > self.st.limits.max_map_items => self.fail_step(
+                    key,
+                    ErrorInfo::new(
+                        "map.too_many_items",
+                        format!(
+                            "items: {} items, more than the limit of {} (max map items); split the list or \
+                             use child workflows over parts of it",
+                            items.len(),
+                            self.st.limits.max_map_items
+                        ),
+                    ),
+                ),
                 Ok(Value::Array(items)) => {
+                    let size = items.iter().map(|v| crate::state::json_size(v) + 1).sum::<usize>() + 2;
+                    if let Some(error) = self.st.limits.check("the list of items", size, self.st.bytes) {
+                        return self.fail_step(key, error);
+                    }
                     self.emit(EventKind::MapStarted { step: key.to_string(), items });
                     self.progress(step, scope, key)
                 }

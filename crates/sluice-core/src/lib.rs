@@ -18,4 +18,4 @@ pub use def::{parse_definition, Format, Step, StepKind, WorkflowDef};
 pub use error::{DefError, ErrorInfo};
 pub use event::{Event, EventKind};
 pub use expr::{Expr, ExprError};
-pub use state::{ExecState, ExecStatus};
+pub use state::{ExecState, ExecStatus, RunLimits};

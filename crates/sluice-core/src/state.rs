@@ -119,6 +119,65 @@ pub struct BufferedSignal {
     pub payload: Value,
 }
 
+/// What one run may hold. `decide` fails a step whose output (or map list) passes a limit, and
+/// the engine refuses inputs, signals and task outputs that would; the run stays within its
+/// bytes, so a hostile or careless workflow cannot take the node's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunLimits {
+    /// Largest output one step may record, as JSON bytes.
+    pub max_output_bytes: usize,
+    /// Most bytes of values (input, outputs, signal payloads, map lists) one run may hold.
+    pub max_run_bytes: usize,
+    /// Most items a `map` step may iterate over.
+    pub max_map_items: usize,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        Self { max_output_bytes: 1024 * 1024, max_run_bytes: 64 * 1024 * 1024, max_map_items: 10_000 }
+    }
+}
+
+impl RunLimits {
+    /// The error for a value of `size` bytes about to be held by a run already holding `held`,
+    /// if it passes a limit. `what` names the value in the message.
+    pub fn check(&self, what: &str, size: usize, held: usize) -> Option<crate::ErrorInfo> {
+        if size > self.max_output_bytes {
+            return Some(crate::ErrorInfo::new(
+                "step.output_too_large",
+                format!("{what} is {size} bytes of JSON, more than the limit of {} (max output size)", self.max_output_bytes),
+            ));
+        }
+        if held.saturating_add(size) > self.max_run_bytes {
+            return Some(crate::ErrorInfo::new(
+                "execution.too_large",
+                format!(
+                    "{what} ({size} bytes) would take the execution past its limit of {} bytes held (max run size); \
+                     continue as new to start over with a fresh history",
+                    self.max_run_bytes
+                ),
+            ));
+        }
+        None
+    }
+}
+
+/// The length of `v` written as compact JSON, near enough (strings are not escaped), without
+/// writing it.
+pub fn json_size(v: &Value) -> usize {
+    match v {
+        Value::Null => 4,
+        Value::Bool(b) => 4 + usize::from(!b),
+        Value::Number(_) => 8,
+        Value::String(s) => s.len() + 2,
+        Value::Array(a) => 2 + a.iter().map(|x| json_size(x) + 1).sum::<usize>(),
+        Value::Object(o) => 2 + o.iter().map(|(k, x)| k.len() + 4 + json_size(x)).sum::<usize>(),
+    }
+}
+
+/// Bytes counted for any event beside the values it carries.
+const EVENT_OVERHEAD: usize = 64;
+
 /// Everything `decide` and queries need to know about a run.
 #[derive(Debug, Clone, Default)]
 pub struct ExecState {
@@ -145,6 +204,12 @@ pub struct ExecState {
     pub next_seq: u64,
     /// Time of the last event applied; events produced by `decide` carry it.
     pub last_at_ms: i64,
+    /// Bytes of the values the run holds (its input, outputs, signal payloads, map lists) and a
+    /// little per event: what [`RunLimits::max_run_bytes`] bounds, and the weight of the run in
+    /// the engine's cache.
+    pub bytes: usize,
+    /// The limits `decide` applies; set by the engine, the defaults elsewhere.
+    pub limits: RunLimits,
     pub(crate) input_val: Val,
     /// Finished step outputs as jq values, by scope prefix then step id.
     pub(crate) scopes: HashMap<String, Vec<(String, Val)>>,
@@ -198,6 +263,16 @@ impl ExecState {
 
     fn apply_kind(&mut self, kind: &EventKind, seq: u64) {
         use EventKind as E;
+        self.bytes += EVENT_OVERHEAD
+            + match kind {
+                E::ExecutionStarted { input, .. } => json_size(input),
+                E::TaskCompleted { output, .. } | E::ChildCompleted { output, .. } | E::StepCompleted { output, .. } => {
+                    json_size(output)
+                }
+                E::SignalReceived { payload, .. } => json_size(payload),
+                E::MapStarted { items, .. } => items.iter().map(|v| json_size(v) + 1).sum(),
+                _ => 0,
+            };
         match kind {
             E::ExecutionStarted { workflow, version, workflow_id, run_id, input, parent, trace_id, .. } => {
                 self.workflow = workflow.clone();
