@@ -130,6 +130,8 @@ pub struct ExecState {
     pub parent: Option<ParentRef>,
     /// Trace id of the request that started the execution (`None` in older histories).
     pub trace_id: Option<String>,
+    /// How many runs came before this one in its `continue_as_new` chain.
+    pub chain: u64,
     pub status: ExecStatus,
     pub paused: bool,
     /// Step state by instance key: the step id, prefixed by `map[i]/` inside map iterations.
@@ -199,7 +201,8 @@ impl ExecState {
     fn apply_kind(&mut self, kind: &EventKind, seq: u64) {
         use EventKind as E;
         match kind {
-            E::ExecutionStarted { workflow, version, workflow_id, run_id, input, parent, trace_id, .. } => {
+            E::ExecutionStarted { workflow, version, workflow_id, run_id, input, parent, trace_id, chain, .. } => {
+                self.chain = *chain;
                 self.workflow = workflow.clone();
                 self.version = version.clone();
                 self.workflow_id = workflow_id.clone();
@@ -275,7 +278,7 @@ impl ExecState {
             }
             E::StepSkipped { step } => self.finish_step(step, StepStatus::Skipped, Value::Null),
             E::StepCompleted { step, output } => self.finish_step(step, StepStatus::Completed, output.clone()),
-            E::StepFailed { step, error } => {
+            E::StepFailed { step, error } | E::StepAborted { step, error } => {
                 let st = self.step_mut(step, StepStatus::Failed);
                 st.status = StepStatus::Failed;
                 st.error = Some(error.clone());
@@ -305,6 +308,10 @@ impl ExecState {
                 self.error = Some(error.clone());
                 self.failed_step = step.clone();
                 self.dead_letter = *dead_letter;
+            }
+            E::ExecutionAborted { error } => {
+                self.status = ExecStatus::Failed;
+                self.error = Some(error.clone());
             }
             E::ExecutionContinuedAsNew { input } => {
                 self.status = ExecStatus::ContinuedAsNew;
