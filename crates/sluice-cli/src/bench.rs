@@ -293,7 +293,7 @@ async fn measure(args: &BenchArgs, bases: &[String], api_key: Option<&str>) -> R
             while next.fetch_add(1, Ordering::Relaxed) < n {
                 let t0 = Instant::now();
                 let ok = async {
-                    let s = api.start(&name, json!({"n": 1}), None).await?;
+                    let s = api.start(&name, None, json!({"n": 1}), None).await?;
                     let wid = s["workflow_id"].as_str().unwrap_or_default().to_string();
                     api.wait(&wid, Duration::from_secs(120)).await
                 }

@@ -79,8 +79,18 @@ impl Api {
         self.publish_text(text, yaml).await.with_context(|| format!("{} was not published", file.display()))
     }
 
-    pub async fn start(&self, workflow: &str, input: Value, workflow_id: Option<&str>) -> Result<Value> {
+    /// Starts `workflow` at `version` (the latest when `None`).
+    pub async fn start(
+        &self,
+        workflow: &str,
+        version: Option<&str>,
+        input: Value,
+        workflow_id: Option<&str>,
+    ) -> Result<Value> {
         let mut body = json!({"workflow": workflow, "input": input});
+        if let Some(v) = version {
+            body["version"] = json!(v);
+        }
         if let Some(id) = workflow_id {
             body["workflow_id"] = json!(id);
         }

@@ -111,6 +111,21 @@ pub struct ServeArgs {
     /// `http.too_large`. Bytes, or with a unit: `512KiB`, `4MiB`.
     #[arg(long, value_name = "SIZE", default_value = "1MiB", env = "SLUICE_HTTP_MAX_BODY", value_parser = parse_size)]
     http_max_body: usize,
+    /// Runs per second each tenant may start by `continue_as_new`, in bursts of up to ten
+    /// seconds' worth; past it, the next run of a chain waits for its turn. 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = sluice_engine::DEFAULT_CONTINUE_RATE,
+          env = "SLUICE_CONTINUE_AS_NEW_RATE")]
+    continue_as_new_rate: u32,
+    /// Most runs in one `continue_as_new` chain; the run after them fails with
+    /// `engine.chain_too_long`. 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = sluice_engine::DEFAULT_MAX_CHAIN_LENGTH,
+          env = "SLUICE_MAX_CHAIN_LENGTH")]
+    max_chain_length: u64,
+    /// Times evaluating one step may stop the server before that step fails with
+    /// `engine.quarantined` instead of being tried again. 0: never.
+    #[arg(long, value_name = "N", default_value_t = sluice_engine::DEFAULT_QUARANTINE_AFTER,
+          env = "SLUICE_QUARANTINE_AFTER")]
+    quarantine_after: u32,
     #[command(flatten)]
     secret: SecretArgs,
     #[command(flatten)]
@@ -166,6 +181,9 @@ impl ServeArgs {
             http_max_body: self.http_max_body,
             egress,
             lose_commit_acks,
+            continue_rate: self.continue_as_new_rate,
+            max_chain_length: self.max_chain_length,
+            quarantine_after: self.quarantine_after,
             ..defaults
         })
     }
@@ -271,6 +289,9 @@ enum Command {
     /// Start an execution of a published workflow.
     Start {
         workflow: String,
+        /// The version to run (as `workflows` lists it); the latest when not given.
+        #[arg(long = "version", value_name = "VERSION")]
+        version: Option<String>,
         #[arg(long, default_value = "null")]
         input: String,
         #[arg(long)]
@@ -488,16 +509,19 @@ async fn dispatch(cli: Cli, process_trace: sluice_engine::TraceId) -> Result<()>
             let input = parse_json_arg("input", &input)?;
             let published = api.publish_file(&file).await?;
             let name = published["name"].as_str().unwrap_or_default().to_string();
-            eprintln!("published {name} version {}", published["version"].as_str().unwrap_or("?"));
-            let started = api.start(&name, input, workflow_id.as_deref()).await?;
+            let version = published["version"].as_str().unwrap_or_default().to_string();
+            eprintln!("published {name} version {version}");
+            // Exactly the version just published, whatever else was published meanwhile.
+            let started = api.start(&name, Some(&version), input, workflow_id.as_deref()).await?;
+            eprintln!("running version {}", started["version"].as_str().unwrap_or(&version));
             let wid = started["workflow_id"].as_str().unwrap_or_default().to_string();
             eprintln!("started {wid}, waiting for the result");
             let row = api.wait(&wid, std::time::Duration::from_secs(timeout)).await?;
             print_result(&row, json)
         }
-        Command::Start { workflow, input, workflow_id } => {
+        Command::Start { workflow, version, input, workflow_id } => {
             let input = parse_json_arg("input", &input)?;
-            let started = api.start(&workflow, input, workflow_id.as_deref()).await?;
+            let started = api.start(&workflow, version.as_deref(), input, workflow_id.as_deref()).await?;
             if json {
                 out(&started.to_string());
             } else {

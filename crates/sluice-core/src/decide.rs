@@ -29,6 +29,8 @@ pub struct Decided {
     /// ([`crate::expr::EvalLimits::yield_on_limit`]): `decide` must run again on the state as it
     /// now is, with the full limits. The events so far stand; that evaluation left no trace.
     pub yielded: bool,
+    /// The step whose expression yielded (`None`: the workflow's `output`).
+    pub yield_step: Option<String>,
 }
 
 /// `decide` that stops where an expression yields instead of recording a limit. Deciding again
@@ -38,7 +40,7 @@ pub fn decide_until_yield(def: &WorkflowDef, st: &mut ExecState) -> Decided {
     if st.status != ExecStatus::Running || st.paused || st.run_id.is_empty() {
         return Decided::default();
     }
-    let mut d = Decider { def, st, out: Vec::new() };
+    let mut d = Decider { def, st, out: Vec::new(), yield_step: None };
     let root = Scope { prefix: String::new(), item: None };
     let mut yielded = false;
     match d.seq(&def.steps, &root) {
@@ -61,7 +63,8 @@ pub fn decide_until_yield(def: &WorkflowDef, st: &mut ExecState) -> Decided {
         Flow::Yield => yielded = true,
         Flow::Pending | Flow::Ended => {}
     }
-    Decided { events: d.out, yielded }
+    let yield_step = if yielded { d.yield_step } else { None };
+    Decided { events: d.out, yielded, yield_step }
 }
 
 enum Flow {
@@ -91,6 +94,8 @@ struct Decider<'a> {
     def: &'a WorkflowDef,
     st: &'a mut ExecState,
     out: Vec<Event>,
+    /// The step whose expression yielded.
+    yield_step: Option<String>,
 }
 
 fn expr_error(what: &str, e: &ExprError) -> ErrorInfo {
@@ -115,6 +120,7 @@ impl Decider<'_> {
     /// Fails the step with an expression's error, or stops deciding when the expression yielded.
     fn expr_failed(&mut self, key: &str, what: &str, e: ExprError) -> Flow {
         if e == ExprError::Yield {
+            self.yield_step = Some(key.to_string());
             return Flow::Yield;
         }
         self.fail_step(key, expr_error(what, &e))

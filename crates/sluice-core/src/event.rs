@@ -67,6 +67,9 @@ pub enum EventKind {
         /// children and continued runs inherit it. Absent in histories older than trace ids.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         trace_id: Option<String>,
+        /// How many runs came before this one in its `continue_as_new` chain (0 for the first).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        chain: u64,
     },
     TaskCompleted {
         step: String,
@@ -103,6 +106,17 @@ pub enum EventKind {
         reason: Option<String>,
     },
     ExecutionRedriven,
+    /// The engine failed a step without running it again: its processing crashed the node too
+    /// often (`engine.quarantined`).
+    StepAborted {
+        step: String,
+        error: ErrorInfo,
+    },
+    /// The engine ended the run with an error before it took a step: it would have made its
+    /// `continue_as_new` chain longer than the server allows (`engine.chain_too_long`).
+    ExecutionAborted {
+        error: ErrorInfo,
+    },
 
     // Events produced by `decide`.
     TaskScheduled {
@@ -198,6 +212,8 @@ impl EventKind {
                 | Self::ExecutionResumed
                 | Self::ExecutionCancelled { .. }
                 | Self::ExecutionRedriven
+                | Self::StepAborted { .. }
+                | Self::ExecutionAborted { .. }
         )
     }
 
@@ -209,6 +225,7 @@ impl EventKind {
                 | Self::ExecutionFailed { .. }
                 | Self::ExecutionContinuedAsNew { .. }
                 | Self::ExecutionCancelled { .. }
+                | Self::ExecutionAborted { .. }
         )
     }
 
@@ -226,6 +243,8 @@ impl EventKind {
             Self::ExecutionResumed => "execution_resumed",
             Self::ExecutionCancelled { .. } => "execution_cancelled",
             Self::ExecutionRedriven => "execution_redriven",
+            Self::StepAborted { .. } => "step_aborted",
+            Self::ExecutionAborted { .. } => "execution_aborted",
             Self::TaskScheduled { .. } => "task_scheduled",
             Self::StepStarted { .. } => "step_started",
             Self::StepSkipped { .. } => "step_skipped",
@@ -243,4 +262,8 @@ impl EventKind {
             Self::ExecutionContinuedAsNew { .. } => "execution_continued_as_new",
         }
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

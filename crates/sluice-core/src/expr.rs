@@ -113,6 +113,19 @@ pub fn with_limits<T>(limits: EvalLimits, f: impl FnOnce() -> T) -> T {
     r
 }
 
+/// A test hook: the text that makes an expression containing it abort the process when it is
+/// evaluated under limits that do not yield (on the engine's evaluation threads), and yield in
+/// place. Unset unless the server was started with `SLUICE_TEST_CRASH_ON_EXPR`, for the tests of
+/// the quarantine of steps that crash their node.
+static CRASH_MARKER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the [`CRASH_MARKER`] test hook (once per process; an empty text sets nothing).
+pub fn set_test_crash_marker(marker: &str) {
+    if !marker.is_empty() {
+        let _ = CRASH_MARKER.set(marker.to_string());
+    }
+}
+
 /// The limits evaluations on this thread run under now.
 pub fn current_limits() -> EvalLimits {
     LIMITS.with(std::cell::Cell::get)
@@ -218,6 +231,14 @@ impl Expr {
     /// [`EvalLimits`].
     pub fn eval_val(&self, input: Val) -> Result<Val, ExprError> {
         let limits = current_limits();
+        if let Some(marker) = CRASH_MARKER.get() {
+            if self.src.contains(marker.as_str()) {
+                if limits.yield_on_limit {
+                    return Err(ExprError::Yield);
+                }
+                std::process::abort();
+            }
+        }
         let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
         jaq_core::fuel::begin(jaq_core::fuel::Limits {
             steps: limits.steps,

@@ -145,7 +145,10 @@ impl RunLimits {
         if size > self.max_output_bytes {
             return Some(crate::ErrorInfo::new(
                 "step.output_too_large",
-                format!("{what} is {size} bytes of JSON, more than the limit of {} (max output size)", self.max_output_bytes),
+                format!(
+                    "{what} is {size} bytes of JSON, more than the limit of {} (max output size)",
+                    self.max_output_bytes
+                ),
             ));
         }
         if held.saturating_add(size) > self.max_run_bytes {
@@ -189,6 +192,8 @@ pub struct ExecState {
     pub parent: Option<ParentRef>,
     /// Trace id of the request that started the execution (`None` in older histories).
     pub trace_id: Option<String>,
+    /// How many runs came before this one in its `continue_as_new` chain.
+    pub chain: u64,
     pub status: ExecStatus,
     pub paused: bool,
     /// Step state by instance key: the step id, prefixed by `map[i]/` inside map iterations.
@@ -266,15 +271,16 @@ impl ExecState {
         self.bytes += EVENT_OVERHEAD
             + match kind {
                 E::ExecutionStarted { input, .. } => json_size(input),
-                E::TaskCompleted { output, .. } | E::ChildCompleted { output, .. } | E::StepCompleted { output, .. } => {
-                    json_size(output)
-                }
+                E::TaskCompleted { output, .. }
+                | E::ChildCompleted { output, .. }
+                | E::StepCompleted { output, .. } => json_size(output),
                 E::SignalReceived { payload, .. } => json_size(payload),
                 E::MapStarted { items, .. } => items.iter().map(|v| json_size(v) + 1).sum(),
                 _ => 0,
             };
         match kind {
-            E::ExecutionStarted { workflow, version, workflow_id, run_id, input, parent, trace_id, .. } => {
+            E::ExecutionStarted { workflow, version, workflow_id, run_id, input, parent, trace_id, chain, .. } => {
+                self.chain = *chain;
                 self.workflow = workflow.clone();
                 self.version = version.clone();
                 self.workflow_id = workflow_id.clone();
@@ -350,7 +356,7 @@ impl ExecState {
             }
             E::StepSkipped { step } => self.finish_step(step, StepStatus::Skipped, Value::Null),
             E::StepCompleted { step, output } => self.finish_step(step, StepStatus::Completed, output.clone()),
-            E::StepFailed { step, error } => {
+            E::StepFailed { step, error } | E::StepAborted { step, error } => {
                 let st = self.step_mut(step, StepStatus::Failed);
                 st.status = StepStatus::Failed;
                 st.error = Some(error.clone());
@@ -380,6 +386,10 @@ impl ExecState {
                 self.error = Some(error.clone());
                 self.failed_step = step.clone();
                 self.dead_letter = *dead_letter;
+            }
+            E::ExecutionAborted { error } => {
+                self.status = ExecStatus::Failed;
+                self.error = Some(error.clone());
             }
             E::ExecutionContinuedAsNew { input } => {
                 self.status = ExecStatus::ContinuedAsNew;

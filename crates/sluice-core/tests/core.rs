@@ -36,7 +36,7 @@ fn persisted_event_fixtures_still_parse_and_round_trip() {
         kinds.insert(e.kind.name());
         assert_eq!(&serde_json::to_value(&e).unwrap(), f, "round trip changed the stored form");
     }
-    assert_eq!(kinds.len(), 26, "a fixture for every event kind: {kinds:?}");
+    assert_eq!(kinds.len(), 28, "a fixture for every event kind: {kinds:?}");
 }
 
 fn def(v: Value) -> WorkflowDef {
@@ -60,6 +60,7 @@ fn drive(
             input,
             parent: None,
             continued_from: None,
+            chain: 0,
             trace_id: None,
         },
         0,
@@ -207,6 +208,7 @@ fn map_respects_max_concurrency_and_keeps_order() {
             input: Value::Null,
             parent: None,
             continued_from: None,
+            chain: 0,
             trace_id: None,
         },
         0,
@@ -253,6 +255,7 @@ fn signals_buffer_until_waited_for_and_timeouts_follow_policy() {
             input: Value::Null,
             parent: None,
             continued_from: None,
+            chain: 0,
             trace_id: None,
         },
         0,

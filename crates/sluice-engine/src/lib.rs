@@ -13,6 +13,7 @@ mod eval;
 mod http;
 mod ledger;
 mod llm;
+mod quarantine;
 mod reconcile;
 mod shared;
 mod tasks;
@@ -82,7 +83,28 @@ pub struct EngineOptions {
     /// Fault injection for tests: every n-th successful commit is reported as failed, as when
     /// the connection drops after the database applied a batch but before it said so. 0: never.
     pub lose_commit_acks: u32,
+    /// Runs each tenant may start by `continue_as_new` per second, in bursts of up to ten
+    /// seconds' worth; past it, the next run's first step waits (a durable timer). 0: no limit.
+    pub continue_rate: u32,
+    /// Most runs in one `continue_as_new` chain; the run that would come after them fails with
+    /// `engine.chain_too_long`. 0: no limit.
+    pub max_chain_length: u64,
+    /// Attempts at evaluating a step that may stop the server before the step fails with
+    /// `engine.quarantined` instead of being tried again (see `quarantine`). 0: never.
+    pub quarantine_after: u32,
 }
+
+/// Default of [`EngineOptions::quarantine_after`].
+pub const DEFAULT_QUARANTINE_AFTER: u32 = 2;
+
+/// The environment variable of the test hook that makes expressions containing its value abort
+/// the process on the evaluation threads (`sluice_core::expr::set_test_crash_marker`).
+pub const TEST_CRASH_ENV: &str = "SLUICE_TEST_CRASH_ON_EXPR";
+
+/// Default of [`EngineOptions::continue_rate`].
+pub const DEFAULT_CONTINUE_RATE: u32 = 100;
+/// Default of [`EngineOptions::max_chain_length`].
+pub const DEFAULT_MAX_CHAIN_LENGTH: u64 = 100_000;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -101,6 +123,9 @@ impl Default for EngineOptions {
             http_max_body: DEFAULT_HTTP_MAX_BODY,
             egress: EgressPolicy::default(),
             lose_commit_acks: 0,
+            continue_rate: DEFAULT_CONTINUE_RATE,
+            max_chain_length: DEFAULT_MAX_CHAIN_LENGTH,
+            quarantine_after: DEFAULT_QUARANTINE_AFTER,
         }
     }
 }
@@ -174,6 +199,8 @@ pub struct StartRequest {
 pub struct Started {
     pub workflow_id: String,
     pub run_id: String,
+    /// The version of the workflow the run executes.
+    pub version: String,
     pub status: &'static str,
     pub created: bool,
 }
@@ -201,6 +228,8 @@ pub struct Counters {
     pub runs_reconciled: std::sync::atomic::AtomicU64,
     /// Successful commits counted for `EngineOptions::lose_commit_acks`.
     pub commits_ok: std::sync::atomic::AtomicU64,
+    /// Steps failed with `engine.quarantined` instead of being evaluated again.
+    pub steps_quarantined: std::sync::atomic::AtomicU64,
 }
 
 /// One running execution in memory. `None` once it ended or after a failed commit, so the next
@@ -213,6 +242,21 @@ pub(crate) struct ExecEntry {
 }
 
 pub(crate) type Slot = Arc<Mutex<Option<ExecEntry>>>;
+
+/// A change waiting for the next transaction of a `continue_as_new` chain.
+pub(crate) struct ChainChange {
+    id: u64,
+    pub change: RunChange,
+    /// The id of the posted change it is (removed in the batch that applies it).
+    pub posted: Option<String>,
+    /// Told whether the batch that applied it was committed.
+    pub done: tokio::sync::oneshot::Sender<bool>,
+}
+
+/// How long a change to a chain whose runs keep ending under it is tried, and how often it is
+/// registered again after the commit that took it failed.
+const CHAIN_CHANGE_WAIT: Duration = Duration::from_secs(10);
+const CHAIN_CHANGE_TRIES: usize = 3;
 
 pub(crate) struct Inner {
     pub store: Arc<dyn Store>,
@@ -255,6 +299,14 @@ pub(crate) struct Inner {
     pub ended: SyncMutex<Vec<sluice_store::Wake>>,
     /// Runs whose last commit may or may not have been applied (see `reconcile`).
     pub uncertain: reconcile::Uncertain,
+    /// Signals and cancels for a workflow id whose run ended by `continue_as_new` while they
+    /// were on their way, by (tenant, workflow_id): the chain's next transaction applies them.
+    pub chain_changes: SyncMutex<HashMap<(String, String), Vec<ChainChange>>>,
+    /// How many wait in `chain_changes`: transactions look there only when some do.
+    pub chain_pending: std::sync::atomic::AtomicUsize,
+    pub chain_seq: std::sync::atomic::AtomicU64,
+    /// Per tenant, the bucket of `continue_as_new` runs (see [`EngineOptions::continue_rate`]).
+    pub continues: SyncMutex<HashMap<String, txn::Bucket>>,
     pub opts: EngineOptions,
 }
 
@@ -311,6 +363,13 @@ impl Engine {
     /// Loads pending tasks and timers from the store and starts the background loops.
     pub async fn start(store: Arc<dyn Store>, opts: EngineOptions) -> Result<(Engine, JoinHandle<()>)> {
         let http = egress::Egress::new(&opts.egress).map_err(|e| Error::Internal(e.to_string()))?;
+        if let Some(marker) = std::env::var(TEST_CRASH_ENV).ok().filter(|m| !m.is_empty()) {
+            tracing::warn!(
+                marker,
+                "{TEST_CRASH_ENV} is set: expressions containing it stop this process (for tests only)"
+            );
+            sluice_core::expr::set_test_crash_marker(&marker);
+        }
         let lease_ms = i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX);
         let epoch = store.register_node(&opts.node, opts.url.as_deref(), lease_ms).await?;
         let shared = store.shared_queues();
@@ -338,6 +397,10 @@ impl Engine {
             eval: eval::EvalPool::start(opts.expr_threads, opts.expr_memory, opts.decide_time_limit)?,
             ended: SyncMutex::new(Vec::new()),
             uncertain: reconcile::Uncertain::default(),
+            chain_changes: SyncMutex::new(HashMap::new()),
+            chain_pending: std::sync::atomic::AtomicUsize::new(0),
+            chain_seq: std::sync::atomic::AtomicU64::new(0),
+            continues: SyncMutex::new(HashMap::new()),
             opts,
         });
         let engine = Engine { inner };
@@ -591,7 +654,8 @@ impl Engine {
     // ---- workflows ----
 
     /// Validates and stores a workflow version (content-hashed: publishing the same text twice
-    /// is a no-op).
+    /// stores it once). The version published is the latest one afterwards, also when it was
+    /// published before.
     pub async fn publish(&self, tenant: &str, def: WorkflowDef) -> Result<Published> {
         let problems = llm::check_definition(&def, self.inner.opts.gateway.as_deref());
         if !problems.is_empty() {
@@ -608,17 +672,12 @@ impl Engine {
                     name: def.name.clone(),
                     version: version.clone(),
                     definition: canonical,
-                    created_at_ms: now_ms(),
+                    created_at_ms: publish_time(),
                 },
             )
             .await?;
         lock(&self.inner.defs).insert((tenant.into(), def.name.clone(), version.clone()), Arc::new(def.clone()));
-        if created {
-            lock(&self.inner.latest).insert((tenant.into(), def.name.clone()), version.clone());
-        } else {
-            // Republishing an old version does not make it the latest: ask the store next time.
-            lock(&self.inner.latest).remove(&(tenant.to_string(), def.name.clone()));
-        }
+        lock(&self.inner.latest).insert((tenant.into(), def.name.clone()), version.clone());
         Ok(Published { name: def.name, version, created })
     }
 
@@ -670,7 +729,13 @@ impl Engine {
         if req.workflow_id.is_some() {
             if let Some(row) = self.inner.store.get_execution(tenant, &workflow_id, None).await? {
                 if row.status == sluice_core::ExecStatus::Running {
-                    return Ok(Started { workflow_id, run_id: row.run_id, status: "running", created: false });
+                    return Ok(Started {
+                        workflow_id,
+                        run_id: row.run_id,
+                        version: row.version,
+                        status: "running",
+                        created: false,
+                    });
                 }
                 self.announce_restart(tenant, &workflow_id);
             }
@@ -688,6 +753,7 @@ impl Engine {
             input: req.input,
             parent: None,
             continued_from: None,
+            chain: 0,
             trace_id: Some(trace_id.to_string()),
         };
         self.forget_result(tenant, &workflow_id);
@@ -695,15 +761,19 @@ impl Engine {
         match self.create_run(tenant, def, &run_id, started).instrument(span).await {
             Ok(status) => {
                 self.inner.counters.executions_started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok(Started { workflow_id, run_id, status, created: true })
+                Ok(Started { workflow_id, run_id, version, status, created: true })
             }
             Err(Error::Conflict(_)) => {
                 // Lost a race with another start of the same id: answer with the running one.
                 let row = self.inner.store.get_execution(tenant, &workflow_id, None).await?;
                 match row {
-                    Some(row) if row.status == sluice_core::ExecStatus::Running => {
-                        Ok(Started { workflow_id, run_id: row.run_id, status: "running", created: false })
-                    }
+                    Some(row) if row.status == sluice_core::ExecStatus::Running => Ok(Started {
+                        workflow_id,
+                        run_id: row.run_id,
+                        version: row.version,
+                        status: "running",
+                        created: false,
+                    }),
                     _ => Err(Error::Conflict(format!(
                         "workflow id `{workflow_id}` is being started concurrently, retry"
                     ))),
@@ -793,15 +863,146 @@ impl Engine {
         Ok((row, events))
     }
 
-    /// Delivers a signal. `pause`, `resume` and `cancel` act on the execution itself.
+    /// Delivers a signal to the current run of `workflow_id`. `pause`, `resume` and `cancel`
+    /// act on the execution itself.
     pub async fn signal(&self, tenant: &str, workflow_id: &str, name: &str, payload: Value) -> Result<()> {
-        let row = self.running_row(tenant, workflow_id).await?;
-        self.change_run(tenant, &row.run_id, RunChange::Signal { name: name.to_string(), payload }).await
+        self.change_chain(tenant, workflow_id, RunChange::Signal { name: name.to_string(), payload }, None).await
     }
 
+    /// Cancels the current run of `workflow_id`.
     pub async fn cancel(&self, tenant: &str, workflow_id: &str, reason: Option<String>) -> Result<()> {
+        self.change_chain(tenant, workflow_id, RunChange::Cancel { reason }, None).await
+    }
+
+    /// Makes a change to the current run of `workflow_id`: its latest run, and when that run ends
+    /// by `continue_as_new` while the change is on its way, the run that continues it. Such a
+    /// change waits for the next transaction of the chain (`chain_changes`), which applies it
+    /// before deciding; meanwhile it is tried again on the latest run in the store, in case
+    /// the chain has come to rest. Either way it is applied once. `posted`: the id of the change
+    /// another node posted, removed in the batch that applies it.
+    pub(crate) async fn change_chain(
+        &self,
+        tenant: &str,
+        workflow_id: &str,
+        change: RunChange,
+        posted: Option<String>,
+    ) -> Result<()> {
         let row = self.running_row(tenant, workflow_id).await?;
-        self.change_run(tenant, &row.run_id, RunChange::Cancel { reason }).await
+        let first = match posted.clone() {
+            Some(id) => self.apply_change(tenant, &row.run_id, change.clone(), Some(id)).await,
+            None => self.change_run(tenant, &row.run_id, change.clone()).await,
+        };
+        match first {
+            Err(Error::NotRunning(_)) => {}
+            other => return other,
+        }
+        let key = (tenant.to_string(), workflow_id.to_string());
+        let deadline = tokio::time::Instant::now() + CHAIN_CHANGE_WAIT;
+        for _ in 0..CHAIN_CHANGE_TRIES {
+            let (done, mut answer) = tokio::sync::oneshot::channel();
+            let id = self.inner.chain_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            {
+                let mut pending = lock(&self.inner.chain_changes);
+                pending.entry(key.clone()).or_default().push(ChainChange {
+                    id,
+                    change: change.clone(),
+                    posted: posted.clone(),
+                    done,
+                });
+                self.inner.chain_pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            loop {
+                // A transaction of the chain took it: its commit decides.
+                let waited = tokio::select! {
+                    r = &mut answer => Some(r.unwrap_or(false)),
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => None,
+                };
+                match waited {
+                    Some(true) => return Ok(()),
+                    Some(false) => break, // that commit failed: register again
+                    None => {}
+                }
+                let row = match self.get_execution(tenant, workflow_id, None).await {
+                    Ok(row) => row,
+                    Err(e) if self.take_chain_change(&key, id).is_some() => return Err(e),
+                    // Taken meanwhile: its commit decides.
+                    Err(_) => return if answer.await == Ok(true) { Ok(()) } else { Err(not_recorded(workflow_id)) },
+                };
+                let over = tokio::time::Instant::now() >= deadline;
+                if over || (row.status.is_terminal() && row.status != sluice_core::ExecStatus::ContinuedAsNew) {
+                    if self.take_chain_change(&key, id).is_some() {
+                        return Err(if over {
+                            Error::Conflict(format!("the runs of `{workflow_id}` ended too fast to be changed; retry"))
+                        } else {
+                            Error::NotRunning(workflow_id.to_string())
+                        });
+                    }
+                    // Taken meanwhile: its commit decides.
+                    return if answer.await == Ok(true) { Ok(()) } else { Err(not_recorded(workflow_id)) };
+                }
+                if row.status.is_terminal() {
+                    continue;
+                }
+                // The chain may be at rest (waiting on a task, a timer, a signal): apply it there,
+                // unless a transaction of the chain took it meanwhile.
+                let took = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (engine, k, t) = (self.clone(), key.clone(), took.clone());
+                let make = move |st: &ExecState| {
+                    Ok(match engine.take_chain_change(&k, id) {
+                        Some(c) => {
+                            t.store(true, std::sync::atomic::Ordering::Relaxed);
+                            change_events(c.change, st)
+                        }
+                        None => Vec::new(),
+                    })
+                };
+                let extra = txn::Extra::default().with_change(posted.clone());
+                let result = self.advance_any(tenant, &row.run_id, make, extra, false).await;
+                if took.load(std::sync::atomic::Ordering::Relaxed) {
+                    return match result {
+                        // Another node owns the chain: post it there, where it follows the chain.
+                        Err(e) if self.inner.shared && is_fenced(&e) && posted.is_none() => {
+                            self.post_change(tenant, &row.run_id, change).await
+                        }
+                        other => other,
+                    };
+                }
+                match result {
+                    Ok(()) | Err(Error::NotRunning(_)) | Err(Error::NotFound { .. }) => {}
+                    Err(e) => {
+                        if self.take_chain_change(&key, id).is_some() {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        Err(not_recorded(workflow_id))
+    }
+
+    /// Takes a change waiting for the chain `key` out, unless a transaction took it already.
+    fn take_chain_change(&self, key: &(String, String), id: u64) -> Option<ChainChange> {
+        let mut pending = lock(&self.inner.chain_changes);
+        let list = pending.get_mut(key)?;
+        let pos = list.iter().position(|c| c.id == id)?;
+        let c = list.remove(pos);
+        if list.is_empty() {
+            pending.remove(key);
+        }
+        self.inner.chain_pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        Some(c)
+    }
+
+    /// Takes every change waiting for the chain of `workflow_id` (for a transaction of one of
+    /// its runs). Costs one atomic load while none waits.
+    pub(crate) fn take_chain_changes(&self, tenant: &str, workflow_id: &str) -> Vec<ChainChange> {
+        if self.inner.chain_pending.load(std::sync::atomic::Ordering::Relaxed) == 0 || workflow_id.is_empty() {
+            return Vec::new();
+        }
+        let mut pending = lock(&self.inner.chain_changes);
+        let taken = pending.remove(&(tenant.to_string(), workflow_id.to_string())).unwrap_or_default();
+        self.inner.chain_pending.fetch_sub(taken.len(), std::sync::atomic::Ordering::Relaxed);
+        taken
     }
 
     /// Evaluates a query: `state` (built in) or one declared in the definition.
@@ -838,16 +1039,19 @@ impl Engine {
     /// it), otherwise posted in the store for the owner to apply.
     async fn change_run(&self, tenant: &str, run_id: &str, change: RunChange) -> Result<()> {
         match self.apply_change(tenant, run_id, change.clone(), None).await {
-            Err(e) if self.inner.shared && is_fenced(&e) => {
-                if self.inner.store.post_change(tenant, run_id, &new_id(), change).await? {
-                    self.inner.counters.changes_posted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::debug!(run_id, "change posted for the node that owns the run");
-                    Ok(())
-                } else {
-                    Err(Error::NotFound { what: "execution", id: run_id.to_string() })
-                }
-            }
+            Err(e) if self.inner.shared && is_fenced(&e) => self.post_change(tenant, run_id, change).await,
             other => other,
+        }
+    }
+
+    /// Posts a change in the store for the node that owns the run.
+    async fn post_change(&self, tenant: &str, run_id: &str, change: RunChange) -> Result<()> {
+        if self.inner.store.post_change(tenant, run_id, &new_id(), change).await? {
+            self.inner.counters.changes_posted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(run_id, "change posted for the node that owns the run");
+            Ok(())
+        } else {
+            Err(Error::NotFound { what: "execution", id: run_id.to_string() })
         }
     }
 
@@ -861,26 +1065,7 @@ impl Engine {
         posted: Option<String>,
     ) -> Result<()> {
         let redrive = matches!(change, RunChange::Redrive);
-        let make = move |st: &ExecState| {
-            Ok(match change {
-                RunChange::Signal { name, payload } => match name.as_str() {
-                    "pause" if st.paused => vec![],
-                    "pause" => vec![EventKind::ExecutionPaused],
-                    "resume" if !st.paused => vec![],
-                    "resume" => vec![EventKind::ExecutionResumed],
-                    "cancel" => vec![EventKind::ExecutionCancelled {
-                        reason: payload.get("reason").and_then(Value::as_str).map(str::to_string),
-                    }],
-                    _ => vec![EventKind::SignalReceived { name, payload }],
-                },
-                RunChange::Cancel { reason } => vec![EventKind::ExecutionCancelled { reason }],
-                RunChange::Redrive if st.dead_letter && st.status == sluice_core::ExecStatus::Failed => {
-                    vec![EventKind::ExecutionRedriven]
-                }
-                // Redriven meanwhile (a change posted twice): nothing to do.
-                RunChange::Redrive => vec![],
-            })
-        };
+        let make = move |st: &ExecState| Ok(change_events(change, st));
         self.advance_any(tenant, run_id, make, txn::Extra::default().with_change(posted), redrive).await
     }
 
@@ -1082,6 +1267,32 @@ pub fn is_settled(e: &Error) -> bool {
     matches!(e, Error::Conflict(m) if m.contains("no longer pending"))
 }
 
+fn not_recorded(workflow_id: &str) -> Error {
+    Error::Conflict(format!("the change to `{workflow_id}` was not recorded; retry"))
+}
+
+/// The events a change makes on a run in the state `st`.
+pub(crate) fn change_events(change: RunChange, st: &ExecState) -> Vec<EventKind> {
+    match change {
+        RunChange::Signal { name, payload } => match name.as_str() {
+            "pause" if st.paused => vec![],
+            "pause" => vec![EventKind::ExecutionPaused],
+            "resume" if !st.paused => vec![],
+            "resume" => vec![EventKind::ExecutionResumed],
+            "cancel" => vec![EventKind::ExecutionCancelled {
+                reason: payload.get("reason").and_then(Value::as_str).map(str::to_string),
+            }],
+            _ => vec![EventKind::SignalReceived { name, payload }],
+        },
+        RunChange::Cancel { reason } => vec![EventKind::ExecutionCancelled { reason }],
+        RunChange::Redrive if st.dead_letter && st.status == sluice_core::ExecStatus::Failed => {
+            vec![EventKind::ExecutionRedriven]
+        }
+        // Redriven meanwhile (a change posted twice): nothing to do.
+        RunChange::Redrive => vec![],
+    }
+}
+
 /// Whether `e` is the store refusing a change to an execution another node owns.
 pub fn is_fenced(e: &Error) -> bool {
     matches!(e, Error::Conflict(m) if m.contains("fenced"))
@@ -1096,6 +1307,19 @@ fn handed_out(rows: &[TaskRow], worker: &str) -> Vec<TaskInfo> {
         }
     }
     rows.iter().map(TaskInfo::from).collect()
+}
+
+/// The time of a publication: now, but later than the previous one of this process, so that two
+/// publications within a millisecond keep their order (the latest version is the one published
+/// last).
+fn publish_time() -> i64 {
+    static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let now = now_ms();
+    let prev = LAST.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+    if prev < now {
+        return now;
+    }
+    LAST.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
 }
 
 /// The version id of a canonical definition: 12 hex digits of its FNV-1a 64 hash pair.

@@ -20,7 +20,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use sluice_core::ErrorInfo;
-use sluice_store::{PostedChange, Settle, TaskOutcome, TaskRow, Wake};
+use sluice_store::{PostedChange, RunChange, Settle, TaskOutcome, TaskRow, Wake};
 use tracing::Instrument;
 
 use crate::{handed_out, lock, now_ms, trace, Engine, Error, Inner, Ledger, Result, TaskInfo};
@@ -276,7 +276,16 @@ impl Engine {
         let e = self.clone();
         tokio::spawn(async move {
             let PostedChange { id, tenant, run_id, change } = posted;
-            let result = e.apply_change(&tenant, &run_id, change, Some(id.clone())).await;
+            let mut result = e.apply_change(&tenant, &run_id, change.clone(), Some(id.clone())).await;
+            if matches!(result, Err(Error::NotRunning(_))) && !matches!(change, RunChange::Redrive) {
+                // The run ended by `continue_as_new` meanwhile: the change goes to the run that
+                // continues it.
+                if let Ok(Some(row)) = e.inner.store.get_run(&tenant, &run_id).await {
+                    if row.status == sluice_core::ExecStatus::ContinuedAsNew {
+                        result = e.change_chain(&tenant, &row.workflow_id, change, Some(id.clone())).await;
+                    }
+                }
+            }
             let keep = match &result {
                 Ok(()) => {
                     e.inner.counters.changes_applied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

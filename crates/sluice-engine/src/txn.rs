@@ -2,7 +2,7 @@
 //! follow the consequences into other runs (children, parents, continue-as-new), commit all of it
 //! as one batch, and only then publish the side effects.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -16,6 +16,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use tracing::Instrument;
 
 use crate::eval::IN_PLACE;
+use crate::quarantine::{self, Verdict};
 use crate::trace::{execution_span, TraceId};
 use crate::{lock, new_id, now_ms, Engine, Error, ExecEntry, Ledger, Result};
 
@@ -84,6 +85,8 @@ enum Follow {
         from: String,
         parent: Option<ParentRef>,
         trace_id: TraceId,
+        /// The new run's place in the chain.
+        chain: u64,
     },
 }
 
@@ -96,6 +99,59 @@ struct Txn {
     touched: Vec<Touched>,
     work: VecDeque<(String, String, Vec<EventKind>)>,
     batch: Batch,
+    /// Changes to a chain this transaction applied: told whether it was committed.
+    answered: Vec<tokio::sync::oneshot::Sender<bool>>,
+    /// Steps this transaction quarantined, reported once it is durable.
+    quarantined: Vec<Quarantined>,
+}
+
+pub(crate) struct Quarantined {
+    pub tenant: String,
+    pub workflow_id: String,
+    pub run_id: String,
+    pub trace_id: TraceId,
+    pub step: String,
+    pub crashes: u64,
+}
+
+impl Txn {
+    fn new() -> Self {
+        Self {
+            now: now_ms(),
+            kicks: Vec::new(),
+            touched: Vec::new(),
+            work: VecDeque::new(),
+            batch: Batch::default(),
+            answered: Vec::new(),
+            quarantined: Vec::new(),
+        }
+    }
+}
+
+/// A tenant's token bucket of `continue_as_new` runs.
+pub(crate) struct Bucket {
+    tokens: f64,
+    at_ms: i64,
+}
+
+impl Bucket {
+    /// Takes a run from `tenant`'s bucket (of `rate` per second, holding up to ten seconds'
+    /// worth) at `now`; returns how long that run must wait for its token (0: not at all).
+    /// Waiting runs take their tokens in advance, so a tenant's runs start at `rate` per second
+    /// however many chains it has.
+    pub(crate) fn take(buckets: &mut HashMap<String, Bucket>, tenant: &str, rate: u32, now: i64) -> u64 {
+        let rate = f64::from(rate.max(1));
+        let cap = rate * 10.0;
+        let b = buckets.entry(tenant.to_string()).or_insert(Bucket { tokens: cap, at_ms: now });
+        let elapsed = (now - b.at_ms).max(0) as f64 / 1000.0;
+        b.tokens = (b.tokens + elapsed * rate).min(cap) - 1.0;
+        b.at_ms = b.at_ms.max(now);
+        if b.tokens >= 0.0 {
+            0
+        } else {
+            (-b.tokens / rate * 1000.0).ceil() as u64
+        }
+    }
 }
 
 impl Engine {
@@ -124,13 +180,7 @@ impl Engine {
         if events.is_empty() && extra.remove_timers.is_empty() {
             return Ok(());
         }
-        let mut tx = Txn {
-            now: now_ms(),
-            kicks: Vec::new(),
-            touched: Vec::new(),
-            work: VecDeque::new(),
-            batch: Batch::default(),
-        };
+        let mut tx = Txn::new();
         tx.batch.remove_tasks = extra.remove_tasks;
         tx.batch.remove_timers = extra.remove_timers;
         tx.batch.usage = extra.ledger.usage;
@@ -150,13 +200,7 @@ impl Engine {
         run_id: &str,
         started: EventKind,
     ) -> Result<&'static str> {
-        let mut tx = Txn {
-            now: now_ms(),
-            kicks: Vec::new(),
-            touched: Vec::new(),
-            work: VecDeque::new(),
-            batch: Batch::default(),
-        };
+        let mut tx = Txn::new();
         let guard = self.new_slot(tenant, def, run_id, tx.now).await;
         tx.touched.push(Touched { run_id: run_id.to_string(), guard, events: Vec::new(), create: true });
         tx.work.push_back((tenant.to_string(), run_id.to_string(), vec![started]));
@@ -280,11 +324,49 @@ impl Engine {
                 for kind in externals {
                     events.push(entry.state.push(kind, tx.now));
                 }
+                // Signals and cancels that missed an earlier run of this chain.
+                if !entry.state.status.is_terminal() {
+                    for c in self.take_chain_changes(&tenant, &entry.state.workflow_id) {
+                        for kind in crate::change_events(c.change, &entry.state) {
+                            events.push(entry.state.push(kind, tx.now));
+                        }
+                        tx.batch.applied_changes.extend(c.posted);
+                        tx.answered.push(c.done);
+                    }
+                }
                 // In place first; an expression that needs more moves the rest of the decision
-                // to the evaluation threads (`eval`), on a copy of the state that replaces it.
-                let decided = with_limits(IN_PLACE, || decide_until_yield(&entry.def, &mut entry.state));
-                events.extend(decided.events);
-                if decided.yielded {
+                // to the evaluation threads (`eval`), on a copy of the state that replaces it,
+                // after the attempt is recorded (`quarantine`): a step whose attempts crashed the
+                // node too often fails instead, and the decision goes on in place.
+                loop {
+                    let decided = with_limits(IN_PLACE, || decide_until_yield(&entry.def, &mut entry.state));
+                    events.extend(decided.events);
+                    if !decided.yielded {
+                        break;
+                    }
+                    let step = decided.yield_step.unwrap_or_else(|| quarantine::OUTPUT.to_string());
+                    let marked = match self.before_evaluation(&tenant, &run_id, &step).await {
+                        Ok(Verdict::Evaluate { marked }) => marked,
+                        Ok(Verdict::Quarantine { crashes }) => {
+                            let error = self.quarantine_error(&step, crashes);
+                            let kind = if step == quarantine::OUTPUT {
+                                EventKind::ExecutionAborted { error }
+                            } else {
+                                EventKind::StepAborted { step: step.clone(), error }
+                            };
+                            events.push(entry.state.push(kind, tx.now));
+                            tx.quarantined.push(Quarantined {
+                                tenant: tenant.clone(),
+                                workflow_id: entry.state.workflow_id.clone(),
+                                run_id: run_id.clone(),
+                                trace_id: TraceId::of_run(&entry.state),
+                                step,
+                                crashes,
+                            });
+                            continue;
+                        }
+                        Err(e) => return self.abort(tx, e),
+                    };
                     let def = entry.def.clone();
                     let mut st = entry.state.clone();
                     let decided = self.inner.eval.run(move || (decide(&def, &mut st), st)).await;
@@ -295,6 +377,10 @@ impl Engine {
                         }
                         Err(e) => return self.abort(tx, e),
                     }
+                    if marked {
+                        self.after_evaluation(&tenant, &run_id).await;
+                    }
+                    break;
                 }
                 effects(entry, &events, tx.now, &mut tx.batch, &mut follows);
                 t.events.extend(events);
@@ -364,6 +450,10 @@ impl Engine {
             }
             return self.abort(tx, e);
         }
+        for q in std::mem::take(&mut tx.quarantined) {
+            let e = self.clone();
+            tokio::spawn(async move { e.quarantined(q).await });
+        }
         Ok(self.publish_effects(tx))
     }
 
@@ -403,6 +493,7 @@ impl Engine {
                             input,
                             parent: Some(parent),
                             continued_from: None,
+                            chain: 0,
                             trace_id: Some(trace_id.to_string()),
                         };
                         tx.work.push_back((tenant, run_id, vec![started]));
@@ -418,7 +509,7 @@ impl Engine {
                     Err(e) => return Err(e),
                 }
             }
-            Follow::Continue { tenant, workflow, workflow_id, input, from, parent, trace_id } => {
+            Follow::Continue { tenant, workflow, workflow_id, input, from, parent, trace_id, chain } => {
                 let (version, def) = self.definition(&tenant, &workflow, None).await?;
                 let run_id = new_id();
                 let mut guard = self.new_slot(&tenant, def, &run_id, tx.now).await;
@@ -431,11 +522,31 @@ impl Engine {
                     parent,
                     continued_from: Some(from),
                     trace_id: Some(trace_id.to_string()),
+                    chain,
                 };
+                let max = self.inner.opts.max_chain_length;
+                if max > 0 && chain >= max {
+                    // One run too many: it ends at once, failed, and tells its parent if any.
+                    let error = ErrorInfo {
+                        details: Some(serde_json::json!({"limit": max})),
+                        ..ErrorInfo::new(
+                            "engine.chain_too_long",
+                            format!("the continue_as_new chain of `{workflow_id}` reached the limit of {max} runs"),
+                        )
+                    };
+                    tx.touched.push(Touched { run_id: run_id.clone(), guard, events: Vec::new(), create: true });
+                    tx.work.push_back((tenant, run_id, vec![started, EventKind::ExecutionAborted { error }]));
+                    return Ok(());
+                }
                 let mut events = Vec::new();
                 if let Some(entry) = guard.as_mut() {
                     events.push(entry.state.push(started, tx.now));
                 }
+                // A tenant's continued runs start at a bounded rate: past it, a run's first
+                // decision waits for its start timer.
+                let rate = self.inner.opts.continue_rate;
+                let delay =
+                    if rate == 0 { 0 } else { Bucket::take(&mut lock(&self.inner.continues), &tenant, rate, tx.now) };
                 // The new run decides in its own transaction, so a loop of continue-as-new does
                 // not grow one transaction without bound. The start timer makes that decision
                 // happen even if the process dies right after this commit.
@@ -444,9 +555,11 @@ impl Engine {
                     run_id: run_id.clone(),
                     workflow_id,
                     step: START_TIMER.into(),
-                    fire_at_ms: tx.now,
+                    fire_at_ms: tx.now.saturating_add(i64::try_from(delay).unwrap_or(i64::MAX)),
                 });
-                tx.kicks.push(run_id.clone());
+                if delay == 0 {
+                    tx.kicks.push(run_id.clone());
+                }
                 tx.touched.push(Touched { run_id, guard, events, create: true });
             }
         }
@@ -455,6 +568,9 @@ impl Engine {
 
     /// Drops every touched run from memory so the next access reloads the durable truth.
     fn abort<T>(&self, tx: Txn, e: Error) -> Result<T> {
+        for done in tx.answered {
+            let _ = done.send(false);
+        }
         let mut map = lock(&self.inner.execs);
         for mut t in tx.touched {
             *t.guard = None;
@@ -464,11 +580,16 @@ impl Engine {
     }
 
     fn publish_effects(&self, tx: Txn) -> Vec<(String, ExecStatus)> {
-        let Txn { now, touched, batch, kicks, .. } = tx;
+        let Txn { now, touched, batch, kicks, answered, .. } = tx;
+        for done in answered {
+            let _ = done.send(true);
+        }
         let mut to_run = Vec::new();
+        // Start timers are for crash recovery only, unless the run waits for its turn: the kicks
+        // below do their work now.
+        let armed = |t: &TimerRow| t.step != START_TIMER || !kicks.contains(&t.run_id);
         // The background loop only needs waking for new timers or delayed tasks.
-        let wake = batch.add_timers.iter().any(|t| t.step != START_TIMER)
-            || batch.add_tasks.iter().any(|t| t.visible_at_ms > now);
+        let wake = batch.add_timers.iter().any(armed) || batch.add_tasks.iter().any(|t| t.visible_at_ms > now);
         {
             let mut tasks = lock(&self.inner.tasks);
             for id in &batch.remove_tasks {
@@ -484,8 +605,7 @@ impl Engine {
                 w.remove(run, step);
             }
             for t in batch.add_timers {
-                // Start timers are for crash recovery only: the kick below does their work now.
-                if t.step != START_TIMER {
+                if armed(&t) {
                     w.insert(t.fire_at_ms, t.run_id, t.step, t.tenant);
                 }
             }
@@ -653,6 +773,12 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                         batch.remove_timers.push((run.clone(), key.clone()));
                     }
                 }
+                // A continued run that ends before its start timer fired (cancelled while it
+                // waited for its turn).
+                let start = (run.clone(), START_TIMER.to_string());
+                if st.chain > 0 && !batch.remove_timers.contains(&start) {
+                    batch.remove_timers.push(start);
+                }
                 match kind {
                     EventKind::ExecutionContinuedAsNew { input } => follows.push(Follow::Continue {
                         tenant: entry.tenant.clone(),
@@ -662,11 +788,15 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                         from: run.clone(),
                         parent: st.parent.clone(),
                         trace_id: TraceId::of_run(st),
+                        chain: st.chain + 1,
                     }),
                     EventKind::ExecutionCompleted { output } => tell_parent(entry, follows, |step, attempt| {
                         EventKind::ChildCompleted { step, attempt, output: output.clone() }
                     }),
                     EventKind::ExecutionFailed { error, .. } => tell_parent(entry, follows, |step, attempt| {
+                        EventKind::ChildFailed { step, attempt, error: error.clone() }
+                    }),
+                    EventKind::ExecutionAborted { error } => tell_parent(entry, follows, |step, attempt| {
                         EventKind::ChildFailed { step, attempt, error: error.clone() }
                     }),
                     EventKind::ExecutionCancelled { .. } => tell_parent(entry, follows, |step, attempt| {

@@ -93,6 +93,11 @@ impl Metrics {
                 "Signals, cancels and redrives other nodes posted that this node applied.",
                 &c.changes_applied,
             ),
+            (
+                "sluice_steps_quarantined_total",
+                "Steps failed with engine.quarantined: evaluating them stopped the server too often.",
+                &c.steps_quarantined,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));

@@ -152,19 +152,25 @@ async fn try_commit(client: &mut Client, batch: &Batch) -> Result<(), Failure> {
     }
 }
 
+/// A version stored again keeps its definition but takes the later publishing time, so that
+/// publishing it makes it the latest again.
 pub(crate) async fn put_workflow(pool: &Pool, tenant: &str, v: &WorkflowVersion) -> Result<bool, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
     let st = client
         .prepare_cached(
-            "INSERT INTO workflows (tenant, name, version, definition, created_at_ms)
+            "INSERT INTO workflows AS w (tenant, name, version, definition, created_at_ms)
              VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (tenant, name, version) DO NOTHING",
+             ON CONFLICT (tenant, name, version)
+             DO UPDATE SET created_at_ms = GREATEST(w.created_at_ms, excluded.created_at_ms)
+             RETURNING (xmax = 0) AS inserted",
         )
         .await
         .map_err(db_err)?;
-    let n =
-        client.execute(&st, &[&tenant, &v.name, &v.version, &v.definition, &v.created_at_ms]).await.map_err(db_err)?;
-    Ok(n == 1)
+    let row = client
+        .query_one(&st, &[&tenant, &v.name, &v.version, &v.definition, &v.created_at_ms])
+        .await
+        .map_err(db_err)?;
+    row.try_get::<_, bool>(0).map_err(db_err)
 }
 
 /// Compare-and-set on the stored version: an insert when the caller read none (`version` 0).

@@ -393,6 +393,7 @@ fn create(tenant: &str, row: ExecutionRow) -> Batch {
             input: row.input.clone(),
             parent: None,
             continued_from: None,
+            chain: 0,
             trace_id: None,
         },
     };

@@ -230,16 +230,24 @@ fn append_audit(conn: &Connection, rows: &[AuditRow]) -> Result<(), StoreError> 
     Ok(())
 }
 
+/// A version stored again keeps its definition but takes the later publishing time, so that
+/// publishing it makes it the latest again.
 fn put_workflow(conn: &Connection, tenant: &str, v: &WorkflowVersion) -> Result<bool, StoreError> {
+    let exists = conn
+        .prepare_cached("SELECT 1 FROM workflows WHERE tenant = ?1 AND name = ?2 AND version = ?3")
+        .map_err(db_err)?
+        .exists(params![tenant, v.name, v.version])
+        .map_err(db_err)?;
     let mut st = conn
         .prepare_cached(
             "INSERT INTO workflows (tenant, name, version, definition, created_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (tenant, name, version) DO NOTHING",
+             ON CONFLICT (tenant, name, version)
+             DO UPDATE SET created_at_ms = MAX(created_at_ms, excluded.created_at_ms)",
         )
         .map_err(db_err)?;
-    let n = st.execute(params![tenant, v.name, v.version, v.definition, v.created_at_ms]).map_err(db_err)?;
-    Ok(n == 1)
+    st.execute(params![tenant, v.name, v.version, v.definition, v.created_at_ms]).map_err(db_err)?;
+    Ok(!exists)
 }
 
 fn apply_batch(conn: &Connection, batch: &Batch) -> Result<(), StoreError> {

@@ -52,7 +52,9 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     fn commit(&self, batch: Batch) -> BoxFuture<'_, Result<()>>;
 
-    /// Stores a workflow version. Returns false when that exact version already existed.
+    /// Stores a workflow version. Returns false when that exact version already existed: its
+    /// definition stays, and it takes the later `created_at_ms` of the two (the latest version is
+    /// the one published last, also when it was published before).
     fn put_workflow(&self, tenant: &str, version: WorkflowVersion) -> BoxFuture<'_, Result<bool>>;
     /// A version by hash, or the latest version when `version` is `None`.
     fn get_workflow(

@@ -301,7 +301,7 @@ pub async fn workflow_versions(s: &dyn Store) {
     assert_eq!(get("orders", Some("nope")).await.expect("get unknown version"), None);
     assert_eq!(get("missing", None).await.expect("get unknown workflow"), None);
 
-    assert_eq!(s.list_versions(&t, "orders").await.expect("versions"), vec![v2, v1, v0]);
+    assert_eq!(s.list_versions(&t, "orders").await.expect("versions"), vec![v2, v1.clone(), v0]);
     assert_eq!(s.list_versions(&t, "missing").await.expect("versions"), vec![]);
     let summary = |name: &str, latest: &str, versions, updated_at_ms| WorkflowSummary {
         name: name.into(),
@@ -313,6 +313,15 @@ pub async fn workflow_versions(s: &dyn Store) {
         s.list_workflows(&t).await.expect("list workflows"),
         vec![summary("orders", "v2", 3, 2_000), summary("payments", "p1", 1, 1_500)]
     );
+
+    // Published again, later: the old version is the latest again, with its first definition.
+    let republished = WorkflowVersion { definition: "{\"changed\":true}".into(), created_at_ms: 3_000, ..v1.clone() };
+    assert!(!s.put_workflow(&t, republished).await.expect("republish v1"), "not a new version");
+    let v1_now = WorkflowVersion { created_at_ms: 3_000, ..v1.clone() };
+    assert_eq!(get("orders", None).await.expect("get latest"), Some(v1_now.clone()));
+    // An earlier time than stored does not move it back.
+    assert!(!s.put_workflow(&t, WorkflowVersion { created_at_ms: 10, ..v1 }).await.expect("put v1 early"));
+    assert_eq!(get("orders", None).await.expect("get latest"), Some(v1_now));
 }
 
 /// A created run reads back by workflow id, by run id and as a run; history honours `after` and
@@ -1328,6 +1337,7 @@ fn create(tenant: &str, mut row: ExecutionRow) -> ExecChange {
             input: row.input.clone(),
             parent: row.parent.clone(),
             continued_from: None,
+            chain: 0,
             trace_id: None,
         },
     };

@@ -160,6 +160,42 @@ impl ServerProcess {
     }
 
     async fn spawn(&mut self) {
+        self.spawn_process();
+        let api = self.api();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = api.try_get("/readyz").await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("server did not become ready; log: {}", self.log_text());
+    }
+
+    /// Kills and starts again on the same port and database without waiting for it to be ready:
+    /// for a server expected to stop by itself (see [`ServerProcess::wait_exit`]).
+    pub fn respawn(&mut self) {
+        self.kill();
+        self.spawn_process();
+    }
+
+    /// Waits up to `within` for the process to exit by itself; returns its exit status, or `None`
+    /// if it still runs.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn spawn_process(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).ok();
         let stderr = log.map(Stdio::from).unwrap_or_else(Stdio::null);
         let mut cmd = Command::new(&self.bin);
@@ -175,15 +211,6 @@ impl ServerProcess {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
         self.child = Some(child);
-        let api = self.api();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok((200, _)) = api.try_get("/readyz").await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("server did not become ready; log: {}", self.log_text());
     }
 
     /// Kills the process with SIGKILL: no shutdown code runs.

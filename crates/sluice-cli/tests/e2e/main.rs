@@ -6,6 +6,7 @@
 mod backend;
 mod auth;
 mod bench;
+mod chains;
 mod chat;
 mod durability;
 mod errors;
@@ -16,10 +17,12 @@ mod http_steps;
 mod llm;
 mod oidc;
 mod postgres;
+mod quarantine;
 mod sharing;
 mod steps;
 mod tls;
 mod trace;
+mod versions;
 
 use std::path::{Path, PathBuf};
 

@@ -253,7 +253,8 @@ async fn queries_read_state_without_changing_it(backend: Backend) {
 
 async fn continue_as_new_keeps_each_run_history_bounded_over_10000_iterations(backend: Backend) {
     let db = Db::new("loop", backend);
-    let server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
+    // As fast as the engine goes: no limit on the rate of continued runs.
+    let server = ServerProcess::start_with_args(&bin(), db.dir(), db.url(), &["--continue-as-new-rate", "0"]).await;
     let api = server.api();
     api.publish_file(&repo().join("examples/loop.yaml")).await;
     let id = api.start("loop", json!({"n": 10000}), Some("count")).await;
