@@ -111,6 +111,27 @@ pub struct ServeArgs {
     /// `http.too_large`. Bytes, or with a unit: `512KiB`, `4MiB`.
     #[arg(long, value_name = "SIZE", default_value = "1MiB", env = "SLUICE_HTTP_MAX_BODY", value_parser = parse_size)]
     http_max_body: usize,
+    /// Largest input an execution may start with (JSON bytes); a larger start answers 413.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", env = "SLUICE_MAX_INPUT_SIZE", value_parser = parse_size)]
+    max_input_size: usize,
+    /// Largest payload of one signal (JSON bytes); a larger signal answers 413.
+    #[arg(long, value_name = "SIZE", default_value = "256KiB", env = "SLUICE_MAX_SIGNAL_SIZE", value_parser = parse_size)]
+    max_signal_size: usize,
+    /// Largest output one step may record (JSON bytes); a larger one fails the step with
+    /// `step.output_too_large`.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", env = "SLUICE_MAX_OUTPUT_SIZE", value_parser = parse_size)]
+    max_output_size: usize,
+    /// Most bytes one run may hold (its input, outputs, buffered signals, map lists); past it a
+    /// step fails with `execution.too_large` and a signal answers 413.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", env = "SLUICE_MAX_RUN_SIZE", value_parser = parse_size)]
+    max_run_size: usize,
+    /// Most items a `map` step may iterate over; more fail the step with `map.too_many_items`.
+    #[arg(long, value_name = "N", default_value_t = 10_000, env = "SLUICE_MAX_MAP_ITEMS")]
+    max_map_items: usize,
+    /// Bytes of run state the engine keeps in memory; past it the runs used least recently are
+    /// dropped and reloaded from the database when needed.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", env = "SLUICE_CACHE_SIZE", value_parser = parse_size)]
+    cache_size: usize,
     /// Runs per second each tenant may start by `continue_as_new`, in bursts of up to ten
     /// seconds' worth; past it, the next run of a chain waits for its turn. 0: no limit.
     #[arg(long, value_name = "N", default_value_t = sluice_engine::DEFAULT_CONTINUE_RATE,
@@ -181,6 +202,14 @@ impl ServeArgs {
             http_max_body: self.http_max_body,
             egress,
             lose_commit_acks,
+            run_limits: sluice_core::RunLimits {
+                max_output_bytes: self.max_output_size,
+                max_run_bytes: self.max_run_size,
+                max_map_items: self.max_map_items,
+            },
+            max_input_bytes: self.max_input_size,
+            max_signal_bytes: self.max_signal_size,
+            cache_bytes: self.cache_size,
             continue_rate: self.continue_as_new_rate,
             max_chain_length: self.max_chain_length,
             quarantine_after: self.quarantine_after,

@@ -12,7 +12,7 @@ use crate::error::ErrorInfo;
 use crate::event::{Event, EventKind, TaskKind};
 use crate::expr::{from_val, to_val, Expr, ExprError};
 use crate::retry::{RetryPolicy, DEFAULT_START_TO_CLOSE};
-use crate::state::{ExecState, ExecStatus, StepStatus};
+use crate::state::{json_size, ExecState, ExecStatus, StepStatus};
 
 /// Produces the events that follow from `st`, applying each to `st` as it goes. Returns nothing
 /// when the run is finished, paused or waiting on the world.
@@ -195,6 +195,9 @@ impl Decider<'_> {
             Ok(v) => v,
             Err(e) => return self.expr_failed(key, "input", e),
         };
+        if let Some(error) = self.st.limits.check_held("the task's input", json_size(&input), self.st.bytes) {
+            return self.fail_step(key, error);
+        }
         self.emit(EventKind::TaskScheduled {
             step: key.to_string(),
             attempt,
@@ -282,7 +285,7 @@ impl Decider<'_> {
             StepKind::Child(_) => self.start_child(step, scope, key, 1),
             StepKind::Transform(t) => match self.eval(&t.expr, scope) {
                 Ok(output) => {
-                    let size = crate::state::json_size(&output);
+                    let size = json_size(&output);
                     if let Some(error) = self.st.limits.check("the step's output", size, self.st.bytes) {
                         return self.fail_step(key, error);
                     }
@@ -325,7 +328,7 @@ impl Decider<'_> {
                     ),
                 ),
                 Ok(Value::Array(items)) => {
-                    let size = items.iter().map(|v| crate::state::json_size(v) + 1).sum::<usize>() + 2;
+                    let size = items.iter().map(|v| json_size(v) + 1).sum::<usize>() + 2;
                     if let Some(error) = self.st.limits.check("the list of items", size, self.st.bytes) {
                         return self.fail_step(key, error);
                     }

@@ -151,6 +151,11 @@ impl RunLimits {
                 ),
             ));
         }
+        self.check_held(what, size, held)
+    }
+
+    /// [`RunLimits::check`] of the bytes a run holds only (for values that are not outputs).
+    pub fn check_held(&self, what: &str, size: usize, held: usize) -> Option<crate::ErrorInfo> {
         if held.saturating_add(size) > self.max_run_bytes {
             return Some(crate::ErrorInfo::new(
                 "execution.too_large",
@@ -270,7 +275,9 @@ impl ExecState {
         use EventKind as E;
         self.bytes += EVENT_OVERHEAD
             + match kind {
-                E::ExecutionStarted { input, .. } => json_size(input),
+                E::ExecutionStarted { input, .. } | E::TaskScheduled { input, .. } | E::ChildStarted { input, .. } => {
+                    json_size(input)
+                }
                 E::TaskCompleted { output, .. }
                 | E::ChildCompleted { output, .. }
                 | E::StepCompleted { output, .. } => json_size(output),

@@ -19,6 +19,9 @@ pub enum Error {
     Conflict(String),
     #[error("the {scope} `{name}` has {running} executions running, its limit is {limit}; retry when one finishes")]
     ConcurrencyLimited { scope: &'static str, name: String, limit: u32, running: u64 },
+    /// A value larger than a configured limit (`setting` names it).
+    #[error("{what} is {size} bytes, more than the limit of {limit} ({setting})")]
+    TooLarge { what: String, size: usize, limit: usize, setting: &'static str },
     #[error("storage unavailable, retry later: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]

@@ -80,6 +80,15 @@ pub struct EngineOptions {
     pub http_max_body: usize,
     /// What `http` steps may connect to beyond public addresses.
     pub egress: EgressPolicy,
+    /// What one run may hold (step outputs, bytes held, map items); see [`sluice_core::RunLimits`].
+    pub run_limits: sluice_core::RunLimits,
+    /// Largest input an execution may start with, as JSON bytes.
+    pub max_input_bytes: usize,
+    /// Largest payload of one signal, as JSON bytes.
+    pub max_signal_bytes: usize,
+    /// Bytes of run state the cache keeps in memory (as [`ExecState::bytes`] counts them); past
+    /// it, the runs touched least recently are dropped (and reloaded when needed).
+    pub cache_bytes: usize,
     /// Fault injection for tests: every n-th successful commit is reported as failed, as when
     /// the connection drops after the database applied a batch but before it said so. 0: never.
     pub lose_commit_acks: u32,
@@ -93,6 +102,13 @@ pub struct EngineOptions {
     /// `engine.quarantined` instead of being tried again (see `quarantine`). 0: never.
     pub quarantine_after: u32,
 }
+
+/// Default of [`EngineOptions::max_input_bytes`]: 1 MiB.
+pub const DEFAULT_MAX_INPUT_BYTES: usize = 1024 * 1024;
+/// Default of [`EngineOptions::max_signal_bytes`]: 256 KiB.
+pub const DEFAULT_MAX_SIGNAL_BYTES: usize = 256 * 1024;
+/// Default of [`EngineOptions::cache_bytes`]: 1 GiB.
+pub const DEFAULT_CACHE_BYTES: usize = 1024 * 1024 * 1024;
 
 /// Default of [`EngineOptions::quarantine_after`].
 pub const DEFAULT_QUARANTINE_AFTER: u32 = 2;
@@ -123,6 +139,10 @@ impl Default for EngineOptions {
             http_max_body: DEFAULT_HTTP_MAX_BODY,
             egress: EgressPolicy::default(),
             lose_commit_acks: 0,
+            run_limits: sluice_core::RunLimits::default(),
+            max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
+            max_signal_bytes: DEFAULT_MAX_SIGNAL_BYTES,
+            cache_bytes: DEFAULT_CACHE_BYTES,
             continue_rate: DEFAULT_CONTINUE_RATE,
             max_chain_length: DEFAULT_MAX_CHAIN_LENGTH,
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
@@ -375,7 +395,7 @@ impl Engine {
         let shared = store.shared_queues();
         let inner = Arc::new(Inner {
             store,
-            execs: SyncMutex::new(cache::ExecCache::new(opts.cache_capacity)),
+            execs: SyncMutex::new(cache::ExecCache::new(opts.cache_capacity, opts.cache_bytes)),
             defs: SyncMutex::new(HashMap::new()),
             tasks: SyncMutex::new(tasks::TaskTable::new(shared)),
             timers: SyncMutex::new(tasks::Wheel::default()),
@@ -533,6 +553,11 @@ impl Engine {
     /// Executions whose state is in memory.
     pub fn cached_executions(&self) -> usize {
         lock(&self.inner.execs).len()
+    }
+
+    /// Bytes of run state the cache holds, as counted ([`ExecState::bytes`]).
+    pub fn cached_bytes(&self) -> usize {
+        lock(&self.inner.execs).bytes()
     }
 
     /// Workflow ids someone waits on a result for.
@@ -725,6 +750,15 @@ impl Engine {
             }
             None => new_id(),
         };
+        let size = sluice_core::state::json_size(&req.input);
+        if size > self.inner.opts.max_input_bytes {
+            return Err(Error::TooLarge {
+                what: "the execution's input".into(),
+                size,
+                limit: self.inner.opts.max_input_bytes,
+                setting: "max input size",
+            });
+        }
         // A generated id is new by construction; a caller's id may name a running execution.
         if req.workflow_id.is_some() {
             if let Some(row) = self.inner.store.get_execution(tenant, &workflow_id, None).await? {
@@ -866,6 +900,15 @@ impl Engine {
     /// Delivers a signal to the current run of `workflow_id`. `pause`, `resume` and `cancel`
     /// act on the execution itself.
     pub async fn signal(&self, tenant: &str, workflow_id: &str, name: &str, payload: Value) -> Result<()> {
+        let size = sluice_core::state::json_size(&payload);
+        if size > self.inner.opts.max_signal_bytes {
+            return Err(Error::TooLarge {
+                what: "the signal's payload".into(),
+                size,
+                limit: self.inner.opts.max_signal_bytes,
+                setting: "max signal size",
+            });
+        }
         self.change_chain(tenant, workflow_id, RunChange::Signal { name: name.to_string(), payload }, None).await
     }
 
@@ -1065,7 +1108,24 @@ impl Engine {
         posted: Option<String>,
     ) -> Result<()> {
         let redrive = matches!(change, RunChange::Redrive);
-        let make = move |st: &ExecState| Ok(change_events(change, st));
+        let make = move |st: &ExecState| {
+            let events = change_events(change, st);
+            // A buffered signal stays with the run: it counts against what the run may hold.
+            for e in &events {
+                if let EventKind::SignalReceived { payload, .. } = e {
+                    let size = sluice_core::state::json_size(payload);
+                    if st.bytes.saturating_add(size) > st.limits.max_run_bytes {
+                        return Err(Error::TooLarge {
+                            what: format!("the execution's held values with this signal ({} + {size} bytes)", st.bytes),
+                            size: st.bytes + size,
+                            limit: st.limits.max_run_bytes,
+                            setting: "max run size",
+                        });
+                    }
+                }
+            }
+            Ok(events)
+        };
         self.advance_any(tenant, run_id, make, txn::Extra::default().with_change(posted), redrive).await
     }
 
@@ -1216,6 +1276,18 @@ impl Engine {
             // commit whose acknowledgement was lost, or timed out) changes nothing.
             if !state.is_current_attempt(&step, attempt) {
                 return Err(Error::TaskNotFound(token));
+            }
+            // An output past the run's limits fails the attempt for good instead.
+            if let EventKind::TaskCompleted { step, attempt, output } = &event {
+                let size = sluice_core::state::json_size(output);
+                if let Some(error) = state.limits.check("the task's output", size, state.bytes) {
+                    return Ok(vec![EventKind::TaskFailed {
+                        step: step.clone(),
+                        attempt: *attempt,
+                        error,
+                        retryable: false,
+                    }]);
+                }
             }
             Ok(vec![event])
         };

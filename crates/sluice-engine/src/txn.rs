@@ -218,7 +218,11 @@ impl Engine {
         let slot = Arc::new(Mutex::new(Some(ExecEntry {
             tenant: tenant.to_string(),
             def,
-            state: ExecState::new(),
+            state: {
+                let mut state = ExecState::new();
+                state.limits = self.inner.opts.run_limits;
+                state
+            },
             created_at_ms: now,
         })));
         let guard = slot.clone().lock_owned().await;
@@ -264,6 +268,7 @@ impl Engine {
             }
             match self.load_run(tenant, run_id, allow_terminal).await {
                 Ok(entry) => {
+                    lock(&self.inner.execs).set_bytes(run_id, entry.state.bytes);
                     *guard = Some(entry);
                     return Ok(guard);
                 }
@@ -286,7 +291,8 @@ impl Engine {
             return Err(Error::NotRunning(row.workflow_id));
         }
         let events = self.inner.store.history(tenant, run_id, 0, usize::MAX).await?;
-        let state = ExecState::from_history(&events);
+        let mut state = ExecState::from_history(&events);
+        state.limits = self.inner.opts.run_limits;
         let (_, def) = self.definition(tenant, &row.workflow, Some(&row.version)).await?;
         Ok(ExecEntry { tenant: tenant.to_string(), def, state, created_at_ms: row.created_at_ms })
     }
@@ -667,6 +673,8 @@ impl Engine {
                 }
                 *t.guard = None;
                 map.remove(&t.run_id);
+            } else {
+                map.set_bytes(&t.run_id, entry.state.bytes);
             }
         }
         statuses

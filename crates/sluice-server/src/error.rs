@@ -116,6 +116,8 @@ impl From<EngineError> for ApiError {
                     json!({"scope": scope, "name": name, "limit": limit, "running": running, "retry_after_s": 1});
                 Self::new("concurrency_limited", e.to_string()).with_details(details)
             }
+            EngineError::TooLarge { size, limit, setting, .. } => Self::new("payload_too_large", e.to_string())
+                .with_details(json!({"size": size, "limit": limit, "setting": setting})),
             EngineError::Unavailable(ref cause) => {
                 tracing::warn!(cause = %cause, "storage unavailable");
                 Self::new("storage_unavailable", "storage is unavailable, retry shortly")

@@ -132,6 +132,13 @@ impl Metrics {
             "# HELP sluice_timers Durable timers armed.\n# TYPE sluice_timers gauge\nsluice_timers {}",
             engine.timer_count()
         );
+        let _ = writeln!(
+            out,
+            "# HELP sluice_cached_executions Running executions whose state is in memory.\n# TYPE sluice_cached_executions gauge\nsluice_cached_executions {}\n\
+             # HELP sluice_cached_execution_bytes Bytes of execution state in memory, as counted against --cache-size.\n# TYPE sluice_cached_execution_bytes gauge\nsluice_cached_execution_bytes {}",
+            engine.cached_executions(),
+            engine.cached_bytes()
+        );
         let _ = writeln!(out, "# HELP sluice_http_requests_total HTTP requests by route and status.\n# TYPE sluice_http_requests_total counter");
         {
             let r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
