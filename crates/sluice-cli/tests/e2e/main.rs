@@ -4,6 +4,7 @@
 
 #[macro_use]
 mod backend;
+mod attack;
 mod auth;
 mod bench;
 mod chains;
