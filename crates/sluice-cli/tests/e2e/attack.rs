@@ -222,9 +222,9 @@ async fn a_hostile_tenant_cannot_take_down_a_two_node_cluster() {
             l.last().copied().unwrap_or_default()
         )
     };
-    println!("victim before the attack: {}", show(&before));
-    println!("victim during the attack: {}", show(&during));
-    println!("slowest /healthz during the attack: {slowest_health:?}");
+    eprintln!("victim before the attack: {}", show(&before));
+    eprintln!("victim during the attack: {}", show(&during));
+    eprintln!("slowest /healthz during the attack: {slowest_health:?}");
     assert!(during.len() >= 20, "the victim's executions kept completing: {}", show(&during));
     for node in [&a, &b] {
         assert_eq!(reqwest::get(format!("{}/healthz", node.base)).await.unwrap().status(), 200);
