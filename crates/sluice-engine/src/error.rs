@@ -19,6 +19,11 @@ pub enum Error {
     Conflict(String),
     #[error("the {scope} `{name}` has {running} executions running, its limit is {limit}; retry when one finishes")]
     ConcurrencyLimited { scope: &'static str, name: String, limit: u32, running: u64 },
+    #[error(
+        "this tenant has {limit} task queues in use on this node, the most allowed: poll a queue in use, or retry \
+         once idle queues are freed"
+    )]
+    TooManyQueues { limit: usize },
     #[error("storage unavailable, retry later: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]

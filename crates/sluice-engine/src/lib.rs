@@ -78,7 +78,13 @@ pub struct EngineOptions {
     pub http_max_body: usize,
     /// What `http` steps may connect to beyond public addresses.
     pub egress: EgressPolicy,
+    /// Task queues one tenant may have in this node's memory at once; a poll that names a new
+    /// queue past it is refused (`Error::TooManyQueues`). Idle queues are forgotten.
+    pub max_queues_per_tenant: usize,
 }
+
+/// Task queues per tenant unless told otherwise.
+pub const DEFAULT_MAX_QUEUES_PER_TENANT: usize = 1_000;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -96,6 +102,7 @@ impl Default for EngineOptions {
             url: None,
             http_max_body: DEFAULT_HTTP_MAX_BODY,
             egress: EgressPolicy::default(),
+            max_queues_per_tenant: DEFAULT_MAX_QUEUES_PER_TENANT,
         }
     }
 }
@@ -469,6 +476,11 @@ impl Engine {
         lock(&self.inner.timers).len()
     }
 
+    /// Task queues held in this node's memory, of every tenant.
+    pub fn queue_count(&self) -> usize {
+        lock(&self.inner.tasks).queue_count()
+    }
+
     /// Queue depths and oldest ready task age (ms) per (tenant, queue): of this node's queues,
     /// or of the shared queues of every node.
     pub async fn queue_depths(&self) -> Vec<(String, String, usize, i64)> {
@@ -501,7 +513,11 @@ impl Engine {
             }
             if now - last_reap >= self.inner.opts.reap_interval.as_millis() as i64 {
                 last_reap = now;
-                let expired = lock(&self.inner.tasks).reap(now);
+                let expired = {
+                    let mut t = lock(&self.inner.tasks);
+                    t.free_idle_queues(now);
+                    t.reap(now)
+                };
                 for x in expired {
                     let e = self.clone();
                     let span = trace::task_span(&x.row);
@@ -892,6 +908,10 @@ impl Engine {
     ) -> Result<Vec<TaskInfo>> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         tracing::trace!(worker, queue, "poll");
+        let max_queues = self.inner.opts.max_queues_per_tenant;
+        if !lock(&self.inner.tasks).admits(tenant, queue, max_queues) {
+            return Err(Error::TooManyQueues { limit: max_queues });
+        }
         if self.inner.shared {
             return self.poll_shared(tenant, queue, worker, max.clamp(1, 1000), deadline).await;
         }

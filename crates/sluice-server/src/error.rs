@@ -44,6 +44,7 @@ pub const CODES: &[(&str, u16)] = &[
     ("invalid_definition", 422),
     ("rate_limited", 429),
     ("concurrency_limited", 429),
+    ("too_many_queues", 429),
     ("internal", 500),
     ("upstream_failed", 502),
     ("invalid_output", 502),
@@ -116,6 +117,9 @@ impl From<EngineError> for ApiError {
                     json!({"scope": scope, "name": name, "limit": limit, "running": running, "retry_after_s": 1});
                 Self::new("concurrency_limited", e.to_string()).with_details(details)
             }
+            EngineError::TooManyQueues { limit } => {
+                Self::new("too_many_queues", e.to_string()).with_details(json!({"limit": limit, "retry_after_s": 10}))
+            }
             EngineError::Unavailable(ref cause) => {
                 tracing::warn!(cause = %cause, "storage unavailable");
                 Self::new("storage_unavailable", "storage is unavailable, retry shortly")
@@ -180,7 +184,9 @@ impl IntoResponse for ApiError {
             body["error"]["details"] = self.details;
         }
         let mut resp = (status, axum::Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE || self.code == "concurrency_limited" {
+        if self.code == "too_many_queues" {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+        } else if status == StatusCode::SERVICE_UNAVAILABLE || self.code == "concurrency_limited" {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {

@@ -13,6 +13,7 @@ mod eval;
 mod examples;
 mod hostile;
 mod http_steps;
+mod limits;
 mod llm;
 mod oidc;
 mod postgres;
