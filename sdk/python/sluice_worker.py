@@ -460,7 +460,14 @@ class Client:
                 return execution
 
     def history(self, workflow_id: str) -> Any:
-        return self._call("GET", f"/v1/executions/{_q(workflow_id)}/history")
+        """The latest run's whole history, read a page at a time."""
+        base = f"/v1/executions/{_q(workflow_id)}/history"
+        page = self._call("GET", f"{base}?limit=1000")
+        while page.get("next_after") is not None:
+            more = self._call("GET", f"{base}?run_id={_q(page['run_id'])}&after={page['next_after']}&limit=1000")
+            page["events"].extend(more.get("events", []))
+            page["next_after"] = more.get("next_after")
+        return page
 
     def signal(self, workflow_id: str, name: str, payload: Any = None) -> Any:
         """Sends a signal; the server answers 202 once it is durably recorded."""

@@ -156,7 +156,8 @@ pub async fn run(args: BenchArgs, server: &str, api_key: Option<&str>, json_out:
             } else {
                 None
             };
-            let opts = sluice_server::Options { directory, ..sluice_server::Options::default() };
+            let opts =
+                sluice_server::Options { directory, connections: own_clients(), ..sluice_server::Options::default() };
             let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
             servers.push((
                 stop_server,
@@ -333,4 +334,10 @@ async fn measure(args: &BenchArgs, bases: &[String], api_key: Option<&str>) -> R
         "server": if args.external { "external" } else { "in-process" },
     });
     Ok(report)
+}
+
+/// The connection limits of a bench's own server: its clients all connect from one address,
+/// however many they are.
+pub(crate) fn own_clients() -> sluice_server::conn::Limits {
+    sluice_server::conn::Limits { max_per_address: 0, ..sluice_server::conn::Limits::default() }
 }

@@ -119,7 +119,11 @@ breaker: {{failure_threshold: 1000000000, cool_down_ms: 1}}
         Ok((engine, listener, addr)) => {
             // Authentication off: this measures the gateway's own cost (`sluice bench --auth both`
             // measures authentication's).
-            let opts = sluice_server::Options { gateway: Some(gateway), ..sluice_server::Options::default() };
+            let opts = sluice_server::Options {
+                gateway: Some(gateway),
+                connections: crate::bench::own_clients(),
+                ..sluice_server::Options::default()
+            };
             tokio::spawn(sluice_server::serve_with(listener, engine.clone(), opts, std::future::pending()));
             measure_all(&args, [upstream_addr, addr], &engine).await
         }

@@ -92,6 +92,12 @@ pub struct ServeArgs {
     /// finishes. A workflow's own limit is its definition's `max_running`.
     #[arg(long, value_name = "N", env = "SLUICE_MAX_RUNNING_PER_TENANT", value_parser = clap::value_parser!(u32).range(1..))]
     max_running_per_tenant: Option<u32>,
+    /// Task queues one tenant may have in use on this node at once; a poll naming a new queue
+    /// past it answers 429 `too_many_queues`. Queues without tasks or pollers are freed after
+    /// 10 s.
+    #[arg(long, value_name = "N", default_value_t = 1_000, env = "SLUICE_MAX_QUEUES_PER_TENANT",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_queues_per_tenant: u32,
     /// This node's name among the nodes sharing a database (default: BIND:PORT). A node started
     /// again under its old name takes its executions back at once; others wait for its lease
     /// to expire (10 s).
@@ -147,6 +153,30 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = sluice_engine::DEFAULT_QUARANTINE_AFTER,
           env = "SLUICE_QUARANTINE_AFTER")]
     quarantine_after: u32,
+    /// How long a client has to send a request's header, counted from the connection's start or
+    /// from the first byte of a request that follows another; then the connection is closed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", env = "SLUICE_HEADER_READ_TIMEOUT",
+          value_parser = parse_timeout)]
+    header_read_timeout: std::time::Duration,
+    /// How long a keep-alive connection may wait for its next request before it is closed.
+    #[arg(long, value_name = "DURATION", default_value = "60s", env = "SLUICE_IDLE_TIMEOUT", value_parser = parse_timeout)]
+    idle_timeout: std::time::Duration,
+    /// HTTP connections open at once; past it a new connection is closed at once (logged, and
+    /// counted in `sluice_connections_refused_total`). Lowered to what the open file limit
+    /// (`ulimit -n`) allows.
+    #[arg(long, value_name = "N", default_value_t = 10_000, env = "SLUICE_MAX_CONNECTIONS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// HTTP connections open at once from one client IP address; 0: no cap. Behind a proxy that
+    /// connects from one address, raise it or set 0.
+    #[arg(long, value_name = "N", default_value_t = 1_000, env = "SLUICE_MAX_CONNECTIONS_PER_ADDRESS")]
+    max_connections_per_address: u32,
+    /// Serve `/metrics` (with `/healthz` and `/readyz`) on this address, e.g. `127.0.0.1:9464`,
+    /// over plain HTTP without authentication, for Prometheus; keep it off the public network.
+    /// Without it, `/metrics` on the API's port needs an owner or admin credential and shows
+    /// that tenant's queues only (`sluice dev` on a loopback address serves it to anyone).
+    #[arg(long, value_name = "ADDR:PORT", env = "SLUICE_METRICS_ADDR")]
+    metrics_addr: Option<String>,
     #[command(flatten)]
     secret: SecretArgs,
     #[command(flatten)]
@@ -213,8 +243,18 @@ impl ServeArgs {
             continue_rate: self.continue_as_new_rate,
             max_chain_length: self.max_chain_length,
             quarantine_after: self.quarantine_after,
+            max_queues_per_tenant: self.max_queues_per_tenant as usize,
             ..defaults
         })
+    }
+
+    fn connections(&self) -> sluice_server::conn::Limits {
+        sluice_server::conn::Limits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections as usize,
+            max_per_address: self.max_connections_per_address as usize,
+        }
     }
 
     fn limits(&self) -> RateLimitConfig {
@@ -236,6 +276,14 @@ fn parse_allow(s: &str) -> Result<AllowEntry, String> {
 }
 
 /// `1048576`, `512KiB`, `4MiB`, `1GiB`.
+/// A timeout: a duration such as `500ms`, `10s` or `2m`, more than zero.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match bench_gateway::parse_duration(s)? {
+        d if d.is_zero() => Err("expected a duration of more than zero, such as 10s".into()),
+        d => Ok(d),
+    }
+}
+
 fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -572,7 +620,19 @@ async fn dispatch(cli: Cli, process_trace: sluice_engine::TraceId) -> Result<()>
             Ok(())
         }
         Command::History { workflow_id } => {
-            let h = api.get(&format!("/v1/executions/{workflow_id}/history")).await?;
+            // Every page: the server answers a page at a time.
+            let mut h = api.get(&format!("/v1/executions/{workflow_id}/history?limit=1000")).await?;
+            let run = h["run_id"].as_str().unwrap_or_default().to_string();
+            while let Some(after) = h["next_after"].as_u64() {
+                let page = api
+                    .get(&format!("/v1/executions/{workflow_id}/history?run_id={run}&after={after}&limit=1000"))
+                    .await?;
+                let more = page["events"].as_array().cloned().unwrap_or_default();
+                if let Some(events) = h["events"].as_array_mut() {
+                    events.extend(more);
+                }
+                h["next_after"] = page["next_after"].clone();
+            }
             if json {
                 out(&h.to_string());
             } else {
@@ -663,7 +723,7 @@ async fn replay(api: &Api, workflow_id: &str, run_id: Option<&str>, json: bool) 
     let mut events: Vec<sluice_core::Event> = Vec::new();
     loop {
         let page = api
-            .get(&format!("/v1/executions/{workflow_id}/history?run_id={run}&after={}&limit=10000", events.len()))
+            .get(&format!("/v1/executions/{workflow_id}/history?run_id={run}&after={}&limit=1000", events.len()))
             .await?;
         let batch: Vec<sluice_core::Event> =
             serde_json::from_value(page["events"].clone()).context("history does not parse")?;

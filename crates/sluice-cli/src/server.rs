@@ -12,6 +12,7 @@ use sluice_server::sluice_auth::oidc::{Config as OidcConfig, Oidc};
 use sluice_server::sluice_auth::{AuthConfig, Directory, NewApiKey, NewUser, Role, ServerKey};
 use sluice_server::sluice_gateway::{Config as GatewayConfig, Gateway};
 use sluice_server::tls::{ClientAuth, Tls, TlsOptions, DEFAULT_HANDSHAKE_TIMEOUT};
+use sluice_server::MetricsAccess;
 use sluice_store::{ShardedStore, Store};
 use sluice_store_postgres::PostgresStore;
 use sluice_store_sqlite::SqliteStore;
@@ -198,6 +199,15 @@ fn tls_of(args: &ServeArgs) -> Result<Option<Tls>> {
     Ok(options.map(Tls::load).transpose()?)
 }
 
+/// Binds `--metrics-addr`, when given.
+async fn metrics_listener(args: &ServeArgs) -> Result<Option<TcpListener>> {
+    let Some(addr) = &args.metrics_addr else { return Ok(None) };
+    let listener = TcpListener::bind(addr.as_str())
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {addr}; pick another address or port"))?;
+    Ok(Some(listener))
+}
+
 /// Serves the API over HTTPS when `tls` is given, else over HTTP.
 fn url_of(addr: SocketAddr, tls: Option<&Tls>) -> String {
     format!("{}://{addr}", if tls.is_some() { "https" } else { "http" })
@@ -324,7 +334,19 @@ pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
     tracing::info!(%addr, url = %url_of(addr, tls.as_ref()), database = %describe_database(&args.database),
         gateway = %gateway_file, tls_client_auth = %client_auth, auth = directory.is_some(), egress = %egress,
         oidc = %oidc.as_ref().map(|o| o.config().issuer.clone()).unwrap_or_default(), trace_id = %process_trace, "sluice serving");
-    let opts = sluice_server::Options { gateway, directory, oidc, limits: args.limits(), tls };
+    let metrics = metrics_listener(&args).await?;
+    if let Some(m) = &metrics {
+        tracing::info!(addr = %m.local_addr()?, "metrics served on their own listener, without authentication");
+    }
+    let opts = sluice_server::Options {
+        gateway,
+        directory,
+        oidc,
+        limits: args.limits(),
+        tls,
+        connections: args.connections(),
+        metrics_access: MetricsAccess::Admin,
+    };
     let watched = engine.clone();
     let stop = async move {
         tokio::select! {
@@ -332,7 +354,7 @@ pub async fn serve(args: ServeArgs, process_trace: TraceId) -> Result<()> {
             () = watched.lease_lost() => {}
         }
     };
-    sluice_server::serve_with(listener, engine.clone(), opts, stop).await?;
+    sluice_server::serve_with_metrics(listener, metrics, engine.clone(), opts, stop).await?;
     if engine.has_lost_lease() {
         anyhow::bail!(
             "this node's lease ran out and another node took its executions over (was the database unreachable, \
@@ -495,8 +517,23 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace
     });
     // The demo worker is a plain HTTP client: it neither trusts a private CA nor has a certificate.
     let worker = worker && tls.is_none();
-    let opts = sluice_server::Options { gateway, directory, oidc, limits: args.limits(), tls };
-    let server = tokio::spawn(sluice_server::serve_with(listener, engine, opts, shutdown_signal()));
+    let metrics = metrics_listener(&args).await?;
+    let metrics_url = match &metrics {
+        Some(m) => format!("http://{}/metrics", m.local_addr()?),
+        None => format!("{url}/metrics"),
+    };
+    // On this machine only, the metrics need no credential (they name the one tenant's queues).
+    let metrics_access = if addr.ip().is_loopback() { MetricsAccess::Public } else { MetricsAccess::Admin };
+    let opts = sluice_server::Options {
+        gateway,
+        directory,
+        oidc,
+        limits: args.limits(),
+        tls,
+        connections: args.connections(),
+        metrics_access,
+    };
+    let server = tokio::spawn(sluice_server::serve_with_metrics(listener, metrics, engine, opts, shutdown_signal()));
     if worker {
         let url = url.clone();
         tokio::spawn(async move {
@@ -537,7 +574,7 @@ pub async fn dev(args: ServeArgs, examples: PathBuf, worker: bool, process_trace
             eprintln!("  worker     off (the demo worker speaks plain HTTP)");
         }
     }
-    eprintln!("  API        {url}/openapi.json   metrics {url}/metrics");
+    eprintln!("  API        {url}/openapi.json   metrics {metrics_url}");
     // Loopback is allowed so that the examples can call local services; `serve` denies it.
     eprintln!("  egress     http steps may reach {egress}: loopback for sluice dev only (docs/security.md)");
     match &args.gateway {

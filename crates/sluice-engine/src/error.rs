@@ -22,6 +22,11 @@ pub enum Error {
     /// A value larger than a configured limit (`setting` names it).
     #[error("{what} is {size} bytes, more than the limit of {limit} ({setting})")]
     TooLarge { what: String, size: usize, limit: usize, setting: &'static str },
+    #[error(
+        "this tenant has {limit} task queues in use on this node, the most allowed: poll a queue in use, or retry \
+         once idle queues are freed"
+    )]
+    TooManyQueues { limit: usize },
     #[error("storage unavailable, retry later: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]

@@ -101,6 +101,9 @@ pub struct EngineOptions {
     /// Attempts at evaluating a step that may stop the server before the step fails with
     /// `engine.quarantined` instead of being tried again (see `quarantine`). 0: never.
     pub quarantine_after: u32,
+    /// Task queues one tenant may have in this node's memory at once; a poll that names a new
+    /// queue past it is refused (`Error::TooManyQueues`). Idle queues are forgotten.
+    pub max_queues_per_tenant: usize,
 }
 
 /// Default of [`EngineOptions::max_input_bytes`]: 1 MiB.
@@ -121,6 +124,9 @@ pub const TEST_CRASH_ENV: &str = "SLUICE_TEST_CRASH_ON_EXPR";
 pub const DEFAULT_CONTINUE_RATE: u32 = 100;
 /// Default of [`EngineOptions::max_chain_length`].
 pub const DEFAULT_MAX_CHAIN_LENGTH: u64 = 100_000;
+
+/// Task queues per tenant unless told otherwise.
+pub const DEFAULT_MAX_QUEUES_PER_TENANT: usize = 1_000;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -146,6 +152,7 @@ impl Default for EngineOptions {
             continue_rate: DEFAULT_CONTINUE_RATE,
             max_chain_length: DEFAULT_MAX_CHAIN_LENGTH,
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
+            max_queues_per_tenant: DEFAULT_MAX_QUEUES_PER_TENANT,
         }
     }
 }
@@ -570,6 +577,11 @@ impl Engine {
         lock(&self.inner.timers).len()
     }
 
+    /// Task queues held in this node's memory, of every tenant.
+    pub fn queue_count(&self) -> usize {
+        lock(&self.inner.tasks).queue_count()
+    }
+
     /// Queue depths and oldest ready task age (ms) per (tenant, queue): of this node's queues,
     /// or of the shared queues of every node.
     pub async fn queue_depths(&self) -> Vec<(String, String, usize, i64)> {
@@ -602,7 +614,11 @@ impl Engine {
             }
             if now - last_reap >= self.inner.opts.reap_interval.as_millis() as i64 {
                 last_reap = now;
-                let expired = lock(&self.inner.tasks).reap(now);
+                let expired = {
+                    let mut t = lock(&self.inner.tasks);
+                    t.free_idle_queues(now);
+                    t.reap(now)
+                };
                 for x in expired {
                     let e = self.clone();
                     let span = trace::task_span(&x.row);
@@ -1150,6 +1166,10 @@ impl Engine {
     ) -> Result<Vec<TaskInfo>> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         tracing::trace!(worker, queue, "poll");
+        let max_queues = self.inner.opts.max_queues_per_tenant;
+        if !lock(&self.inner.tasks).admits(tenant, queue, max_queues) {
+            return Err(Error::TooManyQueues { limit: max_queues });
+        }
         if self.inner.shared {
             return self.poll_shared(tenant, queue, worker, max.clamp(1, 1000), deadline).await;
         }

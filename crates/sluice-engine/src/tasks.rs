@@ -5,6 +5,7 @@
 //! start. Leases are not persisted: after a restart every unfinished task is delivered again
 //! (at-least-once), with the same idempotency key.
 
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -61,6 +62,10 @@ pub(crate) const SPILL_AFTER_MS: i64 = 1_000;
 /// tasks go to the shared queue at once.
 pub(crate) const IDLE_QUEUE_MS: i64 = 2_000;
 
+/// A queue with no task, no poller waiting and no poll for this long is forgotten (made again
+/// by the next poll or task): polls naming ever new queues do not grow memory for good.
+pub(crate) const FREE_QUEUE_AFTER_MS: i64 = 10_000;
+
 /// What timed out, found by the reaper.
 pub(crate) struct Expired {
     pub row: TaskRow,
@@ -82,6 +87,24 @@ pub(crate) struct TaskTable {
     spill: Vec<String>,
     /// Other nodes are alive to take tasks this node's workers do not.
     others: bool,
+    /// Queues in `queues` per tenant.
+    per_tenant: HashMap<String, usize>,
+}
+
+/// The queue `(tenant, queue)`, made if new (and counted for its tenant).
+fn queue_of<'a>(
+    queues: &'a mut HashMap<(String, String), Queue>,
+    per_tenant: &mut HashMap<String, usize>,
+    tenant: &str,
+    queue: &str,
+) -> &'a mut Queue {
+    match queues.entry((tenant.to_string(), queue.to_string())) {
+        MapEntry::Occupied(e) => e.into_mut(),
+        MapEntry::Vacant(v) => {
+            *per_tenant.entry(tenant.to_string()).or_default() += 1;
+            v.insert(Queue::default())
+        }
+    }
 }
 
 impl TaskTable {
@@ -97,7 +120,7 @@ impl TaskTable {
 
     /// Tasks arrived in the shared queue: wakes up to `n` pollers of the queue here.
     pub fn wake(&mut self, tenant: &str, queue: &str, n: u32) {
-        let q = self.queues.entry((tenant.to_string(), queue.to_string())).or_default();
+        let q = queue_of(&mut self.queues, &mut self.per_tenant, tenant, queue);
         q.shared_pending = true;
         for _ in 0..n.min(64) {
             q.notify.notify_one();
@@ -115,7 +138,7 @@ impl TaskTable {
     /// Whether a poller should claim from the shared queue now: a wake-up said tasks arrived
     /// there, or it was not asked for a while. Counts as asked.
     pub fn should_claim(&mut self, tenant: &str, queue: &str, now: i64) -> bool {
-        let q = self.queues.entry((tenant.to_string(), queue.to_string())).or_default();
+        let q = queue_of(&mut self.queues, &mut self.per_tenant, tenant, queue);
         let ask = q.shared_pending || now - q.claimed_ms >= CLAIM_ANYWAY_MS;
         if ask {
             q.shared_pending = false;
@@ -126,7 +149,7 @@ impl TaskTable {
 
     /// A claim took all it asked for: more may wait.
     pub fn more_shared(&mut self, tenant: &str, queue: &str) {
-        self.queues.entry((tenant.to_string(), queue.to_string())).or_default().shared_pending = true;
+        queue_of(&mut self.queues, &mut self.per_tenant, tenant, queue).shared_pending = true;
     }
 
     /// Whether a worker may hold this task: handed out from here, or claimed from the shared
@@ -160,11 +183,11 @@ impl TaskTable {
             return Some(row);
         }
         if self.shared && !reserved {
-            self.queues.entry((row.tenant.clone(), row.queue.clone())).or_default().shared_pending = true;
+            queue_of(&mut self.queues, &mut self.per_tenant, &row.tenant, &row.queue).shared_pending = true;
             self.entries.insert(id, Entry { row, slot: Slot::Shared });
             return None;
         }
-        let q = self.queues.entry((row.tenant.clone(), row.queue.clone())).or_default();
+        let q = queue_of(&mut self.queues, &mut self.per_tenant, &row.tenant, &row.queue);
         if self.shared && self.others && now - q.polled_ms > IDLE_QUEUE_MS {
             // No worker of this node serves the queue: straight to the shared one.
             self.spill.push(id.clone());
@@ -214,7 +237,7 @@ impl TaskTable {
     /// Takes up to `max` ready tasks of a queue and leases them.
     pub fn take(&mut self, tenant: &str, queue: &str, max: usize, now: i64) -> Vec<TaskRow> {
         let mut out = Vec::new();
-        let q = self.queues.entry((tenant.to_string(), queue.to_string())).or_default();
+        let q = queue_of(&mut self.queues, &mut self.per_tenant, tenant, queue);
         q.polled_ms = now;
         while out.len() < max {
             let Some(id) = q.ready.pop_front() else { break };
@@ -294,7 +317,7 @@ impl TaskTable {
                 e.slot = Slot::Shared;
             } else if failed {
                 e.slot = Slot::Ready { since_ms: now };
-                let q = self.queues.entry((row.tenant.clone(), row.queue.clone())).or_default();
+                let q = queue_of(&mut self.queues, &mut self.per_tenant, &row.tenant, &row.queue);
                 q.ready.push_front(row.id.clone());
             } else {
                 self.entries.remove(&row.id);
@@ -304,7 +327,7 @@ impl TaskTable {
 
     /// The notifier of a queue, to wait on when it is empty.
     pub fn notifier(&mut self, tenant: &str, queue: &str) -> Arc<Notify> {
-        self.queues.entry((tenant.to_string(), queue.to_string())).or_default().notify.clone()
+        queue_of(&mut self.queues, &mut self.per_tenant, tenant, queue).notify.clone()
     }
 
     pub fn get(&self, id: &str) -> Option<&Entry> {
@@ -362,6 +385,44 @@ impl TaskTable {
             .into_iter()
             .filter_map(|(id, kind)| self.entries.remove(&id).map(|e| Expired { row: e.row, kind }))
             .collect()
+    }
+
+    /// Whether a poll of `(tenant, queue)` may go on: the queue is known here, or its tenant has
+    /// fewer than `max` queues.
+    pub fn admits(&self, tenant: &str, queue: &str, max: usize) -> bool {
+        self.per_tenant.get(tenant).is_none_or(|n| *n < max)
+            || self.queues.contains_key(&(tenant.to_string(), queue.to_string()))
+    }
+
+    /// Queues held here, of every tenant.
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Forgets the queues without tasks or waiting pollers that nobody polled for
+    /// [`FREE_QUEUE_AFTER_MS`]. Returns how many.
+    pub fn free_idle_queues(&mut self, now: i64) -> usize {
+        let (entries, per_tenant) = (&self.entries, &mut self.per_tenant);
+        let before = self.queues.len();
+        self.queues.retain(|(tenant, _), q| {
+            // A poller waiting holds a clone of the notifier.
+            if now - q.polled_ms < FREE_QUEUE_AFTER_MS || Arc::strong_count(&q.notify) > 1 {
+                return true;
+            }
+            // Ids of tasks taken or gone since they were put in line.
+            q.ready.retain(|id| matches!(entries.get(id), Some(Entry { slot: Slot::Ready { .. }, .. })));
+            if !q.ready.is_empty() {
+                return true;
+            }
+            if let Some(n) = per_tenant.get_mut(tenant) {
+                *n -= 1;
+                if *n == 0 {
+                    per_tenant.remove(tenant);
+                }
+            }
+            false
+        });
+        before - self.queues.len()
     }
 
     /// Ready tasks and the age of the oldest, per queue, for metrics.

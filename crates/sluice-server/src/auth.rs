@@ -26,7 +26,7 @@ use crate::{AppState, Peer};
 /// What a route asks of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
-    /// Health, metrics, the API document, login (password and OIDC).
+    /// Health, the API document, login (password and OIDC).
     Public,
     /// Any valid credential.
     Authenticated,
@@ -40,7 +40,6 @@ pub fn need(method: &Method, route: &str) -> Need {
     match route {
         "/healthz"
         | "/readyz"
-        | "/metrics"
         | "/openapi.json"
         | "/v1/auth/login"
         | "/v1/auth/oidc/login"
@@ -55,6 +54,8 @@ pub fn need(method: &Method, route: &str) -> Need {
         r if r.starts_with("/v1/tasks/") => Need::Perm(Work),
         "/v1/chat/completions" => Need::Perm(Gateway),
         r if r.starts_with("/v1/users") || r.starts_with("/v1/api-keys") || r == "/v1/audit" => Need::Perm(Manage),
+        // Unless the server says otherwise (see `MetricsAccess`).
+        "/metrics" => Need::Perm(Manage),
         r if r.starts_with("/v1/") => Need::Perm(Read),
         _ => Need::Public,
     }
@@ -149,7 +150,12 @@ fn perm_name(p: Perm) -> &'static str {
 /// The middleware; see the module docs.
 pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string());
-    let need = route.as_deref().map_or(Need::Public, |r| need(req.method(), r));
+    let need = match route.as_deref() {
+        None => Need::Public,
+        // Public, or answered with where the metrics are.
+        Some("/metrics") if app.metrics_access != crate::MetricsAccess::Admin => Need::Public,
+        Some(r) => need(req.method(), r),
+    };
     if need == Need::Public {
         return next.run(req).await;
     }

@@ -38,9 +38,18 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// Parses a whole body as one JSON value: anything but white space after it is refused, and so is
+/// a NUL character in a string outside the free-form fields (see [`crate::nul`]).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value = parse_payload(bytes)?;
+    crate::nul::check_json(bytes)?;
+    Ok(value)
+}
+
+/// Like [`parse_json`] for a body that is free-form JSON as a whole (a signal's payload).
+pub fn parse_payload<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
@@ -50,5 +59,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         } else {
             ApiError::invalid(&path, inner.to_string())
         }
-    })
+    })?;
+    de.end().map_err(|e| {
+        ApiError::new("invalid_json", format!("request body is not valid JSON: {e}: expected nothing after the value"))
+    })?;
+    Ok(value)
 }

@@ -44,6 +44,7 @@ pub const CODES: &[(&str, u16)] = &[
     ("invalid_definition", 422),
     ("rate_limited", 429),
     ("concurrency_limited", 429),
+    ("too_many_queues", 429),
     ("internal", 500),
     ("upstream_failed", 502),
     ("invalid_output", 502),
@@ -118,6 +119,9 @@ impl From<EngineError> for ApiError {
             }
             EngineError::TooLarge { size, limit, setting, .. } => Self::new("payload_too_large", e.to_string())
                 .with_details(json!({"size": size, "limit": limit, "setting": setting})),
+            EngineError::TooManyQueues { limit } => {
+                Self::new("too_many_queues", e.to_string()).with_details(json!({"limit": limit, "retry_after_s": 10}))
+            }
             EngineError::Unavailable(ref cause) => {
                 tracing::warn!(cause = %cause, "storage unavailable");
                 Self::new("storage_unavailable", "storage is unavailable, retry shortly")
@@ -182,7 +186,9 @@ impl IntoResponse for ApiError {
             body["error"]["details"] = self.details;
         }
         let mut resp = (status, axum::Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE || self.code == "concurrency_limited" {
+        if self.code == "too_many_queues" {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+        } else if status == StatusCode::SERVICE_UNAVAILABLE || self.code == "concurrency_limited" {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {

@@ -5,9 +5,11 @@
 
 pub mod auth;
 pub mod body;
+pub mod conn;
 pub mod error;
 pub mod loopback;
 pub mod metrics;
+pub mod nul;
 pub mod peer;
 pub mod routes;
 pub mod tls;
@@ -49,6 +51,25 @@ pub struct AppState {
     pub security: Arc<Security>,
     /// The TLS state when the server speaks HTTPS, for `/metrics`.
     pub tls: Option<tls::Tls>,
+    /// The connections of the server, for `/metrics`.
+    pub connections: Arc<conn::Gate>,
+    /// Who may read `/metrics` on the API's listener.
+    pub metrics_access: MetricsAccess,
+}
+
+/// Who may read `/metrics` on the API's listener. The metrics name every tenant and queue of the
+/// node, so by default only a tenant's owners and admins read them there, and only their own
+/// tenant's queues; Prometheus is meant to scrape a separate listener (`--metrics-addr`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MetricsAccess {
+    /// A credential with the `manage` permission (owner, admin); the queue series are those of
+    /// its tenant.
+    #[default]
+    Admin,
+    /// Anyone, every series (`sluice dev` on a loopback address).
+    Public,
+    /// Nobody: the metrics are served on a separate listener.
+    Elsewhere,
 }
 
 /// What a server serves besides the engine.
@@ -63,6 +84,11 @@ pub struct Options {
     pub limits: RateLimitConfig,
     /// Serve HTTPS (and mutual TLS) with these certificates; `None`: plain HTTP.
     pub tls: Option<tls::Tls>,
+    /// Timeouts and caps of the connections.
+    pub connections: conn::Limits,
+    /// Who may read `/metrics` on the API's listener ([`serve_with_metrics`] sets
+    /// [`MetricsAccess::Elsewhere`] when it serves them on a listener of their own).
+    pub metrics_access: MetricsAccess,
 }
 
 /// Every route of the API, without an AI gateway and with authentication off (for tests of the
@@ -74,13 +100,28 @@ pub fn router(engine: Engine) -> Router {
 /// Every route of the API. The OpenAPI document lists the same paths (a test keeps them equal).
 /// Needs a Tokio runtime (the audit writer starts here).
 pub fn router_with(engine: Engine, opts: Options) -> Router {
+    let gate = Arc::new(conn::Gate::new(opts.connections.clone()));
+    app_with(engine, opts, gate).0
+}
+
+/// The router of [`router_with`], whose `/metrics` report the connections of `gate`, and its
+/// state.
+fn app_with(engine: Engine, opts: Options, connections: Arc<conn::Gate>) -> (Router, AppState) {
     let auditor = Auditor::start(Arc::clone(engine.store()));
     let shares = sluice_auth::Shares::new(engine.store().clone(), std::time::Duration::from_secs(5));
     let security = Arc::new(Security::new(opts.directory, opts.oidc, opts.limits, auditor, shares));
     auth::spawn_housekeeping(&security);
     let metrics = Arc::new(metrics::Metrics::default());
-    let state = AppState { engine, metrics, gateway: opts.gateway, security, tls: opts.tls };
-    Router::new()
+    let state = AppState {
+        engine,
+        metrics,
+        gateway: opts.gateway,
+        security,
+        tls: opts.tls,
+        connections,
+        metrics_access: opts.metrics_access,
+    };
+    let app = Router::new()
         .route("/v1/auth/login", post(identity::login))
         .route("/v1/auth/oidc/login", get(oidc::login))
         .route("/v1/auth/oidc/callback", get(oidc::callback))
@@ -119,10 +160,12 @@ pub fn router_with(engine: Engine, opts: Options) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        .layer(middleware::from_fn(nul::refuse_in_url))
         .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(middleware::from_fn(trace::middleware))
-        .with_state(state)
+        .with_state(state.clone());
+    (app, state)
 }
 
 async fn not_found() -> ApiError {
@@ -168,18 +211,55 @@ pub async fn serve_with(
     opts: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with_metrics(listener, None, engine, opts, shutdown).await
+}
+
+/// Like [`serve_with`]; with `metrics`, `/metrics` (and `/healthz`, `/readyz`) are served there
+/// as well, over plain HTTP and without authentication, for Prometheus, and no longer on the
+/// API's listener.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    engine: Engine,
+    mut opts: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let ledger = engine.clone();
     // Long-polls in flight end when the shutdown begins, so that draining the connections takes
     // moments, not the length of the longest wait.
     let waits = engine.clone();
+    let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         shutdown.await;
         waits.stop_waiting();
+        stopped_tx.send_replace(true);
     };
-    let served = match opts.tls.clone() {
-        Some(tls) => tls::serve(listener, router_with(engine, opts), tls, shutdown).await,
-        None => serve_router(listener, router_with(engine, opts), shutdown).await,
+    if metrics.is_some() {
+        opts.metrics_access = MetricsAccess::Elsewhere;
+    }
+    let gate = Arc::new(conn::Gate::new(opts.connections.clone()));
+    let tls = opts.tls.clone();
+    let (app, state) = app_with(engine, opts, Arc::clone(&gate));
+    let scrape = metrics.map(|listener| {
+        let app = Router::new()
+            .route("/metrics", get(ops::metrics_of_node))
+            .route("/healthz", get(ops::healthz))
+            .route("/readyz", get(ops::readyz))
+            .fallback(not_found)
+            .with_state(state);
+        let gate = Arc::new(conn::Gate::new(conn::Limits::default()));
+        let mut stopped = stopped.clone();
+        tokio::spawn(conn::serve(listener, app, None, gate, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }))
+    });
+    let served = match tls {
+        Some(tls) => tls::serve_with(listener, app, tls, gate, shutdown).await,
+        None => conn::serve(listener, app, None, gate, shutdown).await,
     };
+    if let Some(scrape) = scrape {
+        let _ = scrape.await;
+    }
     // Chat calls answered before the shutdown have their usage rows queued: write them now.
     if let Err(e) = ledger.flush_usage().await {
         tracing::error!(error = %e, "usage rows of answered chat calls could not be written at shutdown");
@@ -187,16 +267,15 @@ pub async fn serve_with(
     served
 }
 
-/// Serves `app` over plain TCP (with `TCP_NODELAY`) until `shutdown` resolves. Handlers see each
-/// connection's [`Peer`] as `ConnectInfo<Peer>`, as they do over TLS.
+/// Serves `app` over plain TCP (with `TCP_NODELAY`) until `shutdown` resolves, with the default
+/// connection limits. Handlers see each connection's [`Peer`] as `ConnectInfo<Peer>`, as they do
+/// over TLS.
 pub async fn serve_router(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(peer::PlainListener::new(listener), app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    conn::serve(listener, app, None, Arc::new(conn::Gate::new(conn::Limits::default())), shutdown).await
 }
 
 /// The listener with `TCP_NODELAY` on every accepted connection: an answer written in more than

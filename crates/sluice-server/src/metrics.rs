@@ -1,5 +1,5 @@
 //! Prometheus metrics: request counts and latency histograms per route, engine counters, queue
-//! depths, the served TLS certificate. Rendered in the Prometheus text format.
+//! depths, connections, the served TLS certificate. Rendered in the Prometheus text format.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use sluice_engine::{CallStats, Engine};
 use sluice_gateway::{BreakerState, Gateway};
 
+use crate::conn::{Gate, Refusal};
 use crate::tls::Tls;
 
 const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -47,8 +48,10 @@ impl Metrics {
         depths: &[(String, String, usize, i64)],
         gateway: Option<&Gateway>,
         tls: Option<&Tls>,
+        connections: &Gate,
     ) -> String {
         let mut out = String::new();
+        render_connections(&mut out, connections);
         if let Some(gateway) = gateway {
             render_gateway(&mut out, engine, gateway);
         }
@@ -127,6 +130,12 @@ impl Metrics {
                 *age as f64 / 1000.0
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_task_queues Task queues held in this node's memory (idle ones are freed).\n\
+             # TYPE sluice_task_queues gauge\nsluice_task_queues {}",
+            engine.queue_count()
+        );
         let _ = writeln!(
             out,
             "# HELP sluice_timers Durable timers armed.\n# TYPE sluice_timers gauge\nsluice_timers {}",
@@ -209,6 +218,39 @@ fn render_gateway(out: &mut String, engine: &Engine, gateway: &Gateway) {
             );
         }
     }
+}
+
+/// Connections open, accepted, refused at a cap, and closed by a timeout.
+fn render_connections(out: &mut String, gate: &Gate) {
+    let _ = writeln!(
+        out,
+        "# HELP sluice_connections_open HTTP connections open now.\n# TYPE sluice_connections_open gauge\n\
+         sluice_connections_open {}\n\
+         # HELP sluice_connections_max The cap on HTTP connections open at once.\n# TYPE sluice_connections_max gauge\n\
+         sluice_connections_max {}\n\
+         # HELP sluice_connections_accepted_total HTTP connections accepted.\n# TYPE sluice_connections_accepted_total counter\n\
+         sluice_connections_accepted_total {}",
+        gate.open(),
+        gate.max_connections(),
+        gate.accepted()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP sluice_connections_refused_total HTTP connections closed at once because a cap was reached.\n\
+         # TYPE sluice_connections_refused_total counter\n\
+         sluice_connections_refused_total{{cap=\"total\"}} {}\n\
+         sluice_connections_refused_total{{cap=\"per_address\"}} {}",
+        gate.refused(Refusal::Total),
+        gate.refused(Refusal::PerAddress)
+    );
+    let (header, idle) = gate.timeouts();
+    let _ = writeln!(
+        out,
+        "# HELP sluice_connections_timed_out_total HTTP connections closed because a request header did not \
+         arrive in time, or because they stayed idle.\n# TYPE sluice_connections_timed_out_total counter\n\
+         sluice_connections_timed_out_total{{timeout=\"header\"}} {header}\n\
+         sluice_connections_timed_out_total{{timeout=\"idle\"}} {idle}"
+    );
 }
 
 /// The served certificate's expiry, and how reloads and handshakes went.

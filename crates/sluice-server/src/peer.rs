@@ -4,10 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
 use rustls::pki_types::CertificateDer;
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::x509;
 
@@ -47,36 +44,5 @@ impl ClientCert {
             fingerprint_sha256: cert.fingerprint_sha256,
             not_after_unix: cert.not_after_unix,
         })
-    }
-}
-
-/// A TCP listener whose connections have `TCP_NODELAY` set (see [`crate::tuned`]) and carry a
-/// [`Peer`] without a client certificate.
-pub struct PlainListener(TcpListener);
-
-impl PlainListener {
-    pub fn new(listener: TcpListener) -> Self {
-        Self(listener)
-    }
-}
-
-impl Listener for PlainListener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        let (mut io, addr) = Listener::accept(&mut self.0).await;
-        crate::set_nodelay(&mut io);
-        (io, addr)
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.0.local_addr()
-    }
-}
-
-impl Connected<IncomingStream<'_, PlainListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, PlainListener>) -> Self {
-        Peer { addr: *stream.remote_addr(), client_cert: None }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::fmt;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -12,19 +12,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
 use axum::Router;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::conn::{Gate, Limits};
 use crate::peer::{ClientCert, Peer};
 use crate::x509;
 
@@ -32,8 +29,6 @@ use crate::x509;
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a client has to finish its handshake unless told otherwise.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at most; past it, new connections wait in the kernel's backlog.
-const MAX_HANDSHAKES: usize = 4096;
 
 /// Whether clients must present a certificate signed by the client CA.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -399,118 +394,67 @@ fn build(options: &TlsOptions, files: &Files) -> Result<Current, Error> {
     Ok(Current { config: Arc::new(config), leaf })
 }
 
-/// A listener of TLS connections: it accepts TCP connections and hands each to its own
-/// handshake task, bounded by the handshake timeout; [`Listener::accept`] yields the connections
-/// whose handshake succeeded.
-pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local_addr: SocketAddr,
-    acceptor: JoinHandle<()>,
-}
-
-impl TlsListener {
-    /// Starts accepting on `listener`.
-    pub fn new(listener: TcpListener, tls: Tls) -> std::io::Result<Self> {
-        let local_addr = listener.local_addr()?;
-        let (tx, ready) = mpsc::channel(64);
-        let acceptor = tokio::spawn(accept_loop(crate::peer::PlainListener::new(listener), tls, tx));
-        Ok(Self { ready, local_addr, acceptor })
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        // The accept loop owns the handshakes in progress: they end with it.
-        self.acceptor.abort();
-    }
-}
-
-async fn accept_loop(
-    mut tcp: crate::peer::PlainListener,
-    tls: Tls,
-    ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
-    let timeout = tls.inner.options.handshake_timeout;
-    let mut handshakes = JoinSet::new();
-    loop {
-        while handshakes.try_join_next().is_some() {}
-        if handshakes.len() >= MAX_HANDSHAKES {
-            tokio::select! {
-                _ = handshakes.join_next() => continue,
-                _ = ready.closed() => return,
+impl Tls {
+    /// Runs the TLS handshake of an accepted connection under the handshake timeout; `None`
+    /// when it failed or timed out (counted, logged at debug level).
+    pub(crate) async fn handshake(&self, tcp: TcpStream, addr: SocketAddr) -> Option<(TlsStream<TcpStream>, Peer)> {
+        let acceptor = TlsAcceptor::from(self.server_config());
+        match tokio::time::timeout(self.inner.options.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => {
+                let peer = peer_of(&stream, addr);
+                Some((stream, peer))
             }
-        }
-        let (io, addr) = tokio::select! {
-            accepted = Listener::accept(&mut tcp) => accepted,
-            Some(_) = handshakes.join_next() => continue,
-            _ = ready.closed() => return,
-        };
-        let acceptor = TlsAcceptor::from(tls.server_config());
-        let (tls, ready) = (tls.clone(), ready.clone());
-        handshakes.spawn(async move {
-            match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-                Ok(Ok(stream)) => {
-                    let _ = ready.send((stream, addr)).await;
-                }
-                Ok(Err(e)) => {
-                    tls.inner.handshake_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%addr, error = %e, "tls handshake failed");
-                }
-                Err(_) => {
-                    tls.inner.handshake_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%addr, "tls handshake timed out");
-                }
-            }
-        });
-    }
-}
-
-impl Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
-        match self.ready.recv().await {
-            Some(connection) => connection,
-            // The accept loop ended (the runtime is going away): accept nothing more.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local_addr)
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        let addr = *stream.remote_addr();
-        let leaf = stream.io().get_ref().1.peer_certificates().and_then(|chain| chain.first());
-        let client_cert = leaf.and_then(|der| match ClientCert::from_der(der) {
-            Ok(cert) => Some(Arc::new(cert)),
-            Err(e) => {
-                // The verifier accepted it, so this should not happen; the connection goes on
-                // without an identity, which grants nothing.
-                tracing::warn!(%addr, error = %e, "cannot read the client certificate");
+            Ok(Err(e)) => {
+                self.inner.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%addr, error = %e, "tls handshake failed");
                 None
             }
-        });
-        Peer { addr, client_cert }
+            Err(_) => {
+                self.inner.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%addr, "tls handshake timed out");
+                None
+            }
+        }
     }
 }
 
-/// Serves `app` over TLS on `listener` until `shutdown` resolves, checking the files for changes
-/// meanwhile. Handlers see each connection's [`Peer`] as `ConnectInfo<Peer>`.
+/// The peer of a TLS connection: its address and the client certificate it proved it holds.
+fn peer_of(stream: &TlsStream<TcpStream>, addr: SocketAddr) -> Peer {
+    let leaf = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+    let client_cert = leaf.and_then(|der| match ClientCert::from_der(der) {
+        Ok(cert) => Some(Arc::new(cert)),
+        Err(e) => {
+            // The verifier accepted it, so this should not happen; the connection goes on
+            // without an identity, which grants nothing.
+            tracing::warn!(%addr, error = %e, "cannot read the client certificate");
+            None
+        }
+    });
+    Peer { addr, client_cert }
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` resolves, with the default connection
+/// limits, checking the files for changes meanwhile. Handlers see each connection's [`Peer`] as
+/// `ConnectInfo<Peer>`.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     tls: Tls,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = TlsListener::new(listener, tls.clone())?;
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown)
-        .into_future();
+    serve_with(listener, app, tls, Arc::new(Gate::new(Limits::default())), shutdown).await
+}
+
+/// Like [`serve`], under the connection limits of `gate`. Handshakes run beside the accept loop,
+/// each in its connection's task, under the handshake timeout and the connection caps.
+pub async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    tls: Tls,
+    gate: Arc<Gate>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let server = crate::conn::serve(listener, app, Some(tls.clone()), gate, shutdown);
     tokio::select! {
         done = server => done,
         never = tls.watch() => match never {},

@@ -15,8 +15,8 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -47,6 +47,77 @@ pub struct SqliteStore {
     writer: Option<JoinHandle<()>>,
     readers: Arc<Readers>,
     counters: Arc<Counters>,
+    file: FileIdentity,
+}
+
+/// The database file as it was opened (device and inode), to notice it was deleted or replaced
+/// under the running server: writes would go on into a file nobody will open again.
+struct FileIdentity {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+    /// Once gone, for good: the file now at the path is not this store's.
+    gone: AtomicBool,
+    /// When writes last looked (ms since the Unix epoch): at most every [`FILE_CHECK_MS`].
+    checked_ms: AtomicU64,
+}
+
+/// How often writes look at the database file.
+const FILE_CHECK_MS: u64 = 100;
+
+impl FileIdentity {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            id: file_id(path).ok().flatten(),
+            gone: AtomicBool::new(false),
+            checked_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the file at the path is still the one opened; `force` looks now.
+    fn check(&self, force: bool) -> Result<()> {
+        // Not known at open (no inodes here): nothing to compare with.
+        let Some(opened) = self.id else { return Ok(()) };
+        if !self.gone.load(Ordering::Relaxed) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            if !force && now.saturating_sub(self.checked_ms.load(Ordering::Relaxed)) < FILE_CHECK_MS {
+                return Ok(());
+            }
+            self.checked_ms.store(now, Ordering::Relaxed);
+            let same = match file_id(&self.path) {
+                Ok(id) => id == Some(opened),
+                // Cannot look (permissions, I/O): no news is good news.
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => true,
+                Err(_) => false,
+            };
+            if same {
+                return Ok(());
+            }
+            if !self.gone.swap(true, Ordering::Relaxed) {
+                tracing::error!(path = %self.path.display(),
+                    "the database file was deleted or replaced while the server ran: writes are refused and \
+                     /readyz fails; restore the file (or its directory) and restart the server");
+            }
+        }
+        Err(StoreError::Unavailable("the database file was deleted or replaced while the server ran".into()))
+    }
+}
+
+/// The device and inode of a file (`None` where the platform has none).
+fn file_id(path: &Path) -> std::io::Result<Option<(u64, u64)>> {
+    let meta = std::fs::metadata(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Ok(Some((meta.dev(), meta.ino())))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        Ok(None)
+    }
 }
 
 /// Write counters since the store was opened.
@@ -80,6 +151,7 @@ impl SqliteStore {
             writer: Some(writer),
             readers: Arc::new(Readers::new(path.to_path_buf(), BUSY_TIMEOUT)),
             counters,
+            file: FileIdentity::new(path),
         })
     }
 
@@ -99,6 +171,7 @@ impl SqliteStore {
     }
 
     async fn write_reply(&self, op: Op) -> Result<Reply> {
+        self.file.check(false)?;
         let (reply, result) = oneshot::channel();
         let requests = self.requests.as_ref().ok_or_else(writer_gone)?;
         requests.send(Request { op, reply }).map_err(|_| writer_gone())?;
@@ -275,7 +348,10 @@ impl Store for SqliteStore {
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.readers.run(read::ping))
+        Box::pin(async move {
+            self.file.check(true)?;
+            self.readers.run(read::ping).await
+        })
     }
 
     fn register_node(&self, node: &str, url: Option<&str>, lease_ms: i64) -> BoxFuture<'_, Result<i64>> {

@@ -210,3 +210,22 @@ async fn a_missing_directory_is_unavailable() {
     let path = std::env::temp_dir().join("sluice-no-such-dir").join("x").join("db.sqlite");
     assert!(matches!(SqliteStore::open(&path), Err(StoreError::Unavailable(_))));
 }
+
+#[tokio::test]
+async fn a_database_file_deleted_or_replaced_under_the_store_refuses_writes_and_pings() {
+    for replace in [false, true] {
+        let db = TempDb::new();
+        let store = SqliteStore::open(&db.0).expect("open");
+        store.commit(start("run-1", "wf")).await.expect("commit");
+        store.ping().await.expect("ping");
+        std::fs::remove_file(&db.0).expect("delete the database file");
+        if replace {
+            std::fs::write(&db.0, b"").expect("another file at its path");
+        }
+        assert!(matches!(store.ping().await, Err(StoreError::Unavailable(_))), "ping after the file went");
+        match store.commit(start("run-2", "wf")).await {
+            Err(StoreError::Unavailable(m)) => assert!(m.contains("deleted or replaced"), "{m}"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+}

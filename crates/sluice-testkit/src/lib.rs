@@ -477,6 +477,14 @@ impl Api {
         Self::decode(r.unwrap_or_else(|e| panic!("POST {path}: {e}"))).await
     }
 
+    /// The text of `/metrics` on the API's port, read with this client's credential (an owner
+    /// or admin sees the node's series and its own tenant's queues).
+    pub async fn metrics(&self) -> String {
+        let r = self.request(reqwest::Method::GET, "/metrics").send().await.unwrap_or_else(|e| panic!("/metrics: {e}"));
+        assert_eq!(r.status().as_u16(), 200, "/metrics");
+        r.text().await.unwrap_or_default()
+    }
+
     /// Publishes a workflow given as JSON; panics unless accepted.
     pub async fn publish(&self, def: &Value) -> String {
         let (status, body) = self.post("/v1/workflows", def).await;
@@ -527,11 +535,21 @@ impl Api {
         }
     }
 
+    /// A run's whole history, across pages.
     pub async fn history(&self, workflow_id: &str, run_id: Option<&str>) -> Vec<Value> {
-        let q = run_id.map(|r| format!("?run_id={r}")).unwrap_or_default();
-        let (status, body) = self.get(&format!("/v1/executions/{workflow_id}/history{q}")).await;
-        assert_eq!(status, 200, "history: {body}");
-        body["events"].as_array().cloned().unwrap_or_default()
+        let run = run_id.map(|r| format!("&run_id={r}")).unwrap_or_default();
+        let mut events = Vec::new();
+        let mut after = 0;
+        loop {
+            let (status, body) =
+                self.get(&format!("/v1/executions/{workflow_id}/history?limit=1000&after={after}{run}")).await;
+            assert_eq!(status, 200, "history: {body}");
+            events.extend(body["events"].as_array().cloned().unwrap_or_default());
+            match body["next_after"].as_u64() {
+                Some(next) => after = next,
+                None => return events,
+            }
+        }
     }
 }
 

@@ -12,7 +12,6 @@ use crate::{bin, Api, ServerProcess, TempDir};
 const PUBLIC: &[&str] = &[
     "/healthz",
     "/readyz",
-    "/metrics",
     "/openapi.json",
     "/v1/schemas/workflow",
     "/v1/auth/login",
@@ -22,7 +21,8 @@ const PUBLIC: &[&str] = &[
 
 /// What each role may do, written out here independently of the server's table.
 fn allowed(role: &str, method: &str, path: &str) -> bool {
-    let manage = path.starts_with("/v1/users") || path.starts_with("/v1/api-keys") || path == "/v1/audit";
+    let manage =
+        path.starts_with("/v1/users") || path.starts_with("/v1/api-keys") || path == "/v1/audit" || path == "/metrics";
     let work = path.starts_with("/v1/tasks/");
     let whoami = path == "/v1/auth/whoami";
     let read = method == "GET" && !manage && !work;

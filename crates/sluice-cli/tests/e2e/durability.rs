@@ -168,7 +168,7 @@ async fn lost_commit_acknowledgements_neither_stall_nor_repeat_a_step(backend: B
     }
     WorkerRecord::read(&record).assert_once();
     assert_eq!(assert_replays(&api).await, N);
-    let text = reqwest::get(format!("{}/metrics", server.base)).await.unwrap().text().await.unwrap();
+    let text = api.metrics().await;
     let reconciled =
         text.lines().find_map(|l| l.strip_prefix("sluice_runs_reconciled_total ")?.parse::<u64>().ok()).unwrap_or(0);
     assert!(reconciled > 0, "runs were read back after lost acknowledgements: {reconciled}");

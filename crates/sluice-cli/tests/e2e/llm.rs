@@ -313,8 +313,8 @@ async fn llm_step_calls_are_in_the_ledger_with_their_execution_and_step(backend:
 }
 
 /// The value of one metric series in the Prometheus text, if present.
-async fn metric(base: &str, series: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+async fn metric(server: &ServerProcess, series: &str) -> Option<f64> {
+    let text = server.api().metrics().await;
     text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }
 
@@ -345,7 +345,7 @@ routes:
     let state = r#"sluice_gateway_breaker_state{route="guarded",target="fake/primary"}"#;
     let ask = json!({"model": "guarded", "messages": [{"role": "user", "content": "hi"}]});
     vendor.set_default(Reply::text("ok", 1, 1));
-    assert_eq!(metric(&server.base, state).await, Some(0.0));
+    assert_eq!(metric(&server, state).await, Some(0.0));
 
     // Two failures of the primary (each served by the backup) open its breaker.
     for _ in 0..2 {
@@ -353,7 +353,7 @@ routes:
         let (status, body) = api.post("/v1/chat/completions", &ask).await;
         assert_eq!((status, body["model"].as_str()), (200, Some("backup")), "{body}");
     }
-    assert_eq!(metric(&server.base, state).await, Some(1.0));
+    assert_eq!(metric(&server, state).await, Some(1.0));
     // Open: the primary is skipped without a request, and the skip is in the ledger.
     let before = vendor.requests();
     let (status, _) = api.post("/v1/chat/completions", &ask).await;
@@ -362,12 +362,12 @@ routes:
     let rows = ledger(&api, 6).await;
     assert_eq!((rows[1]["target"].as_str(), rows[1]["outcome"].as_str()), (Some("fake/primary"), Some("circuit_open")));
     let failed = r#"sluice_gateway_attempts_total{route="guarded",target="fake/primary",outcome="http_500"}"#;
-    assert_eq!(metric(&server.base, failed).await, Some(2.0));
+    assert_eq!(metric(&server, failed).await, Some(2.0));
 
     // After the cool-down it half-opens; a successful trial closes it.
     tokio::time::sleep(std::time::Duration::from_millis(450)).await;
-    assert_eq!(metric(&server.base, state).await, Some(2.0));
+    assert_eq!(metric(&server, state).await, Some(2.0));
     let (status, body) = api.post("/v1/chat/completions", &ask).await;
     assert_eq!((status, body["model"].as_str()), (200, Some("primary")), "{body}");
-    assert_eq!(metric(&server.base, state).await, Some(0.0));
+    assert_eq!(metric(&server, state).await, Some(0.0));
 }

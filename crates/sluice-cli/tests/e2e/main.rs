@@ -20,6 +20,7 @@ mod llm;
 mod oidc;
 mod postgres;
 mod quarantine;
+mod run_limits;
 mod sharing;
 mod steps;
 mod tls;

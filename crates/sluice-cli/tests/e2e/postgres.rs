@@ -295,13 +295,11 @@ async fn a_killed_nodes_executions_are_taken_over_when_its_lease_expires() {
     let (status, body) = api_b.post(&format!("/v1/executions/{doomed}/cancel"), &json!({"reason": "via b"})).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(api_b.wait(&doomed, 20).await["status"], "cancelled");
-    let metrics =
-        |base: String| async move { reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap() };
     let counter = |text: &str, name: &str| {
         text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok()).unwrap()
     };
-    assert_eq!(counter(&metrics(b.base.clone()).await, "sluice_run_changes_posted_total"), 2);
-    assert_eq!(counter(&metrics(a.base.clone()).await, "sluice_run_changes_applied_total"), 2);
+    assert_eq!(counter(&api_b.metrics().await, "sluice_run_changes_posted_total"), 2);
+    assert_eq!(counter(&api_a.metrics().await, "sluice_run_changes_applied_total"), 2);
 
     a.kill();
     let _worker = WorkerProcess::rust(&bin(), &b, &[], None);
@@ -316,7 +314,7 @@ async fn a_killed_nodes_executions_are_taken_over_when_its_lease_expires() {
     assert_eq!(api_b.wait(&gated, 20).await["output"], json!({"got": 7}));
 
     // B says what it took over.
-    let text = metrics(b.base.clone()).await;
+    let text = api_b.metrics().await;
     assert!(counter(&text, "sluice_executions_taken_over_total") >= 7, "{text}");
 
     // No history forked: each is numbered 1..n without a gap, and replays to its stored state.
@@ -454,19 +452,19 @@ async fn a_worker_on_one_node_serves_every_nodes_executions() {
     for id in &ids {
         assert_eq!(api_a.wait(id, 30).await["status"], "completed", "{id}");
     }
-    let metric = |base: String, name: &'static str| async move {
-        let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+    let metric = |api: Api, name: &'static str| async move {
+        let text = api.metrics().await;
         text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok()).unwrap()
     };
     // A's 20 runs had 40 tasks, all answered at B and recorded by A. (B also posts the answer
     // to one of its own tasks that reaches it before the task is in its memory, and records it.)
-    assert_eq!(metric(a.base.clone(), "sluice_task_answers_applied_total").await, 40);
+    assert_eq!(metric(api_a.clone(), "sluice_task_answers_applied_total").await, 40);
     let (posted, own) = (
-        metric(b.base.clone(), "sluice_task_answers_posted_total").await,
-        metric(b.base.clone(), "sluice_task_answers_applied_total").await,
+        metric(api_b.clone(), "sluice_task_answers_posted_total").await,
+        metric(api_b.clone(), "sluice_task_answers_applied_total").await,
     );
     assert_eq!(posted, 40 + own, "B posted A's 40 answers and {own} of its own");
-    assert_eq!(metric(a.base.clone(), "sluice_task_answers_posted_total").await, 0);
+    assert_eq!(metric(api_a.clone(), "sluice_task_answers_posted_total").await, 0);
     let completed = std::fs::read_to_string(&record).unwrap().lines().filter(|l| l.contains("\"completed\"")).count();
     assert_eq!(completed, 80, "every step answered once");
 
@@ -673,7 +671,7 @@ async fn postgres_restarted_under_load_gives_503s_and_loses_nothing() {
 
     // Both nodes kept their leases: neither stopped, nor took the other's executions.
     for node in [&a, &b] {
-        let text = reqwest::get(format!("{}/metrics", node.base)).await.unwrap().text().await.unwrap();
+        let text = node.api().metrics().await;
         let value =
             |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok());
         assert_eq!(value("sluice_node_lease_lost"), Some(0), "{}", node.base);

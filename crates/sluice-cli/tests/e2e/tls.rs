@@ -37,10 +37,9 @@ fn series(metrics: &str, name: &str) -> Option<f64> {
     metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-async fn metrics(client: &reqwest::Client, base: &str) -> String {
-    let resp = client.get(format!("{base}/metrics")).send().await.unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.text().await.unwrap()
+/// `/metrics`, read with the owner key (the metrics need an owner or admin).
+async fn metrics(server: &ServerProcess) -> String {
+    server.api().metrics().await
 }
 
 #[tokio::test]
@@ -89,7 +88,7 @@ async fn serve_with_mutual_tls_admits_only_clients_of_the_ca_and_reloads_its_cer
     let plain = reqwest::Client::new().get(format!("http://127.0.0.1:{}/readyz", server.port)).send().await;
     assert!(plain.is_err() || plain.as_ref().is_ok_and(|r| r.status() != 200), "{plain:?}");
 
-    let text = metrics(&worker, &server.base).await;
+    let text = metrics(&server).await;
     assert_eq!(series(&text, "sluice_tls_certificate_expiry_timestamp_seconds"), Some(1_893_456_000.0), "{text}");
     assert_eq!(series(&text, "sluice_tls_certificate_reloads_total"), Some(0.0), "{text}");
     assert!(series(&text, "sluice_tls_handshake_failures_total").is_some_and(|n| n >= 2.0), "{text}");
@@ -107,7 +106,7 @@ async fn serve_with_mutual_tls_admits_only_clients_of_the_ca_and_reloads_its_cer
         assert!(Instant::now() < deadline, "the renewed certificate was not served within 15 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let text = metrics(&worker, &server.base).await;
+    let text = metrics(&server).await;
     assert_eq!(series(&text, "sluice_tls_certificate_expiry_timestamp_seconds"), Some(1_969_660_800.0), "{text}");
     assert_eq!(series(&text, "sluice_tls_certificate_reloads_total"), Some(1.0), "{text}");
     assert!(server.log_text().contains("tls certificate reloaded"), "{}", server.log_text());

@@ -15,7 +15,7 @@ use sluice_store::ExecutionFilter;
 
 use super::execution_json;
 use crate::auth::Caller;
-use crate::body::{parse_json, Body, JsonBody};
+use crate::body::{parse_json, parse_payload, Body, JsonBody};
 use crate::error::ApiError;
 use crate::routes::sharing::{hidden, require_execution, require_row, require_workflow};
 use crate::trace::TraceContext;
@@ -165,6 +165,16 @@ pub struct HistoryQuery {
     limit: Option<usize>,
 }
 
+/// Events of a history page unless `limit` says otherwise.
+pub const HISTORY_PAGE: usize = 100;
+/// Most events of a history page.
+pub const MAX_HISTORY_PAGE: usize = 10_000;
+/// A history page ends once its events take this many bytes of JSON (it holds one event at
+/// least): a page of large events stays a few megabytes.
+pub const MAX_HISTORY_PAGE_BYTES: usize = 4 << 20;
+/// Events read from the store at once while a page is filled.
+const HISTORY_CHUNK: usize = 32;
+
 #[tracing::instrument(skip_all, fields(workflow_id = %id))]
 pub async fn history(
     State(app): State<AppState>,
@@ -172,13 +182,60 @@ pub async fn history(
     Path(id): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(1000);
-    if limit == 0 || limit > 10_000 {
-        return Err(ApiError::invalid("limit", format!("expected 1 to 10000, got {limit}")));
+    let limit = q.limit.unwrap_or(HISTORY_PAGE);
+    if limit == 0 || limit > MAX_HISTORY_PAGE {
+        return Err(ApiError::invalid("limit", format!("expected 1 to {MAX_HISTORY_PAGE}, got {limit}")));
     }
-    let (row, events) = app.engine.history(&p.tenant, &id, q.run_id.as_deref(), q.after.unwrap_or(0), limit).await?;
+    let after = q.after.unwrap_or(0);
+    let (row, mut chunk) =
+        app.engine.history(&p.tenant, &id, q.run_id.as_deref(), after, limit.min(HISTORY_CHUNK)).await?;
     require_row(&app, &p, &row, Access::View).await?;
-    Ok(Json(json!({"workflow_id": row.workflow_id, "run_id": row.run_id, "events": events})))
+    let mut events = Vec::new();
+    let mut bytes = 0;
+    let mut want = limit.min(HISTORY_CHUNK);
+    let more = loop {
+        let full = chunk.len() == want;
+        let mut capped = false;
+        for event in chunk {
+            let size = json_len(&event);
+            if !events.is_empty() && bytes + size > MAX_HISTORY_PAGE_BYTES {
+                capped = true;
+                break;
+            }
+            bytes += size;
+            events.push(event);
+        }
+        if capped || events.len() >= limit {
+            break true;
+        }
+        if !full {
+            break false;
+        }
+        let from = events.last().map_or(after, |e| e.seq);
+        want = (limit - events.len()).min(HISTORY_CHUNK);
+        chunk =
+            app.engine.store().history(&p.tenant, &row.run_id, from, want).await.map_err(sluice_engine::Error::from)?;
+    };
+    // Where the next page starts, while there may be one.
+    let next_after = if more { events.last().map(|e| e.seq) } else { None };
+    Ok(Json(json!({"workflow_id": row.workflow_id, "run_id": row.run_id, "events": events, "next_after": next_after})))
+}
+
+/// The length of a value's JSON, without keeping it.
+fn json_len(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 #[tracing::instrument(skip_all, fields(workflow_id = %id, signal = %name))]
@@ -191,7 +248,7 @@ pub async fn signal(
     if name.is_empty() || name.len() > 64 {
         return Err(ApiError::invalid("name", "expected a signal name of 1 to 64 characters"));
     }
-    let payload: Value = if body.is_empty() { Value::Null } else { parse_json(&body)? };
+    let payload: Value = if body.is_empty() { Value::Null } else { parse_payload(&body)? };
     require_execution(&app, &p, &id, Access::Run).await?;
     app.engine.signal(&p.tenant, &id, &name, payload).await?;
     tracing::info!("signal delivered");

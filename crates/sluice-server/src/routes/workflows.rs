@@ -39,6 +39,9 @@ pub async fn publish(
     };
     let text =
         std::str::from_utf8(&body).map_err(|_| ApiError::new("invalid_request", "definition is not UTF-8 text"))?;
+    if text.contains('\0') {
+        return Err(ApiError::invalid("definition", "must not contain the NUL character"));
+    }
     let def = parse_definition(text, format).map_err(sluice_engine::Error::InvalidDefinition)?;
     require_workflow(&app, &p, &def.name, Access::Edit).await?;
     let store = app.engine.store();
