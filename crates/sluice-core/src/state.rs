@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::ErrorInfo;
-use crate::event::{Event, EventKind, ParentRef};
+use crate::event::{Event, EventKind, ParentRef, RunAccess};
 use crate::expr::{obj, to_val};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
@@ -130,6 +130,8 @@ pub struct ExecState {
     pub parent: Option<ParentRef>,
     /// Trace id of the request that started the execution (`None` in older histories).
     pub trace_id: Option<String>,
+    /// Who started the run and who may reach it.
+    pub access: RunAccess,
     pub status: ExecStatus,
     pub paused: bool,
     /// Step state by instance key: the step id, prefixed by `map[i]/` inside map iterations.
@@ -199,7 +201,7 @@ impl ExecState {
     fn apply_kind(&mut self, kind: &EventKind, seq: u64) {
         use EventKind as E;
         match kind {
-            E::ExecutionStarted { workflow, version, workflow_id, run_id, input, parent, trace_id, .. } => {
+            E::ExecutionStarted { workflow, version, workflow_id, run_id, input, parent, trace_id, access, .. } => {
                 self.workflow = workflow.clone();
                 self.version = version.clone();
                 self.workflow_id = workflow_id.clone();
@@ -208,6 +210,7 @@ impl ExecState {
                 self.input_val = to_val(input);
                 self.parent = parent.clone();
                 self.trace_id = trace_id.clone();
+                self.access = access.clone();
                 self.status = ExecStatus::Running;
             }
             E::TaskScheduled { step, attempt, .. } | E::ChildStarted { step, attempt, .. } => {

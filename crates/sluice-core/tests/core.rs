@@ -61,6 +61,7 @@ fn drive(
             parent: None,
             continued_from: None,
             trace_id: None,
+            access: Default::default(),
         },
         0,
     )];
@@ -208,6 +209,7 @@ fn map_respects_max_concurrency_and_keeps_order() {
             parent: None,
             continued_from: None,
             trace_id: None,
+            access: Default::default(),
         },
         0,
     );
@@ -254,6 +256,7 @@ fn signals_buffer_until_waited_for_and_timeouts_follow_policy() {
             parent: None,
             continued_from: None,
             trace_id: None,
+            access: Default::default(),
         },
         0,
     )];

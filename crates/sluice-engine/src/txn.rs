@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use sluice_core::decide::decide_until_yield;
-use sluice_core::event::{Event, EventKind, ParentRef};
+use sluice_core::event::{Event, EventKind, ParentRef, RunAccess};
 use sluice_core::expr::with_limits;
 use sluice_core::state::StepStatus;
 use sluice_core::{decide, ErrorInfo, ExecState, ExecStatus};
@@ -70,6 +70,8 @@ enum Follow {
         workflow_id: String,
         input: Value,
         trace_id: TraceId,
+        /// The parent's, with its workflow added to the scope.
+        access: RunAccess,
     },
     Notify {
         tenant: String,
@@ -84,6 +86,7 @@ enum Follow {
         from: String,
         parent: Option<ParentRef>,
         trace_id: TraceId,
+        access: RunAccess,
     },
 }
 
@@ -375,7 +378,7 @@ impl Engine {
     async fn follow(&self, tx: &mut Txn, f: Follow) -> Result<()> {
         match f {
             Follow::Notify { tenant, run_id, event } => tx.work.push_back((tenant, run_id, vec![event])),
-            Follow::StartChild { tenant, parent, workflow, workflow_id, input, trace_id } => {
+            Follow::StartChild { tenant, parent, workflow, workflow_id, input, trace_id, access } => {
                 match self.definition(&tenant, &workflow, None).await {
                     Ok((version, def)) => {
                         let run_id = new_id();
@@ -390,6 +393,7 @@ impl Engine {
                             parent: Some(parent),
                             continued_from: None,
                             trace_id: Some(trace_id.to_string()),
+                            access,
                         };
                         tx.work.push_back((tenant, run_id, vec![started]));
                     }
@@ -404,7 +408,7 @@ impl Engine {
                     Err(e) => return Err(e),
                 }
             }
-            Follow::Continue { tenant, workflow, workflow_id, input, from, parent, trace_id } => {
+            Follow::Continue { tenant, workflow, workflow_id, input, from, parent, trace_id, access } => {
                 let (version, def) = self.definition(&tenant, &workflow, None).await?;
                 let run_id = new_id();
                 let mut guard = self.new_slot(&tenant, def, &run_id, tx.now).await;
@@ -417,6 +421,7 @@ impl Engine {
                     parent,
                     continued_from: Some(from),
                     trace_id: Some(trace_id.to_string()),
+                    access,
                 };
                 let mut events = Vec::new();
                 if let Some(entry) = guard.as_mut() {
@@ -555,6 +560,7 @@ fn row_of(entry: &ExecEntry, now: i64) -> ExecutionRow {
         error: st.error.clone(),
         failed_step: st.failed_step.clone(),
         parent: st.parent.clone(),
+        access: st.access.clone(),
         next_seq: st.next_seq,
         created_at_ms: entry.created_at_ms,
         updated_at_ms: now,
@@ -629,6 +635,7 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                     workflow_id: workflow_id.clone(),
                     input: input.clone(),
                     trace_id: TraceId::of_run(st),
+                    access: st.access.for_child(&st.workflow),
                 })
             }
             kind if kind.is_terminal() => {
@@ -648,6 +655,7 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                         from: run.clone(),
                         parent: st.parent.clone(),
                         trace_id: TraceId::of_run(st),
+                        access: st.access.clone(),
                     }),
                     EventKind::ExecutionCompleted { output } => tell_parent(entry, follows, |step, attempt| {
                         EventKind::ChildCompleted { step, attempt, output: output.clone() }

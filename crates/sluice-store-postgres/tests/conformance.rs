@@ -372,6 +372,7 @@ fn row(run_id: &str, workflow_id: &str) -> ExecutionRow {
         error: None,
         failed_step: None,
         parent: None,
+        access: Default::default(),
         next_seq: 2,
         created_at_ms: 0,
         updated_at_ms: 0,
@@ -391,6 +392,7 @@ fn create(tenant: &str, row: ExecutionRow) -> Batch {
             parent: None,
             continued_from: None,
             trace_id: None,
+            access: Default::default(),
         },
     };
     let change = ExecChange { tenant: tenant.into(), row, events: vec![started], create: true, fence: None };

@@ -15,6 +15,7 @@ mod hostile;
 mod http_steps;
 mod llm;
 mod oidc;
+mod ownership;
 mod postgres;
 mod sharing;
 mod steps;
