@@ -29,7 +29,7 @@ pub use error::{AuthError, LoginFailure};
 pub use ratelimit::{Limited, Quota, RateLimitConfig, RateLimiter, RateState};
 pub use role::{Actor, Perm, Principal, Role};
 pub use seal::ServerKey;
-pub use sharing::{Access, Grant, Shares, Sharing};
+pub use sharing::{Access, Grant, Shares, Sharing, Visibility};
 pub use text::check_email;
 
 /// The tenant scope of deployment-wide documents (tenants themselves, signing keys). Tenant ids

@@ -3,6 +3,10 @@
 //! admins, and the users, API keys and roles it is shared with, each at a level (`view`, `run`,
 //! `edit`). To everyone else a restricted workflow and its executions do not exist (404).
 //!
+//! A workflow's sharing also names the visibility of its executions started without one
+//! (`tenant`, the default, or `private`: only their owner, the tenant's owners and admins reach
+//! them). A child execution is reached only by who reaches its ancestors' workflows too.
+//!
 //! The level and the role both apply: an editor who was given `view` can only read, and a viewer
 //! given `edit` still cannot publish. Shares are directory documents (`workflow_share`, one per
 //! workflow), cached per node for a few seconds like users and keys.
@@ -12,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+pub use sluice_core::event::Visibility;
 use sluice_store::{Doc, Store};
 
 use crate::role::{Perm, Principal, Role};
@@ -70,6 +75,9 @@ pub struct Sharing {
     pub created_by: Option<String>,
     #[serde(default)]
     pub grants: Vec<Grant>,
+    /// The visibility of its executions started without one.
+    #[serde(default)]
+    pub visibility: Visibility,
     #[serde(default)]
     pub updated_by: Option<String>,
     #[serde(default)]
@@ -78,7 +86,14 @@ pub struct Sharing {
 
 impl Sharing {
     fn open(created_by: Option<String>) -> Self {
-        Self { restricted: false, created_by, grants: Vec::new(), updated_by: None, updated_at_ms: now_ms() }
+        Self {
+            restricted: false,
+            created_by,
+            grants: Vec::new(),
+            visibility: Visibility::Tenant,
+            updated_by: None,
+            updated_at_ms: now_ms(),
+        }
     }
 
     /// How far `p` reaches the workflow (before its role is checked).
@@ -180,6 +195,25 @@ impl Shares {
         Ok(self.of_tenant(&p.tenant).await?.get(workflow).map_or(Access::Edit, |s| s.access(p)))
     }
 
+    /// How far `p` reaches every one of `workflows`: the least of its reach of each.
+    pub async fn access_all<'a>(
+        &self,
+        p: &Principal,
+        workflows: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Access, AuthError> {
+        let shares = self.of_tenant(&p.tenant).await?;
+        Ok(workflows
+            .into_iter()
+            .map(|w| shares.get(w).map_or(Access::Edit, |s| s.access(p)))
+            .min()
+            .unwrap_or(Access::Edit))
+    }
+
+    /// The visibility of executions of `workflow` started without one.
+    pub async fn default_visibility(&self, tenant: &str, workflow: &str) -> Result<Visibility, AuthError> {
+        Ok(self.of_tenant(tenant).await?.get(workflow).map_or(Visibility::Tenant, |s| s.visibility))
+    }
+
     /// The workflows of `p`'s tenant that `p` does not reach at all, to leave out of listings.
     pub async fn hidden(&self, p: &Principal) -> Result<Vec<String>, AuthError> {
         let shares = self.of_tenant(&p.tenant).await?;
@@ -221,6 +255,7 @@ impl Shares {
         workflow: &str,
         restricted: bool,
         grants: Vec<Grant>,
+        visibility: Visibility,
     ) -> Result<Sharing, AuthError> {
         if grants.len() > MAX_GRANTS {
             return Err(AuthError::invalid("grants", format!("at most {MAX_GRANTS} grants, got {}", grants.len())));
@@ -250,6 +285,7 @@ impl Shares {
             restricted,
             created_by: current.created_by,
             grants: checked,
+            visibility,
             updated_by: Some(p.label()),
             updated_at_ms: now_ms(),
         };
@@ -288,6 +324,7 @@ mod tests {
             restricted: true,
             created_by: Some("user:ada@example.com".into()),
             grants: grants.iter().map(|(to, access)| Grant { to: (*to).into(), access: *access }).collect(),
+            visibility: Visibility::Tenant,
             updated_by: None,
             updated_at_ms: 0,
         }

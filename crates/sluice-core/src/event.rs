@@ -36,6 +36,76 @@ fn one() -> u32 {
     1
 }
 
+/// Who may see an execution besides what its workflow's sharing allows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    /// Every member of the tenant who reaches its workflow.
+    #[default]
+    Tenant,
+    /// Only its owner and the tenant's owners and admins.
+    Private,
+}
+
+impl Visibility {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tenant => "tenant",
+            Self::Private => "private",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "tenant" => Some(Self::Tenant),
+            "private" => Some(Self::Private),
+            _ => None,
+        }
+    }
+}
+
+/// The principal an execution acts for and who may reach it, fixed when it starts; its children
+/// and the runs it continues as inherit it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RunAccess {
+    /// Who started it: `user:<email>` or `key:<api key id>`; `None` on a server without
+    /// authentication. Its `llm` steps are charged to this principal's budgets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "is_tenant")]
+    pub visibility: Visibility,
+    /// The workflows of the executions that started this one (a child's ancestors), outermost
+    /// first: whoever reaches the run must reach each of them too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scope: Vec<String>,
+}
+
+fn is_tenant(v: &Visibility) -> bool {
+    *v == Visibility::Tenant
+}
+
+impl RunAccess {
+    /// Nothing recorded: stored as before owners existed.
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The access of a child started by a run of `workflow` with this access: the same owner
+    /// and visibility, and `workflow` added to the scope.
+    pub fn for_child(&self, workflow: &str) -> Self {
+        let mut scope = self.scope.clone();
+        if !scope.iter().any(|w| w == workflow) {
+            scope.push(workflow.to_string());
+        }
+        Self { owner: self.owner.clone(), visibility: self.visibility, scope }
+    }
+
+    /// The API key id of the owner, when a key started the run.
+    pub fn api_key(&self) -> Option<&str> {
+        self.owner.as_deref().and_then(|o| o.strip_prefix("key:"))
+    }
+}
+
 /// What kind of work a scheduled task is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -70,6 +140,10 @@ pub enum EventKind {
         /// How many runs came before this one in its `continue_as_new` chain (0 for the first).
         #[serde(default, skip_serializing_if = "is_zero")]
         chain: u64,
+        /// Who started the execution and who may reach it; children and continued runs inherit
+        /// it. Absent in histories older than owners, and for runs started without one.
+        #[serde(default, skip_serializing_if = "RunAccess::is_unset")]
+        access: RunAccess,
     },
     TaskCompleted {
         step: String,

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::ErrorInfo;
-use crate::event::{Event, EventKind, ParentRef};
+use crate::event::{Event, EventKind, ParentRef, RunAccess};
 use crate::expr::{obj, to_val};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
@@ -199,6 +199,8 @@ pub struct ExecState {
     pub trace_id: Option<String>,
     /// How many runs came before this one in its `continue_as_new` chain.
     pub chain: u64,
+    /// Who started the run and who may reach it.
+    pub access: RunAccess,
     pub status: ExecStatus,
     pub paused: bool,
     /// Step state by instance key: the step id, prefixed by `map[i]/` inside map iterations.
@@ -286,7 +288,18 @@ impl ExecState {
                 _ => 0,
             };
         match kind {
-            E::ExecutionStarted { workflow, version, workflow_id, run_id, input, parent, trace_id, chain, .. } => {
+            E::ExecutionStarted {
+                workflow,
+                version,
+                workflow_id,
+                run_id,
+                input,
+                parent,
+                trace_id,
+                chain,
+                access,
+                ..
+            } => {
                 self.chain = *chain;
                 self.workflow = workflow.clone();
                 self.version = version.clone();
@@ -296,6 +309,7 @@ impl ExecState {
                 self.input_val = to_val(input);
                 self.parent = parent.clone();
                 self.trace_id = trace_id.clone();
+                self.access = access.clone();
                 self.status = ExecStatus::Running;
             }
             E::TaskScheduled { step, attempt, .. } | E::ChildStarted { step, attempt, .. } => {

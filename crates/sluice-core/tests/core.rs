@@ -62,6 +62,7 @@ fn drive(
             continued_from: None,
             chain: 0,
             trace_id: None,
+            access: Default::default(),
         },
         0,
     )];
@@ -210,6 +211,7 @@ fn map_respects_max_concurrency_and_keeps_order() {
             continued_from: None,
             chain: 0,
             trace_id: None,
+            access: Default::default(),
         },
         0,
     );
@@ -257,6 +259,7 @@ fn signals_buffer_until_waited_for_and_timeouts_follow_policy() {
             continued_from: None,
             chain: 0,
             trace_id: None,
+            access: Default::default(),
         },
         0,
     )];

@@ -26,9 +26,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
-use sluice_core::event::EventKind;
+use sluice_core::event::{EventKind, RunAccess};
 use sluice_core::{ErrorInfo, ExecState, Expr, WorkflowDef};
-use sluice_store::{ExecutionFilter, ExecutionRow, Page, RunChange, Store, TaskRow, WorkflowVersion};
+use sluice_store::{ExecutionFilter, ExecutionRow, Page, RunChange, Sight, Store, TaskRow, WorkflowVersion};
 use tokio::sync::{Mutex, Notify};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -220,6 +220,12 @@ pub struct StartRequest {
     pub input: Value,
     /// The trace the execution joins (the starting request's); a new one when `None`.
     pub trace_id: Option<TraceId>,
+    /// Who starts it and who may reach it; inherited by its children and continued runs.
+    pub access: RunAccess,
+    /// What the starting caller may see: a `workflow_id` whose latest run it does not see is
+    /// refused with `Conflict` (neither joined nor reused), as if taken by an unknown run.
+    /// `None` sees everything.
+    pub sight: Option<Sight>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -778,6 +784,9 @@ impl Engine {
         // A generated id is new by construction; a caller's id may name a running execution.
         if req.workflow_id.is_some() {
             if let Some(row) = self.inner.store.get_execution(tenant, &workflow_id, None).await? {
+                if req.sight.as_ref().is_some_and(|s| !s.sees(&row)) {
+                    return Err(id_taken(&workflow_id));
+                }
                 if row.status == sluice_core::ExecStatus::Running {
                     return Ok(Started {
                         workflow_id,
@@ -805,6 +814,7 @@ impl Engine {
             continued_from: None,
             chain: 0,
             trace_id: Some(trace_id.to_string()),
+            access: req.access,
         };
         self.forget_result(tenant, &workflow_id);
         let span = trace::execution_span(tenant, &trace_id, &workflow_id, &run_id);
@@ -817,6 +827,7 @@ impl Engine {
                 // Lost a race with another start of the same id: answer with the running one.
                 let row = self.inner.store.get_execution(tenant, &workflow_id, None).await?;
                 match row {
+                    Some(row) if req.sight.as_ref().is_some_and(|s| !s.sees(&row)) => Err(id_taken(&workflow_id)),
                     Some(row) if row.status == sluice_core::ExecStatus::Running => Ok(Started {
                         workflow_id,
                         run_id: row.run_id,
@@ -830,6 +841,21 @@ impl Engine {
                 }
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The principal a run acts for (`user:<email>`, `key:<id>`), read from memory while it is
+    /// cached and idle, else from the store.
+    pub(crate) async fn run_access(&self, tenant: &str, run_id: &str) -> Result<RunAccess> {
+        let slot = lock(&self.inner.execs).get(run_id).cloned();
+        if let Some(guard) = slot.as_ref().and_then(|s| s.try_lock().ok()) {
+            if let Some(entry) = guard.as_ref().filter(|e| e.tenant == tenant) {
+                return Ok(entry.state.access.clone());
+            }
+        }
+        match self.inner.store.get_run(tenant, run_id).await? {
+            Some(row) => Ok(row.access),
+            None => Err(Error::NotFound { what: "execution", id: run_id.to_string() }),
         }
     }
 
@@ -1383,6 +1409,12 @@ pub(crate) fn change_events(change: RunChange, st: &ExecState) -> Vec<EventKind>
         // Redriven meanwhile (a change posted twice): nothing to do.
         RunChange::Redrive => vec![],
     }
+}
+
+/// The refusal of a start whose `workflow_id` belongs to a run the caller may not see: the
+/// same as for an id in use, and naming nothing of that run.
+fn id_taken(workflow_id: &str) -> Error {
+    Error::Conflict(format!("workflow id `{workflow_id}` is not available; choose another"))
 }
 
 /// Whether `e` is the store refusing a change to an execution another node owns.

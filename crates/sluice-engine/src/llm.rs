@@ -56,9 +56,14 @@ impl Engine {
             ));
         };
         let (route, req, options) = request_of(&row.input).map_err(|e| (e, false))?;
+        // Charged to the principal that started the execution as well as to its tenant.
+        let access = match self.run_access(&row.tenant, &row.run_id).await {
+            Ok(a) => a,
+            Err(e) => return Err((ErrorInfo::new("llm.ledger_unavailable", e.to_string()), true)),
+        };
         let ctx = CallContext {
             tenant: row.tenant.clone(),
-            api_key: None,
+            api_key: access.api_key().map(str::to_string),
             source: "llm_step",
             run_id: Some(row.run_id.clone()),
             workflow_id: Some(row.workflow_id.clone()),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use sluice_core::decide::decide_until_yield;
-use sluice_core::event::{Event, EventKind, ParentRef};
+use sluice_core::event::{Event, EventKind, ParentRef, RunAccess};
 use sluice_core::expr::with_limits;
 use sluice_core::state::StepStatus;
 use sluice_core::{decide, ErrorInfo, ExecState, ExecStatus};
@@ -71,6 +71,8 @@ enum Follow {
         workflow_id: String,
         input: Value,
         trace_id: TraceId,
+        /// The parent's, with its workflow added to the scope.
+        access: RunAccess,
     },
     Notify {
         tenant: String,
@@ -87,6 +89,7 @@ enum Follow {
         trace_id: TraceId,
         /// The new run's place in the chain.
         chain: u64,
+        access: RunAccess,
     },
 }
 
@@ -485,7 +488,7 @@ impl Engine {
     async fn follow(&self, tx: &mut Txn, f: Follow) -> Result<()> {
         match f {
             Follow::Notify { tenant, run_id, event } => tx.work.push_back((tenant, run_id, vec![event])),
-            Follow::StartChild { tenant, parent, workflow, workflow_id, input, trace_id } => {
+            Follow::StartChild { tenant, parent, workflow, workflow_id, input, trace_id, access } => {
                 match self.definition(&tenant, &workflow, None).await {
                     Ok((version, def)) => {
                         let run_id = new_id();
@@ -501,6 +504,7 @@ impl Engine {
                             continued_from: None,
                             chain: 0,
                             trace_id: Some(trace_id.to_string()),
+                            access,
                         };
                         tx.work.push_back((tenant, run_id, vec![started]));
                     }
@@ -515,7 +519,7 @@ impl Engine {
                     Err(e) => return Err(e),
                 }
             }
-            Follow::Continue { tenant, workflow, workflow_id, input, from, parent, trace_id, chain } => {
+            Follow::Continue { tenant, workflow, workflow_id, input, from, parent, trace_id, chain, access } => {
                 let (version, def) = self.definition(&tenant, &workflow, None).await?;
                 let run_id = new_id();
                 let mut guard = self.new_slot(&tenant, def, &run_id, tx.now).await;
@@ -529,6 +533,7 @@ impl Engine {
                     continued_from: Some(from),
                     trace_id: Some(trace_id.to_string()),
                     chain,
+                    access,
                 };
                 let max = self.inner.opts.max_chain_length;
                 if max > 0 && chain >= max {
@@ -697,6 +702,7 @@ fn row_of(entry: &ExecEntry, now: i64) -> ExecutionRow {
         error: st.error.clone(),
         failed_step: st.failed_step.clone(),
         parent: st.parent.clone(),
+        access: st.access.clone(),
         next_seq: st.next_seq,
         created_at_ms: entry.created_at_ms,
         updated_at_ms: now,
@@ -771,6 +777,7 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                     workflow_id: workflow_id.clone(),
                     input: input.clone(),
                     trace_id: TraceId::of_run(st),
+                    access: st.access.for_child(&st.workflow),
                 })
             }
             kind if kind.is_terminal() => {
@@ -797,6 +804,7 @@ fn effects(entry: &ExecEntry, events: &[Event], now: i64, batch: &mut Batch, fol
                         parent: st.parent.clone(),
                         trace_id: TraceId::of_run(st),
                         chain: st.chain + 1,
+                        access: st.access.clone(),
                     }),
                     EventKind::ExecutionCompleted { output } => tell_parent(entry, follows, |step, attempt| {
                         EventKind::ChildCompleted { step, attempt, output: output.clone() }

@@ -270,6 +270,7 @@ mod tests {
             error: None,
             failed_step: None,
             parent: None,
+            access: Default::default(),
             next_seq: 2,
             created_at_ms: 0,
             updated_at_ms: 0,

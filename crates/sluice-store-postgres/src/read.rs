@@ -2,6 +2,7 @@
 //! batches committed before it started.
 
 use deadpool_postgres::Pool;
+use sluice_core::event::{RunAccess, Visibility};
 use sluice_core::Event;
 use sluice_store::{
     page_limit, AuditFilter, AuditRow, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow,
@@ -31,7 +32,8 @@ macro_rules! select_exec {
     ($rest:literal) => {
         concat!(
             "SELECT run_id, workflow_id, workflow, version, status, paused, dead_letter, input, output,
-                    error, failed_step, parent, next_seq, created_at_ms, updated_at_ms
+                    error, failed_step, parent, next_seq, created_at_ms, updated_at_ms,
+                    started_by, private, scope
              FROM executions ",
             $rest
         )
@@ -55,6 +57,11 @@ fn exec_row(r: &Row) -> Result<ExecutionRow, StoreError> {
         next_seq: from_i64(get(r, 12)?, "next_seq")?,
         created_at_ms: get(r, 13)?,
         updated_at_ms: get(r, 14)?,
+        access: RunAccess {
+            owner: get(r, 15)?,
+            visibility: if get(r, 16)? { Visibility::Private } else { Visibility::Tenant },
+            scope: opt_from_json(get(r, 17)?, "scope")?.unwrap_or_default(),
+        },
     })
 }
 
@@ -167,6 +174,8 @@ macro_rules! list_filters {
           AND (NOT $5::boolean OR dead_letter)
           AND ($6::text IS NULL OR run_id < $6::text)
           AND workflow <> ALL($8::text[])
+          AND (scope IS NULL OR NOT jsonb_exists_any(scope::jsonb, $8::text[]))
+          AND ($9::text IS NULL OR NOT private OR started_by = $9::text)
           ORDER BY run_id DESC LIMIT $7"
     };
 }
@@ -205,6 +214,7 @@ pub(crate) async fn list_executions(
             &filter.cursor,
             &fetch,
             &filter.hidden_workflows,
+            &filter.viewer,
         ],
     )
     .await?;

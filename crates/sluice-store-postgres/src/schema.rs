@@ -193,6 +193,13 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX changes_by_run ON changes (run_id);
     "#,
+    // 8: who started each execution and who may see it (`started_by`: `user:<email>` or
+    // `key:<id>`; `scope`: a JSON array of the workflows of its ancestors).
+    r#"
+    ALTER TABLE executions ADD COLUMN started_by TEXT;
+    ALTER TABLE executions ADD COLUMN private BOOLEAN NOT NULL DEFAULT false;
+    ALTER TABLE executions ADD COLUMN scope TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 
 use deadpool_postgres::{Client, Pool, Transaction};
-use sluice_core::event::TaskKind;
+use sluice_core::event::{TaskKind, Visibility};
 use sluice_store::{
     AuditRow, Batch, BudgetAlertRow, Doc, ExecChange, Settle, StoreError, TaskRow, TimerRow, UsageRow, Wake,
     WorkflowVersion,
@@ -60,10 +60,11 @@ pub(crate) const UPDATE_EXECS: &str =
 pub(crate) const INSERT_EXECS: &str =
     "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
                  dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
-                 updated_at_ms, owner)
+                 updated_at_ms, owner, started_by, private, scope)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                  $7::bool[], $8::bool[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
-                 $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[])
+                 $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], $18::text[], $19::bool[],
+                 $20::text[])
              ON CONFLICT DO NOTHING
              RETURNING run_id";
 pub(crate) const INSERT_EVENTS: &str = "INSERT INTO events (run_id, seq, at_ms, data)
@@ -673,6 +674,9 @@ pub(crate) async fn insert_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) 
     let mut created = Vec::with_capacity(changes.len());
     let mut updated = Vec::with_capacity(changes.len());
     let mut owners = Vec::with_capacity(changes.len());
+    let mut started_by = Vec::with_capacity(changes.len());
+    let mut private = Vec::with_capacity(changes.len());
+    let mut scopes = Vec::with_capacity(changes.len());
     for c in changes {
         let row = &c.row;
         runs.push(row.run_id.as_str());
@@ -692,6 +696,9 @@ pub(crate) async fn insert_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) 
         created.push(row.created_at_ms);
         updated.push(row.updated_at_ms);
         owners.push(c.fence);
+        started_by.push(row.access.owner.as_deref());
+        private.push(row.access.visibility == Visibility::Private);
+        scopes.push(if row.access.scope.is_empty() { None } else { Some(to_json(&row.access.scope)?) });
     }
     let st = tx.prepare_cached(INSERT_EXECS).await?;
     let returned = tx
@@ -715,6 +722,9 @@ pub(crate) async fn insert_execs(tx: &Transaction<'_>, changes: &[&ExecChange]) 
                 &created,
                 &updated,
                 &owners,
+                &started_by,
+                &private,
+                &scopes,
             ],
         )
         .await?;

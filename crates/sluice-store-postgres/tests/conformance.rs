@@ -375,6 +375,7 @@ fn row(run_id: &str, workflow_id: &str) -> ExecutionRow {
         error: None,
         failed_step: None,
         parent: None,
+        access: Default::default(),
         next_seq: 2,
         created_at_ms: 0,
         updated_at_ms: 0,
@@ -395,6 +396,7 @@ fn create(tenant: &str, row: ExecutionRow) -> Batch {
             continued_from: None,
             chain: 0,
             trace_id: None,
+            access: Default::default(),
         },
     };
     let change = ExecChange { tenant: tenant.into(), row, events: vec![started], create: true, fence: None };

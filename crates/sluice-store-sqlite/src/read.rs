@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension};
+use sluice_core::event::{RunAccess, Visibility};
 use sluice_core::Event;
 use sluice_store::{
     page_limit, AuditFilter, AuditRow, BudgetAlertRow, Doc, ExecutionFilter, ExecutionRow, Page, StoreError, TaskRow,
@@ -82,7 +83,8 @@ macro_rules! select_exec {
     ($rest:literal) => {
         concat!(
             "SELECT run_id, workflow_id, workflow, version, status, paused, dead_letter, input, output,
-                    error, failed_step, parent, next_seq, created_at_ms, updated_at_ms
+                    error, failed_step, parent, next_seq, created_at_ms, updated_at_ms,
+                    started_by, private, scope
              FROM executions ",
             $rest
         )
@@ -106,6 +108,11 @@ fn exec_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ExecutionRow> {
         next_seq: r.get(12)?,
         created_at_ms: r.get(13)?,
         updated_at_ms: r.get(14)?,
+        access: RunAccess {
+            owner: r.get(15)?,
+            visibility: if r.get(16)? { Visibility::Private } else { Visibility::Tenant },
+            scope: opt_json_col(r, 17)?.unwrap_or_default(),
+        },
     })
 }
 
@@ -217,8 +224,17 @@ pub(crate) fn list_executions(
     }
     if !filter.hidden_workflows.is_empty() {
         // One bound JSON array, whatever its length: one statement shape.
-        sql.push_str(" AND workflow NOT IN (SELECT value FROM json_each(?))");
-        args.push(SqlValue::Text(serde_json::to_string(&filter.hidden_workflows).unwrap_or_else(|_| "[]".into())));
+        let hidden = serde_json::to_string(&filter.hidden_workflows).unwrap_or_else(|_| "[]".into());
+        sql.push_str(
+            " AND workflow NOT IN (SELECT value FROM json_each(?)) AND (scope IS NULL OR NOT EXISTS \
+             (SELECT 1 FROM json_each(scope) s WHERE s.value IN (SELECT value FROM json_each(?))))",
+        );
+        args.push(SqlValue::Text(hidden.clone()));
+        args.push(SqlValue::Text(hidden));
+    }
+    if let Some(viewer) = &filter.viewer {
+        sql.push_str(" AND (private = 0 OR started_by = ?)");
+        args.push(SqlValue::Text(viewer.clone()));
     }
     keyset_page(conn, sql, args, "run_id", filter.cursor.as_ref(), limit, exec_row, |r| &r.run_id)
 }

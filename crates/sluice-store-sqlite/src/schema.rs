@@ -166,6 +166,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE executions ADD COLUMN owner INTEGER;
     CREATE INDEX executions_running_by_owner ON executions (owner) WHERE status = 'running';
     ",
+    // 7: who started each execution and who may see it (`started_by`: `user:<email>` or
+    // `key:<id>`; `scope`: a JSON array of the workflows of its ancestors).
+    "
+    ALTER TABLE executions ADD COLUMN started_by TEXT;
+    ALTER TABLE executions ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE executions ADD COLUMN scope TEXT;
+    ",
 ];
 
 /// The schema version this build writes.

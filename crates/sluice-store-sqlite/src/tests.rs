@@ -58,6 +58,7 @@ fn row(run_id: &str, workflow_id: &str) -> ExecutionRow {
         error: None,
         failed_step: None,
         parent: None,
+        access: Default::default(),
         next_seq: 2,
         created_at_ms: 1,
         updated_at_ms: 1,

@@ -7,6 +7,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
+use sluice_core::event::Visibility;
 use sluice_core::Event;
 use sluice_store::{
     now_ms, AuditRow, Batch, BudgetAlertRow, Doc, ExecChange, StoreError, TaskRow, TimerRow, UsageRow, WorkflowVersion,
@@ -353,8 +354,9 @@ fn insert_exec(conn: &Connection, change: &ExecChange) -> Result<(), StoreError>
         .prepare_cached(
             "INSERT INTO executions (run_id, tenant, workflow_id, workflow, version, status, paused,
                  dead_letter, input, output, error, failed_step, parent, next_seq, created_at_ms,
-                 updated_at_ms, owner)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                 updated_at_ms, owner, started_by, private, scope)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+                 ?20)",
         )
         .map_err(db_err)?;
     let inserted = st.execute(params![
@@ -375,6 +377,9 @@ fn insert_exec(conn: &Connection, change: &ExecChange) -> Result<(), StoreError>
         row.created_at_ms,
         row.updated_at_ms,
         change.fence,
+        row.access.owner,
+        row.access.visibility == Visibility::Private,
+        if row.access.scope.is_empty() { None } else { Some(to_json(&row.access.scope)?) },
     ]);
     match inserted {
         Ok(_) => Ok(()),

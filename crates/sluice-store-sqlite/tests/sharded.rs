@@ -65,6 +65,7 @@ fn row(run: &str, wid: &str) -> ExecutionRow {
         error: None,
         failed_step: None,
         parent: None,
+        access: Default::default(),
         next_seq: 1,
         created_at_ms: 1,
         updated_at_ms: 1,

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sluice_core::event::{ParentRef, TaskKind};
+use sluice_core::event::{ParentRef, RunAccess, TaskKind, Visibility};
 use sluice_core::{ErrorInfo, Event, ExecStatus};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,8 +25,8 @@ pub struct WorkflowSummary {
 }
 
 /// The summary row of one execution run; the history is the truth, this is its index.
-/// `workflow_id`, `workflow`, `version`, `input`, `parent` and `created_at_ms` are written when
-/// the run is created; later commits update only the other fields.
+/// `workflow_id`, `workflow`, `version`, `input`, `parent`, `access` and `created_at_ms` are
+/// written when the run is created; later commits update only the other fields.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExecutionRow {
     pub run_id: String,
@@ -41,6 +41,8 @@ pub struct ExecutionRow {
     pub error: Option<ErrorInfo>,
     pub failed_step: Option<String>,
     pub parent: Option<ParentRef>,
+    /// Who started the run and who may reach it (as in its `ExecutionStarted` event).
+    pub access: RunAccess,
     /// Sequence number of the next event; `next_seq - 1` events are stored.
     pub next_seq: u64,
     pub created_at_ms: i64,
@@ -277,11 +279,39 @@ pub struct ExecutionFilter {
     pub status: Option<ExecStatus>,
     /// Only executions parked in the dead-letter queue.
     pub dead_letter: bool,
-    /// Leave out executions of these workflows (those shared without the caller).
+    /// Leave out executions of these workflows (those shared without the caller), and those
+    /// whose scope (the workflows of their ancestors) holds one of them.
     pub hidden_workflows: Vec<String>,
+    /// When set, leave out private executions owned by anyone else than this principal
+    /// (`user:<email>`, `key:<id>`); `None` lists them all.
+    pub viewer: Option<String>,
     /// Opaque cursor from a previous page.
     pub cursor: Option<String>,
     pub limit: usize,
+}
+
+/// What one caller may see of its tenant's executions, as [`ExecutionFilter`] applies it to
+/// listings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sight {
+    /// Workflows the caller does not reach.
+    pub hidden_workflows: Vec<String>,
+    /// The caller, when it sees only its own private executions; `None` sees them all.
+    pub viewer: Option<String>,
+}
+
+impl Sight {
+    /// Whether the caller sees `row` at all.
+    pub fn sees(&self, row: &ExecutionRow) -> bool {
+        let hidden = |w: &String| self.hidden_workflows.contains(w);
+        if hidden(&row.workflow) || row.access.scope.iter().any(hidden) {
+            return false;
+        }
+        match (&self.viewer, row.access.visibility) {
+            (Some(me), Visibility::Private) => row.access.owner.as_ref() == Some(me),
+            _ => true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

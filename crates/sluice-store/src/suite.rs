@@ -11,14 +11,14 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde_json::json;
-use sluice_core::event::{EventKind, ParentRef, TaskKind};
+use sluice_core::event::{EventKind, ParentRef, RunAccess, TaskKind, Visibility};
 use sluice_core::{ErrorInfo, Event, ExecStatus};
 use tokio::task::JoinSet;
 
 use crate::{
     AuditFilter, AuditRow, Batch, BudgetAlertRow, Doc, ExecChange, ExecutionFilter, ExecutionRow, QueueDepth,
-    RunChange, Settle, Store, StoreError, TaskOutcome, TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal, Wake,
-    WorkflowSummary, WorkflowVersion,
+    RunChange, Settle, Sight, Store, StoreError, TaskOutcome, TaskRow, TimerRow, UsageFilter, UsageRow, UsageTotal,
+    Wake, WorkflowSummary, WorkflowVersion,
 };
 
 /// Expands to one `#[tokio::test]` per conformance case; `$make` is an async expression that
@@ -689,6 +689,18 @@ pub async fn list_executions_order_and_filters(s: &dyn Store) {
         let mut r = row(&f.run_id(n as u32), workflow_id, workflow, n as i64);
         r.status = status;
         r.dead_letter = dead_letter;
+        // Owners, private runs and a child of a `payments` run (its scope), read back as written.
+        r.access = match n {
+            1 => {
+                RunAccess { owner: Some("user:ada@example.com".into()), visibility: Visibility::Private, scope: vec![] }
+            }
+            3 => RunAccess { owner: Some("user:ada@example.com".into()), ..RunAccess::default() },
+            4 => {
+                RunAccess { owner: Some("key:0123456789abcdef".into()), visibility: Visibility::Private, scope: vec![] }
+            }
+            5 => RunAccess { scope: vec!["billing".into(), "payments".into()], ..RunAccess::default() },
+            _ => RunAccess::default(),
+        };
         let change = create(&t, r);
         rows.push(change.row.clone());
         s.commit(batch(vec![change])).await.expect("create");
@@ -713,7 +725,7 @@ pub async fn list_executions_order_and_filters(s: &dyn Store) {
         (ExecutionFilter { workflow: Some("none".into()), ..all.clone() }, vec![]),
         (
             ExecutionFilter { hidden_workflows: vec!["payments".into()], ..all.clone() },
-            expect(&|r| r.workflow != "payments"),
+            expect(&|r| r.workflow != "payments" && !r.access.scope.contains(&"payments".to_string())),
         ),
         (ExecutionFilter { hidden_workflows: vec!["payments".into(), "orders".into()], ..all.clone() }, vec![]),
         (
@@ -725,6 +737,27 @@ pub async fn list_executions_order_and_filters(s: &dyn Store) {
             expect(&|r| r.workflow != "orders" && r.status == ExecStatus::Running),
         ),
     ];
+    // What one caller sees: its own private runs only, nothing of hidden workflows or under them.
+    let sights = [
+        Sight { hidden_workflows: vec![], viewer: Some("user:ada@example.com".into()) },
+        Sight { hidden_workflows: vec![], viewer: Some("user:bob@example.com".into()) },
+        Sight { hidden_workflows: vec!["payments".into()], viewer: None },
+        Sight { hidden_workflows: vec!["billing".into()], viewer: Some("key:0123456789abcdef".into()) },
+    ];
+    let mut cases = cases;
+    for sight in sights {
+        let filter = ExecutionFilter {
+            hidden_workflows: sight.hidden_workflows.clone(),
+            viewer: sight.viewer.clone(),
+            ..all.clone()
+        };
+        cases.push((filter, expect(&|r| sight.sees(r))));
+    }
+    assert_eq!(
+        cases.last().map(|c| c.1.iter().map(|r| r.workflow_id.as_str()).collect::<Vec<_>>()),
+        Some(vec!["o-4", "p-1", "p-2", "o-1", "p-1", "o-1"]),
+        "the key sees its own private run, not ada's, nor the run under `billing`"
+    );
     for (filter, expected) in cases {
         let page = s.list_executions(&t, filter.clone()).await.expect("list");
         assert_eq!(page.items, expected, "{filter:?}");
@@ -1313,6 +1346,7 @@ fn row(run_id: &str, workflow_id: &str, workflow: &str, n: i64) -> ExecutionRow 
         error: None,
         failed_step: None,
         parent: None,
+        access: Default::default(),
         next_seq: 1,
         created_at_ms: T0 + n,
         updated_at_ms: T0 + n,
@@ -1339,6 +1373,7 @@ fn create(tenant: &str, mut row: ExecutionRow) -> ExecChange {
             continued_from: None,
             chain: 0,
             trace_id: None,
+            access: row.access.clone(),
         },
     };
     row.next_seq = 2;

@@ -18,6 +18,7 @@ mod http_steps;
 mod limits;
 mod llm;
 mod oidc;
+mod ownership;
 mod postgres;
 mod quarantine;
 mod run_limits;

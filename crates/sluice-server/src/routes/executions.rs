@@ -9,6 +9,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_auth::Access;
+use sluice_core::event::RunAccess;
 use sluice_core::ExecStatus;
 use sluice_engine::StartRequest;
 use sluice_store::ExecutionFilter;
@@ -17,7 +18,7 @@ use super::execution_json;
 use crate::auth::Caller;
 use crate::body::{parse_json, parse_payload, Body, JsonBody};
 use crate::error::ApiError;
-use crate::routes::sharing::{hidden, require_execution, require_row, require_workflow};
+use crate::routes::sharing::{owner_of, parse_visibility, require_execution, require_row, require_workflow, sight};
 use crate::trace::TraceContext;
 use crate::AppState;
 
@@ -34,6 +35,9 @@ pub struct StartBody {
     workflow_id: Option<String>,
     #[serde(default)]
     input: Value,
+    /// `tenant` or `private`; by default the workflow's sharing says.
+    #[serde(default)]
+    visibility: Option<String>,
 }
 
 #[tracing::instrument(skip_all, fields(workflow = %body.workflow))]
@@ -47,6 +51,15 @@ pub async fn start(
         return Err(ApiError::invalid("workflow", "expected a workflow name"));
     }
     require_workflow(&app, &p, &body.workflow, Access::Run).await?;
+    let visibility = match body.visibility.as_deref() {
+        Some(v) => parse_visibility(v)?,
+        None => app.security.shares.default_visibility(&p.tenant, &body.workflow).await?,
+    };
+    // A workflow id whose run the caller may not see is neither joined nor reused.
+    let sight = match body.workflow_id {
+        Some(_) => Some(sight(&app, &p).await?),
+        None => None,
+    };
     let started = app
         .engine
         .start_execution(
@@ -57,6 +70,8 @@ pub async fn start(
                 workflow_id: body.workflow_id,
                 input: body.input,
                 trace_id: Some(trace.trace_id),
+                access: RunAccess { owner: owner_of(&p), visibility, scope: Vec::new() },
+                sight,
             },
         )
         .await?;
@@ -94,6 +109,7 @@ fn filter_of(q: ListQuery, dead_letter: bool) -> Result<ExecutionFilter, ApiErro
         status,
         dead_letter,
         hidden_workflows: Vec::new(),
+        viewer: None,
         cursor: q.cursor,
         limit,
     })
@@ -105,7 +121,8 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let mut filter = filter_of(q, false)?;
-    filter.hidden_workflows = hidden(&app, &p).await?;
+    let sight = sight(&app, &p).await?;
+    (filter.hidden_workflows, filter.viewer) = (sight.hidden_workflows, sight.viewer);
     let page = app.engine.list_executions(&p.tenant, filter).await?;
     let items: Vec<Value> = page.items.iter().map(execution_json).collect();
     Ok(Json(json!({"executions": items, "next_cursor": page.next_cursor})))
@@ -117,7 +134,8 @@ pub async fn dlq(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let mut filter = filter_of(q, true)?;
-    filter.hidden_workflows = hidden(&app, &p).await?;
+    let sight = sight(&app, &p).await?;
+    (filter.hidden_workflows, filter.viewer) = (sight.hidden_workflows, sight.viewer);
     let page = app.engine.list_executions(&p.tenant, filter).await?;
     let items: Vec<Value> = page.items.iter().map(execution_json).collect();
     Ok(Json(json!({"executions": items, "next_cursor": page.next_cursor})))
@@ -155,6 +173,8 @@ pub async fn result(
     require_execution(&app, &p, &id, Access::View).await?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000));
     let row = app.engine.wait_result(&p.tenant, &id, wait).await?;
+    // The id may have been started again meanwhile, by a run the caller does not see.
+    require_row(&app, &p, &row, Access::View).await?;
     Ok(Json(execution_json(&row)))
 }
 

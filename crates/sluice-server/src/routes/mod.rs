@@ -31,6 +31,8 @@ pub fn execution_json(r: &ExecutionRow) -> Value {
         "error": r.error,
         "failed_step": r.failed_step,
         "parent": r.parent,
+        "owner": r.access.owner,
+        "visibility": r.access.visibility.as_str(),
         "history_length": r.next_seq.saturating_sub(1),
         "created_at_ms": r.created_at_ms,
         "updated_at_ms": r.updated_at_ms,
