@@ -198,7 +198,8 @@ on_both_backends!(history_is_paged_and_json_with_trailing_garbage_is_refused);
 /// with `next_after`; a body with garbage after its JSON is refused.
 async fn history_is_paged_and_json_with_trailing_garbage_is_refused(backend: Backend) {
     let db = Db::new("history-pages", backend);
-    let server = ServerProcess::start_on(&bin(), db.dir(), db.url()).await;
+    // Signals of 1.5 MB make pages of few events: past the default signal size.
+    let server = ServerProcess::start_with_args(&bin(), db.dir(), db.url(), &["--max-signal-size", "2MiB"]).await;
     let api = server.api();
     api.publish(&json!({"name": "gate", "steps": [{"id": "w", "type": "wait_signal", "signal": "go"}]})).await;
 
