@@ -160,6 +160,7 @@ fn app_with(engine: Engine, opts: Options, connections: Arc<conn::Gate>) -> (Rou
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        .layer(middleware::map_response(close_after_too_large))
         .layer(middleware::from_fn(nul::refuse_in_url))
         .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -289,4 +290,13 @@ pub(crate) fn set_nodelay(tcp: &mut TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
+}
+
+/// A `413` may leave the rest of the request's body unread on the connection: the answer says
+/// the connection closes, so that no client sends its next request on it (and sees it reset).
+async fn close_after_too_large(mut response: Response) -> Response {
+    if response.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    }
+    response
 }

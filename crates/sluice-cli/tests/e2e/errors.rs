@@ -89,8 +89,25 @@ async fn bad_input_gets_precise_errors() {
     .await;
 
     let big = "x".repeat(3 * 1024 * 1024);
-    expect(&api, api.post_raw("/v1/workflows", "application/yaml", big).await, 413, "payload_too_large", "larger than")
-        .await;
+    expect(
+        &api,
+        api.post_raw("/v1/workflows", "application/yaml", big.clone()).await,
+        413,
+        "payload_too_large",
+        "larger than",
+    )
+    .await;
+    // The rest of that body may still be on the connection: the answer closes it, so the client's
+    // next request goes on a fresh one.
+    let resp = api
+        .request(reqwest::Method::POST, "/v1/workflows")
+        .header("content-type", "application/yaml")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.headers().get("connection").and_then(|v| v.to_str().ok()), Some("close"));
 
     expect(
         &api,
