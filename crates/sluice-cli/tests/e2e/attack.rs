@@ -16,14 +16,8 @@ use super::*;
 use crate::backend::PgDatabase;
 use sluice_testkit::admin_init;
 
-const STEPS: &[(&str, &str)] = &[
-    ("recursion", "def f: [f]; f"),
-    ("deep-value", "reduce range(100000) as $i (0; [.])"),
-    ("deep-json", ".input.s | fromjson"),
-    ("huge-string", "\"x\" * 100000000000"),
-    ("doubling", "reduce range(26) as $i ([0]; . + .)"),
-    ("shared-tostring", "reduce range(40) as $i ([]; [., .]) | tostring"),
-];
+/// The expressions that crashed, stalled or bloated a node (issue 13, item 1).
+const STEPS: &[(&str, &str)] = super::hostile::HOSTILE;
 
 const QUERIES: &[(&str, &str)] = &[
     ("double", "reduce range(40) as $i (\"ab\"; . + .)"),

@@ -11,7 +11,7 @@ use super::*;
 on_both_backends!(hostile_expressions_fail_their_step_and_the_node_keeps_serving);
 
 /// Each of these crashed or stalled the node before (issue 13, item 1).
-const HOSTILE: &[(&str, &str)] = &[
+pub(crate) const HOSTILE: &[(&str, &str)] = &[
     ("recursion", "def f: [f]; f"),
     ("deep-value", "reduce range(100000) as $i (0; [.])"),
     ("deep-json", ".input.s | fromjson"),
